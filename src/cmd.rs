@@ -1,0 +1,375 @@
+//! The one way kiln runs an external program.
+//!
+//! Every tool kiln drives (mmdebstrap, mke2fs, sfdisk, mtools, qemu-img,
+//! QEMU, chroot'ed apt) goes through [`Cmd`], which
+//!
+//! * writes the command line, quoted so it can be pasted into a shell, to the
+//!   build log before it starts;
+//! * sends stdout and stderr line by line to the build log, and to the
+//!   terminal too with `-v`;
+//! * keeps the last lines of output so that a failure's error message shows
+//!   why the tool failed, not just that it did;
+//! * starts the child in its own process group, so a Ctrl-C reaches kiln
+//!   first and kiln tears the whole group down before undoing its mounts;
+//! * has a timeout (every wait in kiln is bounded and named).
+
+use std::collections::VecDeque;
+use std::ffi::{OsStr, OsString};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+/// Lines of output kept for an error message.
+const TAIL_LINES: usize = 25;
+/// Default bound on any one external program.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// How often a running child is checked for timeout and Ctrl-C.
+const POLL: Duration = Duration::from_millis(50);
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+static LOG: OnceLock<Mutex<LogSink>> = OnceLock::new();
+
+/// Where the output of tools goes.
+struct LogSink {
+    file: Option<std::fs::File>,
+    verbose: bool,
+}
+
+/// Set where tool output is logged (`out/NAME.build.log`) and whether it is
+/// also streamed to the terminal (`-v`).
+pub fn set_log(file: Option<std::fs::File>, verbose: bool) {
+    let sink = LOG.get_or_init(|| Mutex::new(LogSink { file: None, verbose }));
+    let mut sink = sink.lock().unwrap_or_else(|e| e.into_inner());
+    sink.file = file;
+    sink.verbose = verbose;
+}
+
+/// Append one line to the build log (and to stderr with `-v`).
+pub fn log_line(line: &str) {
+    let Some(sink) = LOG.get() else { return };
+    let mut sink = sink.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(f) = sink.file.as_mut() {
+        // A full disk while logging must not hide the real error: the log
+        // is best effort, the command's own result is what matters.
+        if writeln!(f, "{line}").is_err() {
+            sink.file = None;
+        }
+    }
+    if sink.verbose {
+        eprintln!("  │ {line}");
+    }
+}
+
+/// Install the SIGINT/SIGTERM handler: the first signal sets a flag that
+/// every wait in kiln polls; running children are killed, guards unwind
+/// (unmount, remove temp dirs) and kiln exits 130.
+pub fn install_signal_handlers() {
+    extern "C" fn on_signal(_: libc::c_int) {
+        INTERRUPTED.store(true, Ordering::SeqCst);
+    }
+    let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, handler);
+        libc::signal(libc::SIGTERM, handler);
+        libc::signal(libc::SIGHUP, handler);
+    }
+}
+
+/// The error kiln returns when it was interrupted: exit code 130.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted")]
+pub struct Interrupted;
+
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+/// Fail with [`Interrupted`] if Ctrl-C was pressed.
+pub fn check_interrupt() -> Result<()> {
+    if interrupted() {
+        return Err(Interrupted.into());
+    }
+    Ok(())
+}
+
+/// Quote one word for a POSIX shell, only when it needs it.
+pub fn shell_quote(word: &OsStr) -> String {
+    let s = word.to_string_lossy();
+    let safe = !s.is_empty()
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%^".contains(c));
+    if safe {
+        s.into_owned()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// An external program to run.
+pub struct Cmd {
+    program: OsString,
+    args: Vec<OsString>,
+    envs: Vec<(OsString, OsString)>,
+    cwd: Option<std::path::PathBuf>,
+    timeout: Duration,
+    stdin: Option<Vec<u8>>,
+}
+
+/// What a finished program printed.
+pub struct Output {
+    pub stdout: Vec<u8>,
+}
+
+impl Output {
+    pub fn stdout_str(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+}
+
+impl Cmd {
+    pub fn new(program: impl AsRef<OsStr>) -> Cmd {
+        Cmd {
+            program: program.as_ref().to_owned(),
+            args: Vec::new(),
+            envs: Vec::new(),
+            cwd: None,
+            timeout: DEFAULT_TIMEOUT,
+            stdin: None,
+        }
+    }
+
+    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Cmd {
+        self.args.push(arg.as_ref().to_owned());
+        self
+    }
+
+    pub fn args<I, S>(mut self, args: I) -> Cmd
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.args.extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self
+    }
+
+    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Cmd {
+        self.envs.push((key.as_ref().to_owned(), value.as_ref().to_owned()));
+        self
+    }
+
+    pub fn current_dir(mut self, dir: &Path) -> Cmd {
+        self.cwd = Some(dir.to_owned());
+        self
+    }
+
+    pub fn timeout(mut self, timeout: Duration) -> Cmd {
+        self.timeout = timeout;
+        self
+    }
+
+    pub fn stdin_bytes(mut self, data: impl Into<Vec<u8>>) -> Cmd {
+        self.stdin = Some(data.into());
+        self
+    }
+
+    /// The command line as a user could paste it into a shell.
+    pub fn display(&self) -> String {
+        let mut parts: Vec<String> = self
+            .envs
+            .iter()
+            .map(|(k, v)| format!("{}={}", k.to_string_lossy(), shell_quote(v)))
+            .collect();
+        parts.push(shell_quote(&self.program));
+        parts.extend(self.args.iter().map(|a| shell_quote(a)));
+        parts.join(" ")
+    }
+
+    /// Run to completion; stdout is logged, not captured.
+    pub fn run(self) -> Result<()> {
+        self.exec(false).map(|_| ())
+    }
+
+    /// Run to completion and capture stdout (stderr is logged).
+    pub fn output(self) -> Result<Output> {
+        self.exec(true)
+    }
+
+    fn exec(self, capture: bool) -> Result<Output> {
+        check_interrupt()?;
+        let line = self.display();
+        log_line(&format!("$ {line}"));
+        let mut command = Command::new(&self.program);
+        command
+            .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
+            .stdin(if self.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        if let Some(dir) = &self.cwd {
+            command.current_dir(dir);
+        }
+        let mut child = command.spawn().map_err(|e| {
+            let program = self.program.to_string_lossy();
+            if e.kind() == std::io::ErrorKind::NotFound {
+                anyhow!(
+                    "`{program}` is not installed (needed to run: {line}); \
+                     install it with `make deps` or see the README"
+                )
+            } else {
+                anyhow!("could not start `{line}`: {e}")
+            }
+        })?;
+        let started = Instant::now();
+        if let Some(data) = self.stdin {
+            let mut stdin = child.stdin.take().expect("stdin was piped");
+            std::thread::spawn(move || stdin.write_all(&data));
+        }
+        let tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL_LINES)));
+        let stdout = child.stdout.take().expect("stdout was piped");
+        let stderr = child.stderr.take().expect("stderr was piped");
+        let out_reader = if capture {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let mut stdout = stdout;
+                stdout.read_to_end(&mut buf).map(|_| buf)
+            })
+        } else {
+            let tail = tail.clone();
+            std::thread::spawn(move || pump(stdout, &tail).map(|_| Vec::new()))
+        };
+        let err_tail = tail.clone();
+        let err_reader = std::thread::spawn(move || pump(stderr, &err_tail));
+
+        let status = loop {
+            if let Some(status) = child.try_wait().context("waiting for a child process")? {
+                break status;
+            }
+            let timed_out = started.elapsed() > self.timeout;
+            if interrupted() || timed_out {
+                kill_group(child.id());
+                // Reap it so no zombie is left; the group was sent SIGKILL.
+                child.wait().context("reaping a killed child process")?;
+                if timed_out && !interrupted() {
+                    bail!(
+                        "`{line}` did not finish within {}s and was killed",
+                        self.timeout.as_secs()
+                    );
+                }
+                return Err(Interrupted.into());
+            }
+            std::thread::sleep(POLL);
+        };
+        let stdout = out_reader
+            .join()
+            .map_err(|_| anyhow!("output reader thread panicked"))?
+            .context("reading a child's stdout")?;
+        err_reader
+            .join()
+            .map_err(|_| anyhow!("output reader thread panicked"))?
+            .context("reading a child's stderr")?;
+        // Children of the child (e.g. gpg-agent started by apt) must not
+        // outlive the step either.
+        kill_group(child.id());
+        log_line(&format!("  ({status}, {:.1}s)", started.elapsed().as_secs_f64()));
+        if !status.success() {
+            let tail = tail.lock().unwrap_or_else(|e| e.into_inner());
+            let tail: Vec<&str> = tail.iter().map(String::as_str).collect();
+            let what = match status.code() {
+                Some(code) => format!("exited with status {code}"),
+                None => format!("was killed ({status})"),
+            };
+            bail!("command failed: {line}\n  it {what}; its last output:\n    {}", tail.join("\n    "));
+        }
+        Ok(Output { stdout })
+    }
+}
+
+fn pump(stream: impl Read, tail: &Mutex<VecDeque<String>>) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        if reader.read_until(b'\n', &mut buf)? == 0 {
+            return Ok(());
+        }
+        let line = String::from_utf8_lossy(&buf);
+        let line = line.trim_end();
+        log_line(line);
+        let mut tail = tail.lock().unwrap_or_else(|e| e.into_inner());
+        if tail.len() == TAIL_LINES {
+            tail.pop_front();
+        }
+        tail.push_back(line.to_owned());
+    }
+}
+
+/// SIGKILL a process group started by [`Cmd`] (the group id is the pid).
+pub fn kill_group(pid: u32) {
+    // SAFETY: kill(2) with a negative pid signals a process group; a group
+    // that no longer exists gives ESRCH, which is exactly the state we want.
+    unsafe {
+        libc::kill(-(pid as libc::pid_t), libc::SIGKILL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_round_trips_through_a_shell_word() {
+        let cases = [
+            ("plain", "plain"),
+            ("a b", "'a b'"),
+            ("it's", r"'it'\''s'"),
+            ("", "''"),
+            ("/usr/lib/x.efi", "/usr/lib/x.efi"),
+            ("$(rm -rf /)", "'$(rm -rf /)'"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(shell_quote(OsStr::new(input)), want, "{input}");
+        }
+    }
+
+    #[test]
+    fn display_shows_env_and_args() {
+        let cmd = Cmd::new("mke2fs").env("E2FSPROGS_FAKE_TIME", "1").args(["-L", "root fs"]);
+        assert_eq!(cmd.display(), "E2FSPROGS_FAKE_TIME=1 mke2fs -L 'root fs'");
+    }
+
+    #[test]
+    fn failure_names_the_command_and_its_stderr() {
+        let err = Cmd::new("sh").args(["-c", "echo oops >&2; exit 3"]).run().unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("sh -c 'echo oops >&2; exit 3'"), "{msg}");
+        assert!(msg.contains("status 3"), "{msg}");
+        assert!(msg.contains("oops"), "{msg}");
+    }
+
+    #[test]
+    fn missing_program_says_to_install_it() {
+        let err = Cmd::new("kiln-no-such-tool").run().unwrap_err();
+        assert!(format!("{err:#}").contains("is not installed"), "{err:#}");
+    }
+
+    #[test]
+    fn output_captures_stdout_and_stdin() {
+        let out = Cmd::new("cat").stdin_bytes("hello").output().unwrap();
+        assert_eq!(out.stdout_str(), "hello");
+    }
+
+    #[test]
+    fn timeout_kills_the_child() {
+        let started = Instant::now();
+        let err = Cmd::new("sleep").arg("30").timeout(Duration::from_millis(300)).run().unwrap_err();
+        assert!(format!("{err:#}").contains("did not finish"), "{err:#}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,531 @@
+//! Recipes: load the TOML, follow `extends`, validate, and produce the
+//! immutable [`Recipe`] the planner consumes.
+//!
+//! Every problem is a [`BadInput`] naming the file, the key and the fix.
+//! Nothing here touches the store, `out/` or the host beyond reading the
+//! recipe files and the files they copy.
+
+mod raw;
+pub mod units;
+
+use std::collections::BTreeSet;
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Result;
+
+use crate::error::BadInput;
+pub use raw::RawRecipe;
+use raw::{RawFile, RawHttp, RawLayer, RawSmoke, RawVolume};
+
+/// Where `kiln build` looks when no recipe is given.
+pub const DEFAULT_RECIPE: &str = "recipes/golden.toml";
+const DEFAULT_SIZE: &str = "2GiB";
+const DEFAULT_CMDLINE: &str = "console=ttyS0";
+const DEFAULT_VARIANT: &str = "minbase";
+const DEFAULT_SMOKE_TIMEOUT: Duration = Duration::from_secs(180);
+/// The smallest root filesystem kiln will make.
+const MIN_SIZE: u64 = 64 << 20;
+/// The largest: beyond this a typo is more likely than intent.
+const MAX_SIZE: u64 = 64 << 40;
+const MAX_NAME: usize = 63;
+const VARIANTS: &[&str] = &[
+    "extract", "custom", "essential", "apt", "required", "minbase", "buildd", "important",
+    "debootstrap", "standard",
+];
+const REFERENCE: &str = "see \"Recipe reference\" in README.md";
+
+/// A validated recipe, with `extends` already applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recipe {
+    /// The recipe file that was asked for.
+    pub path: PathBuf,
+    /// Every file read to make this recipe, the asked-for one first.
+    pub sources: Vec<PathBuf>,
+    pub image: ImageSpec,
+    pub base: BaseSpec,
+    pub layers: Vec<LayerSpec>,
+    pub volumes: Vec<VolumeSpec>,
+    pub smoke: SmokeSpec,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageSpec {
+    pub name: String,
+    /// Size of the root filesystem, in bytes.
+    pub size: u64,
+    pub format: Format,
+    pub hostname: String,
+    /// Extra kernel arguments; kiln adds `root=LABEL=root ro` itself.
+    pub cmdline: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Qcow2,
+    Raw,
+}
+
+impl Format {
+    pub fn extension(self) -> &'static str {
+        match self {
+            Format::Qcow2 => "qcow2",
+            Format::Raw => "raw",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BaseSpec {
+    pub suite: String,
+    pub variant: String,
+    pub packages: Vec<String>,
+    /// The archive to use; `None` means the host's apt mirror.
+    pub mirror: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerSpec {
+    pub name: String,
+    pub upgrade: bool,
+    pub packages: Vec<String>,
+    pub files: Vec<FileSpec>,
+    pub run: Vec<String>,
+    /// The recipe file that defines this layer (files are relative to it).
+    pub defined_in: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileSpec {
+    /// As written in the recipe, for messages and keys (keys must not
+    /// depend on where the checkout lives).
+    pub src_name: String,
+    /// Absolute, canonical path on the host.
+    pub src: PathBuf,
+    /// Absolute path inside the image, normalised.
+    pub dest: String,
+    pub mode: u32,
+    pub owner: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct VolumeSpec {
+    pub name: String,
+    pub mount: String,
+    pub size: u64,
+    pub filesystem: String,
+    pub owner: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SmokeSpec {
+    pub timeout: Duration,
+    pub checks: Vec<String>,
+    pub http: Vec<HttpCheck>,
+    pub seed: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct HttpCheck {
+    pub port: u16,
+    pub path: String,
+    pub status: u16,
+    pub contains: Option<String>,
+}
+
+/// Load and validate the recipe at `path`.
+pub fn load(path: &Path) -> Result<Recipe> {
+    let mut chain = Vec::new();
+    let merged = load_chain(path, &mut chain)?;
+    resolve(path, merged, chain)
+}
+
+/// A raw recipe merged with its ancestors, with each layer remembering
+/// which file defined it.
+struct Merged {
+    raw: RawRecipe,
+    layer_origins: Vec<PathBuf>,
+    /// The file that set `[base]`.
+    base_origin: Option<PathBuf>,
+}
+
+fn read_raw(path: &Path) -> Result<RawRecipe> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        BadInput::new(
+            path,
+            "(file)",
+            format!("cannot read the recipe: {e}"),
+            "check the path; recipes are TOML files such as recipes/golden.toml",
+        )
+    })?;
+    parse(path, &text)
+}
+
+/// Parse recipe text; `path` is only used in messages.
+pub fn parse(path: &Path, text: &str) -> Result<RawRecipe> {
+    toml::from_str::<RawRecipe>(text).map_err(|e| {
+        let line = e.span().map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+        let message = e.message().trim().to_owned();
+        let (key, fix) = if let Some(rest) = message.strip_prefix("unknown field `") {
+            let name = rest.split('`').next().unwrap_or("?").to_owned();
+            (name, format!("remove or rename it; {REFERENCE} for the keys each table takes"))
+        } else if message.starts_with("missing field `") {
+            let name = message.split('`').nth(1).unwrap_or("?").to_owned();
+            (name, format!("add it; {REFERENCE}"))
+        } else {
+            ("(syntax)".to_owned(), "fix the TOML syntax at that line".to_owned())
+        };
+        let problem = match line {
+            Some(line) => format!("line {line}: {message}"),
+            None => message,
+        };
+        BadInput::new(path, key, problem, fix).into()
+    })
+}
+
+fn load_chain(path: &Path, chain: &mut Vec<PathBuf>) -> Result<Merged> {
+    let canonical = std::fs::canonicalize(path).map_err(|e| {
+        BadInput::new(path, "(file)", format!("cannot read the recipe: {e}"), "check the path")
+    })?;
+    if chain.contains(&canonical) {
+        let cycle: Vec<String> = chain.iter().map(|p| p.display().to_string()).collect();
+        return Err(BadInput::new(
+            path,
+            "extends",
+            format!("recipes extend each other in a cycle: {} -> {}", cycle.join(" -> "), canonical.display()),
+            "break the cycle: a recipe may extend only one that does not extend it back",
+        )
+        .into());
+    }
+    chain.push(canonical.clone());
+    let raw = read_raw(path)?;
+    let Some(parent_name) = raw.extends.clone() else {
+        let n = raw.layers.len();
+        let base_origin = raw.base.as_ref().map(|_| canonical.clone());
+        return Ok(Merged { raw, layer_origins: vec![canonical; n], base_origin });
+    };
+    let dir = canonical.parent().unwrap_or(Path::new("/"));
+    let parent_path = dir.join(&parent_name);
+    if !parent_path.is_file() {
+        return Err(BadInput::new(
+            path,
+            "extends",
+            format!("`{parent_name}` does not exist (looked for {})", parent_path.display()),
+            "name a recipe file relative to this one, e.g. extends = \"golden.toml\"",
+        )
+        .into());
+    }
+    let parent = load_chain(&parent_path, chain)?;
+    Ok(merge(parent, raw, &canonical))
+}
+
+/// Apply a child recipe on top of its parent: image fields override one by
+/// one, `[base]` replaces, layers and volumes are appended, smoke checks are
+/// appended and the timeout overrides.
+fn merge(parent: Merged, child: RawRecipe, child_path: &Path) -> Merged {
+    let Merged { raw: p, mut layer_origins, base_origin } = parent;
+    let image = match (p.image, child.image) {
+        (Some(pi), Some(ci)) => Some(raw::RawImage {
+            name: ci.name.or(pi.name),
+            size: ci.size.or(pi.size),
+            format: ci.format.or(pi.format),
+            hostname: ci.hostname.or(pi.hostname),
+            cmdline: ci.cmdline.or(pi.cmdline),
+        }),
+        (pi, ci) => ci.or(pi),
+    };
+    let base_origin = if child.base.is_some() { Some(child_path.to_owned()) } else { base_origin };
+    let mut layers = p.layers;
+    layer_origins.extend(std::iter::repeat_n(child_path.to_owned(), child.layers.len()));
+    layers.extend(child.layers);
+    let mut volumes = p.volumes;
+    volumes.extend(child.volumes);
+    let smoke = match (p.smoke, child.smoke) {
+        (Some(ps), Some(cs)) => Some(RawSmoke {
+            timeout: cs.timeout.or(ps.timeout),
+            checks: ps.checks.into_iter().chain(cs.checks).collect(),
+            http: ps.http.into_iter().chain(cs.http).collect(),
+            seed: ps.seed.into_iter().chain(cs.seed).collect(),
+        }),
+        (ps, cs) => cs.or(ps),
+    };
+    Merged {
+        raw: RawRecipe {
+            extends: None,
+            image,
+            base: child.base.or(p.base),
+            layers,
+            volumes,
+            smoke,
+        },
+        layer_origins,
+        base_origin,
+    }
+}
+
+fn resolve(path: &Path, merged: Merged, sources: Vec<PathBuf>) -> Result<Recipe> {
+    let Merged { raw, layer_origins, base_origin } = merged;
+    let bad = |key: &str, problem: String, fix: &str| -> anyhow::Error {
+        BadInput::new(path, key, problem, fix).into()
+    };
+
+    let raw_image = raw.image.unwrap_or_default();
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = raw_image.name.unwrap_or(stem);
+    check_name(&name).map_err(|why| bad("image.name", why, "use 1-63 of a-z, 0-9, '.', '_' and '-', starting with a letter or digit"))?;
+    let size_text = raw_image.size.unwrap_or_else(|| DEFAULT_SIZE.to_owned());
+    let size = units::parse_size(&size_text)
+        .map_err(|why| bad("image.size", why, "write a size such as \"2GiB\" or \"512MiB\""))?;
+    if !(MIN_SIZE..=MAX_SIZE).contains(&size) {
+        return Err(bad(
+            "image.size",
+            format!("{size_text} is outside the range kiln supports ({} to {})", units::show_size(MIN_SIZE), units::show_size(MAX_SIZE)),
+            "pick a root filesystem size in that range, e.g. \"2GiB\"",
+        ));
+    }
+    let format = match raw_image.format.as_deref().unwrap_or("qcow2") {
+        "qcow2" => Format::Qcow2,
+        "raw" => Format::Raw,
+        other => return Err(bad("image.format", format!("unknown format `{other}`"), "use \"qcow2\" or \"raw\"")),
+    };
+    let hostname = raw_image.hostname.unwrap_or_else(|| name.clone());
+    check_hostname(&hostname).map_err(|why| bad("image.hostname", why, "use letters, digits and '-' in dot-separated labels of at most 63 characters"))?;
+    let cmdline = raw_image.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.to_owned());
+    if let Some(c) = cmdline.chars().find(|c| !(' '..='~').contains(c)) {
+        return Err(bad("image.cmdline", format!("contains the character {c:?}"), "use printable ASCII on one line"));
+    }
+    if cmdline.split_whitespace().any(|w| w.starts_with("root=")) {
+        return Err(bad("image.cmdline", "sets root=, which kiln sets itself (root=LABEL=root)".into(), "remove root= from cmdline"));
+    }
+
+    let Some(raw_base) = raw.base else {
+        return Err(bad("base", "the recipe has no [base] table (directly or through extends)".into(), "add [base] with at least suite = \"trixie\", or extends = \"golden.toml\""));
+    };
+    let base_file = base_origin.unwrap_or_else(|| path.to_owned());
+    let base_bad = |key: &str, problem: String, fix: &str| -> anyhow::Error {
+        BadInput::new(&base_file, key, problem, fix).into()
+    };
+    if raw_base.suite.is_empty() || !raw_base.suite.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-') {
+        return Err(base_bad("base.suite", format!("`{}` is not a suite name", raw_base.suite), "use a Debian suite such as \"trixie\""));
+    }
+    let variant = raw_base.variant.unwrap_or_else(|| DEFAULT_VARIANT.to_owned());
+    if !VARIANTS.contains(&variant.as_str()) {
+        return Err(base_bad("base.variant", format!("unknown variant `{variant}`"), &format!("use one of {}", VARIANTS.join(", "))));
+    }
+    for (i, p) in raw_base.packages.iter().enumerate() {
+        check_package(p).map_err(|why| base_bad(&format!("base.packages[{i}]"), why, "use a Debian package name such as \"systemd-sysv\""))?;
+    }
+    if let Some(m) = &raw_base.mirror {
+        let ok = ["http://", "https://", "file:/"].iter().any(|s| m.starts_with(s)) && !m.chars().any(char::is_whitespace);
+        if !ok {
+            return Err(base_bad("base.mirror", format!("`{m}` is not an archive URL"), "use an http://, https:// or file:/ URL, or remove mirror to use the host's apt mirror"));
+        }
+    }
+    let base = BaseSpec { suite: raw_base.suite, variant, packages: raw_base.packages, mirror: raw_base.mirror };
+
+    let mut layers = Vec::new();
+    let mut seen = BTreeSet::new();
+    for (i, (layer, origin)) in raw.layers.into_iter().zip(layer_origins).enumerate() {
+        let spec = resolve_layer(i, layer, &origin)?;
+        if !seen.insert(spec.name.clone()) {
+            return Err(BadInput::new(&origin, format!("layer[{i}].name"), format!("a layer named `{}` already exists", spec.name), "give every layer a distinct name (an extending recipe cannot reuse its parent's layer names)").into());
+        }
+        layers.push(spec);
+    }
+
+    let mut volumes = Vec::new();
+    for (i, v) in raw.volumes.into_iter().enumerate() {
+        let vol = resolve_volume(path, i, v)?;
+        if volumes.iter().any(|o: &VolumeSpec| o.name == vol.name || o.mount == vol.mount) {
+            return Err(bad(&format!("volume[{i}]"), format!("volume `{}` repeats another volume's name or mount point", vol.name), "give each volume its own name and mount point"));
+        }
+        volumes.push(vol);
+    }
+
+    let smoke = resolve_smoke(path, raw.smoke.unwrap_or_default())?;
+    Ok(Recipe { path: path.to_owned(), sources, image: ImageSpec { name, size, format, hostname, cmdline }, base, layers, volumes, smoke })
+}
+
+fn resolve_layer(i: usize, layer: RawLayer, origin: &Path) -> Result<LayerSpec> {
+    let RawLayer { name, upgrade, packages, files, run } = layer;
+    let key = |k: &str| format!("layer[{i}].{k}");
+    let bad = |k: String, problem: String, fix: &str| -> anyhow::Error { BadInput::new(origin, k, problem, fix).into() };
+    check_name(&name).map_err(|why| bad(key("name"), why, "use 1-63 of a-z, 0-9, '.', '_' and '-'"))?;
+    let ctx = format!("layer.{name}");
+    if !upgrade && packages.is_empty() && files.is_empty() && run.is_empty() {
+        return Err(bad(ctx, "the layer does nothing".into(), "give it upgrade = true, packages, files or run, or remove it"));
+    }
+    for (j, p) in packages.iter().enumerate() {
+        check_package(p).map_err(|why| bad(format!("{ctx}.packages[{j}]"), why, "use a Debian package name such as \"nginx-light\""))?;
+    }
+    for (j, cmd) in run.iter().enumerate() {
+        if cmd.trim().is_empty() {
+            return Err(bad(format!("{ctx}.run[{j}]"), "is empty".into(), "remove it or write a shell command"));
+        }
+    }
+    let dir = origin.parent().unwrap_or(Path::new("/"));
+    let files = files
+        .into_iter()
+        .enumerate()
+        .map(|(j, f)| resolve_file(origin, dir, &format!("{ctx}.files[{j}]"), f))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(LayerSpec { name, upgrade, packages, files, run, defined_in: origin.to_owned() })
+}
+
+fn resolve_file(origin: &Path, dir: &Path, key: &str, file: RawFile) -> Result<FileSpec> {
+    let RawFile { src, dest, mode, owner } = file;
+    let bad = |k: &str, problem: String, fix: &str| -> anyhow::Error { BadInput::new(origin, format!("{key}.{k}"), problem, fix).into() };
+    if Path::new(&src).is_absolute() {
+        return Err(bad("src", format!("`{src}` is an absolute path"), "write src relative to the recipe's folder, e.g. \"files/index.html\""));
+    }
+    let joined = dir.join(&src);
+    let canonical = std::fs::canonicalize(&joined)
+        .map_err(|e| bad("src", format!("`{src}` cannot be read ({}: {e})", joined.display()), "create the file or correct the path (it is relative to the recipe's folder)"))?;
+    let root = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
+    if !canonical.starts_with(&root) {
+        return Err(bad("src", format!("`{src}` is outside the recipe's folder {}", root.display()), "move the file under the recipe's folder; kiln only copies files that live beside the recipe"));
+    }
+    if !canonical.is_file() {
+        return Err(bad("src", format!("`{src}` is not a regular file"), "list each file to copy by itself"));
+    }
+    let dest = normalize_dest(&dest).map_err(|why| bad("dest", why, "write an absolute path inside the image without `..`, e.g. \"/etc/motd\""))?;
+    let mode_text = mode.unwrap_or_else(|| "0644".to_owned());
+    let mode = u32::from_str_radix(&mode_text, 8)
+        .ok()
+        .filter(|m| *m <= 0o7777)
+        .ok_or_else(|| bad("mode", format!("`{mode_text}` is not an octal file mode"), "write it as a string of octal digits, e.g. \"0644\""))?;
+    let owner = owner.unwrap_or_else(|| "root:root".to_owned());
+    check_owner(&owner).map_err(|why| bad("owner", why, "write \"user:group\" with names or numbers, e.g. \"root:root\" or \"33:33\""))?;
+    Ok(FileSpec { src_name: src, src: canonical, dest, mode, owner })
+}
+
+fn resolve_volume(path: &Path, i: usize, v: RawVolume) -> Result<VolumeSpec> {
+    let RawVolume { name, mount, size, filesystem, owner } = v;
+    let bad = |k: &str, problem: String, fix: &str| -> anyhow::Error { BadInput::new(path, format!("volume[{i}].{k}"), problem, fix).into() };
+    check_name(&name).map_err(|why| bad("name", why, "use 1-63 of a-z, 0-9, '.', '_' and '-'"))?;
+    let mount = normalize_dest(&mount).map_err(|why| bad("mount", why, "write an absolute path such as \"/srv/data\""))?;
+    const SYSTEM: &[&str] = &["/", "/usr", "/etc", "/boot", "/bin", "/sbin", "/lib", "/lib64", "/proc", "/sys", "/dev", "/run", "/tmp"];
+    if SYSTEM.contains(&mount.as_str()) || mount.starts_with("/usr/") {
+        return Err(bad("mount", format!("`{mount}` is part of the operating system"), "mount data volumes somewhere like /srv/NAME or /var/lib/NAME"));
+    }
+    let size_v = units::parse_size(&size).map_err(|why| bad("size", why, "write a size such as \"1GiB\""))?;
+    if size_v < (16 << 20) {
+        return Err(bad("size", format!("{size} is too small for a filesystem"), "use at least 16MiB"));
+    }
+    let filesystem = filesystem.unwrap_or_else(|| "ext4".to_owned());
+    if !["ext4", "xfs", "btrfs"].contains(&filesystem.as_str()) {
+        return Err(bad("filesystem", format!("unknown filesystem `{filesystem}`"), "use ext4, xfs or btrfs"));
+    }
+    let owner = owner.unwrap_or_else(|| "root:root".to_owned());
+    check_owner(&owner).map_err(|why| bad("owner", why, "write \"user:group\", e.g. \"postgres:postgres\""))?;
+    Ok(VolumeSpec { name, mount, size: size_v, filesystem, owner })
+}
+
+fn resolve_smoke(path: &Path, s: RawSmoke) -> Result<SmokeSpec> {
+    let bad = |k: String, problem: String, fix: &str| -> anyhow::Error { BadInput::new(path, k, problem, fix).into() };
+    let timeout = match &s.timeout {
+        None => DEFAULT_SMOKE_TIMEOUT,
+        Some(t) => units::parse_duration(t).map_err(|why| bad("smoke.timeout".into(), why, "write a duration such as \"180s\" or \"5m\""))?,
+    };
+    if timeout.is_zero() {
+        return Err(bad("smoke.timeout".into(), "is zero".into(), "give the boot time to happen, e.g. \"180s\""));
+    }
+    for (key, list) in [("checks", &s.checks), ("seed", &s.seed)] {
+        if let Some(j) = list.iter().position(|c| c.trim().is_empty() || c.contains('\n')) {
+            return Err(bad(format!("smoke.{key}[{j}]"), "is empty or spans lines".into(), "write one shell command per entry"));
+        }
+    }
+    let http = s
+        .http
+        .into_iter()
+        .enumerate()
+        .map(|(j, h)| {
+            let RawHttp { port, path: p, status, contains } = h;
+            let p = p.unwrap_or_else(|| "/".to_owned());
+            if !p.starts_with('/') || p.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(bad(format!("smoke.http[{j}].path"), format!("`{p}` is not a URL path"), "write a path such as \"/\" or \"/health\""));
+            }
+            let status = status.unwrap_or(200);
+            if !(100..=599).contains(&status) {
+                return Err(bad(format!("smoke.http[{j}].status"), format!("{status} is not an HTTP status"), "use a status such as 200"));
+            }
+            if port == 0 {
+                return Err(bad(format!("smoke.http[{j}].port"), "port 0".into(), "use the port the service listens on, e.g. 80"));
+            }
+            Ok(HttpCheck { port, path: p, status, contains })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(SmokeSpec { timeout, checks: s.checks, http, seed: s.seed })
+}
+
+fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c))
+        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+    if ok { Ok(()) } else { Err(format!("`{}` is not a valid name", truncate(name))) }
+}
+
+fn check_hostname(h: &str) -> Result<(), String> {
+    let ok = !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|l| {
+            !l.is_empty() && l.len() <= 63 && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') && !l.starts_with('-') && !l.ends_with('-')
+        });
+    if ok { Ok(()) } else { Err(format!("`{}` is not a valid hostname", truncate(h))) }
+}
+
+/// Debian policy 5.6.1: lowercase letters, digits, `+ - .`, at least two
+/// characters, starting with a letter or digit.
+fn check_package(p: &str) -> Result<(), String> {
+    let ok = p.len() >= 2
+        && p.len() <= 128
+        && p.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c))
+        && p.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+    if ok { Ok(()) } else { Err(format!("`{}` is not a Debian package name", truncate(p))) }
+}
+
+fn check_owner(owner: &str) -> Result<(), String> {
+    let part_ok = |s: &str| !s.is_empty() && s.len() <= 32 && s.chars().all(|c| c.is_ascii_alphanumeric() || "_-".contains(c));
+    match owner.split_once(':') {
+        Some((u, g)) if part_ok(u) && part_ok(g) => Ok(()),
+        _ => Err(format!("`{}` is not user:group", truncate(owner))),
+    }
+}
+
+/// An absolute path inside the image, with `.` and duplicate slashes
+/// removed; `..` is refused rather than resolved.
+pub fn normalize_dest(dest: &str) -> Result<String, String> {
+    if !dest.starts_with('/') {
+        return Err(format!("`{}` is not an absolute path", truncate(dest)));
+    }
+    if dest.contains('\0') || dest.chars().any(char::is_control) {
+        return Err("contains control characters".to_owned());
+    }
+    let mut parts = Vec::new();
+    for c in Path::new(dest).components() {
+        match c {
+            Component::RootDir | Component::CurDir => {}
+            Component::Normal(p) => parts.push(p.to_string_lossy().into_owned()),
+            Component::ParentDir => return Err(format!("`{}` contains `..`", truncate(dest))),
+            Component::Prefix(_) => return Err("is not a Unix path".to_owned()),
+        }
+    }
+    if parts.is_empty() {
+        return Err("is the image's root directory itself".to_owned());
+    }
+    Ok(format!("/{}", parts.join("/")))
+}
+
+fn truncate(s: &str) -> String {
+    const SHOWN: usize = 80;
+    if s.chars().count() <= SHOWN {
+        s.to_owned()
+    } else {
+        format!("{}…", s.chars().take(SHOWN).collect::<String>())
+    }
+}
+
+#[cfg(test)]
+mod tests;
