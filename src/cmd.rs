@@ -119,6 +119,7 @@ pub struct Cmd {
     cwd: Option<std::path::PathBuf>,
     timeout: Duration,
     stdin: Option<Vec<u8>>,
+    clear_env: bool,
 }
 
 /// What a finished program printed.
@@ -141,6 +142,7 @@ impl Cmd {
             cwd: None,
             timeout: DEFAULT_TIMEOUT,
             stdin: None,
+            clear_env: false,
         }
     }
 
@@ -160,6 +162,13 @@ impl Cmd {
 
     pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Cmd {
         self.envs.push((key.as_ref().to_owned(), value.as_ref().to_owned()));
+        self
+    }
+
+    /// Start from an empty environment (plus what `env` adds): nothing of
+    /// the host's environment, credentials included, reaches the program.
+    pub fn env_clear(mut self) -> Cmd {
+        self.clear_env = true;
         self
     }
 
@@ -205,6 +214,9 @@ impl Cmd {
         let line = self.display();
         log_line(&format!("$ {line}"));
         let mut command = Command::new(&self.program);
+        if self.clear_env {
+            command.env_clear();
+        }
         command
             .args(&self.args)
             .envs(self.envs.iter().map(|(k, v)| (k, v)))

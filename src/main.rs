@@ -1,17 +1,28 @@
+//! kiln: bake immutable VM images. See README.md.
+
+mod assemble;
+mod build;
+mod cli;
 mod cmd;
+mod commands;
 mod error;
+mod plan;
 mod recipe;
 mod smoke;
+mod store;
+mod ui;
+
+use clap::Parser;
 
 fn main() {
     cmd::install_signal_handlers();
-    for path in std::env::args().skip(1) {
-        match recipe::load(std::path::Path::new(&path)) {
-            Ok(r) => println!("{r:#?}"),
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                std::process::exit(error::exit_code(&e));
-            }
-        }
+    let cli = cli::Cli::parse();
+    let result = match &cli.command {
+        cli::Command::Build(args) => commands::build(&cli.global, args),
+        cli::Command::Plan(args) => commands::plan(&cli.global, args),
+    };
+    if let Err(err) = result {
+        eprintln!("error: {err:#}");
+        std::process::exit(error::exit_code(&err));
     }
 }

@@ -1,0 +1,308 @@
+//! Assembly: layers → a GPT disk with an ESP holding a UKI and an ext4 root.
+//!
+//! Nothing is mounted except overlayfs (to see the layers as one tree): the
+//! kernel here has no vfat and no device-mapper, so every filesystem is
+//! written from files, in place inside one sparse raw disk:
+//!
+//! ```text
+//! sector 0..2048      protective MBR + GPT (sfdisk)
+//! ESP                 FAT (mkfs.fat --offset), /EFI/BOOT/BOOTX64.EFI (mtools)
+//! root                ext4 filled from the tree (mke2fs -E offset= -d)
+//! last 1 MiB          backup GPT
+//! ```
+//!
+//! then `qemu-img convert` makes the qcow2. Every identifier (disk GUID,
+//! partition GUIDs, filesystem UUID, ext4 hash seed, FAT volume id) is
+//! derived from the image key, and mke2fs runs with a fixed clock, so the
+//! same layers give the same disk.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+use crate::build::mount::Mounts;
+use crate::build::steps::{resolve_in_root, write_file};
+use crate::cmd::Cmd;
+use crate::error::BadInput;
+use crate::plan::{ImagePlan, Key};
+use crate::recipe::{units::show_size, Format};
+
+const SECTOR: u64 = 512;
+const MIB: u64 = 1 << 20;
+/// Room before the ESP and after the root for the GPT and its backup.
+const GPT_GAP: u64 = MIB;
+const ESP_TYPE: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
+/// "Linux root (x86-64)" from the Discoverable Partitions Specification.
+const ROOT_TYPE: &str = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709";
+const ESP_MIN: u64 = 64 * MIB;
+/// Slack on the ESP beyond the UKI (FAT overhead, room for a second UKI).
+const ESP_SLACK: u64 = 16 * MIB;
+const STUB: &str = "/usr/lib/systemd/boot/efi/linuxx64.efi.stub";
+/// The clock mke2fs sees, until reproducible builds take it from the lock.
+pub const FIXED_EPOCH: u64 = 1_700_000_000;
+pub const ROOT_LABEL: &str = "root";
+
+/// The result of assembly, in a staging dir about to be published.
+pub struct Assembled {
+    pub disk: PathBuf,
+    pub kernel: String,
+}
+
+/// Assemble `lowers` (topmost first) into `staging/disk.{qcow2,raw}`.
+pub fn assemble(image: &ImagePlan, lowers: &[PathBuf], staging: &Path, recipe_path: &Path) -> Result<Assembled> {
+    let spec = &image.spec;
+    let key = image.key;
+    let upper = staging.join("upper");
+    let work = staging.join("work");
+    let merged = staging.join("merged");
+    for d in [&upper, &work, &merged] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let mut mounts = Mounts::new();
+    mounts.overlay(lowers, Some((&upper, &work)), &merged)?;
+
+    // The image's own files go into a throwaway upper dir, never a layer.
+    let mut fstab = format!("# Written by kiln.\nLABEL={ROOT_LABEL} / ext4 defaults 0 1\n");
+    for v in &image.inputs.volumes {
+        fstab.push_str(&format!("# volume: {v}\n"));
+    }
+    write_file(&merged.join("etc/fstab"), fstab.as_bytes(), 0o644)?;
+    write_file(&merged.join("etc/hostname"), format!("{}\n", spec.hostname).as_bytes(), 0o644)?;
+    write_file(&merged.join("etc/machine-id"), b"", 0o444)?;
+
+    let kernel = pick_kernel(&merged)?;
+    let uki = staging.join("uki.efi");
+    make_uki(&merged, &kernel, &spec.cmdline, &uki, staging)?;
+
+    let needed = tree_bytes(&merged)?;
+    // ext4 needs room for its metadata and a reserve beyond the files.
+    if needed + needed / 8 + 32 * MIB > spec.size {
+        return Err(BadInput::new(
+            recipe_path,
+            "image.size",
+            format!("the root filesystem needs about {} but image.size is {}", show_size(round_up(needed + needed / 8 + 32 * MIB, MIB)), show_size(spec.size)),
+            "raise [image] size",
+        )
+        .into());
+    }
+
+    let uki_len = std::fs::metadata(&uki).with_context(|| format!("reading {}", uki.display()))?.len();
+    let esp_size = round_up((uki_len + ESP_SLACK).max(ESP_MIN), MIB);
+    let root_size = round_up(spec.size, MIB);
+    let esp_start = GPT_GAP;
+    let root_start = esp_start + esp_size;
+    let total = root_start + root_size + GPT_GAP;
+
+    let raw = staging.join("disk.raw");
+    let file = std::fs::File::create(&raw).with_context(|| format!("creating {}", raw.display()))?;
+    file.set_len(total).with_context(|| format!("sizing {}", raw.display()))?;
+    drop(file);
+
+    let table = format!(
+        "label: gpt\nlabel-id: {}\nunit: sectors\n\
+         start={}, size={}, type={ESP_TYPE}, name=esp, uuid={}\n\
+         start={}, size={}, type={ROOT_TYPE}, name=root, uuid={}\n",
+        key.derive_uuid("disk"),
+        esp_start / SECTOR,
+        esp_size / SECTOR,
+        key.derive_uuid("esp-partition"),
+        root_start / SECTOR,
+        root_size / SECTOR,
+        key.derive_uuid("root-partition"),
+    );
+    Cmd::new("sfdisk").args(["--quiet", "--no-reread", "--no-tell-kernel"]).arg(&raw).stdin_bytes(table).run()?;
+
+    make_esp(&raw, esp_start, esp_size, &uki, key)?;
+
+    let uuid = key.derive_uuid("root-fs");
+    Cmd::new("mke2fs")
+        .env("E2FSPROGS_FAKE_TIME", FIXED_EPOCH.to_string())
+        .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-L", ROOT_LABEL, "-U", &uuid])
+        .arg("-E")
+        .arg(format!("offset={root_start},hash_seed={},root_owner=0:0,nodiscard", key.derive_uuid("root-hash-seed")))
+        .arg("-d")
+        .arg(&merged)
+        .arg(&raw)
+        .arg(format!("{}k", root_size / 1024))
+        .run()
+        .context("writing the root filesystem")?;
+    mounts.unmount_all()?;
+    for d in [&upper, &work, &merged] {
+        crate::store::remove_tree(d).with_context(|| format!("removing {}", d.display()))?;
+    }
+    std::fs::remove_file(&uki).with_context(|| format!("removing {}", uki.display()))?;
+
+    let disk = match spec.format {
+        Format::Raw => raw,
+        Format::Qcow2 => {
+            let qcow = staging.join("disk.qcow2");
+            Cmd::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&qcow).run()?;
+            std::fs::remove_file(&raw).with_context(|| format!("removing {}", raw.display()))?;
+            qcow
+        }
+    };
+    Ok(Assembled { disk, kernel })
+}
+
+fn round_up(n: u64, to: u64) -> u64 {
+    n.div_ceil(to) * to
+}
+
+/// Bytes of file data in the tree (as du counts them).
+fn tree_bytes(root: &Path) -> Result<u64> {
+    let out = Cmd::new("du").args(["-s", "-x", "--block-size=1"]).arg(root).output()?;
+    out.stdout_str().split_whitespace().next().and_then(|n| n.parse().ok()).context("parsing du's output")
+}
+
+/// The kernel version to boot: the one `/vmlinuz` points to (Debian keeps it
+/// on the newest installed kernel), else the highest version in /boot.
+pub fn pick_kernel(root: &Path) -> Result<String> {
+    if let Ok(target) = std::fs::read_link(root.join("vmlinuz")) {
+        if let Some(v) = target.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("vmlinuz-")) {
+            if root.join("boot").join(format!("vmlinuz-{v}")).is_file() {
+                return Ok(v.to_owned());
+            }
+        }
+    }
+    let mut versions: Vec<String> = std::fs::read_dir(root.join("boot"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix("vmlinuz-").map(str::to_owned))
+        .collect();
+    if versions.is_empty() {
+        anyhow::bail!("the image has no kernel in /boot: add a kernel package (e.g. linux-image-cloud-amd64) to [base] packages");
+    }
+    versions.sort_by(|a, b| compare_versions(a, b));
+    Ok(versions.pop().expect("not empty"))
+}
+
+/// Order version strings the way people expect of kernels: numeric runs
+/// compare as numbers.
+fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
+    fn chunks(s: &str) -> Vec<(bool, String)> {
+        let mut out: Vec<(bool, String)> = Vec::new();
+        for c in s.chars() {
+            let digit = c.is_ascii_digit();
+            match out.last_mut() {
+                Some((d, chunk)) if *d == digit => chunk.push(c),
+                _ => out.push((digit, c.to_string())),
+            }
+        }
+        out
+    }
+    let (ca, cb) = (chunks(a), chunks(b));
+    for (x, y) in ca.iter().zip(&cb) {
+        let ord = match (x.0, y.0) {
+            (true, true) => x.1.parse::<u128>().unwrap_or(0).cmp(&y.1.parse::<u128>().unwrap_or(0)),
+            _ => x.1.cmp(&y.1),
+        };
+        if ord.is_ne() {
+            return ord;
+        }
+    }
+    ca.len().cmp(&cb.len())
+}
+
+/// A Unified Kernel Image: systemd's EFI stub with the kernel, initrd,
+/// os-release and command line added as PE sections after the stub's own.
+fn make_uki(root: &Path, kernel: &str, cmdline: &str, out: &Path, scratch: &Path) -> Result<()> {
+    let stub = Path::new(STUB);
+    if !stub.is_file() {
+        anyhow::bail!("{STUB} is missing: install the Debian package systemd-boot-efi (make deps does)");
+    }
+    let linux = root.join("boot").join(format!("vmlinuz-{kernel}"));
+    let initrd = root.join("boot").join(format!("initrd.img-{kernel}"));
+    if !initrd.is_file() {
+        anyhow::bail!("the image has no initrd for kernel {kernel}: install initramfs-tools in the image");
+    }
+    let osrel = resolve_in_root(root, "/etc/os-release").map_err(|e| anyhow::anyhow!("/etc/os-release {e}"))?;
+    let osrel = if std::fs::symlink_metadata(&osrel).is_ok_and(|m| m.file_type().is_symlink()) {
+        resolve_in_root(root, "/usr/lib/os-release").map_err(|e| anyhow::anyhow!("/usr/lib/os-release {e}"))?
+    } else {
+        osrel
+    };
+    let cmdline_file = scratch.join("cmdline.txt");
+    std::fs::write(&cmdline_file, format!("root=LABEL={ROOT_LABEL} ro {cmdline}")).with_context(|| format!("writing {}", cmdline_file.display()))?;
+
+    let stub_end = stub_end(stub)?;
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).with_context(|| format!("reading {}", p.display()));
+    let mut vma = round_up(stub_end, 0x10000);
+    let mut cmd = Cmd::new("objcopy");
+    for (name, file) in [(".osrel", &osrel), (".cmdline", &cmdline_file), (".linux", &linux), (".initrd", &initrd)] {
+        cmd = cmd
+            .arg("--add-section")
+            .arg(format!("{name}={}", file.display()))
+            .arg("--change-section-vma")
+            .arg(format!("{name}={vma:#x}"));
+        vma = round_up(vma + size(file)?, 0x10000);
+    }
+    cmd.arg(stub).arg(out).run().context("building the UKI")
+}
+
+/// The end of the stub's last section (VMA + size), from `objdump -h`.
+fn stub_end(stub: &Path) -> Result<u64> {
+    let out = Cmd::new("objdump").arg("-h").arg(stub).output()?;
+    let end = out
+        .stdout_str()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() >= 4 && f[0].parse::<u32>().is_ok() {
+                Some(u64::from_str_radix(f[2], 16).ok()? + u64::from_str_radix(f[3], 16).ok()?)
+            } else {
+                None
+            }
+        })
+        .max();
+    end.context("objdump -h showed no sections in the EFI stub")
+}
+
+fn make_esp(raw: &Path, start: u64, size: u64, uki: &Path, key: Key) -> Result<()> {
+    let volume_id = &key.derive_uuid("esp-fs").replace('-', "")[..8];
+    // mkfs.fat guesses the FAT type from the whole file's size; the ESP is
+    // small, so say it: FAT16 up to 512 MiB, FAT32 beyond.
+    let fat = if size <= 512 * MIB { "16" } else { "32" };
+    Cmd::new("mkfs.fat")
+        .arg(format!("--offset={}", start / SECTOR))
+        .args(["-F", fat, "-n", "ESP", "-i", volume_id])
+        .env("SOURCE_DATE_EPOCH", FIXED_EPOCH.to_string())
+        .arg(raw)
+        .arg((size / 1024).to_string())
+        .run()
+        .context("making the ESP")?;
+    let image = format!("{}@@{start}", raw.display());
+    Cmd::new("mmd").env("MTOOLS_SKIP_CHECK", "1").args(["-i", &image, "::/EFI", "::/EFI/BOOT"]).run()?;
+    Cmd::new("mcopy")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .args(["-i", &image])
+        .arg(uki)
+        .arg("::/EFI/BOOT/BOOTX64.EFI")
+        .run()
+        .context("copying the UKI to the ESP")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_versions_sort_numerically() {
+        let mut v = vec!["6.12.9+deb13-cloud-amd64".to_string(), "6.12.117+deb13-cloud-amd64".into(), "6.12.38+deb13-cloud-amd64".into()];
+        v.sort_by(|a, b| compare_versions(a, b));
+        assert_eq!(v.last().unwrap(), "6.12.117+deb13-cloud-amd64");
+    }
+
+    #[test]
+    fn picks_the_kernel_vmlinuz_points_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let boot = dir.path().join("boot");
+        std::fs::create_dir(&boot).unwrap();
+        for v in ["6.1.0-1-cloud-amd64", "6.1.0-9-cloud-amd64"] {
+            std::fs::write(boot.join(format!("vmlinuz-{v}")), "").unwrap();
+        }
+        assert_eq!(pick_kernel(dir.path()).unwrap(), "6.1.0-9-cloud-amd64");
+        std::os::unix::fs::symlink("boot/vmlinuz-6.1.0-1-cloud-amd64", dir.path().join("vmlinuz")).unwrap();
+        assert_eq!(pick_kernel(dir.path()).unwrap(), "6.1.0-1-cloud-amd64");
+    }
+}

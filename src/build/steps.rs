@@ -1,0 +1,465 @@
+//! Building one step into a staging directory.
+//!
+//! The base is made by mmdebstrap into a plain directory. Every other step
+//! runs on an overlayfs mount whose lower dirs are the layers below it and
+//! whose upper dir becomes the stored entry: it holds exactly what the step
+//! changed (new and changed files, whiteouts for removed ones).
+//!
+//! Steps that run programs in the image (`upgrade`, `packages`, `run`) do so
+//! chrooted, with /proc, /sys and /dev mounted, the host's resolv.conf
+//! bind-mounted for the duration, a `policy-rc.d` that stops services from
+//! starting, apt's caches bind-mounted from the store (so downloads are
+//! shared and never land in a layer), and an empty environment: nothing of
+//! the host's environment enters the image.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+use super::mount::Mounts;
+use super::sources::Mirrors;
+use crate::cmd::Cmd;
+use crate::error::BadInput;
+use crate::plan::key::bytes_digest;
+use crate::recipe::{BaseSpec, FileSpec};
+use crate::store::{Package, PackageChange, Store};
+
+/// The environment of every program run inside an image.
+const CHROOT_ENV: &[(&str, &str)] = &[
+    ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+    ("HOME", "/root"),
+    ("LANG", "C.UTF-8"),
+    ("DEBIAN_FRONTEND", "noninteractive"),
+    ("DEBCONF_NONINTERACTIVE_SEEN", "true"),
+];
+const POLICY_RC_D: &str = "#!/bin/sh\n# kiln: no service starts while an image is being built\nexit 101\n";
+/// Files apt and dpkg leave that say when, not what: never part of a layer.
+const BUILD_DEBRIS: &[&str] = &[
+    "var/cache/apt/pkgcache.bin",
+    "var/cache/apt/srcpkgcache.bin",
+    "var/cache/debconf/config.dat-old",
+    "var/cache/debconf/templates.dat-old",
+    "var/lib/dpkg/status-old",
+    "var/lib/dpkg/diversions-old",
+    "var/lib/dpkg/statoverride-old",
+];
+
+/// What a step needs from the build.
+pub struct Ctx<'a> {
+    pub store: &'a Store,
+    pub mirrors: Option<Mirrors>,
+}
+
+impl Ctx<'_> {
+    fn mirrors(&self) -> Result<&Mirrors> {
+        self.mirrors.as_ref().ok_or_else(|| {
+            BadInput::arg(
+                "no package archive is configured: the host's apt has no `deb` source",
+                "set `mirror` in the recipe's [base], or configure apt on this host",
+            )
+            .into()
+        })
+    }
+}
+
+/// Make the base tree with mmdebstrap into `tree` (which must not exist).
+pub fn base(ctx: &Ctx, spec: &BaseSpec, tree: &Path) -> Result<()> {
+    let mirrors = ctx.mirrors()?;
+    let mut cmd = Cmd::new("mmdebstrap")
+        .arg("--mode=root")
+        .arg("--format=directory")
+        .arg(format!("--variant={}", spec.variant))
+        .arg("--aptopt=Acquire::Retries \"3\"")
+        .arg("--dpkgopt=force-unsafe-io");
+    if !spec.packages.is_empty() {
+        cmd = cmd.arg(format!("--include={}", spec.packages.join(",")));
+    }
+    // The base comes from the suite's release alone; a layer with
+    // `upgrade = true` adds the updates and security sources, so security
+    // fixes show up as that layer's own changes.
+    cmd.arg(&spec.suite)
+        .arg(tree)
+        .arg(format!("deb {} {} main", mirrors.main, spec.suite))
+        .run()
+        .map_err(|e| explain_apt_failure(e, "base.packages"))
+}
+
+/// Upper-dir files created only for the build, removed before publishing.
+struct Scaffolding {
+    created: Vec<PathBuf>,
+}
+
+/// Mount what a chroot needs and put the scaffolding in place.
+fn enter_chroot(ctx: &Ctx, mounts: &mut Mounts, root: &Path, apt: bool) -> Result<Scaffolding> {
+    let mut created = Vec::new();
+    mounts.fs("proc", &root.join("proc"))?;
+    mounts.fs("sysfs", &root.join("sys"))?;
+    mounts.bind(Path::new("/dev"), &root.join("dev"))?;
+    if root.join("dev/pts").is_dir() && Path::new("/dev/pts/ptmx").exists() {
+        mounts.bind(Path::new("/dev/pts"), &root.join("dev/pts"))?;
+    }
+    let policy = root.join("usr/sbin/policy-rc.d");
+    if std::fs::symlink_metadata(&policy).is_err() {
+        write_file(&policy, POLICY_RC_D.as_bytes(), 0o755)?;
+        created.push(PathBuf::from("usr/sbin/policy-rc.d"));
+    }
+    let resolv = root.join("etc/resolv.conf");
+    match std::fs::symlink_metadata(&resolv) {
+        Err(_) => {
+            write_file(&resolv, b"", 0o644)?;
+            created.push(PathBuf::from("etc/resolv.conf"));
+            mounts.bind(Path::new("/etc/resolv.conf"), &resolv)?;
+        }
+        Ok(m) if m.file_type().is_file() => mounts.bind(Path::new("/etc/resolv.conf"), &resolv)?,
+        // A symlink (e.g. to systemd-resolved's stub) is left alone: binding
+        // over it would follow it into the image.
+        Ok(_) => {}
+    }
+    if apt {
+        mounts.bind(&ctx.store.apt_archives(), &root.join("var/cache/apt/archives"))?;
+        let lists = ctx.store.apt_lists(&sources_digest(root))?;
+        mounts.bind(&lists, &root.join("var/lib/apt/lists"))?;
+    }
+    Ok(Scaffolding { created })
+}
+
+/// After the chroot's own mounts are gone: remove the scaffolding, and
+/// debris that says when rather than what, through the overlay (so a file
+/// only the build created simply disappears from the upper dir).
+fn clean_up(root: &Path, scaffolding: Scaffolding) -> Result<()> {
+    for rel in scaffolding.created.iter().map(PathBuf::as_path).chain(BUILD_DEBRIS.iter().map(Path::new)) {
+        let path = root.join(rel);
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_file()) {
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+fn sources_digest(root: &Path) -> String {
+    let mut text = std::fs::read(root.join("etc/apt/sources.list")).unwrap_or_default();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(root.join("etc/apt/sources.list.d"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    for f in files {
+        text.extend(f.file_name().map(|n| n.as_encoded_bytes().to_vec()).unwrap_or_default());
+        text.extend(std::fs::read(&f).unwrap_or_default());
+    }
+    bytes_digest(&text)[..16].to_owned()
+}
+
+fn chroot(root: &Path) -> Cmd {
+    let mut cmd = Cmd::new("chroot").env_clear().arg(root);
+    for (k, v) in CHROOT_ENV {
+        cmd = cmd.env(k, v);
+    }
+    cmd
+}
+
+fn apt_get(root: &Path) -> Cmd {
+    chroot(root).args([
+        "apt-get",
+        "-y",
+        "-q",
+        "-o",
+        "APT::Sandbox::User=root",
+        "-o",
+        "Acquire::Retries=3",
+        "-o",
+        "Dpkg::Options::=--force-confdef",
+        "-o",
+        "Dpkg::Options::=--force-confold",
+        "-o",
+        "Dpkg::Options::=--force-unsafe-io",
+        "-o",
+        "Dpkg::Use-Pty=0",
+    ])
+}
+
+/// An apt failure caused by a package name that does not exist is bad
+/// input (exit 2), not a broken kiln.
+fn explain_apt_failure(err: anyhow::Error, key: &str) -> anyhow::Error {
+    let text = format!("{err:#}");
+    let missing: Vec<&str> = text
+        .lines()
+        .filter_map(|l| {
+            l.split("Unable to locate package ").nth(1).or_else(|| l.split("Package '").nth(1).and_then(|r| r.split('\'').next()).filter(|_| l.contains("has no installation candidate")))
+        })
+        .chain(text.lines().filter_map(|l| l.split("Couldn't find any package by").nth(1).map(|r| r.trim().trim_matches(|c| c == '\'' || c == '"' ))))
+        .map(str::trim)
+        .collect();
+    if missing.is_empty() {
+        return err;
+    }
+    BadInput::arg(
+        format!("key `{key}`: the archive has no package named {} ({})", missing.join(", "), text.lines().next().unwrap_or("")),
+        "check the spelling (apt-cache search NAME on a machine with the same suite) or remove it",
+    )
+    .into()
+}
+
+/// Run an apt or shell step in `root` (an overlay mount); every mount made
+/// for it is undone before this returns.
+pub fn chrooted(ctx: &Ctx, root: &Path, work: ChrootWork) -> Result<()> {
+    let apt = !matches!(work, ChrootWork::Run { .. });
+    let mut mounts = Mounts::new();
+    let scaffolding = enter_chroot(ctx, &mut mounts, root, apt)?;
+    let result = match work {
+        ChrootWork::Upgrade { suite } => upgrade(ctx, &mut mounts, root, &suite),
+        ChrootWork::Packages(pkgs) => {
+            apt_get(root).arg("update").run().and_then(|()| {
+                apt_get(root)
+                    .args(["install", "--no-install-recommends"])
+                    .args(&pkgs)
+                    .run()
+                    .map_err(|e| explain_apt_failure(e, "packages"))
+            })
+        }
+        ChrootWork::Run { commands, layer } => commands.iter().enumerate().try_for_each(|(i, c)| {
+            chroot(root).args(["/bin/sh", "-ec", c]).run().with_context(|| format!("layer `{layer}`, run[{i}]: `{c}` failed inside the image"))
+        }),
+    };
+    mounts.unmount_all()?;
+    result?;
+    clean_up(root, scaffolding)
+}
+
+pub enum ChrootWork {
+    Upgrade { suite: String },
+    Packages(Vec<String>),
+    Run { commands: Vec<String>, layer: String },
+}
+
+fn upgrade(ctx: &Ctx, mounts: &mut Mounts, root: &Path, suite: &str) -> Result<()> {
+    let mirrors = ctx.mirrors()?;
+    let list = format!(
+        "# Added by kiln's upgrade layer: the suite's updates and security fixes.\n\
+         deb {} {suite}-updates main\ndeb {} {suite}-security main\n",
+        mirrors.main, mirrors.security
+    );
+    // The lists bind mount was chosen for the base's sources; rebind it for
+    // the sources this step adds.
+    write_file(&root.join("etc/apt/sources.list.d/kiln-updates.list"), list.as_bytes(), 0o644)?;
+    let lists = ctx.store.apt_lists(&sources_digest(root))?;
+    mounts.bind(&lists, &root.join("var/lib/apt/lists"))?;
+    apt_get(root).arg("update").run()?;
+    apt_get(root).arg("dist-upgrade").run()?;
+    purge_old_kernels(root)
+}
+
+/// After an upgrade two kernels can be installed; the image boots the one
+/// `/vmlinuz` points to (the metapackage's, the newest), so the others go.
+fn purge_old_kernels(root: &Path) -> Result<()> {
+    let Ok(target) = std::fs::read_link(root.join("vmlinuz")) else { return Ok(()) };
+    let Some(keep) = target.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("vmlinuz-")).map(str::to_owned) else {
+        return Ok(());
+    };
+    let old: Vec<String> = installed(root)?
+        .into_iter()
+        .map(|p| p.name)
+        .filter(|n| {
+            n.strip_prefix("linux-image-")
+                .is_some_and(|v| v.starts_with(|c: char| c.is_ascii_digit()) && !v.ends_with("-dbg") && v.trim_end_matches("-unsigned") != keep)
+        })
+        .collect();
+    if old.is_empty() {
+        return Ok(());
+    }
+    apt_get(root).arg("purge").args(&old).run()
+}
+
+/// Copy the recipe's files into `root`, never following a symlink out of it.
+pub fn copy_files(root: &Path, files: &[FileSpec], origin: &Path, layer: &str) -> Result<()> {
+    let passwd = read_ids(&root.join("etc/passwd"));
+    let group = read_ids(&root.join("etc/group"));
+    for (i, f) in files.iter().enumerate() {
+        let key = format!("layer.{layer}.files[{i}]");
+        let target = resolve_in_root(root, &f.dest).map_err(|why| {
+            BadInput::new(origin, format!("{key}.dest"), format!("`{}`: {why}", f.dest), "copy to a path whose directories are real directories inside the image")
+        })?;
+        let (user, grp) = f.owner.split_once(':').expect("owner was validated as user:group");
+        let uid = lookup(&passwd, user).ok_or_else(|| BadInput::new(origin, format!("{key}.owner"), format!("no user `{user}` in the image's /etc/passwd at this layer"), "use an existing user, or create it in an earlier layer"))?;
+        let gid = lookup(&group, grp).ok_or_else(|| BadInput::new(origin, format!("{key}.owner"), format!("no group `{grp}` in the image's /etc/group at this layer"), "use an existing group, or create it in an earlier layer"))?;
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        }
+        if std::fs::symlink_metadata(&target).is_ok_and(|m| !m.is_dir()) {
+            std::fs::remove_file(&target).with_context(|| format!("replacing {}", target.display()))?;
+        }
+        let data = std::fs::read(&f.src).with_context(|| format!("reading {}", f.src.display()))?;
+        write_file(&target, &data, f.mode)?;
+        std::os::unix::fs::chown(&target, Some(uid), Some(gid)).with_context(|| format!("chown {}", target.display()))?;
+        // chown clears setuid/setgid bits: set the mode last.
+        set_mode(&target, f.mode)?;
+    }
+    Ok(())
+}
+
+/// The host path of `dest` inside `root`, resolving symlinks in its
+/// directories the way the image will see them (absolute targets are
+/// relative to the image root). A symlink whose `..` climbs above the image
+/// root is refused, as is a directory component that is not a directory.
+pub fn resolve_in_root(root: &Path, dest: &str) -> Result<PathBuf, String> {
+    const MAX_LINKS: usize = 40;
+    let mut parts: Vec<String> = dest.split('/').filter(|p| !p.is_empty()).map(str::to_owned).collect();
+    let Some(last) = parts.pop() else { return Err("is the image root".into()) };
+    let mut resolved: Vec<String> = Vec::new();
+    let mut queue: std::collections::VecDeque<String> = parts.into();
+    let mut links = 0;
+    while let Some(part) = queue.pop_front() {
+        match part.as_str() {
+            "." | "" => continue,
+            ".." => {
+                if resolved.pop().is_none() {
+                    return Err("goes through a symlink that points out of the image".into());
+                }
+                continue;
+            }
+            _ => {}
+        }
+        let candidate = root.join(resolved.join("/")).join(&part);
+        match std::fs::symlink_metadata(&candidate) {
+            Ok(m) if m.file_type().is_symlink() => {
+                links += 1;
+                if links > MAX_LINKS {
+                    return Err("goes through too many symlinks".into());
+                }
+                let target = std::fs::read_link(&candidate).map_err(|e| e.to_string())?;
+                let target = target.to_string_lossy().into_owned();
+                if target.starts_with('/') {
+                    resolved.clear();
+                }
+                for p in target.split('/').rev() {
+                    queue.push_front(p.to_owned());
+                }
+            }
+            Ok(m) if !m.is_dir() => return Err(format!("/{} is not a directory", resolved.iter().chain([&part]).cloned().collect::<Vec<_>>().join("/"))),
+            _ => resolved.push(part),
+        }
+    }
+    let mut path = root.to_path_buf();
+    for p in resolved {
+        path.push(p);
+    }
+    path.push(last);
+    Ok(path)
+}
+
+fn read_ids(path: &Path) -> BTreeMap<String, u32> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            let name = f.next()?;
+            let id = f.nth(1)?.parse().ok()?;
+            Some((name.to_owned(), id))
+        })
+        .collect()
+}
+
+fn lookup(ids: &BTreeMap<String, u32>, name: &str) -> Option<u32> {
+    name.parse().ok().or_else(|| ids.get(name).copied())
+}
+
+pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    std::fs::write(path, data).with_context(|| format!("writing {}", path.display()))?;
+    set_mode(path, mode)
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).with_context(|| format!("chmod {mode:o} {}", path.display()))
+}
+
+/// The packages installed in a root, from its dpkg database.
+pub fn installed(root: &Path) -> Result<Vec<Package>> {
+    let admin = root.join("var/lib/dpkg");
+    if !admin.join("status").is_file() {
+        bail!("{} has no dpkg database", root.display());
+    }
+    let out = Cmd::new("dpkg-query")
+        .arg(format!("--admindir={}", admin.display()))
+        .args(["-W", "-f", "${db:Status-Abbrev}\t${Package}\t${Version}\t${Architecture}\t${source:Package}\n"])
+        .output()?;
+    let mut pkgs: Vec<Package> = out
+        .stdout_str()
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split('\t');
+            let status = f.next()?;
+            if !status.starts_with("ii") {
+                return None;
+            }
+            Some(Package { name: f.next()?.into(), version: f.next()?.into(), arch: f.next()?.into(), source: f.next().unwrap_or("").into() })
+        })
+        .collect();
+    pkgs.sort();
+    Ok(pkgs)
+}
+
+/// What changed between two package sets.
+pub fn package_changes(before: &[Package], after: &[Package]) -> Vec<PackageChange> {
+    let old: BTreeMap<(&str, &str), &str> = before.iter().map(|p| ((p.name.as_str(), p.arch.as_str()), p.version.as_str())).collect();
+    let new: BTreeMap<(&str, &str), &str> = after.iter().map(|p| ((p.name.as_str(), p.arch.as_str()), p.version.as_str())).collect();
+    let mut changes = Vec::new();
+    for (&(name, arch), &v) in &new {
+        match old.get(&(name, arch)) {
+            Some(&o) if o == v => {}
+            o => changes.push(PackageChange { name: name.into(), arch: arch.into(), old: o.map(|s| s.to_string()), new: Some(v.into()) }),
+        }
+    }
+    for (&(name, arch), &o) in &old {
+        if !new.contains_key(&(name, arch)) {
+            changes.push(PackageChange { name: name.into(), arch: arch.into(), old: Some(o.into()), new: None });
+        }
+    }
+    changes.sort_by(|a, b| a.name.cmp(&b.name));
+    changes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolve_follows_links_inside_and_refuses_escapes() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("usr/lib")).unwrap();
+        std::fs::create_dir_all(root.join("opt")).unwrap();
+        std::os::unix::fs::symlink("usr/lib", root.join("lib")).unwrap();
+        std::os::unix::fs::symlink("/etc", root.join("opt/abs")).unwrap();
+        std::os::unix::fs::symlink("../../../../tmp", root.join("opt/out")).unwrap();
+        std::fs::write(root.join("opt/file"), "").unwrap();
+        assert_eq!(resolve_in_root(root, "/lib/x.service").unwrap(), root.join("usr/lib/x.service"));
+        assert_eq!(resolve_in_root(root, "/opt/abs/motd").unwrap(), root.join("etc/motd"));
+        assert_eq!(resolve_in_root(root, "/new/dir/f").unwrap(), root.join("new/dir/f"));
+        assert!(resolve_in_root(root, "/opt/out/x").unwrap_err().contains("points out of the image"));
+        assert!(resolve_in_root(root, "/opt/file/x").unwrap_err().contains("not a directory"));
+    }
+
+    #[test]
+    fn package_changes_lists_installs_upgrades_and_removals() {
+        let p = |n: &str, v: &str| Package { name: n.into(), version: v.into(), arch: "amd64".into(), source: String::new() };
+        let changes = package_changes(&[p("a", "1"), p("b", "1"), p("c", "1")], &[p("a", "1"), p("b", "2"), p("d", "1")]);
+        let shown: Vec<String> = changes.iter().map(|c| format!("{} {:?} {:?}", c.name, c.old, c.new)).collect();
+        assert_eq!(shown, ["b Some(\"1\") Some(\"2\")", "c Some(\"1\") None", "d None Some(\"1\")"]);
+    }
+
+    #[test]
+    fn apt_name_errors_become_bad_input() {
+        let err = anyhow::anyhow!("command failed: apt-get install\n    E: Unable to locate package no-such-pkg");
+        let err = explain_apt_failure(err, "layer.app.packages");
+        assert!(err.is::<BadInput>());
+        assert!(err.to_string().contains("no-such-pkg"), "{err}");
+    }
+}

@@ -1,0 +1,334 @@
+//! Cache keys.
+//!
+//! A key is the sha256 of everything that can change what a step produces,
+//! and nothing else. It is computed in exactly one place per kind of entry
+//! ([`StepInputs::key`], [`ImageInputs::key`]) from a struct whose fields are
+//! those inputs; each function destructures its struct exhaustively, so a
+//! field added later cannot be silently left out of the hash.
+//!
+//! The encoding is stable across runs, machines and kiln builds: every field
+//! is fed as `name`, then its length as a little-endian u64, then its bytes.
+//! Lists are fed as their length followed by each element, so `["a b"]` and
+//! `["a", "b"]` hash differently. No `Debug` output, no `DefaultHasher`, no
+//! unordered maps.
+//!
+//! What is deliberately *not* in a key: the recipe's text (comments and
+//! whitespace), file names of copied files on the host and their mtimes (only
+//! their content, destination, mode and owner), the archive mirror (a
+//! transport detail: the lock names what is installed), and the order of
+//! `packages` (apt installs a set).
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Bump when the meaning of a layer's inputs changes.
+const LAYER_DOMAIN: &str = "kiln-layer-v1";
+/// Bump when assembly produces different bytes from the same layers.
+pub const ASSEMBLY_VERSION: &str = "kiln-image-v1";
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key([u8; 32]);
+
+impl Key {
+    pub fn hex(&self) -> String {
+        hex(&self.0)
+    }
+
+    /// The first 12 hex digits, for tables.
+    pub fn short(&self) -> String {
+        self.hex()[..12].to_owned()
+    }
+
+    pub fn parse(text: &str) -> Option<Key> {
+        if text.len() != 64 {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(Key(out))
+    }
+
+    /// A stable UUID-shaped value derived from this key and a purpose, for
+    /// filesystem UUIDs, hash seeds and GPT GUIDs (so the same image key
+    /// always gives the same disk).
+    pub fn derive_uuid(&self, purpose: &str) -> String {
+        let mut h = Sha256::new();
+        h.update(self.0);
+        h.update(purpose.as_bytes());
+        let d = h.finalize();
+        let mut b = [0u8; 16];
+        b.copy_from_slice(&d[..16]);
+        b[6] = (b[6] & 0x0f) | 0x40; // version 4 layout, as tools expect
+        b[8] = (b[8] & 0x3f) | 0x80; // RFC 4122 variant
+        let x = hex(&b);
+        format!("{}-{}-{}-{}-{}", &x[0..8], &x[8..12], &x[12..16], &x[16..20], &x[20..32])
+    }
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.hex())
+    }
+}
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Key({})", self.short())
+    }
+}
+
+impl Serialize for Key {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.hex())
+    }
+}
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Key, D::Error> {
+        let s = String::deserialize(d)?;
+        Key::parse(&s).ok_or_else(|| serde::de::Error::custom(format!("`{s}` is not a kiln key")))
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        // Writing to a String cannot fail.
+        write!(s, "{b:02x}").expect("write to String");
+        s
+    })
+}
+
+/// sha256 of a file's content, streaming.
+pub fn file_digest(path: &std::path::Path) -> std::io::Result<String> {
+    let mut file = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = std::io::Read::read(&mut file, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex(&h.finalize()))
+}
+
+pub fn bytes_digest(data: &[u8]) -> String {
+    hex(&Sha256::digest(data))
+}
+
+/// The stable encoder described in the module docs.
+struct KeyHasher(Sha256);
+
+impl KeyHasher {
+    fn new(domain: &str) -> KeyHasher {
+        let mut h = KeyHasher(Sha256::new());
+        h.bytes("domain", domain.as_bytes());
+        h
+    }
+
+    fn bytes(&mut self, name: &str, value: &[u8]) {
+        self.0.update((name.len() as u64).to_le_bytes());
+        self.0.update(name.as_bytes());
+        self.0.update((value.len() as u64).to_le_bytes());
+        self.0.update(value);
+    }
+
+    fn str(&mut self, name: &str, value: &str) {
+        self.bytes(name, value.as_bytes());
+    }
+
+    fn list(&mut self, name: &str, values: &[String]) {
+        self.bytes(name, &(values.len() as u64).to_le_bytes());
+        for v in values {
+            self.str("item", v);
+        }
+    }
+
+    fn opt_key(&mut self, name: &str, key: Option<Key>) {
+        match key {
+            Some(k) => self.bytes(name, &k.0),
+            None => self.bytes(name, b""),
+        }
+    }
+
+    fn finish(self) -> Key {
+        Key(self.0.finalize().into())
+    }
+}
+
+/// What kind of work a step does. A layer is one or more steps, run in
+/// this order: upgrade, packages, files, run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StepKind {
+    Base,
+    Upgrade,
+    Packages,
+    Files,
+    Run,
+}
+
+impl StepKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepKind::Base => "base",
+            StepKind::Upgrade => "upgrade",
+            StepKind::Packages => "packages",
+            StepKind::Files => "files",
+            StepKind::Run => "run",
+        }
+    }
+}
+
+/// One copied file as far as the key is concerned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileInput {
+    /// As written in the recipe (for "why", not hashed).
+    pub src: String,
+    pub dest: String,
+    pub mode: u32,
+    pub owner: String,
+    pub sha256: String,
+}
+
+/// Everything that goes into a step's key. Stored beside the entry so that
+/// `kiln plan` can say which input changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepInputs {
+    pub parent: Option<Key>,
+    pub kind: StepKind,
+    /// The step's own settings, each as one canonical string
+    /// (e.g. `suite=trixie`, a package name, a shell command).
+    pub spec: Vec<String>,
+    pub files: Vec<FileInput>,
+    /// Digest of the locked package set for this step, when there is one.
+    pub lock: Option<String>,
+}
+
+impl StepInputs {
+    pub fn key(&self) -> Key {
+        let StepInputs { parent, kind, spec, files, lock } = self;
+        let mut h = KeyHasher::new(LAYER_DOMAIN);
+        h.opt_key("parent", *parent);
+        h.str("kind", kind.as_str());
+        h.list("spec", spec);
+        h.bytes("files", &(files.len() as u64).to_le_bytes());
+        for f in files {
+            // `src` is deliberately left out: renaming the file on the host
+            // without changing its content changes nothing in the image.
+            let FileInput { src: _, dest, mode, owner, sha256 } = f;
+            h.str("dest", dest);
+            h.bytes("mode", &mode.to_le_bytes());
+            h.str("owner", owner);
+            h.str("sha256", sha256);
+        }
+        h.str("lock", lock.as_deref().unwrap_or(""));
+        h.finish()
+    }
+}
+
+/// Everything that goes into an image's key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageInputs {
+    pub top: Key,
+    pub size: u64,
+    pub format: String,
+    pub hostname: String,
+    pub cmdline: String,
+    /// `name mount size filesystem owner` per volume.
+    pub volumes: Vec<String>,
+}
+
+impl ImageInputs {
+    pub fn key(&self) -> Key {
+        let ImageInputs { top, size, format, hostname, cmdline, volumes } = self;
+        let mut h = KeyHasher::new(ASSEMBLY_VERSION);
+        h.opt_key("top", Some(*top));
+        h.bytes("size", &size.to_le_bytes());
+        h.str("format", format);
+        h.str("hostname", hostname);
+        h.str("cmdline", cmdline);
+        h.list("volumes", volumes);
+        h.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inputs(spec: &[&str]) -> StepInputs {
+        StepInputs {
+            parent: None,
+            kind: StepKind::Run,
+            spec: spec.iter().map(|s| s.to_string()).collect(),
+            files: vec![],
+            lock: None,
+        }
+    }
+
+    #[test]
+    fn list_boundaries_are_part_of_the_key() {
+        assert_ne!(inputs(&["a b"]).key(), inputs(&["a", "b"]).key());
+        assert_ne!(inputs(&["ab"]).key(), inputs(&["a", "b"]).key());
+        assert_ne!(inputs(&[]).key(), inputs(&[""]).key());
+    }
+
+    #[test]
+    fn every_field_changes_the_key() {
+        let base = StepInputs {
+            parent: None,
+            kind: StepKind::Files,
+            spec: vec![],
+            files: vec![FileInput { src: "a".into(), dest: "/a".into(), mode: 0o644, owner: "root:root".into(), sha256: "00".into() }],
+            lock: None,
+        };
+        let k = base.key();
+        let mut v = base.clone();
+        v.parent = Some(k);
+        assert_ne!(v.key(), k);
+        let mut v = base.clone();
+        v.kind = StepKind::Run;
+        assert_ne!(v.key(), k);
+        let mut v = base.clone();
+        v.files[0].mode = 0o600;
+        assert_ne!(v.key(), k);
+        let mut v = base.clone();
+        v.files[0].owner = "www-data:root".into();
+        assert_ne!(v.key(), k);
+        let mut v = base.clone();
+        v.files[0].sha256 = "01".into();
+        assert_ne!(v.key(), k);
+        let mut v = base.clone();
+        v.lock = Some("x".into());
+        assert_ne!(v.key(), k);
+        // The host-side name is not an input.
+        let mut v = base.clone();
+        v.files[0].src = "renamed".into();
+        assert_eq!(v.key(), k);
+    }
+
+    #[test]
+    fn key_is_stable_across_releases() {
+        // A changed encoding silently invalidates every store: this pins it.
+        assert_eq!(inputs(&["echo hi"]).key().hex(), "858519e31e26d35554158719bae7058ddfe06b7ff5fde8715608ca24afccb402");
+    }
+
+    #[test]
+    fn hex_round_trips_and_uuids_are_stable() {
+        let k = inputs(&["x"]).key();
+        assert_eq!(Key::parse(&k.hex()), Some(k));
+        assert_eq!(Key::parse("zz"), None);
+        let u = k.derive_uuid("root");
+        assert_eq!(u, k.derive_uuid("root"));
+        assert_ne!(u, k.derive_uuid("esp"));
+        assert_eq!(u.len(), 36);
+        assert_eq!(&u[14..15], "4");
+    }
+}

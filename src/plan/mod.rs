@@ -1,0 +1,202 @@
+//! The plan: a recipe resolved into an ordered list of steps, each with its
+//! key, and the image key on top.
+//!
+//! A layer is split into steps (upgrade, packages, files, run), each cached
+//! on its own, the way a Dockerfile's instructions are: changing a copied
+//! file rebuilds only that layer's `files` step and what is above it, not the
+//! layer's package installation. The layer's key is its last step's key.
+
+pub mod key;
+
+use std::collections::BTreeSet;
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::error::BadInput;
+use crate::recipe::{BaseSpec, FileSpec, ImageSpec, Recipe};
+pub use key::{FileInput, ImageInputs, Key, StepInputs, StepKind};
+
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub recipe: Recipe,
+    pub steps: Vec<Step>,
+    pub image: ImagePlan,
+}
+
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// The layer this step belongs to (`base` for the base).
+    pub layer: String,
+    pub inputs: StepInputs,
+    pub key: Key,
+    pub action: Action,
+}
+
+impl Step {
+    /// `layer/kind`, or `base`: stable across builds of one recipe.
+    pub fn id(&self) -> String {
+        if self.inputs.kind == StepKind::Base {
+            "base".to_owned()
+        } else {
+            format!("{}/{}", self.layer, self.inputs.kind.as_str())
+        }
+    }
+}
+
+/// What a step does when it is not cached.
+#[derive(Debug, Clone)]
+pub enum Action {
+    Base(BaseSpec),
+    /// Add the suite's updates and security sources, then upgrade.
+    Upgrade { suite: String, mirror: Option<String> },
+    Packages(Vec<String>),
+    Files { files: Vec<FileSpec>, origin: std::path::PathBuf },
+    Run(Vec<String>),
+}
+
+#[derive(Debug, Clone)]
+pub struct ImagePlan {
+    pub inputs: ImageInputs,
+    pub key: Key,
+    pub spec: ImageSpec,
+}
+
+/// Resolve a recipe into steps and keys. Reads the copied files (for their
+/// digests) and nothing else.
+pub fn make(recipe: &Recipe) -> Result<Plan> {
+    let mut steps = Vec::new();
+    let BaseSpec { suite, variant, packages, mirror: _ } = &recipe.base;
+    let mut base_spec = vec![format!("suite={suite}"), format!("variant={variant}")];
+    base_spec.extend(sorted(packages).into_iter().map(|p| format!("package={p}")));
+    push(&mut steps, "base", StepKind::Base, base_spec, vec![], Action::Base(recipe.base.clone()));
+
+    for layer in &recipe.layers {
+        if layer.upgrade {
+            let action = Action::Upgrade { suite: suite.clone(), mirror: recipe.base.mirror.clone() };
+            push(&mut steps, &layer.name, StepKind::Upgrade, vec![format!("suite={suite}")], vec![], action);
+        }
+        if !layer.packages.is_empty() {
+            let pkgs = sorted(&layer.packages);
+            push(&mut steps, &layer.name, StepKind::Packages, pkgs.clone(), vec![], Action::Packages(pkgs));
+        }
+        if !layer.files.is_empty() {
+            let files = layer
+                .files
+                .iter()
+                .map(|f| {
+                    let sha256 = key::file_digest(&f.src).map_err(|e| {
+                        BadInput::new(&layer.defined_in, format!("layer.{}.files", layer.name), format!("cannot read `{}`: {e}", f.src_name), "make the file readable")
+                    })?;
+                    Ok(FileInput { src: f.src_name.clone(), dest: f.dest.clone(), mode: f.mode, owner: f.owner.clone(), sha256 })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            push(&mut steps, &layer.name, StepKind::Files, vec![], files, Action::Files { files: layer.files.clone(), origin: layer.defined_in.clone() });
+        }
+        if !layer.run.is_empty() {
+            push(&mut steps, &layer.name, StepKind::Run, layer.run.clone(), vec![], Action::Run(layer.run.clone()));
+        }
+    }
+
+    let top = steps.last().expect("a plan always has a base step").key;
+    let spec = recipe.image.clone();
+    let inputs = ImageInputs {
+        top,
+        size: spec.size,
+        format: spec.format.extension().to_owned(),
+        hostname: spec.hostname.clone(),
+        cmdline: spec.cmdline.clone(),
+        volumes: recipe
+            .volumes
+            .iter()
+            .map(|v| format!("{} {} {} {} {}", v.name, v.mount, v.size, v.filesystem, v.owner))
+            .collect(),
+    };
+    let key = inputs.key();
+    Ok(Plan { recipe: recipe.clone(), steps, image: ImagePlan { inputs, key, spec } })
+}
+
+fn push(steps: &mut Vec<Step>, layer: &str, kind: StepKind, spec: Vec<String>, files: Vec<FileInput>, action: Action) {
+    let parent = steps.last().map(|s: &Step| s.key);
+    let inputs = StepInputs { parent, kind, spec, files, lock: None };
+    let key = inputs.key();
+    steps.push(Step { layer: layer.to_owned(), inputs, key, action });
+}
+
+fn sorted(items: &[String]) -> Vec<String> {
+    items.iter().cloned().collect::<BTreeSet<_>>().into_iter().collect()
+}
+
+/// Whether a step (or the image) must be built, and why: the answer to
+/// "why did this rebuild?" (cargo's `DirtyReason`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", content = "reason", rename_all = "lowercase")]
+pub enum Freshness {
+    Cached,
+    Build(Reason),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// Never built for this recipe, and not in the store.
+    NotInStore,
+    /// `--refresh` was given.
+    Refresh,
+    SpecChanged,
+    FileChanged(Vec<String>),
+    LockChanged,
+    ParentChanged,
+    /// The image's own settings changed (size, hostname, cmdline, volumes).
+    ImageSpecChanged,
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reason::NotInStore => f.write_str("not in store"),
+            Reason::Refresh => f.write_str("--refresh"),
+            Reason::SpecChanged => f.write_str("spec changed"),
+            Reason::FileChanged(files) => write!(f, "file changed: {}", files.join(", ")),
+            Reason::LockChanged => f.write_str("lock changed"),
+            Reason::ParentChanged => f.write_str("parent changed"),
+            Reason::ImageSpecChanged => f.write_str("image settings changed"),
+        }
+    }
+}
+
+/// Why a step whose key is not in the store must be built, given the inputs
+/// of the last build of the same step of the same recipe.
+pub fn reason(current: &StepInputs, last: Option<&StepInputs>) -> Reason {
+    let Some(last) = last else { return Reason::NotInStore };
+    if current.parent != last.parent {
+        return Reason::ParentChanged;
+    }
+    if current.spec != last.spec || current.kind != last.kind {
+        return Reason::SpecChanged;
+    }
+    if current.files != last.files {
+        let mut changed: Vec<String> = current
+            .files
+            .iter()
+            .filter(|f| !last.files.contains(f))
+            .map(|f| f.src.clone())
+            .collect();
+        changed.extend(last.files.iter().filter(|f| !current.files.iter().any(|c| c.src == f.src)).map(|f| f.src.clone()));
+        return Reason::FileChanged(changed);
+    }
+    if current.lock != last.lock {
+        return Reason::LockChanged;
+    }
+    Reason::NotInStore
+}
+
+/// Why the image must be assembled.
+pub fn image_reason(current: &ImageInputs, last: Option<&ImageInputs>) -> Reason {
+    match last {
+        None => Reason::NotInStore,
+        Some(last) if last.top != current.top => Reason::ParentChanged,
+        Some(last) if last != current => Reason::ImageSpecChanged,
+        Some(_) => Reason::NotInStore,
+    }
+}
