@@ -1,0 +1,178 @@
+//! `make bench`: wall-clock medians of kiln's everyday jobs, printed beside
+//! the targets and baselines the issues name. Not a test: nothing here
+//! asserts a time. Needs root and the archive, like a real build.
+//!
+//! Each scenario runs in its own copy of `recipes/` so the checkout is never
+//! touched; stores live under /var/tmp/kiln-bench (removed at the end except
+//! the warm store, which later runs reuse).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+const KILN: &str = env!("CARGO_BIN_EXE_kiln");
+const NOOP_RUNS: usize = 5;
+const CHANGE_RUNS: usize = 3;
+const COLD_RUNS: usize = 2;
+
+fn main() {
+    let work = PathBuf::from("/var/tmp/kiln-bench");
+    std::fs::create_dir_all(&work).expect("create /var/tmp/kiln-bench");
+    let recipes = work.join("recipes");
+    let _ = std::fs::remove_dir_all(&recipes);
+    copy_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes").as_path(), &recipes);
+    let warm = work.join("warm-store");
+    let out = work.join("out");
+    let web = recipes.join("web.toml");
+
+    println!("kiln bench — medians of repeated runs, wall seconds ({} cores)\n", cores());
+    // Warm the store first (not measured).
+    kiln(&warm, &out, &["build", web.to_str().unwrap()]);
+
+    let mut rows: Vec<[String; 4]> = Vec::new();
+
+    let noop = median((0..NOOP_RUNS).map(|_| time(|| kiln(&warm, &out, &["build", web.to_str().unwrap()]))).collect());
+    rows.push(row("no-op rebuild of web.toml", noop, "< 1 s", "mkosi ≈ 22 s"));
+
+    let index = recipes.join("files/index.html");
+    let original = std::fs::read_to_string(&index).unwrap();
+    let file_change = median(
+        (0..CHANGE_RUNS)
+            .map(|i| {
+                std::fs::write(&index, format!("{original}<!-- bench {i} {} -->\n", now())).unwrap();
+                time(|| kiln(&warm, &out, &["build", web.to_str().unwrap()]))
+            })
+            .collect(),
+    );
+    std::fs::write(&index, &original).unwrap();
+    rows.push(row("web.toml after changing one copied file", file_change, "< 15 s", "—"));
+
+    let text = std::fs::read_to_string(&web).unwrap();
+    let with_curl = text.replace("packages = [\"nginx-light\"]", "packages = [\"nginx-light\", \"curl\"]");
+    assert_ne!(text, with_curl, "web.toml no longer lists nginx-light as this bench expects");
+    let add_pkg = median(
+        (0..CHANGE_RUNS)
+            .map(|_| {
+                // Forget what a previous iteration built, so each run really adds the package.
+                std::fs::write(&web, &text).unwrap();
+                let without = plan_keys(&warm, &web);
+                std::fs::write(&web, &with_curl).unwrap();
+                for key in plan_keys(&warm, &web).iter().filter(|k| !without.contains(k)) {
+                    remove_entry(&warm, key);
+                }
+                time(|| kiln(&warm, &out, &["build", web.to_str().unwrap()]))
+            })
+            .collect(),
+    );
+    std::fs::write(&web, &text).unwrap();
+    rows.push(row("web.toml after adding one package (curl)", add_pkg, "< 15 s", "mkosi ≈ 65 s"));
+
+    let golden = recipes.join("golden.toml");
+    let cold = median(
+        (0..COLD_RUNS)
+            .map(|i| {
+                let store = work.join(format!("cold-store-{i}"));
+                let _ = std::fs::remove_dir_all(&store);
+                let secs = time(|| kiln(&store, &out, &["build", golden.to_str().unwrap()]));
+                std::fs::remove_dir_all(&store).unwrap();
+                secs
+            })
+            .collect(),
+    );
+    let bare = median(
+        (0..COLD_RUNS)
+            .map(|_| {
+                let tar = work.join("bare.tar");
+                let secs = time(|| {
+                    run(Command::new("mmdebstrap").args([
+                        "--quiet",
+                        "--variant=minbase",
+                        "--include=linux-image-cloud-amd64,systemd-sysv,udev",
+                        "trixie",
+                        tar.to_str().unwrap(),
+                    ]))
+                });
+                std::fs::remove_file(&tar).unwrap();
+                secs
+            })
+            .collect(),
+    );
+    rows.push(row("cold build of golden.toml (no smoke)", cold, &format!("≤ 1.3 × bare + 10 = {:.1} s", 1.3 * bare + 10.0), &format!("bare mmdebstrap {bare:.1} s")));
+
+    println!("{:<44} {:>9}  {:<24} {}", "scenario", "median s", "target", "baseline");
+    for [a, b, c, d] in rows {
+        println!("{a:<44} {b:>9}  {c:<24} {d}");
+    }
+}
+
+fn row(name: &str, secs: f64, target: &str, baseline: &str) -> [String; 4] {
+    [name.to_owned(), format!("{secs:.2}"), target.to_owned(), baseline.to_owned()]
+}
+
+fn kiln(store: &Path, out: &Path, args: &[&str]) {
+    let mut cmd = Command::new(KILN);
+    cmd.arg("--cache").arg(store).arg("--out").arg(out).args(args);
+    cmd.stderr(std::process::Stdio::null());
+    cmd.stdout(std::process::Stdio::null());
+    run(&mut cmd);
+}
+
+fn run(cmd: &mut Command) {
+    let status = cmd.status().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(status.success(), "{cmd:?} failed: {status}");
+}
+
+fn remove_entry(store: &Path, key: &str) {
+    for dir in ["layers-v1", "images-v1"] {
+        let path = store.join(dir).join(key);
+        if path.exists() {
+            std::fs::remove_dir_all(&path).unwrap();
+        }
+    }
+}
+
+/// Every key (steps and image) in the plan of `recipe`.
+fn plan_keys(store: &Path, recipe: &Path) -> Vec<String> {
+    let out = Command::new(KILN).arg("--cache").arg(store).args(["--json", "plan"]).arg(recipe).output().unwrap();
+    assert!(out.status.success(), "kiln plan failed: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["key"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn time(f: impl FnOnce()) -> f64 {
+    let started = Instant::now();
+    f();
+    started.elapsed().as_secs_f64()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+fn now() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
