@@ -38,6 +38,18 @@ pub enum Command {
     Build(BuildArgs),
     /// Show each step's key, and whether it is cached or must be built and why
     Plan(PlanArgs),
+    /// Resolve the recipe's lock file (recipes/NAME.lock), or re-resolve layers
+    Lock(LockArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LockArgs {
+    /// The recipe to lock
+    #[arg(default_value = DEFAULT_RECIPE)]
+    pub recipe: PathBuf,
+    /// Re-resolve LAYER against today's archive (every layer when no name is given)
+    #[arg(long, value_name = "LAYER", num_args = 0..=1, default_missing_value = "")]
+    pub update: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -48,6 +60,9 @@ pub struct BuildArgs {
     /// Rebuild every step and the image, whatever the store holds
     #[arg(long)]
     pub refresh: bool,
+    /// Re-resolve LAYER's lock first (every layer when no name is given)
+    #[arg(long, value_name = "LAYER", num_args = 0..=1, default_missing_value = "")]
+    pub update: Option<String>,
 }
 
 #[derive(Debug, Args)]

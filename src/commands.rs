@@ -1,12 +1,15 @@
 //! One function per subcommand: load, plan, run the pipeline, report.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::build::{self, BuildOptions, Summary};
-use crate::cli::{BuildArgs, Global, PlanArgs};
+use crate::cli::{BuildArgs, Global, LockArgs, PlanArgs};
+use crate::error::BadInput;
+use crate::lock::{Locks, StepLock};
+use crate::recipe::Recipe;
 use crate::plan::{self, Freshness};
 use crate::recipe;
 use crate::store::Store;
@@ -24,30 +27,130 @@ fn require_root(what: &str) -> Result<()> {
     Ok(())
 }
 
-pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
-    require_root("build")?;
-    // Bad input fails here, before the store or out/ is touched.
-    let recipe = recipe::load(&args.recipe)?;
-    let plan = plan::make(&recipe)?;
+/// Everything a building command needs before it may touch the store.
+struct Prepared {
+    recipe: Recipe,
+    locks: Locks,
+    store: Store,
+    log_path: PathBuf,
+}
+
+/// Load and validate (bad input fails here, before the store or out/ is
+/// touched), then enter a private mount namespace, open the store and start
+/// the build log.
+fn prepare(global: &Global, recipe_path: &Path, what: &str) -> Result<Prepared> {
+    require_root(what)?;
+    let recipe = recipe::load(recipe_path)?;
+    let locks = Locks::load(&recipe.sources)?;
+    plan::make(&recipe, &locks)?;
     crate::build::mount::enter_private_namespace()?;
     let store = Store::open(&store_root(global))?;
     store.clean_stale_staging()?;
     let name = &recipe.image.name;
     std::fs::create_dir_all(&global.out).with_context(|| format!("creating {}", global.out.display()))?;
-    let log_path = global.out.join(format!("{name}.build.log"));
+    let log_path = global.out.join(format!("{name}.{what}.log"));
     let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
     crate::cmd::set_log(Some(log), global.verbose);
-    crate::cmd::log_line(&format!("kiln {} building {}", env!("CARGO_PKG_VERSION"), args.recipe.display()));
+    crate::cmd::log_line(&format!("kiln {} {what} {}", env!("CARGO_PKG_VERSION"), recipe_path.display()));
+    Ok(Prepared { recipe, locks, store, log_path })
+}
 
+/// Forget the pins of `layer` (every layer when empty) so the build
+/// re-resolves them. Returns what was forgotten, to report changes.
+fn forget_pins(recipe: &Recipe, locks: &mut Locks, layer: &str) -> Result<Vec<(PathBuf, String, Option<StepLock>)>> {
+    let plan = plan::make(recipe, locks)?;
+    if !layer.is_empty() && !plan.steps.iter().any(|s| s.layer == layer) {
+        let names: Vec<&str> = plan.steps.iter().map(|s| s.layer.as_str()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        return Err(BadInput::arg(format!("--update {layer}: {} has no layer named `{layer}`", recipe.path.display()), format!("use one of: {}", names.join(", "))).into());
+    }
+    Ok(plan
+        .steps
+        .iter()
+        .filter(|s| s.is_locked_kind() && (layer.is_empty() || s.layer == layer))
+        .map(|s| (s.origin.clone(), s.id(), locks.remove(&s.origin, &s.id())))
+        .collect())
+}
+
+/// Print `package old -> new` per re-resolved step.
+fn report_pin_changes(forgotten: &[(PathBuf, String, Option<StepLock>)], locks: &Locks) -> Vec<String> {
+    let mut lines = Vec::new();
+    for (origin, id, old) in forgotten {
+        let changes = crate::lock::changes(old.as_ref(), locks.get(origin, id));
+        if changes.is_empty() {
+            lines.push(format!("{id}: no changes"));
+        } else {
+            lines.push(format!("{id}:"));
+            lines.extend(changes.into_iter().map(|c| format!("  {c}")));
+        }
+    }
+    lines
+}
+
+pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
+    let Prepared { recipe, mut locks, store, log_path } = prepare(global, &args.recipe, "build")?;
+    let forgotten = match &args.update {
+        Some(layer) => forget_pins(&recipe, &mut locks, layer)?,
+        None => Vec::new(),
+    };
     let ui = Ui::new(global.json);
-    let opts = BuildOptions { refresh: args.refresh, out_dir: global.out.clone() };
-    let summary = build::build(&plan, &store, &opts, &ui).map_err(|e| e.context(format!("the full log is in {}", log_path.display())))?;
-    let report = global.out.join(format!("{name}.build.json"));
+    let opts = BuildOptions { refresh: args.refresh, out_dir: global.out.clone(), layers_only: false };
+    let (_, summary) = build::build(&recipe, &mut locks, &store, &opts, &ui).map_err(|e| e.context(format!("the full log is in {}", log_path.display())))?;
+    for written in locks.save_changed()? {
+        eprintln!("wrote {}", written.display());
+    }
+    let report = global.out.join(format!("{}.build.json", recipe.image.name));
     crate::store::write_json_atomic(&report, &summary)?;
     if global.json {
         print_json(&summary)?;
     } else {
+        for line in report_pin_changes(&forgotten, &locks) {
+            println!("{line}");
+        }
         print_summary(&summary);
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct LockReport {
+    recipe: String,
+    written: Vec<PathBuf>,
+    changes: Vec<String>,
+    /// Steps (and `image`) the next `kiln build` will build.
+    next_build: Vec<String>,
+}
+
+pub fn lock(global: &Global, args: &LockArgs) -> Result<()> {
+    let Prepared { recipe, mut locks, store, log_path } = prepare(global, &args.recipe, "lock")?;
+    let forgotten = match &args.update {
+        Some(layer) => forget_pins(&recipe, &mut locks, layer)?,
+        None => Vec::new(),
+    };
+    let ui = Ui::new(global.json);
+    let opts = BuildOptions { refresh: false, out_dir: global.out.clone(), layers_only: true };
+    build::build(&recipe, &mut locks, &store, &opts, &ui).map_err(|e| e.context(format!("the full log is in {}", log_path.display())))?;
+    let written = locks.save_changed()?;
+    let plan = plan::make(&recipe, &locks)?;
+    let (steps, image) = build::freshness(&plan, &store, false);
+    let mut next_build: Vec<String> = plan.steps.iter().zip(&steps).filter(|(_, f)| **f != Freshness::Cached).map(|(s, _)| s.id()).collect();
+    if image != Freshness::Cached {
+        next_build.push("image".into());
+    }
+    let report = LockReport { recipe: args.recipe.display().to_string(), written, changes: report_pin_changes(&forgotten, &locks), next_build };
+    if global.json {
+        return print_json(&report);
+    }
+    for line in &report.changes {
+        println!("{line}");
+    }
+    match report.written.as_slice() {
+        [] => println!("lock files unchanged"),
+        files => files.iter().for_each(|f| println!("wrote {}", f.display())),
+    }
+    if report.next_build.is_empty() {
+        println!("the next build is all cache hits");
+    } else {
+        println!("the next build will build: {}", report.next_build.join(", "));
     }
     Ok(())
 }
@@ -79,7 +182,8 @@ struct PlanReport {
 
 pub fn plan(global: &Global, args: &PlanArgs) -> Result<()> {
     let recipe = recipe::load(&args.recipe)?;
-    let plan = plan::make(&recipe)?;
+    let locks = Locks::load(&recipe.sources)?;
+    let plan = plan::make(&recipe, &locks)?;
     let root = store_root(global);
     // Planning never creates a store; a missing one just means nothing is cached.
     let store = if root.is_dir() { Some(Store::open(&root)?) } else { None };

@@ -5,6 +5,7 @@
 //! context and its own row in the summary.
 
 pub mod mount;
+mod resolve;
 pub mod sources;
 pub mod steps;
 
@@ -16,14 +17,18 @@ use serde::Serialize;
 
 use crate::assemble;
 use crate::cmd::check_interrupt;
+use crate::lock::{Locks, StepLock};
 use crate::plan::{self, Action, Freshness, Plan, Reason, Step};
+use crate::recipe::Recipe;
 use crate::store::{self, ImageEntry, LayerEntry, RecipeState, Store};
 use crate::ui::Ui;
-use steps::{ChrootWork, Ctx};
+use steps::{ChrootWork, Ctx, Source};
 
 pub struct BuildOptions {
     pub refresh: bool,
     pub out_dir: PathBuf,
+    /// Stop once every step is locked (`kiln lock`): no image.
+    pub layers_only: bool,
 }
 
 /// One row of the summary: a step, the image, or the smoke test.
@@ -51,21 +56,20 @@ pub struct Summary {
 /// Whether each step and the image must be built, and why.
 pub fn freshness(plan: &Plan, store: &Store, refresh: bool) -> (Vec<Freshness>, Freshness) {
     let state = store.recipe_state(&plan.recipe.image.name);
+    let mut after_unlocked = false;
     let steps = plan
         .steps
         .iter()
         .map(|s| {
-            if refresh {
-                Freshness::Build(Reason::Refresh)
-            } else if store.has_layer(&s.key) {
-                Freshness::Cached
-            } else {
-                Freshness::Build(plan::reason(&s.inputs, state.steps.get(&s.id())))
-            }
+            let f = step_freshness(s, store, refresh, &state, after_unlocked);
+            after_unlocked |= s.unlocked();
+            f
         })
         .collect();
     let image = if refresh {
         Freshness::Build(Reason::Refresh)
+    } else if after_unlocked {
+        Freshness::Build(Reason::ParentChanged)
     } else if store.has_image(&plan.image.key) {
         Freshness::Cached
     } else {
@@ -74,40 +78,88 @@ pub fn freshness(plan: &Plan, store: &Store, refresh: bool) -> (Vec<Freshness>, 
     (steps, image)
 }
 
-pub fn build(plan: &Plan, store: &Store, opts: &BuildOptions, ui: &Ui) -> Result<Summary> {
+fn step_freshness(step: &Step, store: &Store, refresh: bool, state: &RecipeState, after_unlocked: bool) -> Freshness {
+    if refresh {
+        Freshness::Build(Reason::Refresh)
+    } else if step.unlocked() {
+        Freshness::Build(Reason::Unlocked)
+    } else if after_unlocked {
+        // This key is provisional: it depends on how the step below resolves.
+        Freshness::Build(Reason::ParentChanged)
+    } else if store.has_layer(&step.key) {
+        Freshness::Cached
+    } else {
+        Freshness::Build(plan::reason(&step.inputs, state.steps.get(&step.id())))
+    }
+}
+
+/// Build the recipe's steps that the store lacks, resolving unlocked steps
+/// into `locks` on the way, then (unless `layers_only`) the image.
+/// Returns the final plan (keys as locked) and the summary.
+pub fn build(recipe: &Recipe, locks: &mut Locks, store: &Store, opts: &BuildOptions, ui: &Ui) -> Result<(Plan, Summary)> {
     let started = Instant::now();
-    let (fresh, image_fresh) = freshness(plan, store, opts.refresh);
     let ctx = Ctx {
         store,
-        mirrors: sources::mirrors(plan.recipe.base.mirror.as_deref(), Path::new("/etc/apt")),
+        mirrors: sources::mirrors(recipe.base.mirror.as_deref(), Path::new("/etc/apt")),
     };
+    let state = store.recipe_state(&recipe.image.name);
+    let mut plan = plan::make(recipe, locks)?;
     let mut rows = Vec::new();
     // Layer trees, topmost first, as overlayfs wants its lower dirs.
     let mut lowers: Vec<PathBuf> = Vec::new();
-    for (step, fresh) in plan.steps.iter().zip(fresh) {
+    let mut i = 0;
+    while i < plan.steps.len() {
         check_interrupt()?;
-        let row = match fresh {
+        if opts.layers_only && !plan.steps[i..].iter().any(Step::unlocked) {
+            break;
+        }
+        let step = plan.steps[i].clone();
+        let row = match step_freshness(&step, store, opts.refresh, &state, false) {
             Freshness::Cached => Row { stage: step.id(), key: step.key.short(), status: "cached".into(), reason: None, seconds: 0.0 },
             Freshness::Build(reason) => {
                 let stage = ui.stage(&step.id(), &format!("building ({reason})"));
-                match build_step(&ctx, step, &lowers, opts.refresh) {
-                    Ok(_entry) => {
+                let result = build_step(&ctx, &step, &lowers).and_then(|built| {
+                    let key = match &built.lock {
+                        Some(pins) if step.unlocked() => {
+                            locks.set(&step.origin, &step.id(), pins.clone());
+                            plan = plan::make(recipe, locks)?;
+                            plan.steps[i].key
+                        }
+                        _ => step.key,
+                    };
+                    publish_step(store, built, &plan.steps[i], opts.refresh)?;
+                    Ok(key)
+                });
+                match result {
+                    Ok(key) => {
                         let seconds = stage.done("built");
-                        Row { stage: step.id(), key: step.key.short(), status: "built".into(), reason: Some(reason.to_string()), seconds }
+                        Row { stage: step.id(), key: key.short(), status: "built".into(), reason: Some(reason.to_string()), seconds }
                     }
                     Err(e) => {
                         stage.failed();
-                        return Err(e.context(format!("building step {} of recipe {}", step.id(), plan.recipe.path.display())));
+                        return Err(e.context(format!("building step {} of recipe {}", step.id(), recipe.path.display())));
                     }
                 }
             }
         };
         rows.push(row);
-        lowers.insert(0, store.layer_tree(&step.key));
+        lowers.insert(0, store.layer_tree(&plan.steps[i].key));
+        i += 1;
+    }
+    if opts.layers_only {
+        let summary = Summary { recipe: recipe.path.display().to_string(), image: PathBuf::new(), image_key: String::new(), sha256: String::new(), kernel: String::new(), rows, seconds: started.elapsed().as_secs_f64() };
+        return Ok((plan, summary));
     }
 
     check_interrupt()?;
     let image_key = plan.image.key;
+    let image_fresh = if opts.refresh {
+        Freshness::Build(Reason::Refresh)
+    } else if store.has_image(&image_key) {
+        Freshness::Cached
+    } else {
+        Freshness::Build(plan::image_reason(&plan.image.inputs, state.image.as_ref()))
+    };
     let entry = match image_fresh {
         Freshness::Cached => {
             rows.push(Row { stage: "image".into(), key: image_key.short(), status: "cached".into(), reason: None, seconds: 0.0 });
@@ -115,7 +167,7 @@ pub fn build(plan: &Plan, store: &Store, opts: &BuildOptions, ui: &Ui) -> Result
         }
         Freshness::Build(reason) => {
             let stage = ui.stage("image", &format!("assembling ({reason})"));
-            match build_image(plan, store, &lowers, opts.refresh) {
+            match build_image(&plan, store, &lowers, opts.refresh) {
                 Ok(entry) => {
                     let seconds = stage.done("built");
                     rows.push(Row { stage: "image".into(), key: image_key.short(), status: "built".into(), reason: Some(reason.to_string()), seconds });
@@ -123,41 +175,61 @@ pub fn build(plan: &Plan, store: &Store, opts: &BuildOptions, ui: &Ui) -> Result
                 }
                 Err(e) => {
                     stage.failed();
-                    return Err(e.context(format!("assembling the image of {}", plan.recipe.path.display())));
+                    return Err(e.context(format!("assembling the image of {}", recipe.path.display())));
                 }
             }
         }
     };
 
-    let image = export(store, &entry, &plan.recipe.image.name, &opts.out_dir)?;
-    let state = RecipeState {
+    let image = export(store, &entry, &recipe.image.name, &opts.out_dir)?;
+    let new_state = RecipeState {
         steps: plan.steps.iter().map(|s| (s.id(), s.inputs.clone())).collect(),
         image: Some(plan.image.inputs.clone()),
     };
-    store.save_recipe_state(&plan.recipe.image.name, &state)?;
-    Ok(Summary {
-        recipe: plan.recipe.path.display().to_string(),
+    store.save_recipe_state(&recipe.image.name, &new_state)?;
+    let summary = Summary {
+        recipe: recipe.path.display().to_string(),
         image,
         image_key: image_key.hex(),
         sha256: entry.sha256,
         kernel: entry.kernel,
         rows,
         seconds: started.elapsed().as_secs_f64(),
-    })
+    };
+    Ok((plan, summary))
 }
 
-/// Build one step into a staging dir and publish it under its key.
-fn build_step(ctx: &Ctx, step: &Step, lowers: &[PathBuf], replace: bool) -> Result<LayerEntry> {
+/// A step built in its staging dir, not yet published.
+struct Built {
+    staging: tempfile::TempDir,
+    packages: Vec<store::Package>,
+    changes: Vec<store::PackageChange>,
+    /// The pins an unlocked step resolved to.
+    lock: Option<StepLock>,
+    seconds: f64,
+}
+
+/// Build one step into a staging dir: from the archive when it is
+/// unlocked (and then pin what it installed), else from its pins only.
+fn build_step(ctx: &Ctx, step: &Step, lowers: &[PathBuf]) -> Result<Built> {
     let started = Instant::now();
     let store = ctx.store;
     // Declared before the mounts so it is dropped (removed) after them.
     let staging = store.staging()?;
     store::claim(staging.path())?;
     let tree = staging.path().join("tree");
-    let (before, after) = match &step.action {
+    let scratch = staging.path().join("scratch");
+    let repo = scratch.join("repo");
+    if let Some(pins) = &step.lock {
+        let lock_path = crate::lock::path_for(&step.origin);
+        let suite = &plan_suite(step);
+        store.serve_locked(&pins.packages, ctx.mirrors.as_ref(), suite, &repo, &lock_path, &step.id())?;
+    }
+    let source = if step.lock.is_some() { Source::Locked(&repo) } else { Source::Archive };
+    let (before, after, debs_dir, lists) = match &step.action {
         Action::Base(spec) => {
-            steps::base(ctx, spec, &tree)?;
-            (Vec::new(), steps::installed(&tree)?)
+            steps::base(ctx, spec, &tree, &scratch, source)?;
+            (Vec::new(), steps::installed(&tree)?, scratch.join("debs"), vec![scratch.join("lists")])
         }
         action => {
             let parent = step.inputs.parent.expect("only the base has no parent");
@@ -169,34 +241,62 @@ fn build_step(ctx: &Ctx, step: &Step, lowers: &[PathBuf], replace: bool) -> Resu
             }
             let mut mounts = mount::Mounts::new();
             mounts.overlay(lowers, Some((&tree, &work)), &merged)?;
-            match action {
+            let lists = match action {
                 Action::Base(_) => unreachable!("handled above"),
-                Action::Files { files, origin } => steps::copy_files(&merged, files, origin, &step.layer)?,
-                Action::Upgrade { suite, .. } => steps::chrooted(ctx, &merged, ChrootWork::Upgrade { suite: suite.clone() })?,
-                Action::Packages(pkgs) => steps::chrooted(ctx, &merged, ChrootWork::Packages(pkgs.clone()))?,
-                Action::Run(commands) => steps::chrooted(ctx, &merged, ChrootWork::Run { commands: commands.clone(), layer: step.layer.clone() })?,
-            }
+                Action::Files { files, origin } => {
+                    steps::copy_files(&merged, files, origin, &step.layer)?;
+                    Vec::new()
+                }
+                Action::Upgrade { suite, .. } => steps::chrooted(ctx, &merged, ChrootWork::Upgrade { suite: suite.clone() }, source)?,
+                Action::Packages(pkgs) => {
+                    let work = match &step.lock {
+                        None => ChrootWork::Packages { install: pkgs.clone(), auto: Vec::new() },
+                        Some(pins) => ChrootWork::Packages {
+                            install: pins.packages.iter().map(|p| format!("{}={}", p.name, p.version)).collect(),
+                            auto: pins.packages.iter().map(|p| p.name.clone()).filter(|n| !pkgs.contains(n)).collect(),
+                        },
+                    };
+                    steps::chrooted(ctx, &merged, work, source)?
+                }
+                Action::Run(commands) => steps::chrooted(ctx, &merged, ChrootWork::Run { commands: commands.clone(), layer: step.layer.clone() }, source)?,
+            };
             let after = steps::installed(&merged)?;
             mounts.unmount_all()?;
             for d in [&work, &merged] {
                 store::remove_tree(d).with_context(|| format!("removing {}", d.display()))?;
             }
-            (before, after)
+            (before, after, store.apt_archives(), lists)
         }
     };
-    let entry = LayerEntry {
-        key: step.key,
-        id: step.id(),
-        inputs: step.inputs.clone(),
-        changes: steps::package_changes(&before, &after),
-        packages: after,
-        seconds: started.elapsed().as_secs_f64(),
-        created: store::now(),
+    let changes = steps::package_changes(&before, &after);
+    let lock = match &step.lock {
+        Some(pins) => {
+            resolve::check(&step.id(), pins, &changes)?;
+            None
+        }
+        None if step.is_locked_kind() => Some(resolve::pin(store, &changes, &debs_dir, &lists)?),
+        None => None,
     };
+    store::remove_tree(&scratch).with_context(|| format!("removing {}", scratch.display()))?;
+    Ok(Built { staging, packages: after, changes, lock, seconds: started.elapsed().as_secs_f64() })
+}
+
+/// The suite a step's packages come from (for the local repository).
+fn plan_suite(step: &Step) -> String {
+    match &step.action {
+        Action::Base(spec) => spec.suite.clone(),
+        Action::Upgrade { suite, .. } => suite.clone(),
+        _ => "kiln-locked".to_owned(),
+    }
+}
+
+/// Write a built step's entry.json and publish it under its (final) key.
+fn publish_step(store: &Store, built: Built, step: &Step, replace: bool) -> Result<()> {
+    let Built { staging, packages, changes, lock: _, seconds } = built;
+    let entry = LayerEntry { key: step.key, id: step.id(), inputs: step.inputs.clone(), changes, packages, seconds, created: store::now() };
     store::write_json_atomic(&staging.path().join("entry.json"), &entry)?;
     std::fs::remove_file(staging.path().join(".kiln-pid")).context("removing the staging claim")?;
-    store.publish(staging, &store.layer_dir(&step.key), replace)?;
-    Ok(entry)
+    store.publish(staging, &store.layer_dir(&step.key), replace)
 }
 
 fn build_image(plan: &Plan, store: &Store, lowers: &[PathBuf], replace: bool) -> Result<ImageEntry> {

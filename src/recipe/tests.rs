@@ -75,7 +75,7 @@ run = ["true"]
 /// Every step's id and key, then the image key.
 fn keys(recipe: &Path) -> (Vec<(String, Key)>, Key) {
     let recipe = load(recipe).unwrap_or_else(|e| panic!("loading {}: {e:#}", recipe.display()));
-    let plan = plan::make(&recipe).unwrap_or_else(|e| panic!("planning: {e:#}"));
+    let plan = plan::make(&recipe, &crate::lock::Locks::default()).unwrap_or_else(|e| panic!("planning: {e:#}"));
     (plan.steps.iter().map(|s| (s.id(), s.key)).collect(), plan.image.key)
 }
 
@@ -522,7 +522,7 @@ fn every_validation_error_is_bad_input_naming_file_key_and_fix() {
             Edit::Text(t) => t.to_owned(),
         };
         std::fs::write(&path, &text).expect("write");
-        let err = match load(&path).and_then(|r| plan::make(&r)) {
+        let err = match load(&path).and_then(|r| plan::make(&r, &crate::lock::Locks::default())) {
             Ok(_) => {
                 failures.push(format!("{}: accepted", case.what));
                 continue;
@@ -568,7 +568,7 @@ fn the_shipped_recipes_load() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes");
     for name in ["golden.toml", "web.toml"] {
         let recipe = load(&root.join(name)).unwrap_or_else(|e| panic!("{name}: {e:#}"));
-        plan::make(&recipe).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        plan::make(&recipe, &crate::lock::Locks::default()).unwrap_or_else(|e| panic!("{name}: {e:#}"));
     }
 }
 

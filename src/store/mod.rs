@@ -9,6 +9,7 @@
 //! ├── images-v1/<key>/
 //! │   ├── disk.qcow2 | disk.raw
 //! │   └── image.json
+//! ├── debs-v1/<sha256>.deb       every pinned .deb, by content (see debs.rs)
 //! ├── apt-v1/archives/            .deb files apt downloaded (bind-mounted into steps)
 //! ├── apt-v1/lists/<sources>/     apt's package lists, per set of apt sources
 //! ├── state-v1/recipes/<name>.json  the inputs of each recipe's last build, for "why"
@@ -21,6 +22,8 @@
 //! `layers-v1/` or `images-v1/`, after its content has been synced, and only
 //! once its stage succeeded. A half-built entry is therefore never seen;
 //! whatever a killed run leaves in `tmp/` is removed by the next run.
+
+pub mod debs;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
