@@ -72,10 +72,19 @@ fn forget_pins(recipe: &Recipe, locks: &mut Locks, layer: &str) -> Result<Vec<(P
 }
 
 /// Print `package old -> new` per re-resolved step.
-fn report_pin_changes(forgotten: &[(PathBuf, String, Option<StepLock>)], locks: &Locks) -> Vec<String> {
+fn report_pin_changes(forgotten: &[(PathBuf, String, Option<StepLock>)], locks: &Locks, recipe: &Recipe, store: &Store) -> Vec<String> {
+    let plan = plan::make(recipe, locks).ok();
     let mut lines = Vec::new();
     for (origin, id, old) in forgotten {
-        let changes = crate::lock::changes(old.as_ref(), locks.get(origin, id));
+        // The versions the layer below had, so an upgrade shows old -> new.
+        let below: std::collections::BTreeMap<String, String> = plan
+            .as_ref()
+            .and_then(|p| p.steps.iter().find(|s| s.id() == *id))
+            .and_then(|s| s.inputs.parent)
+            .and_then(|k| store.layer_entry(&k).ok())
+            .map(|e| e.packages.into_iter().map(|p| (p.name, p.version)).collect())
+            .unwrap_or_default();
+        let changes = crate::lock::changes_over(old.as_ref(), locks.get(origin, id), &below);
         if changes.is_empty() {
             lines.push(format!("{id}: no changes"));
         } else {
@@ -103,7 +112,7 @@ pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
     if global.json {
         print_json(&summary)?;
     } else {
-        for line in report_pin_changes(&forgotten, &locks) {
+        for line in report_pin_changes(&forgotten, &locks, &recipe, &store) {
             println!("{line}");
         }
         print_summary(&summary);
@@ -136,7 +145,7 @@ pub fn lock(global: &Global, args: &LockArgs) -> Result<()> {
     if image != Freshness::Cached {
         next_build.push("image".into());
     }
-    let report = LockReport { recipe: args.recipe.display().to_string(), written, changes: report_pin_changes(&forgotten, &locks), next_build };
+    let report = LockReport { recipe: args.recipe.display().to_string(), written, changes: report_pin_changes(&forgotten, &locks, &recipe, &store), next_build };
     if global.json {
         return print_json(&report);
     }

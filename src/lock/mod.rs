@@ -179,6 +179,22 @@ impl Locks {
     }
 }
 
+/// `package old -> new` lines between two pins of one step. A package the
+/// old pins did not list shows the version `below` had (what the layer
+/// under the step installed), so an upgrade reads as one.
+pub fn changes_over(old: Option<&StepLock>, new: Option<&StepLock>, below: &BTreeMap<String, String>) -> Vec<String> {
+    changes(old, new)
+        .into_iter()
+        .map(|line| match line.split_once(" (none) -> ") {
+            Some((name, new)) => match below.get(name) {
+                Some(v) if v != new => format!("{name} {v} -> {new}"),
+                _ => line,
+            },
+            None => line,
+        })
+        .collect()
+}
+
 /// `package old -> new` lines between two pins of one step.
 pub fn changes(old: Option<&StepLock>, new: Option<&StepLock>) -> Vec<String> {
     let map = |s: Option<&StepLock>| -> BTreeMap<(String, String), String> {
