@@ -102,7 +102,7 @@ pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
         None => Vec::new(),
     };
     let ui = Ui::new(global.json);
-    let opts = BuildOptions { refresh: args.refresh, out_dir: global.out.clone(), layers_only: false };
+    let opts = BuildOptions { refresh: args.refresh, out_dir: global.out.clone(), layers_only: false, fresh_resolve: args.update.is_some() };
     let (_, summary) = build::build(&recipe, &mut locks, &store, &opts, &ui).map_err(|e| e.context(format!("the full log is in {}", log_path.display())))?;
     for written in locks.save_changed()? {
         eprintln!("wrote {}", written.display());
@@ -136,7 +136,7 @@ pub fn lock(global: &Global, args: &LockArgs) -> Result<()> {
         None => Vec::new(),
     };
     let ui = Ui::new(global.json);
-    let opts = BuildOptions { refresh: false, out_dir: global.out.clone(), layers_only: true };
+    let opts = BuildOptions { refresh: false, out_dir: global.out.clone(), layers_only: true, fresh_resolve: args.update.is_some() };
     build::build(&recipe, &mut locks, &store, &opts, &ui).map_err(|e| e.context(format!("the full log is in {}", log_path.display())))?;
     let written = locks.save_changed()?;
     let plan = plan::make(&recipe, &locks)?;

@@ -29,6 +29,9 @@ pub struct BuildOptions {
     pub out_dir: PathBuf,
     /// Stop once every step is locked (`kiln lock`): no image.
     pub layers_only: bool,
+    /// Resolve unlocked steps against the archive even when the store has a
+    /// recent resolution of the same inputs (`--update`).
+    pub fresh_resolve: bool,
 }
 
 /// One row of the summary: a step, the image, or the smoke test.
@@ -113,6 +116,15 @@ pub fn build(recipe: &Recipe, locks: &mut Locks, store: &Store, opts: &BuildOpti
         if opts.layers_only && !plan.steps[i..].iter().any(Step::unlocked) {
             break;
         }
+        if plan.steps[i].unlocked() && !opts.fresh_resolve && !opts.refresh {
+            // A recent resolution of exactly these inputs stands in for the
+            // lock: recipes that share layers resolve them once.
+            if let Some(pins) = store.recent_resolution(&plan.steps[i].key) {
+                let (origin, id) = (plan.steps[i].origin.clone(), plan.steps[i].id());
+                locks.set(&origin, &id, pins);
+                plan = plan::make(recipe, locks)?;
+            }
+        }
         let step = plan.steps[i].clone();
         let row = match step_freshness(&step, store, opts.refresh, &state, false) {
             Freshness::Cached => Row { stage: step.id(), key: step.key.short(), status: "cached".into(), reason: None, seconds: 0.0 },
@@ -121,6 +133,7 @@ pub fn build(recipe: &Recipe, locks: &mut Locks, store: &Store, opts: &BuildOpti
                 let result = build_step(&ctx, &step, &lowers).and_then(|built| {
                     let key = match &built.lock {
                         Some(pins) if step.unlocked() => {
+                            store.save_resolution(&step.key, pins)?;
                             locks.set(&step.origin, &step.id(), pins.clone());
                             plan = plan::make(recipe, locks)?;
                             plan.steps[i].key
@@ -274,7 +287,7 @@ fn build_step(ctx: &Ctx, step: &Step, lowers: &[PathBuf]) -> Result<Built> {
             resolve::check(&step.id(), pins, &changes)?;
             None
         }
-        None if step.is_locked_kind() => Some(resolve::pin(store, &changes, &debs_dir, &lists)?),
+        None if step.is_locked_kind() => Some(resolve::pin(store, &step.inputs.spec, &changes, &debs_dir, &lists)?),
         None => None,
     };
     store::remove_tree(&scratch).with_context(|| format!("removing {}", scratch.display()))?;

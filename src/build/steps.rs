@@ -249,6 +249,24 @@ fn apt_get(root: &Path, locked: bool) -> Cmd {
     ])
 }
 
+/// `apt-get update` that fails when any index cannot be fetched (apt only
+/// warns by default, and the install then fails with a misleading
+/// "Unable to locate package").
+fn apt_update(root: &Path, locked: bool) -> Result<()> {
+    apt_get(root, locked).args(["update", "--error-on=any"]).run().map_err(|e| {
+        let text = format!("{e:#}");
+        if text.contains("Could not connect") || text.contains("Failed to fetch") || text.contains("Temporary failure resolving") {
+            e.context(
+                "apt could not reach the package archive. Locked packages come from kiln's .deb cache, \
+                 but this step is not locked (or its packages changed) and must be resolved against the archive: \
+                 check the network and [base] mirror, or restore the lock entry",
+            )
+        } else {
+            e
+        }
+    })
+}
+
 /// An apt failure caused by a package name that does not exist is bad
 /// input (exit 2), not a broken kiln.
 fn explain_apt_failure(err: anyhow::Error, key: &str) -> anyhow::Error {
@@ -281,7 +299,7 @@ pub fn chrooted(ctx: &Ctx, root: &Path, work: ChrootWork, source: Source) -> Res
     let (scaffolding, mut lists) = enter_chroot(ctx, &mut mounts, root, apt)?;
     let result = match work {
         ChrootWork::Upgrade { suite } => upgrade(ctx, &mut mounts, root, &suite, locked).map(|l| lists.extend(l)),
-        ChrootWork::Packages { install, auto } => apt_get(root, locked).arg("update").run().and_then(|()| {
+        ChrootWork::Packages { install, auto } => apt_update(root, locked).and_then(|()| {
             apt_get(root, locked)
                 .args(["install", "--no-install-recommends"])
                 .args(&install)
@@ -329,7 +347,7 @@ fn upgrade(ctx: &Ctx, mounts: &mut Mounts, root: &Path, suite: &str, locked: boo
         mounts.bind(&lists, &root.join("var/lib/apt/lists"))?;
         lists_used.push(lists);
     }
-    apt_get(root, locked).arg("update").run()?;
+    apt_update(root, locked)?;
     apt_get(root, locked).arg("dist-upgrade").run()?;
     purge_old_kernels(root, locked)?;
     Ok(lists_used)

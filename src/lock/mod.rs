@@ -38,6 +38,11 @@ pub struct LockFile {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StepLock {
+    /// The step's settings when it was resolved (e.g. the packages asked
+    /// for). Pins resolved for other settings are stale and ignored, so
+    /// adding a package to a layer re-resolves that step only.
+    #[serde(default)]
+    pub spec: Vec<String>,
     /// When this entry was resolved (seconds since the epoch). The newest
     /// one is the image's SOURCE_DATE_EPOCH.
     pub resolved: u64,
@@ -228,8 +233,8 @@ mod tests {
 
     #[test]
     fn digest_ignores_order_and_resolution_time() {
-        let a = StepLock { resolved: 1, archive: vec!["trixie x".into()], packages: vec![pkg("a", "1"), pkg("b", "1")] };
-        let b = StepLock { resolved: 2, archive: vec![], packages: vec![pkg("b", "1"), pkg("a", "1")] };
+        let a = StepLock { spec: vec![], resolved: 1, archive: vec!["trixie x".into()], packages: vec![pkg("a", "1"), pkg("b", "1")] };
+        let b = StepLock { spec: vec![], resolved: 2, archive: vec![], packages: vec![pkg("b", "1"), pkg("a", "1")] };
         assert_eq!(a.digest(), b.digest());
         let c = StepLock { packages: vec![pkg("a", "2"), pkg("b", "1")], ..a.clone() };
         assert_ne!(a.digest(), c.digest());
@@ -240,7 +245,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.lock");
         let mut lock = LockFile { version: LOCK_VERSION, steps: BTreeMap::new() };
-        lock.steps.insert("app/packages".into(), StepLock { resolved: 5, archive: vec![], packages: vec![pkg("curl", "8.1")] });
+        lock.steps.insert("app/packages".into(), StepLock { spec: vec!["p".into()], resolved: 5, archive: vec![], packages: vec![pkg("curl", "8.1")] });
         lock.save(&path, "x.toml").unwrap();
         assert_eq!(LockFile::load(&path).unwrap(), lock);
         let text = std::fs::read_to_string(&path).unwrap().replace(&"a".repeat(64), "nothex");

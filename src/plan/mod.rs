@@ -140,7 +140,11 @@ pub fn make(recipe: &Recipe, locks: &Locks) -> Result<Plan> {
 fn push(steps: &mut Vec<Step>, locks: &Locks, layer: &str, origin: &Path, kind: StepKind, spec: Vec<String>, files: Vec<FileInput>, action: Action) {
     let parent = steps.last().map(|s: &Step| s.key);
     let id = if kind == StepKind::Base { "base".to_owned() } else { format!("{layer}/{}", kind.as_str()) };
-    let lock = if matches!(kind, StepKind::Base | StepKind::Upgrade | StepKind::Packages) { locks.get(origin, &id).cloned() } else { None };
+    let lock = if matches!(kind, StepKind::Base | StepKind::Upgrade | StepKind::Packages) {
+        locks.get(origin, &id).filter(|l| l.spec == spec).cloned()
+    } else {
+        None
+    };
     let inputs = StepInputs { parent, kind, spec, files, lock: lock.as_ref().map(StepLock::digest) };
     let key = inputs.key();
     steps.push(Step { layer: layer.to_owned(), origin: origin.to_owned(), lock, inputs, key, action });

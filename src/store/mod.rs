@@ -13,6 +13,7 @@
 //! ├── apt-v1/archives/            .deb files apt downloaded (bind-mounted into steps)
 //! ├── apt-v1/lists/<sources>/     apt's package lists, per set of apt sources
 //! ├── state-v1/recipes/<name>.json  the inputs of each recipe's last build, for "why"
+//! ├── state-v1/resolved/<key>.json  recent resolutions of unlocked steps
 //! ├── state-v1/smoke/             passing smoke results, per image key + smoke spec
 //! ├── state-v1/host/              host facts, such as the KVM probe verdict
 //! └── tmp/                        staging: entries are built here, then renamed
@@ -34,6 +35,10 @@ use serde::{Deserialize, Serialize};
 use crate::plan::{ImageInputs, Key, StepInputs};
 
 pub const LAYERS: &str = "layers-v1";
+/// How long a resolution of an unlocked step is reused for another recipe
+/// (or a deleted lock) with the same inputs, instead of asking the archive
+/// again. `kiln lock --update` always asks.
+pub const RESOLUTION_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 pub const IMAGES: &str = "images-v1";
 
 pub struct Store {
@@ -217,6 +222,17 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// The pins an unlocked step with this (provisional) key resolved to,
+    /// if that happened within [`RESOLUTION_MAX_AGE`].
+    pub fn recent_resolution(&self, key: &Key) -> Option<crate::lock::StepLock> {
+        let pins: crate::lock::StepLock = read_json(&self.state_dir("resolved").join(format!("{}.json", key.hex()))).ok()?;
+        (now().saturating_sub(pins.resolved) < RESOLUTION_MAX_AGE.as_secs()).then_some(pins)
+    }
+
+    pub fn save_resolution(&self, key: &Key, pins: &crate::lock::StepLock) -> Result<()> {
+        write_json_atomic(&self.state_dir("resolved").join(format!("{}.json", key.hex())), pins)
     }
 
     pub fn recipe_state(&self, name: &str) -> RecipeState {
