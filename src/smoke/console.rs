@@ -33,8 +33,9 @@ pub enum Event {
     Emergency(String),
     /// The initramfs gave up on the root file system and dropped to a shell.
     NoRoot(String),
-    /// The firmware found nothing to boot and started its own shell.
-    FirmwareShell(String),
+    /// The firmware could not boot the disk: it failed to load the disk's
+    /// boot entry, fell back to network boot, or started its own shell.
+    NotBootable(String),
     /// A getty's "NAME login: " prompt.
     LoginPrompt,
     /// "systemd 257.9-1 running in system mode": the guest's systemd.
@@ -112,7 +113,20 @@ impl Console {
         if line.starts_with("BdsDxe: failed") || line.contains("No bootable option") {
             self.firmware_lines.push(line.trim().to_owned());
         }
-        if line.contains("Kernel panic - not syncing") {
+        // Trying the network or its shell means the firmware gave up on
+        // the disk; kiln never boots from anything else.
+        let disk_failed = line.starts_with("BdsDxe: failed to load") && !line.contains("MAC(");
+        let gave_up = line.contains("UEFI Interactive Shell")
+            || line.contains(">>Start PXE over")
+            || line.contains(">>Start HTTP Boot over");
+        if disk_failed || gave_up {
+            let why = if self.firmware_lines.is_empty() {
+                line.trim().to_owned()
+            } else {
+                self.firmware_lines.join("; ")
+            };
+            events.push(Event::NotBootable(why));
+        } else if line.contains("Kernel panic - not syncing") {
             events.push(Event::KernelPanic(line.trim().to_owned()));
         } else if line.contains("You are in emergency mode")
             || line.contains("You are in rescue mode")
@@ -126,13 +140,6 @@ impl Console {
             || line.contains("Dropping to a shell!")
         {
             events.push(Event::NoRoot(line.trim().to_owned()));
-        } else if line.contains("UEFI Interactive Shell") {
-            let why = if self.firmware_lines.is_empty() {
-                "no boot entry was found".to_owned()
-            } else {
-                self.firmware_lines.join("; ")
-            };
-            events.push(Event::FirmwareShell(why));
         } else if let Some(v) = systemd_version(line) {
             events.push(Event::SystemdVersion(v));
         }
@@ -265,7 +272,8 @@ mod tests {
 
     #[test]
     fn boot_failures_are_recognised() {
-        let cases: &[(&str, fn(&Event) -> bool)] = &[
+        type Check = fn(&Event) -> bool;
+        let cases: &[(&str, Check)] = &[
             ("[    2.1] Kernel panic - not syncing: VFS: Unable to mount root fs\r\n", |e| {
                 matches!(e, Event::KernelPanic(l) if l.contains("VFS"))
             }),
@@ -293,15 +301,16 @@ mod tests {
     }
 
     #[test]
-    fn firmware_shell_names_what_failed_to_load() {
-        let text = "\x1b[2J\x1b[01;01HBdsDxe: failed to load Boot0001 \"UEFI Misc Device\" from PciRoot(0x0): Not Found\r\n\
-                    BdsDxe: loading Boot0002 \"EFI Internal Shell\"\r\n\
-                    \x1b[01;01HUEFI Interactive Shell v2.2\r\n";
+    fn a_disk_the_firmware_cannot_boot_is_reported_at_once() {
+        let text = "\x1b[2J\x1b[01;01HBdsDxe: failed to load Boot0001 \"UEFI Misc Device\" from PciRoot(0x0): Not Found\r\n";
         let ev = events(text);
-        assert!(
-            matches!(&ev[..], [Event::FirmwareShell(why)] if why.contains("Not Found")),
-            "{ev:?}"
-        );
+        assert!(matches!(&ev[..], [Event::NotBootable(why)] if why.contains("Misc Device")), "{ev:?}");
+        // A failed network entry alone is not the disk failing.
+        let net = "BdsDxe: failed to load Boot0002 \"UEFI PXEv4 (MAC:525400123456)\" from PciRoot(0x0)/MAC(525400123456,0x1): Not Found\n";
+        assert!(events(net).is_empty());
+        for gave_up in [">>Start PXE over IPv4.\n", "UEFI Interactive Shell v2.2\r\n", ">>Start HTTP Boot over IPv4.....\n"] {
+            assert!(matches!(&events(gave_up)[..], [Event::NotBootable(_)]), "{gave_up}");
+        }
     }
 
     #[test]

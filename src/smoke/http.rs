@@ -90,7 +90,13 @@ pub fn judge(check: &HttpCheck, got: &Result<Response, String>) -> Result<(), (S
         None => format!("status {}", check.status),
     };
     match got {
-        Err(why) => Err((expected, why.clone())),
+        Err(why) => Err((
+            expected,
+            format!(
+                "no answer: {why} (is the service listening on that port, and does the image bring up \
+                 its network, e.g. DHCP with systemd-networkd?)"
+            ),
+        )),
         Ok(resp) if resp.status != check.status => {
             Err((expected, format!("status {}, body {:?}", resp.status, excerpt(&resp.body))))
         }
@@ -148,7 +154,7 @@ mod tests {
         assert_eq!(want, "status 404");
         assert!(got.starts_with("status 200"));
         let (_, got) = judge(&check(200, None), &Err("connection failed: refused".into())).unwrap_err();
-        assert_eq!(got, "connection failed: refused");
+        assert!(got.starts_with("no answer: connection failed: refused ("), "{got}");
     }
 
     #[test]

@@ -53,6 +53,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 
 pub use accel::Accel;
+#[allow(unused_imports)] // the build stage and main.rs will use them
 pub use firmware::{find_firmware, Firmware};
 
 use crate::cmd;
@@ -235,8 +236,8 @@ pub fn run(disk: &Path, spec: &SmokeSpec, opts: &SmokeOptions) -> Result<Result<
     let channel_path = tmp.path().join("channel");
     let mut ports = BTreeMap::new();
     for check in &spec.http {
-        if !ports.contains_key(&check.port) {
-            ports.insert(check.port, http::free_port()?);
+        if let std::collections::btree_map::Entry::Vacant(e) = ports.entry(check.port) {
+            e.insert(http::free_port()?);
         }
     }
     let forwards: Vec<(u16, u16)> = ports.iter().map(|(guest, host)| (*host, *guest)).collect();
@@ -391,7 +392,7 @@ impl Watch<'_> {
                             Event::NoRoot(line) => {
                                 fatal = Some((SmokeFailure::NoRootFs { line, tail: vec![] }, Instant::now() + FATAL_LINGER))
                             }
-                            Event::FirmwareShell(detail) => {
+                            Event::NotBootable(detail) => {
                                 fatal = Some((SmokeFailure::NotBootable { detail }, Instant::now()))
                             }
                         }
