@@ -137,6 +137,9 @@ fn probe(firmware: &Firmware) -> Result<(bool, String)> {
             break (false, line.trim().to_owned());
         }
         if let Some(status) = vm.try_exited()? {
+            // Let the stderr reader catch up with QEMU's last words.
+            std::thread::sleep(PROBE_POLL * 4);
+            let stderr = vm.stderr();
             let last = stderr.lines().last().unwrap_or("no message").to_owned();
             break (false, format!("QEMU exited ({status}): {last}"));
         }
