@@ -6,7 +6,11 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::build::{self, BuildOptions, Summary};
-use crate::cli::{BuildArgs, Global, LockArgs, PlanArgs};
+use crate::build::Row;
+use crate::cli::{BuildArgs, Global, LockArgs, PlanArgs, SmokeArgs};
+use crate::error::SmokeFailed;
+use crate::recipe::SmokeSpec;
+use crate::smoke::{SmokeOptions, SmokeReport};
 use crate::error::BadInput;
 use crate::lock::{Locks, StepLock};
 use crate::recipe::Recipe;
@@ -103,10 +107,11 @@ pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
     };
     let ui = Ui::new(global.json);
     let opts = BuildOptions { refresh: args.refresh, out_dir: global.out.clone(), layers_only: false, fresh_resolve: args.update.is_some() };
-    let (_, summary) = build::build(&recipe, &mut locks, &store, &opts, &ui).map_err(|e| e.context(format!("the full log is in {}", log_path.display())))?;
+    let (_, mut summary) = build::build(&recipe, &mut locks, &store, &opts, &ui).map_err(|e| e.context(format!("the full log is in {}", log_path.display())))?;
     for written in locks.save_changed()? {
         eprintln!("wrote {}", written.display());
     }
+    let smoke = if args.no_smoke { Ok(()) } else { smoke_stage(global, args, &recipe, &store, &ui, &mut summary) };
     let report = global.out.join(format!("{}.build.json", recipe.image.name));
     crate::store::write_json_atomic(&report, &summary)?;
     if global.json {
@@ -117,7 +122,137 @@ pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
         }
         print_summary(&summary);
     }
-    Ok(())
+    smoke
+}
+
+/// Where a passing smoke of this image with these checks is remembered.
+fn smoke_cache(store: &Store, image_key: &str, spec: &SmokeSpec) -> PathBuf {
+    let http: Vec<String> = spec.http.iter().map(|h| format!("{} {} {} {:?}", h.port, h.path, h.status, h.contains)).collect();
+    let text = format!("{image_key}\n{}\n{}\n{}\n{}", spec.timeout.as_secs(), spec.checks.join("\n"), http.join("\n"), spec.seed.join("\n"));
+    store.state_dir("smoke").join(format!("{}.json", &crate::plan::key::bytes_digest(text.as_bytes())[..32]))
+}
+
+/// Boot the built image, unless this image already passed these checks.
+fn smoke_stage(global: &Global, args: &BuildArgs, recipe: &Recipe, store: &Store, ui: &Ui, summary: &mut Summary) -> Result<()> {
+    let cache = smoke_cache(store, &summary.image_key, &recipe.smoke);
+    if !args.force_smoke {
+        if let Ok(report) = crate::store::read_json::<SmokeReport>(&cache) {
+            summary.rows.push(Row { stage: "smoke".into(), key: summary.image_key[..12].to_owned(), status: "cached".into(), reason: Some("passed before".into()), seconds: 0.0 });
+            summary.smoke = Some(report);
+            return Ok(());
+        }
+    }
+    let opts = SmokeOptions {
+        accel: args.vm.accel,
+        firmware: args.vm.firmware.clone(),
+        state_dir: store.state_dir("host"),
+        log_path: global.out.join(format!("{}.smoke.log", recipe.image.name)),
+        verbose: global.verbose,
+        volumes: Vec::new(),
+    };
+    let stage = ui.stage("smoke", "booting in QEMU");
+    let outcome = crate::smoke::run(&summary.image, &recipe.smoke, &opts);
+    match outcome {
+        Ok(Ok(report)) => {
+            let seconds = stage.done("passed");
+            let why = format!("{} ready in {:.1}s, {}/{} checks", report.accel, report.boot_secs, report.checks_passed, report.checks_total);
+            summary.rows.push(Row { stage: "smoke".into(), key: summary.image_key[..12].to_owned(), status: "passed".into(), reason: Some(why), seconds });
+            crate::store::write_json_atomic(&cache, &report)?;
+            summary.smoke = Some(report);
+            Ok(())
+        }
+        Ok(Err(failure)) => {
+            let seconds = stage.failed();
+            summary.rows.push(Row { stage: "smoke".into(), key: summary.image_key[..12].to_owned(), status: "failed".into(), reason: Some(first_line(&failure.to_string())), seconds });
+            Err(SmokeFailed { image: summary.image.display().to_string(), failure: failure.to_string(), log: opts.log_path.display().to_string() }.into())
+        }
+        Err(e) => {
+            stage.failed();
+            Err(e.context("running the smoke boot"))
+        }
+    }
+}
+
+fn first_line(text: &str) -> String {
+    text.lines().next().unwrap_or("").to_owned()
+}
+
+/// `kiln smoke IMAGE`: always boots (no cache), with the checks of the
+/// recipe the image was built from, plus any given on the command line.
+pub fn smoke(global: &Global, args: &SmokeArgs) -> Result<()> {
+    if !args.image.is_file() {
+        return Err(BadInput::arg(format!("image {} does not exist", args.image.display()), "build it first with `kiln build`, or give the path of a .qcow2 or .raw disk").into());
+    }
+    let stem = args.image.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let dir = args.image.parent().unwrap_or(Path::new("."));
+    let recipe_path = match &args.recipe {
+        Some(r) => Some(r.clone()),
+        None => crate::store::read_json::<Summary>(&dir.join(format!("{stem}.build.json"))).ok().map(|s| PathBuf::from(s.recipe)).filter(|p| p.is_file()),
+    };
+    let mut spec = match &recipe_path {
+        Some(r) => recipe::load(r)?.smoke,
+        None => SmokeSpec { timeout: std::time::Duration::from_secs(180), checks: vec![], http: vec![], seed: vec![] },
+    };
+    spec.checks.extend(args.checks.iter().cloned());
+    for h in &args.http {
+        spec.http.push(parse_http_arg(h)?);
+    }
+    if let Some(t) = args.timeout {
+        spec.timeout = std::time::Duration::from_secs(t);
+    }
+    let state_dir = args.state_dir.clone().unwrap_or_else(|| store_root(global).join("state-v1/host"));
+    let opts = SmokeOptions {
+        accel: args.vm.accel,
+        firmware: args.vm.firmware.clone(),
+        state_dir,
+        log_path: args.log.clone().unwrap_or_else(|| dir.join(format!("{stem}.smoke.log"))),
+        verbose: global.verbose,
+        volumes: Vec::new(),
+    };
+    let ui = Ui::new(global.json);
+    let stage = ui.stage("smoke", &format!("booting {}", args.image.display()));
+    match crate::smoke::run(&args.image, &spec, &opts) {
+        Ok(Ok(report)) => {
+            stage.done("passed");
+            if global.json {
+                print_json(&report)
+            } else {
+                println!(
+                    "{} passed: {} ready in {:.1}s, {}/{} checks, {:.1}s in all; console in {}",
+                    args.image.display(),
+                    report.accel,
+                    report.boot_secs,
+                    report.checks_passed,
+                    report.checks_total,
+                    report.total_secs,
+                    report.log.display()
+                );
+                if let Some(note) = &report.note {
+                    println!("note: {note}");
+                }
+                Ok(())
+            }
+        }
+        Ok(Err(failure)) => {
+            stage.failed();
+            Err(SmokeFailed { image: args.image.display().to_string(), failure: failure.to_string(), log: opts.log_path.display().to_string() }.into())
+        }
+        Err(e) => {
+            stage.failed();
+            Err(e)
+        }
+    }
+}
+
+/// `PORT:PATH:STATUS[:CONTAINS]`.
+fn parse_http_arg(h: &str) -> Result<crate::recipe::HttpCheck> {
+    let bad = || BadInput::arg(format!("--http {h} is not PORT:PATH:STATUS[:CONTAINS]"), "write e.g. --http 80:/:200:hello");
+    let mut parts = h.splitn(4, ':');
+    let port = parts.next().and_then(|p| p.parse().ok()).filter(|p| *p != 0).ok_or_else(bad)?;
+    let path = parts.next().filter(|p| p.starts_with('/')).ok_or_else(bad)?.to_owned();
+    let status = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+    let contains = parts.next().map(str::to_owned);
+    Ok(crate::recipe::HttpCheck { port, path, status, contains })
 }
 
 #[derive(Serialize)]

@@ -22,6 +22,7 @@ fn main() {
         cli::Command::Build(args) => commands::build(&cli.global, args),
         cli::Command::Plan(args) => commands::plan(&cli.global, args),
         cli::Command::Lock(args) => commands::lock(&cli.global, args),
+        cli::Command::Smoke(args) => commands::smoke(&cli.global, args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

@@ -35,7 +35,7 @@ pub struct BuildOptions {
 }
 
 /// One row of the summary: a step, the image, or the smoke test.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Row {
     pub stage: String,
     pub key: String,
@@ -45,7 +45,7 @@ pub struct Row {
     pub seconds: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Summary {
     pub recipe: String,
     pub image: PathBuf,
@@ -54,6 +54,8 @@ pub struct Summary {
     pub kernel: String,
     pub rows: Vec<Row>,
     pub seconds: f64,
+    /// The smoke boot, when it ran or was cached.
+    pub smoke: Option<crate::smoke::SmokeReport>,
 }
 
 /// Whether each step and the image must be built, and why.
@@ -160,7 +162,16 @@ pub fn build(recipe: &Recipe, locks: &mut Locks, store: &Store, opts: &BuildOpti
         i += 1;
     }
     if opts.layers_only {
-        let summary = Summary { recipe: recipe.path.display().to_string(), image: PathBuf::new(), image_key: String::new(), sha256: String::new(), kernel: String::new(), rows, seconds: started.elapsed().as_secs_f64() };
+        let summary = Summary {
+            recipe: recipe.path.display().to_string(),
+            image: PathBuf::new(),
+            image_key: String::new(),
+            sha256: String::new(),
+            kernel: String::new(),
+            rows,
+            seconds: started.elapsed().as_secs_f64(),
+            smoke: None,
+        };
         return Ok((plan, summary));
     }
 
@@ -201,13 +212,14 @@ pub fn build(recipe: &Recipe, locks: &mut Locks, store: &Store, opts: &BuildOpti
     };
     store.save_recipe_state(&recipe.image.name, &new_state)?;
     let summary = Summary {
-        recipe: recipe.path.display().to_string(),
+        recipe: std::fs::canonicalize(&recipe.path).unwrap_or_else(|_| recipe.path.clone()).display().to_string(),
         image,
         image_key: image_key.hex(),
         sha256: entry.sha256,
         kernel: entry.kernel,
         rows,
         seconds: started.elapsed().as_secs_f64(),
+        smoke: None,
     };
     Ok((plan, summary))
 }
