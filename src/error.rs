@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 
 /// Exit codes, as documented in the README.
 pub mod exit {
-    pub const OK: i32 = 0;
     pub const FAILURE: i32 = 1;
     pub const BAD_INPUT: i32 = 2;
     pub const SMOKE_FAILED: i32 = 3;

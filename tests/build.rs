@@ -36,8 +36,8 @@ name = "tools"
 files = [{ src = "files/hello.txt", dest = "/opt/kiln-test/hello.txt", mode = "0640", owner = "root:root" }]
 run = ["echo ran > /opt/kiln-test/run-marker"]
 "#;
-    let recipe = d.write("disk.toml", recipe("kt-disk", layers).replace("hostname = \"kt-disk\"", "hostname = \"kt-disk-host\""));
     let kiln = Kiln::shared();
+    let recipe = d.write_recipe("disk.toml", recipe("kt-disk", layers).replace("hostname = \"kt-disk\"", "hostname = \"kt-disk-host\""), &kiln);
     let plan = kiln.plan(&recipe);
     let mut cleanup = ForgetOnDrop::new(&kiln.store);
     cleanup.add(&plan, &["tools/files", "tools/run", "image"]);
@@ -96,8 +96,8 @@ name = "tools"
 files = [{ src = "files/hello.txt", dest = "/opt/kiln-test/again.txt" }]
 run = ["echo ran > /opt/kiln-test/again-marker"]
 "#;
-    let recipe = d.write("again.toml", recipe("kt-again", layers));
     let kiln = Kiln::shared();
+    let recipe = d.write_recipe("again.toml", recipe("kt-again", layers), &kiln);
     let first = kiln.build(&recipe, &[]);
     let second = kiln.build(&recipe, &[]);
     assert_eq!(
@@ -134,8 +134,8 @@ run = ["cp /opt/kiln-test/page.txt /opt/kiln-test/page.copy"]
 name = "top"
 run = ["echo top > /opt/kiln-test/top"]
 "#;
-    let recipe = d.write("change.toml", recipe("kt-change", layers));
     let kiln = Kiln::shared();
+    let recipe = d.write_recipe("change.toml", recipe("kt-change", layers), &kiln);
     let unique = ["app/files", "app/run", "top/run", "image"];
     let mut cleanup = ForgetOnDrop::new(&kiln.store);
     let before = kiln.plan(&recipe);
@@ -191,7 +191,8 @@ name = "tools"
 files = [{ src = "files/hello.txt", dest = "/opt/kiln-test/parent.txt" }]
 run = ["echo parent > /opt/kiln-test/parent-marker"]
 "#;
-    let parent = d.write("golden/golden.toml", recipe("kt-parent", parent_layers));
+    let kiln = Kiln::shared();
+    let parent = d.write_recipe("golden/golden.toml", recipe("kt-parent", parent_layers), &kiln);
     d.write("files/app.txt", "from the child\n");
     let child = d.write(
         "app.toml",
@@ -206,7 +207,6 @@ name = "app"
 files = [{ src = "files/app.txt", dest = "/opt/kiln-test/child.txt" }]
 "#,
     );
-    let kiln = Kiln::shared();
     let parent_report = kiln.build(&parent, &[]);
     let plan = kiln.plan(&child);
     for stage in ["base", "tools/files", "tools/run"] {
@@ -228,11 +228,11 @@ files = [{ src = "files/app.txt", dest = "/opt/kiln-test/child.txt" }]
 }
 
 /// A recipe refused before anything is built: exit code 2 for both
-/// `build` and `plan`, an error naming file, key and fix, and no trace in
-/// the store or out/.
+/// `build` and `plan`, an error naming file, key and fix, and no trace:
+/// the (fresh) store and out/ are not even created.
 #[test]
 fn bad_recipes_exit_2_and_leave_nothing_behind() {
-    require_build();
+    require_root();
     struct Case {
         what: &'static str,
         /// Replaces `FILES` in the layer below; `None` replaces the whole recipe.
@@ -258,7 +258,8 @@ fn bad_recipes_exit_2_and_leave_nothing_behind() {
     d.write("recipe/files/ok.txt", "ok\n");
     std::os::unix::fs::symlink("../../outside.txt", d.path("recipe/files/link.txt")).expect("symlink");
     let path = d.path("recipe/bad.toml");
-    let kiln = Kiln::shared();
+    let store = tempfile::tempdir().expect("temp dir");
+    let kiln = Kiln::with_store(&store.path().join("store"));
     for case in cases {
         let text = match case.files {
             Some(files) => recipe("kt-bad", &format!("[[layer]]\nname = \"app\"\nfiles = [{files}]\n")),
@@ -266,11 +267,11 @@ fn bad_recipes_exit_2_and_leave_nothing_behind() {
         };
         d.write("recipe/bad.toml", text);
         eprintln!("case: {}", case.what);
-        let before = StoreSnapshot::of(&kiln.store);
         let build = kiln.run(&[OsStr::new("build"), path.as_os_str()]);
         build.assert_bad_input(&path, case.key, case.says);
-        before.assert_nothing_new(&kiln.store, &[]);
-        assert!(!kiln.out.exists(), "{}: refused input created {}", case.what, kiln.out.display());
+        for dir in [&kiln.store, &kiln.out] {
+            assert!(!dir.exists(), "{}: refused input created {}", case.what, dir.display());
+        }
         let plan = kiln.run(&[OsStr::new("--json"), OsStr::new("plan"), path.as_os_str()]);
         plan.assert_bad_input(&path, case.key, case.says);
         assert!(plan.stdout.is_empty(), "{}: plan printed a result for a bad recipe:\n{}", case.what, plan.show());
@@ -294,15 +295,15 @@ name = "app"
 files = [{{ src = "files/x", dest = "/opt/out/{escape}" }}]
 "#
     );
-    let recipe = d.write("escape.toml", recipe("kt-escape", &layers));
     let kiln = Kiln::shared();
+    let recipe = d.write_recipe("escape.toml", recipe("kt-escape", &layers), &kiln);
     let plan = kiln.plan(&recipe);
     let before = StoreSnapshot::of(&kiln.store);
     let run = kiln.run(&[OsStr::new("build"), recipe.as_os_str()]);
     run.assert_bad_input(&recipe, "layer.app.files[0].dest", "out of the image");
     // The steps below the refused one succeeded and may be published.
-    before.assert_nothing_new(&kiln.store, &[plan.step("base").key.clone(), plan.step("links/run").key.clone()]);
-    assert!(!kiln.store.join(LAYERS).join(&plan.step("app/files").key).exists());
+    before.assert_not_published(&kiln.store, &plan.keys_from("app/files"));
+    assert!(kiln.store.join(LAYERS).join(&plan.step("links/run").key).join("entry.json").is_file(), "the step below the failure is kept");
     for host in ["/tmp", "/var/tmp"] {
         let leaked = Path::new(host).join(&escape);
         assert!(!leaked.exists(), "the file escaped the image to {}", leaked.display());
@@ -314,13 +315,13 @@ fn a_package_that_does_not_exist_is_bad_input() {
     require_build();
     let d = RecipeDir::new();
     let layers = "[[layer]]\nname = \"app\"\npackages = [\"kiln-test-no-such-package\"]\n";
-    let recipe = d.write("nopkg.toml", recipe("kt-nopkg", layers));
     let kiln = Kiln::shared();
+    let recipe = d.write_recipe("nopkg.toml", recipe("kt-nopkg", layers), &kiln);
     let plan = kiln.plan(&recipe);
     let before = StoreSnapshot::of(&kiln.store);
     let run = kiln.run(&[OsStr::new("build"), recipe.as_os_str()]);
     run.assert_bad_input(&recipe, "packages", "kiln-test-no-such-package");
-    before.assert_nothing_new(&kiln.store, &[plan.step("base").key.clone()]);
+    before.assert_not_published(&kiln.store, &plan.keys_from("app/packages"));
 }
 
 #[test]
@@ -329,11 +330,11 @@ fn refresh_rebuilds_every_step() {
     let d = RecipeDir::new();
     d.write("files/hello.txt", "refresh me\n");
     let layers = "[[layer]]\nname = \"tools\"\nfiles = [{ src = \"files/hello.txt\", dest = \"/opt/kiln-test/refresh.txt\" }]\n";
-    let recipe = d.write("refresh.toml", recipe("kt-refresh", layers));
+    let shared = Kiln::shared();
+    let recipe = d.write_recipe("refresh.toml", recipe("kt-refresh", layers), &shared);
     // --refresh replaces entries in place, which must not disturb the
     // shared store's base under other users: refresh a private store that
     // starts as a copy of the shared store's entries for this recipe.
-    let shared = Kiln::shared();
     shared.build(&recipe, &[]);
     let plan = shared.plan(&recipe);
     let private = temp_dir("kiln-store-");
@@ -353,17 +354,16 @@ fn refresh_rebuilds_every_step() {
 
 #[test]
 fn a_missing_recipe_file_is_bad_input() {
-    require_build();
+    require_root();
     let d = RecipeDir::new();
     let path = d.path("no/such/recipe.toml");
-    let kiln = Kiln::shared();
-    let before = StoreSnapshot::of(&kiln.store);
+    let store = tempfile::tempdir().expect("temp dir");
+    let kiln = Kiln::with_store(&store.path().join("store"));
     for command in ["build", "plan"] {
         let run = kiln.run(&[OsStr::new(command), path.as_os_str()]);
         run.assert_bad_input(&path, "(file)", "cannot read the recipe");
     }
-    before.assert_nothing_new(&kiln.store, &[]);
-    assert!(!kiln.out.exists());
+    assert!(!kiln.store.exists() && !kiln.out.exists(), "a missing recipe created the store or out/");
 }
 
 #[test]

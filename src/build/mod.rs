@@ -272,7 +272,7 @@ fn build_step(ctx: &Ctx, step: &Step, lowers: &[PathBuf]) -> Result<Built> {
                     steps::copy_files(&merged, files, origin, &step.layer)?;
                     Vec::new()
                 }
-                Action::Upgrade { suite, .. } => steps::chrooted(ctx, &merged, ChrootWork::Upgrade { suite: suite.clone() }, source)?,
+                Action::Upgrade { suite } => steps::chrooted(ctx, &merged, ChrootWork::Upgrade { suite: suite.clone() }, source)?,
                 Action::Packages(pkgs) => {
                     let work = match &step.lock {
                         None => ChrootWork::Packages { install: pkgs.clone(), auto: Vec::new() },
@@ -310,7 +310,7 @@ fn build_step(ctx: &Ctx, step: &Step, lowers: &[PathBuf]) -> Result<Built> {
 fn plan_suite(step: &Step) -> String {
     match &step.action {
         Action::Base(spec) => spec.suite.clone(),
-        Action::Upgrade { suite, .. } => suite.clone(),
+        Action::Upgrade { suite } => suite.clone(),
         _ => "kiln-locked".to_owned(),
     }
 }

@@ -66,7 +66,7 @@ impl Step {
 pub enum Action {
     Base(BaseSpec),
     /// Add the suite's updates and security sources, then upgrade.
-    Upgrade { suite: String, mirror: Option<String> },
+    Upgrade { suite: String },
     Packages(Vec<String>),
     Files { files: Vec<FileSpec>, origin: std::path::PathBuf },
     Run(Vec<String>),
@@ -93,7 +93,7 @@ pub fn make(recipe: &Recipe, locks: &Locks) -> Result<Plan> {
 
     for layer in &recipe.layers {
         if layer.upgrade {
-            let action = Action::Upgrade { suite: suite.clone(), mirror: recipe.base.mirror.clone() };
+            let action = Action::Upgrade { suite: suite.clone() };
             push(&mut steps, &layer.name, &layer.defined_in, StepKind::Upgrade, vec![format!("suite={suite}")], vec![], action);
         }
         if !layer.packages.is_empty() {

@@ -174,6 +174,15 @@ impl RecipeDir {
         path
     }
 
+    /// Write a recipe and, beside it, a lock pinning its base to the one
+    /// `kiln`'s store shares (see [`base_lock`]).
+    pub fn write_recipe(&self, rel: &str, text: impl AsRef<[u8]>, kiln: &Kiln) -> PathBuf {
+        let path = self.write(rel, text);
+        let lock = path.with_extension("lock");
+        std::fs::write(&lock, base_lock(&kiln.store)).unwrap_or_else(|e| panic!("writing {}: {e}", lock.display()));
+        path
+    }
+
     pub fn read(&self, rel: &str) -> Vec<u8> {
         let path = self.path(rel);
         std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
@@ -184,6 +193,37 @@ impl Default for RecipeDir {
     fn default() -> RecipeDir {
         RecipeDir::new()
     }
+}
+
+/// Where the shared base lock is kept: inside the store, so that it goes
+/// away with the layers it describes.
+pub fn base_lock_path(store: &Path) -> PathBuf {
+    store.join("kiln-tests").join("base.lock")
+}
+
+/// A lock file (kiln's own output) pinning only `[base]` ([`BASE`]).
+///
+/// A recipe without a lock makes kiln resolve its base against the archive,
+/// which means running mmdebstrap again; giving every test recipe the same
+/// pins lets them all share one base layer. Made once per store by
+/// building a base-only recipe, then kept at [`base_lock_path`].
+pub fn base_lock(store: &Path) -> String {
+    let path = base_lock_path(store);
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        return text;
+    }
+    let d = RecipeDir::new();
+    let recipe = d.write("kt-base.toml", recipe("kt-base", ""));
+    let kiln = Kiln::with_store(store);
+    kiln.build(&recipe, &[]);
+    let text = String::from_utf8(d.read("kt-base.lock")).expect("the lock is UTF-8");
+    assert!(text.contains("[steps.base]"), "kiln wrote no base pins:\n{text}");
+    let dir = path.parent().expect("the lock has a folder");
+    std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+    let tmp = dir.join(format!(".base.lock.{}", std::process::id()));
+    std::fs::write(&tmp, &text).unwrap_or_else(|e| panic!("writing {}: {e}", tmp.display()));
+    std::fs::rename(&tmp, &path).unwrap_or_else(|e| panic!("renaming {} to {}: {e}", tmp.display(), path.display()));
+    text
 }
 
 /// A recipe text: `[image]` named `name`, golden's `[base]`, then `layers`
@@ -463,6 +503,14 @@ impl PlanReport {
         self.steps.iter().filter(|s| s.stage != "image").map(|s| (s.stage.clone(), s.key.clone())).collect()
     }
 
+    /// Full keys of `stage` and of every step after it, the image's included:
+    /// what a failure at `stage` must not publish.
+    #[track_caller]
+    pub fn keys_from(&self, stage: &str) -> Vec<String> {
+        let at = self.steps.iter().position(|s| s.stage == stage).unwrap_or_else(|| panic!("no step `{stage}` in {:#?}", self.steps));
+        self.steps[at..].iter().map(|s| s.key.clone()).collect()
+    }
+
     pub fn image_key(&self) -> String {
         self.step("image").key.clone()
     }
@@ -498,30 +546,56 @@ impl StoreSnapshot {
         StoreSnapshot { layers: entries(&store.join(LAYERS)), images: entries(&store.join(IMAGES)) }
     }
 
-    /// Fail if `store` gained an entry since this snapshot, other than
-    /// layers whose full key is in `allowed` (steps below a failure, which
-    /// succeeded and were rightly published); each of those must be
-    /// complete.
+    /// After a failed build: none of `forbidden` (full keys of the failed
+    /// step, the steps above it and the image) was published, and every
+    /// entry that appeared since this snapshot is complete. Entries other
+    /// than the forbidden ones may appear: steps below the failure succeed
+    /// and are rightly kept, and others may be building into a shared store
+    /// at the same time.
     #[track_caller]
-    pub fn assert_nothing_new(&self, store: &Path, allowed: &[String]) {
+    pub fn assert_not_published(&self, store: &Path, forbidden: &[String]) {
         let now = StoreSnapshot::of(store);
-        let new_layers: Vec<&String> = now.layers.difference(&self.layers).filter(|k| !allowed.contains(k)).collect();
-        let new_images: Vec<&String> = now.images.difference(&self.images).collect();
-        assert!(new_layers.is_empty() && new_images.is_empty(), "the store gained entries: layers {new_layers:?}, images {new_images:?}");
+        let published: Vec<&String> = forbidden.iter().filter(|k| now.layers.contains(*k) || now.images.contains(*k)).collect();
+        assert!(published.is_empty(), "entries of the failed build were published: {published:?}");
         for key in now.layers.difference(&self.layers) {
             let entry = store.join(LAYERS).join(key).join("entry.json");
             assert!(entry.is_file(), "layer {key} was published without its entry.json");
         }
+        for key in now.images.difference(&self.images) {
+            let entry = store.join(IMAGES).join(key).join("image.json");
+            assert!(entry.is_file(), "image {key} was published without its image.json");
+        }
     }
 }
 
-/// `tmp/` of a store (kiln's staging area) must be empty between runs.
+/// Whether a live run claims this staging dir: its `.kiln-pid` names a
+/// running process, or is flock-ed by one (the two ways kiln has claimed
+/// staging dirs).
+fn staging_is_claimed(dir: &Path) -> bool {
+    let claim = dir.join(".kiln-pid");
+    let pid_alive = std::fs::read_to_string(&claim)
+        .ok()
+        .and_then(|t| t.trim().parse::<i32>().ok())
+        // SAFETY: kill with signal 0 only checks that the process exists.
+        .is_some_and(|pid| pid > 0 && unsafe { libc::kill(pid, 0) } == 0);
+    let locked = std::fs::File::open(&claim).is_ok_and(|f| {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a file we hold open; released when it closes.
+        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) != 0 }
+    });
+    pid_alive || locked
+}
+
+/// `tmp/` of a store (kiln's staging area) must hold nothing once the run
+/// that used it is over: nothing but the staging dirs of runs still alive,
+/// which a shared store may have.
 pub fn assert_tmp_empty(store: &Path) -> Result<(), String> {
-    let left = entries(&store.join("tmp"));
+    let alive = |name: &String| staging_is_claimed(&store.join("tmp").join(name));
+    let left: Vec<String> = entries(&store.join("tmp")).into_iter().filter(|n| !alive(n)).collect();
     if left.is_empty() {
         Ok(())
     } else {
-        Err(format!("{} is not empty: {left:?}", store.join("tmp").display()))
+        Err(format!("{} holds what a finished run left: {left:?}", store.join("tmp").display()))
     }
 }
 
