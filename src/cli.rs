@@ -108,6 +108,16 @@ pub struct SmokeArgs {
     /// Where the KVM probe verdict is cached (default: in the store)
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
+    /// Keep the data volume disks in DIR (NAME.qcow2; reused when present)
+    #[arg(long, value_name = "DIR", conflicts_with = "no_volumes")]
+    pub keep_volumes: Option<PathBuf>,
+    /// Boot without the recipe's data volumes (to see that the image copes)
+    #[arg(long)]
+    pub no_volumes: bool,
+    /// Upgrade test: boot OLD with fresh volumes, run the recipe's [smoke] seed,
+    /// shut it down, then boot IMAGE with the same volumes and run the checks
+    #[arg(long, value_name = "OLD")]
+    pub upgrade_from: Option<PathBuf>,
     #[command(flatten)]
     pub vm: VmArgs,
 }

@@ -142,16 +142,18 @@ fn smoke_stage(global: &Global, args: &BuildArgs, recipe: &Recipe, store: &Store
             return Ok(());
         }
     }
+    let disks = VolumeDisks::new(&recipe.volumes, None)?;
     let opts = SmokeOptions {
         accel: args.vm.accel,
         firmware: args.vm.firmware.clone(),
         state_dir: store.state_dir("host"),
         log_path: global.out.join(format!("{}.smoke.log", recipe.image.name)),
         verbose: global.verbose,
-        volumes: Vec::new(),
+        volumes: disks.volumes.clone(),
+        wait_poweroff: false,
     };
     let stage = ui.stage("smoke", "booting in QEMU");
-    let outcome = crate::smoke::run(&summary.image, &recipe.smoke, &opts);
+    let outcome = crate::smoke::run(&summary.image, &seed_then_checks(&recipe.smoke), &opts);
     match outcome {
         Ok(Ok(report)) => {
             let seconds = stage.done("passed");
@@ -177,11 +179,52 @@ fn first_line(text: &str) -> String {
     text.lines().next().unwrap_or("").to_owned()
 }
 
+/// A plain smoke writes the seed data and reads it back in one boot.
+fn seed_then_checks(spec: &SmokeSpec) -> SmokeSpec {
+    SmokeSpec { checks: spec.seed.iter().chain(&spec.checks).cloned().collect(), ..spec.clone() }
+}
+
+/// Blank disks for a recipe's data volumes: in a temp dir removed on
+/// drop, or kept (and reused when already there) in a given dir.
+struct VolumeDisks {
+    volumes: Vec<crate::smoke::Volume>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl VolumeDisks {
+    fn new(specs: &[crate::recipe::VolumeSpec], keep: Option<&Path>) -> Result<VolumeDisks> {
+        if specs.is_empty() {
+            return Ok(VolumeDisks { volumes: Vec::new(), _tmp: None });
+        }
+        let (dir, tmp) = match keep {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+                (dir.to_owned(), None)
+            }
+            None => {
+                let tmp = tempfile::Builder::new().prefix("kiln-volumes-").tempdir().context("creating a temp dir for volume disks")?;
+                (tmp.path().to_owned(), Some(tmp))
+            }
+        };
+        let mut volumes = Vec::new();
+        for v in specs {
+            let path = dir.join(format!("{}.qcow2", v.name));
+            if !path.exists() {
+                crate::cmd::Cmd::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&path).arg(v.size.to_string()).run()?;
+            }
+            volumes.push(crate::smoke::Volume { path, serial: crate::assemble::volume_serial(v) });
+        }
+        Ok(VolumeDisks { volumes, _tmp: tmp })
+    }
+}
+
 /// `kiln smoke IMAGE`: always boots (no cache), with the checks of the
 /// recipe the image was built from, plus any given on the command line.
 pub fn smoke(global: &Global, args: &SmokeArgs) -> Result<()> {
-    if !args.image.is_file() {
-        return Err(BadInput::arg(format!("image {} does not exist", args.image.display()), "build it first with `kiln build`, or give the path of a .qcow2 or .raw disk").into());
+    for image in std::iter::once(&args.image).chain(args.upgrade_from.as_ref()) {
+        if !image.is_file() {
+            return Err(BadInput::arg(format!("image {} does not exist", image.display()), "build it first with `kiln build`, or give the path of a .qcow2 or .raw disk").into());
+        }
     }
     let stem = args.image.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let dir = args.image.parent().unwrap_or(Path::new("."));
@@ -189,8 +232,9 @@ pub fn smoke(global: &Global, args: &SmokeArgs) -> Result<()> {
         Some(r) => Some(r.clone()),
         None => crate::store::read_json::<Summary>(&dir.join(format!("{stem}.build.json"))).ok().map(|s| PathBuf::from(s.recipe)).filter(|p| p.is_file()),
     };
-    let mut spec = match &recipe_path {
-        Some(r) => recipe::load(r)?.smoke,
+    let recipe = recipe_path.as_deref().map(recipe::load).transpose()?;
+    let mut spec = match &recipe {
+        Some(r) => r.smoke.clone(),
         None => SmokeSpec { timeout: std::time::Duration::from_secs(180), checks: vec![], http: vec![], seed: vec![] },
     };
     spec.checks.extend(args.checks.iter().cloned());
@@ -200,16 +244,52 @@ pub fn smoke(global: &Global, args: &SmokeArgs) -> Result<()> {
     if let Some(t) = args.timeout {
         spec.timeout = std::time::Duration::from_secs(t);
     }
+    let volume_specs = match (&recipe, args.no_volumes) {
+        (Some(r), false) => r.volumes.clone(),
+        _ => Vec::new(),
+    };
+    let disks = VolumeDisks::new(&volume_specs, args.keep_volumes.as_deref())?;
     let state_dir = args.state_dir.clone().unwrap_or_else(|| store_root(global).join("state-v1/host"));
+    let log_path = args.log.clone().unwrap_or_else(|| dir.join(format!("{stem}.smoke.log")));
     let opts = SmokeOptions {
         accel: args.vm.accel,
         firmware: args.vm.firmware.clone(),
         state_dir,
-        log_path: args.log.clone().unwrap_or_else(|| dir.join(format!("{stem}.smoke.log"))),
+        log_path: log_path.clone(),
         verbose: global.verbose,
-        volumes: Vec::new(),
+        volumes: disks.volumes.clone(),
+        wait_poweroff: false,
     };
     let ui = Ui::new(global.json);
+
+    if let Some(old) = &args.upgrade_from {
+        if spec.seed.is_empty() {
+            return Err(BadInput::arg(
+                format!("--upgrade-from needs seed commands, and {} has no [smoke] seed", recipe_path.as_deref().unwrap_or(Path::new("the image's recipe")).display()),
+                "add seed = [\"...\"] to the recipe's [smoke]: commands that write the data the checks then look for",
+            )
+            .into());
+        }
+        let seed_spec = SmokeSpec { timeout: spec.timeout, checks: spec.seed.clone(), http: Vec::new(), seed: Vec::new() };
+        let seed_opts = SmokeOptions { log_path: log_path.with_extension("seed.log"), wait_poweroff: true, ..opts.clone() };
+        let stage = ui.stage("smoke (old)", &format!("booting {} and seeding its volumes", old.display()));
+        match crate::smoke::run(old, &seed_spec, &seed_opts) {
+            Ok(Ok(_)) => {
+                stage.done("seeded, shut down cleanly");
+            }
+            Ok(Err(failure)) => {
+                stage.failed();
+                return Err(SmokeFailed { image: old.display().to_string(), failure: format!("boot 1 of 2 (the old image), seeding: {failure}"), log: seed_opts.log_path.display().to_string() }.into());
+            }
+            Err(e) => {
+                stage.failed();
+                return Err(e);
+            }
+        }
+    }
+
+    let what = if args.upgrade_from.is_some() { "boot 2 of 2 (the new image, on the old image's volumes), checks: " } else { "" };
+    let spec = if args.upgrade_from.is_some() { spec } else { seed_then_checks(&spec) };
     let stage = ui.stage("smoke", &format!("booting {}", args.image.display()));
     match crate::smoke::run(&args.image, &spec, &opts) {
         Ok(Ok(report)) => {
@@ -235,7 +315,7 @@ pub fn smoke(global: &Global, args: &SmokeArgs) -> Result<()> {
         }
         Ok(Err(failure)) => {
             stage.failed();
-            Err(SmokeFailed { image: args.image.display().to_string(), failure: failure.to_string(), log: opts.log_path.display().to_string() }.into())
+            Err(SmokeFailed { image: args.image.display().to_string(), failure: format!("{what}{failure}"), log: opts.log_path.display().to_string() }.into())
         }
         Err(e) => {
             stage.failed();

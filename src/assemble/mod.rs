@@ -16,6 +16,8 @@
 //! derived from the image key, and mke2fs runs with a fixed clock, so the
 //! same layers give the same disk.
 
+mod volumes;
+
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -25,7 +27,8 @@ use crate::build::steps::{resolve_in_root, write_file};
 use crate::cmd::Cmd;
 use crate::error::BadInput;
 use crate::plan::{ImagePlan, Key};
-use crate::recipe::{units::show_size, Format};
+use crate::recipe::{units::show_size, Format, VolumeSpec};
+pub use volumes::serial as volume_serial;
 
 const SECTOR: u64 = 512;
 const MIB: u64 = 1 << 20;
@@ -49,7 +52,7 @@ pub struct Assembled {
 }
 
 /// Assemble `lowers` (topmost first) into `staging/disk.{qcow2,raw}`.
-pub fn assemble(image: &ImagePlan, lowers: &[PathBuf], staging: &Path, recipe_path: &Path) -> Result<Assembled> {
+pub fn assemble(image: &ImagePlan, vols: &[VolumeSpec], lowers: &[PathBuf], staging: &Path, recipe_path: &Path) -> Result<Assembled> {
     let spec = &image.spec;
     let key = image.key;
     let upper = staging.join("upper");
@@ -62,11 +65,9 @@ pub fn assemble(image: &ImagePlan, lowers: &[PathBuf], staging: &Path, recipe_pa
     mounts.overlay(lowers, Some((&upper, &work)), &merged)?;
 
     // The image's own files go into a throwaway upper dir, never a layer.
-    let mut fstab = format!("# Written by kiln.\nLABEL={ROOT_LABEL} / ext4 defaults 0 1\n");
-    for v in &image.inputs.volumes {
-        fstab.push_str(&format!("# volume: {v}\n"));
-    }
+    let fstab = format!("# Written by kiln.\nLABEL={ROOT_LABEL} / ext4 defaults 0 1\n{}", volumes::fstab(vols));
     write_file(&merged.join("etc/fstab"), fstab.as_bytes(), 0o644)?;
+    volumes::prepare(&merged, vols, recipe_path)?;
     write_file(&merged.join("etc/hostname"), format!("{}\n", spec.hostname).as_bytes(), 0o644)?;
     write_file(&merged.join("etc/machine-id"), b"", 0o444)?;
 

@@ -328,7 +328,7 @@ fn build_image(plan: &Plan, store: &Store, lowers: &[PathBuf], replace: bool) ->
     let started = Instant::now();
     let staging = store.staging()?;
     store::claim(staging.path())?;
-    let assembled = assemble::assemble(&plan.image, lowers, staging.path(), &plan.recipe.path)?;
+    let assembled = assemble::assemble(&plan.image, &plan.recipe.volumes, lowers, staging.path(), &plan.recipe.path)?;
     let sha256 = plan::key::file_digest(&assembled.disk).with_context(|| format!("hashing {}", assembled.disk.display()))?;
     let entry = ImageEntry {
         key: plan.image.key,

@@ -29,6 +29,8 @@ const MIN_SIZE: u64 = 64 << 20;
 /// The largest: beyond this a typo is more likely than intent.
 const MAX_SIZE: u64 = 64 << 40;
 const MAX_NAME: usize = 63;
+/// A volume's disk carries the virtio serial `vol-NAME`, at most 20 bytes.
+const VOLUME_NAME_MAX: usize = 16;
 const VARIANTS: &[&str] = &[
     "extract", "custom", "essential", "apt", "required", "minbase", "buildd", "important",
     "debootstrap", "standard",
@@ -405,7 +407,10 @@ fn resolve_file(origin: &Path, dir: &Path, key: &str, file: RawFile) -> Result<F
 fn resolve_volume(path: &Path, i: usize, v: RawVolume) -> Result<VolumeSpec> {
     let RawVolume { name, mount, size, filesystem, owner } = v;
     let bad = |k: &str, problem: String, fix: &str| -> anyhow::Error { BadInput::new(path, format!("volume[{i}].{k}"), problem, fix).into() };
-    check_name(&name).map_err(|why| bad("name", why, "use 1-63 of a-z, 0-9, '.', '_' and '-'"))?;
+    check_name(&name).map_err(|why| bad("name", why, "use 1-16 of a-z, 0-9, '.', '_' and '-'"))?;
+    if name.len() > VOLUME_NAME_MAX {
+        return Err(bad("name", format!("`{name}` is longer than {VOLUME_NAME_MAX} characters"), "use a shorter name: the volume's disk is found by the serial `vol-NAME`, which holds 20 characters"));
+    }
     let mount = normalize_dest(&mount).map_err(|why| bad("mount", why, "write an absolute path such as \"/srv/data\""))?;
     const SYSTEM: &[&str] = &["/", "/usr", "/etc", "/boot", "/bin", "/sbin", "/lib", "/lib64", "/proc", "/sys", "/dev", "/run", "/tmp"];
     if SYSTEM.contains(&mount.as_str()) || mount.starts_with("/usr/") {

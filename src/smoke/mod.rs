@@ -89,9 +89,24 @@ pub struct SmokeOptions {
     pub log_path: PathBuf,
     /// Also stream the console to stderr.
     pub verbose: bool,
-    /// Extra disks to attach (virtio), in order.
-    pub volumes: Vec<PathBuf>,
+    /// Data volume disks to attach (virtio, with their serials), in order.
+    pub volumes: Vec<Volume>,
+    /// After the checks pass, wait for the guest to power itself off (a
+    /// clean shutdown, so data written to volumes is on disk) instead of
+    /// killing the VM.
+    pub wait_poweroff: bool,
 }
+
+/// A data volume's disk for the VM.
+#[derive(Debug, Clone)]
+pub struct Volume {
+    pub path: PathBuf,
+    /// The virtio serial the image's fstab looks for.
+    pub serial: String,
+}
+
+/// How long a guest may take to power off cleanly once it said `done`.
+const POWEROFF_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A passed smoke.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -229,7 +244,7 @@ pub fn run(disk: &Path, spec: &SmokeSpec, opts: &SmokeOptions) -> Result<Result<
     qemu::create_overlay(disk, &overlay)?;
     let mut volumes = Vec::new();
     for v in &opts.volumes {
-        volumes.push((v.clone(), qemu::disk_format(v)?));
+        volumes.push((v.path.clone(), qemu::disk_format(&v.path)?, v.serial.clone()));
     }
 
     let nonce = nonce()?;
@@ -276,7 +291,20 @@ pub fn run(disk: &Path, spec: &SmokeSpec, opts: &SmokeOptions) -> Result<Result<
     };
     let mut vm = qemu::Vm::spawn(&args, Some(&channel_path))?;
     let boot_started = Instant::now();
-    let outcome = watch.wait(&mut vm, boot_started, &command);
+    let mut outcome = watch.wait(&mut vm, boot_started, &command);
+    if opts.wait_poweroff && matches!(outcome, Ok(Ok(_))) {
+        match watch.drain_until_exit(&mut vm, POWEROFF_TIMEOUT) {
+            Ok(true) => {}
+            Ok(false) => {
+                outcome = Ok(Err(SmokeFailure::Timeout {
+                    secs: POWEROFF_TIMEOUT.as_secs(),
+                    waiting_for: "the guest to shut down cleanly after its checks".to_owned(),
+                    tail: watch.console.tail(),
+                }))
+            }
+            Err(e) => outcome = Err(e),
+        }
+    }
     drop(vm);
     // Whatever happened, the log gets the rest of the console and a verdict.
     let verdict = match &outcome {
@@ -349,6 +377,33 @@ struct Watch<'a> {
 }
 
 impl Watch<'_> {
+    /// Keep logging the console until QEMU exits by itself (the guest
+    /// powered off); false if it is still running after `timeout`.
+    fn drain_until_exit(&mut self, vm: &mut qemu::Vm, timeout: Duration) -> Result<bool> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            cmd::check_interrupt()?;
+            match vm.output.recv_timeout(POLL) {
+                Ok(chunk) => {
+                    self.feed(chunk)?;
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => loop {
+                    if vm.try_exited()?.is_some() {
+                        return Ok(true);
+                    }
+                    if Instant::now() >= deadline {
+                        return Ok(false);
+                    }
+                    std::thread::sleep(POLL);
+                },
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+        }
+    }
+
     /// Read the console until there is a verdict.
     fn wait(&mut self, vm: &mut qemu::Vm, boot_started: Instant, command: &str) -> Result<Result<Ready, SmokeFailure>> {
         let timeout = self.spec.timeout;

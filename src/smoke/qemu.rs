@@ -62,7 +62,8 @@ pub struct VmConfig<'a> {
     /// The disk to boot (a qcow2 overlay), or None for a firmware-only boot.
     pub disk: Option<&'a Path>,
     /// Extra writable disks, with their format.
-    pub volumes: &'a [(PathBuf, &'static str)],
+    /// Path, format, virtio serial.
+    pub volumes: &'a [(PathBuf, &'static str, String)],
     /// `-smbios type=11` values.
     pub smbios: &'a [String],
     /// (host port on 127.0.0.1, guest port).
@@ -108,10 +109,14 @@ pub fn args(c: &VmConfig) -> Vec<OsString> {
         None => a.extend(drive(format!("if=pflash,format=raw,unit=0,file={}", opt(c.vars_copy)))),
     }
     if let Some(disk) = c.disk {
-        a.extend(drive(format!("if=virtio,format=qcow2,cache=unsafe,file={}", opt(disk))));
+        // bootindex: the firmware tries this disk first, not a blank volume.
+        a.extend(drive(format!("if=none,id=disk0,format=qcow2,cache=unsafe,file={}", opt(disk))));
+        a.extend(["-device".into(), "virtio-blk-pci,drive=disk0,bootindex=0".into()]);
     }
-    for (vol, format) in c.volumes {
-        a.extend(drive(format!("if=virtio,format={format},file={}", opt(vol))));
+    // The serial belongs to the device (QEMU 7.2 refuses it on -drive).
+    for (i, (vol, format, serial)) in c.volumes.iter().enumerate() {
+        a.extend(drive(format!("if=none,id=vol{i},format={format},file={}", opt(vol))));
+        a.extend(["-device".into(), format!("virtio-blk-pci,drive=vol{i},serial={serial}").into()]);
     }
     if c.disk.is_some() {
         let mut netdev = "user,id=net0".to_owned();
@@ -286,7 +291,7 @@ mod tests {
             vars: Some("/usr/share/OVMF/OVMF_VARS_4M.fd".into()),
             origin: "test".into(),
         };
-        let vols = vec![(PathBuf::from("/tmp/k/data,1.raw"), "raw")];
+        let vols = vec![(PathBuf::from("/tmp/k/data,1.raw"), "raw", "vol-data".to_owned())];
         let smbios = vec!["io.systemd.credential.binary:x=YQ==".to_owned()];
         let c = VmConfig {
             accel: "tcg",
@@ -306,8 +311,8 @@ mod tests {
             "-serial chardev:console -chardev file,id=kiln,path=/tmp/k/channel -serial chardev:kiln",
             "-drive if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
             "-drive if=pflash,format=raw,unit=1,file=/tmp/k/vars.fd",
-            "-drive if=virtio,format=qcow2,cache=unsafe,file=/tmp/k/overlay.qcow2",
-            "-drive if=virtio,format=raw,file=/tmp/k/data,,1.raw",
+            "-drive if=none,id=disk0,format=qcow2,cache=unsafe,file=/tmp/k/overlay.qcow2 -device virtio-blk-pci,drive=disk0,bootindex=0",
+            "-drive if=none,id=vol0,format=raw,file=/tmp/k/data,,1.raw -device virtio-blk-pci,drive=vol0,serial=vol-data",
             "-netdev user,id=net0,hostfwd=tcp:127.0.0.1:34567-:80,hostfwd=tcp:127.0.0.1:34568-:443",
             "-smbios type=11,value=io.systemd.credential.binary:x=YQ==",
         ] {
