@@ -20,6 +20,7 @@ fn main() {
     let result = match &cli.command {
         cli::Command::Build(args) => commands::build(&cli.global, args),
         cli::Command::Plan(args) => commands::plan(&cli.global, args),
+        cli::Command::Cache(args) => commands::cache(&cli.global, &args.command),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

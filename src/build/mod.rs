@@ -76,6 +76,8 @@ pub fn freshness(plan: &Plan, store: &Store, refresh: bool) -> (Vec<Freshness>, 
 
 pub fn build(plan: &Plan, store: &Store, opts: &BuildOptions, ui: &Ui) -> Result<Summary> {
     let started = Instant::now();
+    // Shared with other builds; `kiln cache gc` takes it exclusively.
+    let _store_lock = store.lock_for_build(|| ui.note("waiting for `kiln cache gc` or `kiln cache verify` to finish…"))?;
     let (fresh, image_fresh) = freshness(plan, store, opts.refresh);
     let ctx = Ctx {
         store,
@@ -86,9 +88,13 @@ pub fn build(plan: &Plan, store: &Store, opts: &BuildOptions, ui: &Ui) -> Result
     let mut lowers: Vec<PathBuf> = Vec::new();
     for (step, fresh) in plan.steps.iter().zip(fresh) {
         check_interrupt()?;
-        let row = match fresh {
-            Freshness::Cached => Row { stage: step.id(), key: step.key.short(), status: "cached".into(), reason: None, seconds: 0.0 },
-            Freshness::Build(reason) => {
+        // One run builds a key at a time; another that needs it waits, then
+        // finds it in the store. The lock also covers the integrity check
+        // and a corrupt entry's repair (see store::lock).
+        let (_key_lock, waited) = lock_key(store, &step.key, &step.id(), ui)?;
+        let row = match usable(store, &step.key, &store.layer_dir(&step.key), fresh, ui)? {
+            None => Row { stage: step.id(), key: step.key.short(), status: "cached".into(), reason: waited.then(|| "built by another kiln meanwhile".into()), seconds: 0.0 },
+            Some(reason) => {
                 let stage = ui.stage(&step.id(), &format!("building ({reason})"));
                 match build_step(&ctx, step, &lowers, opts.refresh) {
                     Ok(_entry) => {
@@ -108,12 +114,14 @@ pub fn build(plan: &Plan, store: &Store, opts: &BuildOptions, ui: &Ui) -> Result
 
     check_interrupt()?;
     let image_key = plan.image.key;
-    let entry = match image_fresh {
-        Freshness::Cached => {
-            rows.push(Row { stage: "image".into(), key: image_key.short(), status: "cached".into(), reason: None, seconds: 0.0 });
+    // Held through the export, so two runs of one recipe never write out/ at once.
+    let (_image_lock, waited) = lock_key(store, &image_key, "the image", ui)?;
+    let entry = match usable(store, &image_key, &store.image_dir(&image_key), image_fresh, ui)? {
+        None => {
+            rows.push(Row { stage: "image".into(), key: image_key.short(), status: "cached".into(), reason: waited.then(|| "built by another kiln meanwhile".into()), seconds: 0.0 });
             store.image_entry(&image_key)?
         }
-        Freshness::Build(reason) => {
+        Some(reason) => {
             let stage = ui.stage("image", &format!("assembling ({reason})"));
             match build_image(plan, store, &lowers, opts.refresh) {
                 Ok(entry) => {
@@ -135,6 +143,7 @@ pub fn build(plan: &Plan, store: &Store, opts: &BuildOptions, ui: &Ui) -> Result
         image: Some(plan.image.inputs.clone()),
     };
     store.save_recipe_state(&plan.recipe.image.name, &state)?;
+    store.add_root(&plan.recipe.image.name, &plan.recipe.path, &image_key)?;
     Ok(Summary {
         recipe: plan.recipe.path.display().to_string(),
         image,
@@ -146,14 +155,57 @@ pub fn build(plan: &Plan, store: &Store, opts: &BuildOptions, ui: &Ui) -> Result
     })
 }
 
+/// Take the lock of a key, saying in one line if another run holds it.
+/// Gives whether it had to wait.
+fn lock_key(store: &Store, key: &plan::Key, what: &str, ui: &Ui) -> Result<(store::lock::Lock, bool)> {
+    let mut waited = false;
+    let lock = store.lock_key(key, what, || {
+        waited = true;
+        ui.note(&format!("{what}: another kiln is building it ({}); waiting for it", key.short()));
+    })?;
+    Ok((lock, waited))
+}
+
+/// With the key's lock held: `None` when the entry is in the store and
+/// intact (so it is used as it is), else why it must be built. A corrupt
+/// entry is moved aside here and rebuilt; an entry that another run
+/// published while this one waited is used.
+fn usable(store: &Store, key: &plan::Key, dir: &Path, fresh: Freshness, ui: &Ui) -> Result<Option<Reason>> {
+    if let Freshness::Build(Reason::Refresh) = fresh {
+        return Ok(Some(Reason::Refresh));
+    }
+    let present = dir.is_dir() && (store.has_layer(key) || store.has_image(key));
+    if present && store.check_before_use(dir, |m| ui.note(m))? {
+        return Ok(None);
+    }
+    Ok(Some(match fresh {
+        Freshness::Build(reason) => reason,
+        Freshness::Cached => Reason::NotInStore,
+    }))
+}
+
 /// Build one step into a staging dir and publish it under its key.
 fn build_step(ctx: &Ctx, step: &Step, lowers: &[PathBuf], replace: bool) -> Result<LayerEntry> {
+    // Declared before the mounts so it is dropped (removed) after them.
+    let staging = ctx.store.staging()?;
+    let entry = match stage_step(ctx, step, lowers, staging.path()) {
+        Ok(entry) => entry,
+        Err(e) => {
+            // A killed tool can leave its own mounts inside the tree.
+            if let Err(u) = store::unmount_under(staging.path()) {
+                crate::cmd::log_line(&format!("warning: {u:#}"));
+            }
+            return Err(e);
+        }
+    };
+    ctx.store.publish(staging, &ctx.store.layer_dir(&step.key), replace)?;
+    Ok(entry)
+}
+
+fn stage_step(ctx: &Ctx, step: &Step, lowers: &[PathBuf], staging: &Path) -> Result<LayerEntry> {
     let started = Instant::now();
     let store = ctx.store;
-    // Declared before the mounts so it is dropped (removed) after them.
-    let staging = store.staging()?;
-    store::claim(staging.path())?;
-    let tree = staging.path().join("tree");
+    let tree = staging.join("tree");
     let (before, after) = match &step.action {
         Action::Base(spec) => {
             steps::base(ctx, spec, &tree)?;
@@ -162,8 +214,8 @@ fn build_step(ctx: &Ctx, step: &Step, lowers: &[PathBuf], replace: bool) -> Resu
         action => {
             let parent = step.inputs.parent.expect("only the base has no parent");
             let before = store.layer_entry(&parent)?.packages;
-            let work = staging.path().join("work");
-            let merged = staging.path().join("merged");
+            let work = staging.join("work");
+            let merged = staging.join("merged");
             for d in [&tree, &work, &merged] {
                 std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
             }
@@ -193,16 +245,13 @@ fn build_step(ctx: &Ctx, step: &Step, lowers: &[PathBuf], replace: bool) -> Resu
         seconds: started.elapsed().as_secs_f64(),
         created: store::now(),
     };
-    store::write_json_atomic(&staging.path().join("entry.json"), &entry)?;
-    std::fs::remove_file(staging.path().join(".kiln-pid")).context("removing the staging claim")?;
-    store.publish(staging, &store.layer_dir(&step.key), replace)?;
+    store::write_json_atomic(&staging.join("entry.json"), &entry)?;
     Ok(entry)
 }
 
 fn build_image(plan: &Plan, store: &Store, lowers: &[PathBuf], replace: bool) -> Result<ImageEntry> {
     let started = Instant::now();
     let staging = store.staging()?;
-    store::claim(staging.path())?;
     let assembled = assemble::assemble(&plan.image, lowers, staging.path(), &plan.recipe.path)?;
     let sha256 = plan::key::file_digest(&assembled.disk).with_context(|| format!("hashing {}", assembled.disk.display()))?;
     let entry = ImageEntry {
@@ -215,7 +264,6 @@ fn build_image(plan: &Plan, store: &Store, lowers: &[PathBuf], replace: bool) ->
         created: store::now(),
     };
     store::write_json_atomic(&staging.path().join("image.json"), &entry)?;
-    std::fs::remove_file(staging.path().join(".kiln-pid")).context("removing the staging claim")?;
     store.publish(staging, &store.image_dir(&plan.image.key), replace)?;
     Ok(entry)
 }
@@ -237,7 +285,13 @@ fn export(store: &Store, entry: &ImageEntry, name: &str, out_dir: &Path) -> Resu
     }
     let src = store.image_dir(&entry.key).join(&entry.file);
     let tmp = out_dir.join(format!(".{name}.{ext}.tmp"));
-    crate::cmd::Cmd::new("cp").args(["--sparse=always", "--reflink=auto"]).arg(&src).arg(&tmp).run()?;
+    if let Err(e) = crate::cmd::Cmd::new("cp").args(["--sparse=always", "--reflink=auto"]).arg(&src).arg(&tmp).run() {
+        // Interrupted or out of space: leave no half copy in out/.
+        if let Err(r) = std::fs::remove_file(&tmp) {
+            crate::cmd::log_line(&format!("warning: removing {}: {r}", tmp.display()));
+        }
+        return Err(e);
+    }
     std::fs::rename(&tmp, &dest).with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
     let s = stamp(&dest).context("stat of the exported image")?;
     std::fs::write(&stamp_path, s).with_context(|| format!("writing {}", stamp_path.display()))?;
