@@ -391,7 +391,6 @@ fn a_corrupted_layer_is_detected_moved_aside_and_rebuilt() {
 
 /// A small ext4 filesystem in a file, loop-mounted; unmounted when dropped.
 struct SmallFs {
-    image: PathBuf,
     mount: PathBuf,
 }
 
@@ -407,23 +406,22 @@ impl SmallFs {
         run(Command::new("truncate").arg("-s").arg(size).arg(&image));
         run(Command::new("mkfs.ext4").args(["-q", "-F", "-m", "0"]).arg(&image));
         run(Command::new("mount").args(["-o", "loop"]).arg(&image).arg(&mount));
-        SmallFs { image, mount }
+        SmallFs { mount }
     }
 
-    fn grow(&self, size: &str) {
-        let dev = std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap()
-            .lines()
-            .find(|l| l.split(' ').nth(4) == Some(&*self.mount.to_string_lossy()))
-            .and_then(|l| l.split(" - ").nth(1).and_then(|r| r.split(' ').nth(1)).map(str::to_owned))
-            .expect("the small fs is mounted");
-        for cmd in [
-            Command::new("truncate").arg("-s").arg(size).arg(&self.image).output().unwrap(),
-            Command::new("losetup").arg("-c").arg(&dev).output().unwrap(),
-            Command::new("resize2fs").arg(&dev).output().unwrap(),
-        ] {
-            ok(&cmd, "growing the small fs");
-        }
+    /// Fill the filesystem up to `free_mb` MiB of free space with a
+    /// ballast file; [`SmallFs::unfill`] frees it again.
+    fn fill(&self, free_mb: u64) {
+        let out = Command::new("df").args(["--output=avail", "-B1M"]).arg(&self.mount).output().unwrap();
+        ok(&out, "df");
+        let avail: u64 = String::from_utf8_lossy(&out.stdout).lines().nth(1).unwrap().trim().parse().unwrap();
+        assert!(avail > free_mb + 16, "the small fs has only {avail} MiB free");
+        let out = Command::new("fallocate").arg("-l").arg(format!("{}M", avail - free_mb)).arg(self.mount.join("ballast")).output().unwrap();
+        ok(&out, "fallocate");
+    }
+
+    fn unfill(&self) {
+        std::fs::remove_file(self.mount.join("ballast")).unwrap();
     }
 }
 
@@ -439,9 +437,11 @@ impl Drop for SmallFs {
 #[test]
 fn disk_full_while_storing_a_layer_leaves_the_store_unchanged() {
     let s = Scratch::new();
-    // The base takes ~230 MB; the layer below writes 200 MB more.
-    let fs = SmallFs::new(s.path(), "360M");
+    // Room for the base and the image, but filled up to 100 MiB free
+    // before the build: the layer below writes 200 MiB.
+    let fs = SmallFs::new(s.path(), "2600M");
     let store = seeded_store(&fs.mount.join("store"));
+    fs.fill(100);
     let n = nonce();
     let recipe = s.recipe("full", &format!("[[layer]]\nname = \"big\"\nrun = [\"echo {n} > /etc/big; head -c 200M /dev/zero > /var/big\"]\n"));
     ok(&s.kiln(&store).args(["cache", "ls"]).output().unwrap(), "cache ls");
@@ -454,7 +454,7 @@ fn disk_full_while_storing_a_layer_leaves_the_store_unchanged() {
     assert_eq!(before, after, "the store changed");
     assert!(host_mounts_under(&store).is_empty());
 
-    fs.grow("2600M");
+    fs.unfill();
     let out = s.build(&store, &recipe);
     ok(&out, "the build with space");
     assert_eq!(s.status_of("full", "big/run"), "built");
