@@ -38,6 +38,10 @@ pub enum Command {
     Build(BuildArgs),
     /// Show each step's key, and whether it is cached or must be built and why
     Plan(PlanArgs),
+    /// Boot an image in QEMU and run its recipe's smoke checks
+    Smoke(SmokeArgs),
+    /// Resolve the recipe's lock file (recipes/NAME.lock), or re-resolve layers
+    Lock(LockArgs),
     /// Inspect and maintain the store: ls, du, verify, gc
     Cache(CacheArgs),
 }
@@ -81,6 +85,16 @@ pub struct GcArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct LockArgs {
+    /// The recipe to lock
+    #[arg(default_value = DEFAULT_RECIPE)]
+    pub recipe: PathBuf,
+    /// Re-resolve LAYER against today's archive (every layer when no name is given)
+    #[arg(long, value_name = "LAYER", num_args = 0..=1, default_missing_value = "")]
+    pub update: Option<String>,
+}
+
+#[derive(Debug, Args)]
 pub struct BuildArgs {
     /// The recipe to build
     #[arg(default_value = DEFAULT_RECIPE)]
@@ -88,6 +102,54 @@ pub struct BuildArgs {
     /// Rebuild every step and the image, whatever the store holds
     #[arg(long)]
     pub refresh: bool,
+    /// Re-resolve LAYER's lock first (every layer when no name is given)
+    #[arg(long, value_name = "LAYER", num_args = 0..=1, default_missing_value = "")]
+    pub update: Option<String>,
+    /// Do not boot the image afterwards
+    #[arg(long, conflicts_with = "force_smoke")]
+    pub no_smoke: bool,
+    /// Boot the image even if this image already passed this smoke test
+    #[arg(long)]
+    pub force_smoke: bool,
+    #[command(flatten)]
+    pub vm: VmArgs,
+}
+
+/// How to run QEMU.
+#[derive(Debug, Args, Clone)]
+pub struct VmArgs {
+    /// Acceleration: auto probes KVM with a short real boot and falls back to TCG
+    #[arg(long, value_enum, default_value = "auto")]
+    pub accel: crate::smoke::Accel,
+    /// UEFI firmware (OVMF_CODE); its VARS file is looked for beside it
+    #[arg(long, value_name = "FILE")]
+    pub firmware: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct SmokeArgs {
+    /// The image: out/NAME.qcow2 (or .raw)
+    pub image: PathBuf,
+    /// Take the checks from this recipe (default: the recipe the image was built from)
+    #[arg(long)]
+    pub recipe: Option<PathBuf>,
+    /// An extra in-guest check (repeatable)
+    #[arg(long = "check", value_name = "COMMAND")]
+    pub checks: Vec<String>,
+    /// An extra HTTP check, PORT:PATH:STATUS[:CONTAINS] (repeatable)
+    #[arg(long = "http", value_name = "SPEC")]
+    pub http: Vec<String>,
+    /// Seconds to wait for the verdict (default: the recipe's [smoke] timeout)
+    #[arg(long)]
+    pub timeout: Option<u64>,
+    /// Where the console goes (default: beside the image, NAME.smoke.log)
+    #[arg(long)]
+    pub log: Option<PathBuf>,
+    /// Where the KVM probe verdict is cached (default: in the store)
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub vm: VmArgs,
 }
 
 #[derive(Debug, Args)]

@@ -1,12 +1,19 @@
 //! One function per subcommand: load, plan, run the pipeline, report.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::build::{self, BuildOptions, Summary};
-use crate::cli::{BuildArgs, CacheCommand, Global, PlanArgs};
+use crate::build::Row;
+use crate::cli::{BuildArgs, CacheCommand, Global, LockArgs, PlanArgs, SmokeArgs};
+use crate::error::SmokeFailed;
+use crate::recipe::SmokeSpec;
+use crate::smoke::{SmokeOptions, SmokeReport};
+use crate::error::BadInput;
+use crate::lock::{Locks, StepLock};
+use crate::recipe::Recipe;
 use crate::plan::{self, Freshness};
 use crate::recipe;
 use crate::store::Store;
@@ -24,11 +31,22 @@ fn require_root(what: &str) -> Result<()> {
     Ok(())
 }
 
-pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
-    require_root("build")?;
-    // Bad input fails here, before the store or out/ is touched.
-    let recipe = recipe::load(&args.recipe)?;
-    let plan = plan::make(&recipe)?;
+/// Everything a building command needs before it may touch the store.
+struct Prepared {
+    recipe: Recipe,
+    locks: Locks,
+    store: Store,
+    log_path: PathBuf,
+}
+
+/// Load and validate (bad input fails here, before the store or out/ is
+/// touched), then enter a private mount namespace, open the store and start
+/// the build log.
+fn prepare(global: &Global, recipe_path: &Path, what: &str) -> Result<Prepared> {
+    require_root(what)?;
+    let recipe = recipe::load(recipe_path)?;
+    let locks = Locks::load(&recipe.sources)?;
+    plan::make(&recipe, &locks)?;
     // From here on a `kill -9` of kiln takes every process it started with it.
     crate::cmd::isolate_processes()?;
     crate::build::mount::enter_private_namespace()?;
@@ -36,14 +54,62 @@ pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
     store.clean_stale_staging()?;
     let name = &recipe.image.name;
     std::fs::create_dir_all(&global.out).with_context(|| format!("creating {}", global.out.display()))?;
-    let log_path = global.out.join(format!("{name}.build.log"));
+    let log_path = global.out.join(format!("{name}.{what}.log"));
     let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
     crate::cmd::set_log(Some(log), global.verbose);
-    crate::cmd::log_line(&format!("kiln {} building {}", env!("CARGO_PKG_VERSION"), args.recipe.display()));
+    crate::cmd::log_line(&format!("kiln {} {what} {}", env!("CARGO_PKG_VERSION"), recipe_path.display()));
+    Ok(Prepared { recipe, locks, store, log_path })
+}
 
+/// Forget the pins of `layer` (every layer when empty) so the build
+/// re-resolves them. Returns what was forgotten, to report changes.
+fn forget_pins(recipe: &Recipe, locks: &mut Locks, layer: &str) -> Result<Vec<(PathBuf, String, Option<StepLock>)>> {
+    let plan = plan::make(recipe, locks)?;
+    if !layer.is_empty() && !plan.steps.iter().any(|s| s.layer == layer) {
+        let names: Vec<&str> = plan.steps.iter().map(|s| s.layer.as_str()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        return Err(BadInput::arg(format!("--update {layer}: {} has no layer named `{layer}`", recipe.path.display()), format!("use one of: {}", names.join(", "))).into());
+    }
+    Ok(plan
+        .steps
+        .iter()
+        .filter(|s| s.is_locked_kind() && (layer.is_empty() || s.layer == layer))
+        .map(|s| (s.origin.clone(), s.id(), locks.remove(&s.origin, &s.id())))
+        .collect())
+}
+
+/// Print `package old -> new` per re-resolved step.
+fn report_pin_changes(forgotten: &[(PathBuf, String, Option<StepLock>)], locks: &Locks, recipe: &Recipe, store: &Store) -> Vec<String> {
+    let plan = plan::make(recipe, locks).ok();
+    let mut lines = Vec::new();
+    for (origin, id, old) in forgotten {
+        // The versions the layer below had, so an upgrade shows old -> new.
+        let below: std::collections::BTreeMap<String, String> = plan
+            .as_ref()
+            .and_then(|p| p.steps.iter().find(|s| s.id() == *id))
+            .and_then(|s| s.inputs.parent)
+            .and_then(|k| store.layer_entry(&k).ok())
+            .map(|e| e.packages.into_iter().map(|p| (p.name, p.version)).collect())
+            .unwrap_or_default();
+        let changes = crate::lock::changes_over(old.as_ref(), locks.get(origin, id), &below);
+        if changes.is_empty() {
+            lines.push(format!("{id}: no changes"));
+        } else {
+            lines.push(format!("{id}:"));
+            lines.extend(changes.into_iter().map(|c| format!("  {c}")));
+        }
+    }
+    lines
+}
+
+pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
+    let Prepared { recipe, mut locks, store, log_path } = prepare(global, &args.recipe, "build")?;
+    let forgotten = match &args.update {
+        Some(layer) => forget_pins(&recipe, &mut locks, layer)?,
+        None => Vec::new(),
+    };
     let ui = Ui::new(global.json);
-    let opts = BuildOptions { refresh: args.refresh, out_dir: global.out.clone() };
-    let summary = build::build(&plan, &store, &opts, &ui).map_err(|e| {
+    let opts = BuildOptions { refresh: args.refresh, out_dir: global.out.clone(), layers_only: false, fresh_resolve: args.update.is_some() };
+    let (_, mut summary) = build::build(&recipe, &mut locks, &store, &opts, &ui).map_err(|e| {
         let e = if crate::store::is_disk_full(&e) {
             e.context(format!(
                 "the filesystem holding the store ({}) is full; nothing was added to the store: free space (`kiln cache gc`) and build again",
@@ -54,12 +120,193 @@ pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
         };
         e.context(format!("the full log is in {}", log_path.display()))
     })?;
-    let report = global.out.join(format!("{name}.build.json"));
+    for written in locks.save_changed()? {
+        eprintln!("wrote {}", written.display());
+    }
+    let smoke = if args.no_smoke { Ok(()) } else { smoke_stage(global, args, &recipe, &store, &ui, &mut summary) };
+    let report = global.out.join(format!("{}.build.json", recipe.image.name));
     crate::store::write_json_atomic(&report, &summary)?;
     if global.json {
         print_json(&summary)?;
     } else {
+        for line in report_pin_changes(&forgotten, &locks, &recipe, &store) {
+            println!("{line}");
+        }
         print_summary(&summary);
+    }
+    smoke
+}
+
+/// Where a passing smoke of this image with these checks is remembered.
+fn smoke_cache(store: &Store, image_key: &str, spec: &SmokeSpec) -> PathBuf {
+    let http: Vec<String> = spec.http.iter().map(|h| format!("{} {} {} {:?}", h.port, h.path, h.status, h.contains)).collect();
+    let text = format!("{image_key}\n{}\n{}\n{}\n{}", spec.timeout.as_secs(), spec.checks.join("\n"), http.join("\n"), spec.seed.join("\n"));
+    store.state_dir("smoke").join(format!("{}.json", &crate::plan::key::bytes_digest(text.as_bytes())[..32]))
+}
+
+/// Boot the built image, unless this image already passed these checks.
+fn smoke_stage(global: &Global, args: &BuildArgs, recipe: &Recipe, store: &Store, ui: &Ui, summary: &mut Summary) -> Result<()> {
+    let cache = smoke_cache(store, &summary.image_key, &recipe.smoke);
+    if !args.force_smoke {
+        if let Ok(report) = crate::store::read_json::<SmokeReport>(&cache) {
+            summary.rows.push(Row { stage: "smoke".into(), key: summary.image_key[..12].to_owned(), status: "cached".into(), reason: Some("passed before".into()), seconds: 0.0 });
+            summary.smoke = Some(report);
+            return Ok(());
+        }
+    }
+    let opts = SmokeOptions {
+        accel: args.vm.accel,
+        firmware: args.vm.firmware.clone(),
+        state_dir: store.state_dir("host"),
+        log_path: global.out.join(format!("{}.smoke.log", recipe.image.name)),
+        verbose: global.verbose,
+        volumes: Vec::new(),
+    };
+    let stage = ui.stage("smoke", "booting in QEMU");
+    let outcome = crate::smoke::run(&summary.image, &recipe.smoke, &opts);
+    match outcome {
+        Ok(Ok(report)) => {
+            let seconds = stage.done("passed");
+            let why = format!("{} ready in {:.1}s, {}/{} checks", report.accel, report.boot_secs, report.checks_passed, report.checks_total);
+            summary.rows.push(Row { stage: "smoke".into(), key: summary.image_key[..12].to_owned(), status: "passed".into(), reason: Some(why), seconds });
+            crate::store::write_json_atomic(&cache, &report)?;
+            summary.smoke = Some(report);
+            Ok(())
+        }
+        Ok(Err(failure)) => {
+            let seconds = stage.failed();
+            summary.rows.push(Row { stage: "smoke".into(), key: summary.image_key[..12].to_owned(), status: "failed".into(), reason: Some(first_line(&failure.to_string())), seconds });
+            Err(SmokeFailed { image: summary.image.display().to_string(), failure: failure.to_string(), log: opts.log_path.display().to_string() }.into())
+        }
+        Err(e) => {
+            stage.failed();
+            Err(e.context("running the smoke boot"))
+        }
+    }
+}
+
+fn first_line(text: &str) -> String {
+    text.lines().next().unwrap_or("").to_owned()
+}
+
+/// `kiln smoke IMAGE`: always boots (no cache), with the checks of the
+/// recipe the image was built from, plus any given on the command line.
+pub fn smoke(global: &Global, args: &SmokeArgs) -> Result<()> {
+    if !args.image.is_file() {
+        return Err(BadInput::arg(format!("image {} does not exist", args.image.display()), "build it first with `kiln build`, or give the path of a .qcow2 or .raw disk").into());
+    }
+    let stem = args.image.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let dir = args.image.parent().unwrap_or(Path::new("."));
+    let recipe_path = match &args.recipe {
+        Some(r) => Some(r.clone()),
+        None => crate::store::read_json::<Summary>(&dir.join(format!("{stem}.build.json"))).ok().map(|s| PathBuf::from(s.recipe)).filter(|p| p.is_file()),
+    };
+    let mut spec = match &recipe_path {
+        Some(r) => recipe::load(r)?.smoke,
+        None => SmokeSpec { timeout: std::time::Duration::from_secs(180), checks: vec![], http: vec![], seed: vec![] },
+    };
+    spec.checks.extend(args.checks.iter().cloned());
+    for h in &args.http {
+        spec.http.push(parse_http_arg(h)?);
+    }
+    if let Some(t) = args.timeout {
+        spec.timeout = std::time::Duration::from_secs(t);
+    }
+    let state_dir = args.state_dir.clone().unwrap_or_else(|| store_root(global).join("state-v1/host"));
+    let opts = SmokeOptions {
+        accel: args.vm.accel,
+        firmware: args.vm.firmware.clone(),
+        state_dir,
+        log_path: args.log.clone().unwrap_or_else(|| dir.join(format!("{stem}.smoke.log"))),
+        verbose: global.verbose,
+        volumes: Vec::new(),
+    };
+    let ui = Ui::new(global.json);
+    let stage = ui.stage("smoke", &format!("booting {}", args.image.display()));
+    match crate::smoke::run(&args.image, &spec, &opts) {
+        Ok(Ok(report)) => {
+            stage.done("passed");
+            if global.json {
+                print_json(&report)
+            } else {
+                println!(
+                    "{} passed: {} ready in {:.1}s, {}/{} checks, {:.1}s in all; console in {}",
+                    args.image.display(),
+                    report.accel,
+                    report.boot_secs,
+                    report.checks_passed,
+                    report.checks_total,
+                    report.total_secs,
+                    report.log.display()
+                );
+                if let Some(note) = &report.note {
+                    println!("note: {note}");
+                }
+                Ok(())
+            }
+        }
+        Ok(Err(failure)) => {
+            stage.failed();
+            Err(SmokeFailed { image: args.image.display().to_string(), failure: failure.to_string(), log: opts.log_path.display().to_string() }.into())
+        }
+        Err(e) => {
+            stage.failed();
+            Err(e)
+        }
+    }
+}
+
+/// `PORT:PATH:STATUS[:CONTAINS]`.
+fn parse_http_arg(h: &str) -> Result<crate::recipe::HttpCheck> {
+    let bad = || BadInput::arg(format!("--http {h} is not PORT:PATH:STATUS[:CONTAINS]"), "write e.g. --http 80:/:200:hello");
+    let mut parts = h.splitn(4, ':');
+    let port = parts.next().and_then(|p| p.parse().ok()).filter(|p| *p != 0).ok_or_else(bad)?;
+    let path = parts.next().filter(|p| p.starts_with('/')).ok_or_else(bad)?.to_owned();
+    let status = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+    let contains = parts.next().map(str::to_owned);
+    Ok(crate::recipe::HttpCheck { port, path, status, contains })
+}
+
+#[derive(Serialize)]
+struct LockReport {
+    recipe: String,
+    written: Vec<PathBuf>,
+    changes: Vec<String>,
+    /// Steps (and `image`) the next `kiln build` will build.
+    next_build: Vec<String>,
+}
+
+pub fn lock(global: &Global, args: &LockArgs) -> Result<()> {
+    let Prepared { recipe, mut locks, store, log_path } = prepare(global, &args.recipe, "lock")?;
+    let forgotten = match &args.update {
+        Some(layer) => forget_pins(&recipe, &mut locks, layer)?,
+        None => Vec::new(),
+    };
+    let ui = Ui::new(global.json);
+    let opts = BuildOptions { refresh: false, out_dir: global.out.clone(), layers_only: true, fresh_resolve: args.update.is_some() };
+    build::build(&recipe, &mut locks, &store, &opts, &ui).map_err(|e| e.context(format!("the full log is in {}", log_path.display())))?;
+    let written = locks.save_changed()?;
+    let plan = plan::make(&recipe, &locks)?;
+    let (steps, image) = build::freshness(&plan, &store, false);
+    let mut next_build: Vec<String> = plan.steps.iter().zip(&steps).filter(|(_, f)| **f != Freshness::Cached).map(|(s, _)| s.id()).collect();
+    if image != Freshness::Cached {
+        next_build.push("image".into());
+    }
+    let report = LockReport { recipe: args.recipe.display().to_string(), written, changes: report_pin_changes(&forgotten, &locks, &recipe, &store), next_build };
+    if global.json {
+        return print_json(&report);
+    }
+    for line in &report.changes {
+        println!("{line}");
+    }
+    match report.written.as_slice() {
+        [] => println!("lock files unchanged"),
+        files => files.iter().for_each(|f| println!("wrote {}", f.display())),
+    }
+    if report.next_build.is_empty() {
+        println!("the next build is all cache hits");
+    } else {
+        println!("the next build will build: {}", report.next_build.join(", "));
     }
     Ok(())
 }
@@ -91,7 +338,8 @@ struct PlanReport {
 
 pub fn plan(global: &Global, args: &PlanArgs) -> Result<()> {
     let recipe = recipe::load(&args.recipe)?;
-    let plan = plan::make(&recipe)?;
+    let locks = Locks::load(&recipe.sources)?;
+    let plan = plan::make(&recipe, &locks)?;
     let root = store_root(global);
     // Planning never creates a store; a missing one just means nothing is cached.
     let store = if root.is_dir() { Some(Store::open(&root)?) } else { None };
@@ -136,7 +384,6 @@ pub fn cache(global: &Global, command: &CacheCommand) -> Result<()> {
         anyhow::bail!("there is no store at {} (nothing built yet, or see --cache / KILN_CACHE_DIR)", root.display());
     }
     let store = Store::open(&root)?;
-    let ui = Ui::new(global.json);
     match command {
         CacheCommand::Ls => {
             let rows = gc::list(&store)?;
@@ -163,7 +410,7 @@ pub fn cache(global: &Global, command: &CacheCommand) -> Result<()> {
             print!("{}", table(&["PART", "ENTRIES", "SIZE"], &table_rows));
         }
         CacheCommand::Verify(args) => {
-            let _lock = crate::store::lock::lock(&store.lock_path("store"), crate::store::lock::Mode::Exclusive, "running builds to finish", || ui.note("waiting for running builds to finish…"))?;
+            let _lock = crate::store::lock::lock(&store.lock_path("store"), crate::store::lock::Mode::Exclusive, "running builds to finish", || eprintln!("waiting for running builds to finish…"))?;
             let rows = crate::store::verify_all(&store, if args.quick { crate::store::integrity::Depth::Meta } else { crate::store::integrity::Depth::Content })?;
             if global.json {
                 print_json(&rows)?;
@@ -180,7 +427,7 @@ pub fn cache(global: &Global, command: &CacheCommand) -> Result<()> {
             }
         }
         CacheCommand::Gc(args) => {
-            let _lock = crate::store::lock::lock(&store.lock_path("store"), crate::store::lock::Mode::Exclusive, "running builds to finish", || ui.note("waiting for running builds to finish…"))?;
+            let _lock = crate::store::lock::lock(&store.lock_path("store"), crate::store::lock::Mode::Exclusive, "running builds to finish", || eprintln!("waiting for running builds to finish…"))?;
             let done = gc::collect(&store, args.keep, args.dry_run)?;
             if global.json {
                 return print_json(&done);

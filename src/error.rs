@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 
 /// Exit codes, as documented in the README.
 pub mod exit {
-    pub const OK: i32 = 0;
     pub const FAILURE: i32 = 1;
     pub const BAD_INPUT: i32 = 2;
     pub const SMOKE_FAILED: i32 = 3;
@@ -55,11 +54,23 @@ impl fmt::Display for BadInput {
 
 impl std::error::Error for BadInput {}
 
+/// The image failed its smoke test (exit code 3): not "kiln broke".
+#[derive(Debug, thiserror::Error)]
+#[error("{image} failed its smoke test: {failure}\n  console log: {log}")]
+pub struct SmokeFailed {
+    pub image: String,
+    pub failure: String,
+    pub log: String,
+}
+
 /// Map an error chain to the process exit code.
 pub fn exit_code(err: &anyhow::Error) -> i32 {
     for cause in err.chain() {
         if cause.is::<BadInput>() {
             return exit::BAD_INPUT;
+        }
+        if cause.is::<SmokeFailed>() {
+            return exit::SMOKE_FAILED;
         }
         if cause.is::<crate::cmd::Interrupted>() {
             return exit::INTERRUPTED;

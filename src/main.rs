@@ -6,6 +6,7 @@ mod cli;
 mod cmd;
 mod commands;
 mod error;
+mod lock;
 mod plan;
 mod recipe;
 mod smoke;
@@ -20,6 +21,8 @@ fn main() {
     let result = match &cli.command {
         cli::Command::Build(args) => commands::build(&cli.global, args),
         cli::Command::Plan(args) => commands::plan(&cli.global, args),
+        cli::Command::Lock(args) => commands::lock(&cli.global, args),
+        cli::Command::Smoke(args) => commands::smoke(&cli.global, args),
         cli::Command::Cache(args) => commands::cache(&cli.global, &args.command),
     };
     if let Err(err) = result {

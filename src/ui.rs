@@ -45,20 +45,9 @@ impl Ui {
         };
         Stage { name: name.to_owned(), bar, started: Instant::now(), quiet: self.quiet }
     }
-
-    /// A one-line notice (e.g. "KVM does not work here, using TCG").
-    pub fn note(&self, text: &str) {
-        eprintln!("{text}");
-    }
 }
 
 impl Stage {
-    pub fn set_message(&self, msg: &str) {
-        if let Some(bar) = &self.bar {
-            bar.set_message(msg.to_owned());
-        }
-    }
-
     /// Finish the stage with a status word; returns its seconds.
     pub fn done(self, status: &str) -> f64 {
         let secs = self.started.elapsed().as_secs_f64();

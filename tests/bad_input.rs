@@ -12,12 +12,14 @@
 //! Lock-file cases (a malformed, a stale and a hand-edited `NAME.lock`) wait
 //! for the lock format to land on main.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const KILN: &str = env!("CARGO_BIN_EXE_kiln");
 const IMAGE: &str = "[image]\nname = \"bad\"\nsize = \"2GiB\"\n";
-const BASE: &str = "[base]\nsuite = \"trixie\"\nvariant = \"minbase\"\npackages = [\"linux-image-cloud-amd64\", \"systemd-sysv\", \"udev\"]\n";
+const BASE: &str = common::BASE;
 const BAD_INPUT: i32 = 2;
 const FAILURE: i32 = 1;
 
@@ -153,10 +155,20 @@ fn names(dir: &Path) -> Vec<String> {
     n
 }
 
+fn warm_store() -> PathBuf {
+    std::env::var_os("KILN_TEST_STORE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/tmp/kiln-test-store"))
+}
+
+/// The tests' shared lock of golden's base (see common::base_lock).
+fn base_lock() -> String {
+    common::base_lock(&warm_store())
+}
+
 fn warm_base_layer() -> PathBuf {
-    let store = std::env::var_os("KILN_TEST_STORE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/tmp/kiln-test-store"));
+    let store = warm_store();
     let scratch = tempfile::Builder::new().prefix("kiln-bad-").tempdir_in("/var/tmp").unwrap();
     std::fs::write(scratch.path().join("golden-base.toml"), with_base("")).unwrap();
+    std::fs::write(scratch.path().join("golden-base.lock"), base_lock()).unwrap();
     let kiln = |args: &[&str]| Command::new(KILN).arg("--cache").arg(&store).arg("--out").arg(scratch.path().join("out")).args(args).arg(scratch.path().join("golden-base.toml")).output().unwrap();
     let plan = kiln(&["--json", "plan"]);
     assert!(plan.status.success(), "{}", String::from_utf8_lossy(&plan.stderr));
@@ -164,7 +176,7 @@ fn warm_base_layer() -> PathBuf {
     let key = v["steps"][0]["key"].as_str().unwrap().to_owned();
     let dir = store.join("layers-v1").join(&key);
     if !dir.join("entry.json").is_file() {
-        let out = kiln(&["build"]);
+        let out = kiln(&["build", "--no-smoke"]);
         assert!(out.status.success(), "building the warm base: {}", String::from_utf8_lossy(&out.stderr));
     }
     dir
@@ -186,6 +198,9 @@ fn every_bad_input_fails_cleanly_and_changes_nothing() {
         for (name, text) in &c.files {
             std::fs::write(dir.join(name), text).unwrap();
         }
+        if c.store == StoreKind::Seeded && c.files.iter().any(|(n, _)| *n == "main.toml") {
+            std::fs::write(dir.join("main.lock"), base_lock()).unwrap();
+        }
         let store = match c.store {
             StoreKind::Seeded => seeded.clone(),
             StoreKind::Empty => dir.join("empty-store"),
@@ -193,7 +208,7 @@ fn every_bad_input_fails_cleanly_and_changes_nothing() {
         let out_dir = dir.join("out");
         let before = snapshot(&store, &out_dir);
         let mut cmd = Command::new(KILN);
-        cmd.arg("--cache").arg(&store).arg("--out").arg(&out_dir).arg("build").arg(dir.join("main.toml")).current_dir(&dir);
+        cmd.arg("--cache").arg(&store).arg("--out").arg(&out_dir).args(["build", "--no-smoke"]).arg(dir.join("main.toml")).current_dir(&dir);
         for (k, v) in &c.env {
             cmd.env(k, v);
         }
@@ -235,7 +250,10 @@ fn a_files_copy_never_follows_a_symlink_out_of_the_image() {
     std::fs::write(work.path().join("payload"), "pwned\n").unwrap();
     let escape = "[[layer]]\nname = \"links\"\nrun = [\"mkdir -p /opt && ln -s ../../../../../../../../tmp /opt/escape && ln -s /../../tmp /opt/abs\"]\n";
     std::fs::write(work.path().join("setup.toml"), with_base(escape)).unwrap();
-    let kiln = |recipe: &str| Command::new(KILN).arg("--cache").arg(&store).arg("--out").arg(work.path().join("out")).arg("build").arg(work.path().join(recipe)).output().unwrap();
+    for name in ["setup.lock", "main.lock"] {
+        std::fs::write(work.path().join(name), base_lock()).unwrap();
+    }
+    let kiln = |recipe: &str| Command::new(KILN).arg("--cache").arg(&store).arg("--out").arg(work.path().join("out")).args(["build", "--no-smoke"]).arg(work.path().join(recipe)).output().unwrap();
     let setup = kiln("setup.toml");
     assert!(setup.status.success(), "{}", String::from_utf8_lossy(&setup.stderr));
     for dest in [format!("/opt/escape/{target}"), format!("/opt/escape/../{target}")] {

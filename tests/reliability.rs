@@ -9,6 +9,8 @@
 //! copy of the base layer; the canary test and the interrupted-base test
 //! use a cold store, because their point is the base itself.
 
+mod common;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -16,12 +18,7 @@ use std::time::{Duration, Instant};
 
 const KILN: &str = env!("CARGO_BIN_EXE_kiln");
 /// Golden's [base], so every recipe here shares the warm base layer.
-const BASE: &str = r#"
-[base]
-suite = "trixie"
-variant = "minbase"
-packages = ["linux-image-cloud-amd64", "systemd-sysv", "udev"]
-"#;
+const BASE: &str = common::BASE;
 /// Bound on waiting for a build to reach a point in its log.
 const LOG_WAIT: Duration = Duration::from_secs(240);
 /// Bound on a killed or interrupted kiln going away.
@@ -57,12 +54,14 @@ impl Scratch {
         self.path().join("out")
     }
 
-    /// Write `recipes/NAME.toml`: golden's base plus `rest`.
+    /// Write `recipes/NAME.toml`: golden's base plus `rest`, and beside it
+    /// the tests' shared lock of that base (so the warm base is used).
     fn recipe(&self, name: &str, rest: &str) -> PathBuf {
         let dir = self.path().join("recipes");
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(format!("{name}.toml"));
         std::fs::write(&path, format!("[image]\nname = \"{name}\"\nsize = \"2GiB\"\n{BASE}\n{rest}\n")).unwrap();
+        std::fs::write(path.with_extension("lock"), common::base_lock(&warm_store())).unwrap();
         path
     }
 
@@ -73,11 +72,11 @@ impl Scratch {
     }
 
     fn build(&self, store: &Path, recipe: &Path) -> Output {
-        self.kiln(store).arg("build").arg(recipe).output().unwrap()
+        self.kiln(store).args(["build", "--no-smoke"]).arg(recipe).output().unwrap()
     }
 
     fn spawn_build(&self, store: &Path, recipe: &Path) -> Child {
-        self.kiln(store).arg("build").arg(recipe).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+        self.kiln(store).args(["build", "--no-smoke"]).arg(recipe).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
     }
 
     fn log(&self, name: &str) -> String {
@@ -533,7 +532,7 @@ fn host_secrets_never_reach_the_disk() {
     let recipe = s.recipe("canary", &format!("[[layer]]\nname = \"dump\"\nrun = [\"env > /etc/kiln-env; ls -la /root > /etc/kiln-home; echo {marker} > /etc/kiln-marker\"]\n"));
     let out = s
         .kiln(&store)
-        .arg("build")
+        .args(["build", "--no-smoke"])
         .arg(&recipe)
         .env("KILN_CANARY_SECRET", &canary)
         .env("HOME", &home)

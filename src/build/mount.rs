@@ -97,6 +97,10 @@ impl Mounts {
         self.mount(&src, target, None, libc::MS_BIND, None)
     }
 
+    pub fn tmpfs(&mut self, target: &Path) -> Result<()> {
+        self.mount("tmpfs", target, Some("tmpfs"), libc::MS_NOSUID | libc::MS_NODEV, Some("mode=0755"))
+    }
+
     pub fn fs(&mut self, fstype: &str, target: &Path) -> Result<()> {
         self.mount(fstype, target, Some(fstype), libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, None)
     }

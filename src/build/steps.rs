@@ -63,8 +63,18 @@ impl Ctx<'_> {
     }
 }
 
+/// How a step gets its packages.
+pub enum Source<'a> {
+    /// From the archive; the .debs and lists are kept for resolving a lock.
+    Archive,
+    /// Only the pinned .debs, from this flat repository.
+    Locked(&'a Path),
+}
+
 /// Make the base tree with mmdebstrap into `tree` (which must not exist).
-pub fn base(ctx: &Ctx, spec: &BaseSpec, tree: &Path) -> Result<()> {
+/// Resolving keeps mmdebstrap's downloaded .debs in `scratch/debs` and its
+/// package lists in `scratch/lists`.
+pub fn base(ctx: &Ctx, spec: &BaseSpec, tree: &Path, scratch: &Path, source: Source) -> Result<()> {
     let mirrors = ctx.mirrors()?;
     let mut cmd = Cmd::new("mmdebstrap")
         .arg("--mode=root")
@@ -78,11 +88,36 @@ pub fn base(ctx: &Ctx, spec: &BaseSpec, tree: &Path) -> Result<()> {
     // The base comes from the suite's release alone; a layer with
     // `upgrade = true` adds the updates and security sources, so security
     // fixes show up as that layer's own changes.
-    cmd.arg(&spec.suite)
-        .arg(tree)
-        .arg(format!("deb {} {} main", mirrors.main, spec.suite))
-        .run()
-        .map_err(|e| explain_apt_failure(e, "base.packages"))
+    let real_source = format!("deb {} {} main", mirrors.main, spec.suite);
+    let source_line = match source {
+        Source::Archive => {
+            let (debs, lists) = (scratch.join("debs"), scratch.join("lists"));
+            for d in [&debs, &lists] {
+                std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+            }
+            cmd = cmd
+                .arg("--skip=essential/unlink")
+                .arg(format!("--customize-hook=sync-out /var/cache/apt/archives {}", crate::cmd::shell_quote(debs.as_os_str())))
+                .arg(format!("--customize-hook=sync-out /var/lib/apt/lists {}", crate::cmd::shell_quote(lists.as_os_str())));
+            real_source.clone()
+        }
+        Source::Locked(repo) => {
+            // mmdebstrap's own hook bind-mounts file:// repositories into the chroot.
+            cmd = cmd.arg("--hook-dir=/usr/share/mmdebstrap/hooks/file-mirror-automount");
+            format!("deb [trusted=yes] file://{} ./", repo.display())
+        }
+    };
+    cmd.arg(&spec.suite).arg(tree).arg(source_line).run().map_err(|e| explain_apt_failure(e, "base.packages"))?;
+    // A locked base was installed from a local repository; the image's own
+    // sources are the real archive either way.
+    write_file(&tree.join("etc/apt/sources.list"), format!("{real_source}\n").as_bytes(), 0o644)?;
+    for rel in BUILD_DEBRIS {
+        let path = tree.join(rel);
+        if path.is_file() {
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Upper-dir files created only for the build, removed before publishing.
@@ -90,8 +125,13 @@ struct Scaffolding {
     created: Vec<PathBuf>,
 }
 
-/// Mount what a chroot needs and put the scaffolding in place.
-fn enter_chroot(ctx: &Ctx, mounts: &mut Mounts, root: &Path, apt: bool) -> Result<Scaffolding> {
+/// Inside the chroot, where a locked step's repository and apt state live
+/// (on a tmpfs over /run, so none of it reaches the layer).
+const LOCKED_APT_DIR: &str = "run/kiln";
+
+/// Mount what a chroot needs and put the scaffolding in place; returns the
+/// host paths of the apt list directories the step will use.
+fn enter_chroot(ctx: &Ctx, mounts: &mut Mounts, root: &Path, apt: Option<&Source>) -> Result<(Scaffolding, Vec<PathBuf>)> {
     let mut created = Vec::new();
     mounts.fs("proc", &root.join("proc"))?;
     mounts.fs("sysfs", &root.join("sys"))?;
@@ -116,12 +156,26 @@ fn enter_chroot(ctx: &Ctx, mounts: &mut Mounts, root: &Path, apt: bool) -> Resul
         // over it would follow it into the image.
         Ok(_) => {}
     }
-    if apt {
-        mounts.bind(&ctx.store.apt_archives(), &root.join("var/cache/apt/archives"))?;
-        let lists = ctx.store.apt_lists(&sources_digest(root))?;
-        mounts.bind(&lists, &root.join("var/lib/apt/lists"))?;
+    let mut lists_used = Vec::new();
+    match apt {
+        None => {}
+        Some(Source::Archive) => {
+            mounts.bind(&ctx.store.apt_archives(), &root.join("var/cache/apt/archives"))?;
+            let lists = ctx.store.apt_lists(&sources_digest(root))?;
+            mounts.bind(&lists, &root.join("var/lib/apt/lists"))?;
+            lists_used.push(lists);
+        }
+        Some(Source::Locked(repo)) => {
+            mounts.tmpfs(&root.join("run"))?;
+            let dir = root.join(LOCKED_APT_DIR);
+            for sub in ["repo", "lists/partial", "empty", "archives/partial"] {
+                std::fs::create_dir_all(dir.join(sub)).with_context(|| format!("creating {}", dir.join(sub).display()))?;
+            }
+            mounts.bind(repo, &dir.join("repo"))?;
+            std::fs::write(dir.join("sources.list"), format!("deb [trusted=yes] file:/{LOCKED_APT_DIR}/repo ./\n")).with_context(|| format!("writing {}", dir.display()))?;
+        }
     }
-    Ok(Scaffolding { created })
+    Ok((Scaffolding { created }, lists_used))
 }
 
 /// After the chroot's own mounts are gone: remove the scaffolding, and
@@ -161,9 +215,23 @@ fn chroot(root: &Path) -> Cmd {
     cmd
 }
 
-fn apt_get(root: &Path) -> Cmd {
-    chroot(root).args([
-        "apt-get",
+/// apt-get in the chroot; a locked step sees only its own repository.
+fn apt_get(root: &Path, locked: bool) -> Cmd {
+    let mut cmd = chroot(root).arg("apt-get");
+    if locked {
+        let d = LOCKED_APT_DIR;
+        cmd = cmd.args([
+            "-o".to_owned(),
+            format!("Dir::Etc::SourceList=/{d}/sources.list"),
+            "-o".to_owned(),
+            format!("Dir::Etc::SourceParts=/{d}/empty"),
+            "-o".to_owned(),
+            format!("Dir::State::Lists=/{d}/lists"),
+            "-o".to_owned(),
+            format!("Dir::Cache::Archives=/{d}/archives"),
+        ]);
+    }
+    cmd.args([
         "-y",
         "-q",
         "-o",
@@ -179,6 +247,24 @@ fn apt_get(root: &Path) -> Cmd {
         "-o",
         "Dpkg::Use-Pty=0",
     ])
+}
+
+/// `apt-get update` that fails when any index cannot be fetched (apt only
+/// warns by default, and the install then fails with a misleading
+/// "Unable to locate package").
+fn apt_update(root: &Path, locked: bool) -> Result<()> {
+    apt_get(root, locked).args(["update", "--error-on=any"]).run().map_err(|e| {
+        let text = format!("{e:#}");
+        if text.contains("Could not connect") || text.contains("Failed to fetch") || text.contains("Temporary failure resolving") {
+            e.context(
+                "apt could not reach the package archive. Locked packages come from kiln's .deb cache, \
+                 but this step is not locked (or its packages changed) and must be resolved against the archive: \
+                 check the network and [base] mirror, or restore the lock entry",
+            )
+        } else {
+            e
+        }
+    })
 }
 
 /// An apt failure caused by a package name that does not exist is bad
@@ -204,57 +290,72 @@ fn explain_apt_failure(err: anyhow::Error, key: &str) -> anyhow::Error {
 }
 
 /// Run an apt or shell step in `root` (an overlay mount); every mount made
-/// for it is undone before this returns.
-pub fn chrooted(ctx: &Ctx, root: &Path, work: ChrootWork) -> Result<()> {
-    let apt = !matches!(work, ChrootWork::Run { .. });
+/// for it is undone before this returns. Returns the apt list directories
+/// the step read (to resolve its lock from).
+pub fn chrooted(ctx: &Ctx, root: &Path, work: ChrootWork, source: Source) -> Result<Vec<PathBuf>> {
+    let apt = if matches!(work, ChrootWork::Run { .. }) { None } else { Some(&source) };
+    let locked = matches!(source, Source::Locked(_));
     let mut mounts = Mounts::new();
-    let scaffolding = enter_chroot(ctx, &mut mounts, root, apt)?;
+    let (scaffolding, mut lists) = enter_chroot(ctx, &mut mounts, root, apt)?;
     let result = match work {
-        ChrootWork::Upgrade { suite } => upgrade(ctx, &mut mounts, root, &suite),
-        ChrootWork::Packages(pkgs) => {
-            apt_get(root).arg("update").run().and_then(|()| {
-                apt_get(root)
-                    .args(["install", "--no-install-recommends"])
-                    .args(&pkgs)
-                    .run()
-                    .map_err(|e| explain_apt_failure(e, "packages"))
-            })
-        }
+        ChrootWork::Upgrade { suite } => upgrade(ctx, &mut mounts, root, &suite, locked).map(|l| lists.extend(l)),
+        ChrootWork::Packages { install, auto } => apt_update(root, locked).and_then(|()| {
+            apt_get(root, locked)
+                .args(["install", "--no-install-recommends"])
+                .args(&install)
+                .run()
+                .map_err(|e| explain_apt_failure(e, "packages"))?;
+            if auto.is_empty() {
+                return Ok(());
+            }
+            // Installed by version as a locked step must, dependencies would
+            // otherwise be marked as wanted for themselves.
+            chroot(root).args(["apt-mark", "auto"]).args(&auto).run()
+        }),
         ChrootWork::Run { commands, layer } => commands.iter().enumerate().try_for_each(|(i, c)| {
             chroot(root).args(["/bin/sh", "-ec", c]).run().with_context(|| format!("layer `{layer}`, run[{i}]: `{c}` failed inside the image"))
         }),
     };
     mounts.unmount_all()?;
     result?;
-    clean_up(root, scaffolding)
+    clean_up(root, scaffolding)?;
+    Ok(lists)
 }
 
 pub enum ChrootWork {
     Upgrade { suite: String },
-    Packages(Vec<String>),
+    /// Package names, or `name=version` for a locked step (which then
+    /// marks the pins the recipe did not ask for as automatically installed).
+    Packages { install: Vec<String>, auto: Vec<String> },
     Run { commands: Vec<String>, layer: String },
 }
 
-fn upgrade(ctx: &Ctx, mounts: &mut Mounts, root: &Path, suite: &str) -> Result<()> {
+/// Returns the lists directory it switched to.
+fn upgrade(ctx: &Ctx, mounts: &mut Mounts, root: &Path, suite: &str, locked: bool) -> Result<Vec<PathBuf>> {
     let mirrors = ctx.mirrors()?;
     let list = format!(
         "# Added by kiln's upgrade layer: the suite's updates and security fixes.\n\
          deb {} {suite}-updates main\ndeb {} {suite}-security main\n",
         mirrors.main, mirrors.security
     );
-    // The lists bind mount was chosen for the base's sources; rebind it for
-    // the sources this step adds.
     write_file(&root.join("etc/apt/sources.list.d/kiln-updates.list"), list.as_bytes(), 0o644)?;
-    let lists = ctx.store.apt_lists(&sources_digest(root))?;
-    mounts.bind(&lists, &root.join("var/lib/apt/lists"))?;
-    apt_get(root).arg("update").run()?;
-    apt_get(root).arg("dist-upgrade").run()?;
-    purge_old_kernels(root)
+    let mut lists_used = Vec::new();
+    if !locked {
+        // The lists bind mount was chosen for the base's sources; rebind it
+        // for the sources this step adds.
+        let lists = ctx.store.apt_lists(&sources_digest(root))?;
+        mounts.bind(&lists, &root.join("var/lib/apt/lists"))?;
+        lists_used.push(lists);
+    }
+    apt_update(root, locked)?;
+    apt_get(root, locked).arg("dist-upgrade").run()?;
+    purge_old_kernels(root, locked)?;
+    Ok(lists_used)
 }
 
 /// After an upgrade two kernels can be installed; the image boots the one
 /// `/vmlinuz` points to (the metapackage's, the newest), so the others go.
-fn purge_old_kernels(root: &Path) -> Result<()> {
+fn purge_old_kernels(root: &Path, locked: bool) -> Result<()> {
     let Ok(target) = std::fs::read_link(root.join("vmlinuz")) else { return Ok(()) };
     let Some(keep) = target.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("vmlinuz-")).map(str::to_owned) else {
         return Ok(());
@@ -270,7 +371,7 @@ fn purge_old_kernels(root: &Path) -> Result<()> {
     if old.is_empty() {
         return Ok(());
     }
-    apt_get(root).arg("purge").args(&old).run()
+    apt_get(root, locked).arg("purge").args(&old).run()
 }
 
 /// Copy the recipe's files into `root`, never following a symlink out of it.

@@ -9,11 +9,13 @@
 pub mod key;
 
 use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use serde::Serialize;
 
 use crate::error::BadInput;
+use crate::lock::{Locks, StepLock};
 use crate::recipe::{BaseSpec, FileSpec, ImageSpec, Recipe};
 pub use key::{FileInput, ImageInputs, Key, StepInputs, StepKind};
 
@@ -28,12 +30,27 @@ pub struct Plan {
 pub struct Step {
     /// The layer this step belongs to (`base` for the base).
     pub layer: String,
+    /// The recipe file that defines the layer: its lock pins this step.
+    pub origin: PathBuf,
+    /// The step's pins, when it installs packages and is locked.
+    pub lock: Option<StepLock>,
     pub inputs: StepInputs,
     pub key: Key,
     pub action: Action,
 }
 
 impl Step {
+    /// Whether this step installs packages, and so is pinned by a lock.
+    pub fn is_locked_kind(&self) -> bool {
+        matches!(self.inputs.kind, StepKind::Base | StepKind::Upgrade | StepKind::Packages)
+    }
+
+    /// A step that installs packages but has no pins yet: the build will
+    /// resolve it, and its key is only known afterwards.
+    pub fn unlocked(&self) -> bool {
+        self.is_locked_kind() && self.lock.is_none()
+    }
+
     /// `layer/kind`, or `base`: stable across builds of one recipe.
     pub fn id(&self) -> String {
         if self.inputs.kind == StepKind::Base {
@@ -49,7 +66,7 @@ impl Step {
 pub enum Action {
     Base(BaseSpec),
     /// Add the suite's updates and security sources, then upgrade.
-    Upgrade { suite: String, mirror: Option<String> },
+    Upgrade { suite: String },
     Packages(Vec<String>),
     Files { files: Vec<FileSpec>, origin: std::path::PathBuf },
     Run(Vec<String>),
@@ -64,21 +81,24 @@ pub struct ImagePlan {
 
 /// Resolve a recipe into steps and keys. Reads the copied files (for their
 /// digests) and nothing else.
-pub fn make(recipe: &Recipe) -> Result<Plan> {
+pub fn make(recipe: &Recipe, locks: &Locks) -> Result<Plan> {
     let mut steps = Vec::new();
+    let push = |steps: &mut Vec<Step>, layer: &str, origin: &Path, kind, spec, files, action| {
+        push(steps, locks, layer, origin, kind, spec, files, action)
+    };
     let BaseSpec { suite, variant, packages, mirror: _ } = &recipe.base;
     let mut base_spec = vec![format!("suite={suite}"), format!("variant={variant}")];
     base_spec.extend(sorted(packages).into_iter().map(|p| format!("package={p}")));
-    push(&mut steps, "base", StepKind::Base, base_spec, vec![], Action::Base(recipe.base.clone()));
+    push(&mut steps, "base", &recipe.base_defined_in, StepKind::Base, base_spec, vec![], Action::Base(recipe.base.clone()));
 
     for layer in &recipe.layers {
         if layer.upgrade {
-            let action = Action::Upgrade { suite: suite.clone(), mirror: recipe.base.mirror.clone() };
-            push(&mut steps, &layer.name, StepKind::Upgrade, vec![format!("suite={suite}")], vec![], action);
+            let action = Action::Upgrade { suite: suite.clone() };
+            push(&mut steps, &layer.name, &layer.defined_in, StepKind::Upgrade, vec![format!("suite={suite}")], vec![], action);
         }
         if !layer.packages.is_empty() {
             let pkgs = sorted(&layer.packages);
-            push(&mut steps, &layer.name, StepKind::Packages, pkgs.clone(), vec![], Action::Packages(pkgs));
+            push(&mut steps, &layer.name, &layer.defined_in, StepKind::Packages, pkgs.clone(), vec![], Action::Packages(pkgs));
         }
         if !layer.files.is_empty() {
             let files = layer
@@ -91,10 +111,10 @@ pub fn make(recipe: &Recipe) -> Result<Plan> {
                     Ok(FileInput { src: f.src_name.clone(), dest: f.dest.clone(), mode: f.mode, owner: f.owner.clone(), sha256 })
                 })
                 .collect::<Result<Vec<_>>>()?;
-            push(&mut steps, &layer.name, StepKind::Files, vec![], files, Action::Files { files: layer.files.clone(), origin: layer.defined_in.clone() });
+            push(&mut steps, &layer.name, &layer.defined_in, StepKind::Files, vec![], files, Action::Files { files: layer.files.clone(), origin: layer.defined_in.clone() });
         }
         if !layer.run.is_empty() {
-            push(&mut steps, &layer.name, StepKind::Run, layer.run.clone(), vec![], Action::Run(layer.run.clone()));
+            push(&mut steps, &layer.name, &layer.defined_in, StepKind::Run, layer.run.clone(), vec![], Action::Run(layer.run.clone()));
         }
     }
 
@@ -116,11 +136,18 @@ pub fn make(recipe: &Recipe) -> Result<Plan> {
     Ok(Plan { recipe: recipe.clone(), steps, image: ImagePlan { inputs, key, spec } })
 }
 
-fn push(steps: &mut Vec<Step>, layer: &str, kind: StepKind, spec: Vec<String>, files: Vec<FileInput>, action: Action) {
+#[allow(clippy::too_many_arguments)]
+fn push(steps: &mut Vec<Step>, locks: &Locks, layer: &str, origin: &Path, kind: StepKind, spec: Vec<String>, files: Vec<FileInput>, action: Action) {
     let parent = steps.last().map(|s: &Step| s.key);
-    let inputs = StepInputs { parent, kind, spec, files, lock: None };
+    let id = if kind == StepKind::Base { "base".to_owned() } else { format!("{layer}/{}", kind.as_str()) };
+    let lock = if matches!(kind, StepKind::Base | StepKind::Upgrade | StepKind::Packages) {
+        locks.get(origin, &id).filter(|l| l.spec == spec).cloned()
+    } else {
+        None
+    };
+    let inputs = StepInputs { parent, kind, spec, files, lock: lock.as_ref().map(StepLock::digest) };
     let key = inputs.key();
-    steps.push(Step { layer: layer.to_owned(), inputs, key, action });
+    steps.push(Step { layer: layer.to_owned(), origin: origin.to_owned(), lock, inputs, key, action });
 }
 
 fn sorted(items: &[String]) -> Vec<String> {
@@ -143,6 +170,9 @@ pub enum Reason {
     NotInStore,
     /// `--refresh` was given.
     Refresh,
+    /// Installs packages but has no pins yet: it will be resolved against
+    /// the archive, and its key is known only then.
+    Unlocked,
     SpecChanged,
     FileChanged(Vec<String>),
     LockChanged,
@@ -156,6 +186,7 @@ impl std::fmt::Display for Reason {
         match self {
             Reason::NotInStore => f.write_str("not in store"),
             Reason::Refresh => f.write_str("--refresh"),
+            Reason::Unlocked => f.write_str("not locked: resolve against the archive"),
             Reason::SpecChanged => f.write_str("spec changed"),
             Reason::FileChanged(files) => write!(f, "file changed: {}", files.join(", ")),
             Reason::LockChanged => f.write_str("lock changed"),

@@ -44,6 +44,8 @@ pub struct Recipe {
     pub sources: Vec<PathBuf>,
     pub image: ImageSpec,
     pub base: BaseSpec,
+    /// The recipe file that defines `[base]` (its lock pins the base).
+    pub base_defined_in: PathBuf,
     pub layers: Vec<LayerSpec>,
     pub volumes: Vec<VolumeSpec>,
     pub smoke: SmokeSpec,
@@ -302,7 +304,7 @@ fn resolve(path: &Path, merged: Merged, sources: Vec<PathBuf>) -> Result<Recipe>
     let Some(raw_base) = raw.base else {
         return Err(bad("base", "the recipe has no [base] table (directly or through extends)".into(), "add [base] with at least suite = \"trixie\", or extends = \"golden.toml\""));
     };
-    let base_file = base_origin.unwrap_or_else(|| path.to_owned());
+    let base_file = base_origin.unwrap_or_else(|| std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned()));
     let base_bad = |key: &str, problem: String, fix: &str| -> anyhow::Error {
         BadInput::new(&base_file, key, problem, fix).into()
     };
@@ -344,7 +346,7 @@ fn resolve(path: &Path, merged: Merged, sources: Vec<PathBuf>) -> Result<Recipe>
     }
 
     let smoke = resolve_smoke(path, raw.smoke.unwrap_or_default())?;
-    Ok(Recipe { path: path.to_owned(), sources, image: ImageSpec { name, size, format, hostname, cmdline }, base, layers, volumes, smoke })
+    Ok(Recipe { path: path.to_owned(), sources, image: ImageSpec { name, size, format, hostname, cmdline }, base, base_defined_in: base_file, layers, volumes, smoke })
 }
 
 fn resolve_layer(i: usize, layer: RawLayer, origin: &Path) -> Result<LayerSpec> {

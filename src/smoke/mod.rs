@@ -1,2 +1,652 @@
 //! Boot smoke: prove in QEMU that an image boots and its services work.
-//! (Being written; see issue 3.)
+//!
+//! # The protocol
+//!
+//! kiln never changes the image to test it. The VM boots a throwaway qcow2
+//! overlay on the built disk (so the disk is opened read-only) with UEFI
+//! firmware and a throwaway copy of its variable store. Three SMBIOS
+//! credentials, which systemd ≥ 256 imports at boot, carry kiln's part in:
+//! a unit (`systemd.extra-unit.kiln-smoke.service`), a drop-in that makes
+//! multi-user.target want it, and the check script the unit runs.
+//!
+//! The script waits until `systemctl is-system-running` leaves "starting"
+//! (bounded), reports the state and the failed units, runs each check with
+//! `sh -c` and reports its exit code and last lines, then says `done`. Each
+//! report is one line that starts `KILN-SMOKE-<nonce>`, with a nonce drawn
+//! fresh for every boot, so no other text can pass for a result. The
+//! reports go to a second serial port, ttyS1, that QEMU writes to a file
+//! kiln tails: the console, ttyS0, is no good for them, because the serial
+//! getty's vhangup() cuts off every writer that opened it before, and
+//! kernel messages interleave with them. Both are merged into the log. Then the guest powers off, after a pause when there are HTTP
+//! checks, which kiln makes itself, from the host, through user-mode
+//! networking's host forwards, as soon as it reads `done`. kiln does not
+//! wait for the guest's power-off: once it has a verdict it kills QEMU.
+//!
+//! While waiting, kiln also reads the console for the ways a boot dies
+//! early (kernel panic, emergency mode, an initramfs that cannot find the
+//! root file system, the firmware's shell when there is nothing to boot)
+//! and fails at once with that reason instead of waiting for the timeout.
+//!
+//! A guest whose systemd is older than 256 never runs kiln's unit: kiln
+//! then takes a login prompt on the console as "booted", runs the HTTP
+//! checks, and fails if the recipe has in-guest checks, since they could
+//! not run (a check that did not run did not pass).
+//!
+//! Results: `Ok(Ok(report))` passed, `Ok(Err(failure))` the image failed
+//! (exit code 3), `Err` kiln itself broke or was interrupted.
+
+mod accel;
+mod console;
+mod firmware;
+mod guest;
+mod http;
+mod qemu;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+pub use accel::Accel;
+#[allow(unused_imports)] // the build stage and main.rs will use them
+pub use firmware::{find_firmware, Firmware};
+
+use crate::cmd;
+use crate::recipe::SmokeSpec;
+use console::{Console, Event, Marker};
+
+/// How often the wait loop wakes to check the clock and Ctrl-C.
+const POLL: Duration = Duration::from_millis(100);
+/// After a fatal console message, keep logging this long so the log holds
+/// the whole story (a panic's stack trace follows its first line).
+const FATAL_LINGER: Duration = Duration::from_secs(1);
+/// After a login prompt, how long kiln's unit may take to say `begin`
+/// before kiln decides the guest did not import its credentials.
+const UNIT_START_GRACE: Duration = Duration::from_secs(30);
+/// First systemd that imports SMBIOS credentials as units and drop-ins.
+const SYSTEMD_WITH_CREDENTIALS: u32 = 256;
+/// How long the guest stays up after `done` for the host's HTTP checks
+/// (kiln kills the VM as soon as it is finished with them).
+const HTTP_HOLD_BASE_SECS: u64 = 60;
+/// Least time the guest waits for its boot to finish; otherwise half the
+/// smoke timeout, so kiln hears about a stuck boot before its own timeout.
+const MIN_SETTLE_SECS: u64 = 10;
+
+/// How to run a smoke boot.
+#[derive(Debug, Clone)]
+pub struct SmokeOptions {
+    pub accel: Accel,
+    /// `--firmware`
+    pub firmware: Option<PathBuf>,
+    /// A folder in the store for the cached KVM verdict (created if missing).
+    pub state_dir: PathBuf,
+    /// The serial console is written here, pass or fail.
+    pub log_path: PathBuf,
+    /// Also stream the console to stderr.
+    pub verbose: bool,
+    /// Extra disks to attach (virtio), in order.
+    pub volumes: Vec<PathBuf>,
+}
+
+/// A passed smoke.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SmokeReport {
+    /// `kvm` or `tcg`.
+    pub accel: String,
+    /// From QEMU's start to the guest reporting the boot finished.
+    pub boot_secs: f64,
+    /// The whole smoke stage, firmware lookup to verdict.
+    pub total_secs: f64,
+    /// In-guest checks plus HTTP checks.
+    pub checks_passed: usize,
+    pub checks_total: usize,
+    /// `systemctl is-system-running` once the boot finished.
+    pub system_state: String,
+    /// The guest's systemd, when it printed it.
+    pub systemd_version: Option<u32>,
+    pub firmware: String,
+    pub log: PathBuf,
+    /// Anything the user should know about a pass (e.g. old systemd).
+    pub note: Option<String>,
+}
+
+/// Why an image failed its smoke.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SmokeFailure {
+    /// QEMU exited at once, with its stderr.
+    QemuFailed { command: String, stderr: String },
+    /// The firmware found nothing it could boot.
+    NotBootable { detail: String },
+    KernelPanic { line: String, tail: Vec<String> },
+    /// systemd (or dracut) emergency or rescue mode.
+    Emergency { line: String, tail: Vec<String> },
+    /// The initramfs could not find the root file system.
+    NoRootFs { line: String, tail: Vec<String> },
+    /// The boot did not finish: state stayed "starting", with the jobs left.
+    BootStuck { state: String, jobs: Vec<String> },
+    /// Units that failed during boot.
+    FailedUnits { units: Vec<String> },
+    /// An in-guest check exited non-zero (or never reported).
+    CheckFailed { index: usize, command: String, exit_code: Option<i32>, tail: Vec<String> },
+    HttpMismatch { port: u16, path: String, expected: String, got: String },
+    /// systemd < 256 (or no credential import): the checks could not run.
+    ChecksCannotRun { systemd_version: Option<u32>, checks: usize },
+    /// The VM stopped before kiln had a verdict.
+    GuestStopped { status: String, tail: Vec<String> },
+    Timeout { secs: u64, waiting_for: String, tail: Vec<String> },
+}
+
+fn lines(f: &mut fmt::Formatter<'_>, tail: &[String]) -> fmt::Result {
+    for line in tail {
+        write!(f, "\n    {line}")?;
+    }
+    Ok(())
+}
+
+impl fmt::Display for SmokeFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SmokeFailure::QemuFailed { command, stderr } => {
+                write!(f, "QEMU failed to start: {stderr}\n  command: {command}")
+            }
+            SmokeFailure::NotBootable { detail } => {
+                write!(f, "the firmware found nothing to boot ({detail}); is there an EFI/BOOT/BOOTX64.EFI on the ESP?")
+            }
+            SmokeFailure::KernelPanic { line, tail } => {
+                write!(f, "the kernel panicked: {line}\n  last console lines:")?;
+                lines(f, tail)
+            }
+            SmokeFailure::Emergency { line, tail } => {
+                write!(f, "the guest dropped into emergency/rescue mode: {line}\n  last console lines:")?;
+                lines(f, tail)
+            }
+            SmokeFailure::NoRootFs { line, tail } => {
+                write!(f, "the initramfs could not find the root file system: {line}\n  last console lines:")?;
+                lines(f, tail)
+            }
+            SmokeFailure::BootStuck { state, jobs } => {
+                write!(f, "the boot did not finish (system state {state:?}); jobs still queued:")?;
+                lines(f, jobs)
+            }
+            SmokeFailure::FailedUnits { units } => write!(f, "units failed during boot: {}", units.join(", ")),
+            SmokeFailure::CheckFailed { index, command, exit_code, tail } => {
+                match exit_code {
+                    Some(code) => write!(f, "check {index} `{command}` failed with exit code {code}")?,
+                    None => write!(f, "check {index} `{command}` reported no result")?,
+                }
+                if tail.is_empty() {
+                    write!(f, " (no output)")
+                } else {
+                    write!(f, "; its last output:")?;
+                    lines(f, tail)
+                }
+            }
+            SmokeFailure::HttpMismatch { port, path, expected, got } => {
+                write!(f, "HTTP check on guest port {port} path {path}: expected {expected}, got {got}")
+            }
+            SmokeFailure::ChecksCannotRun { systemd_version, checks } => {
+                let v = systemd_version.map_or("an unknown systemd".to_owned(), |v| format!("systemd {v}"));
+                write!(
+                    f,
+                    "the guest booted to a login prompt but its {checks} check(s) could not run: {v} did not start \
+                     kiln's check unit (SMBIOS credentials need systemd {SYSTEMD_WITH_CREDENTIALS} or newer)"
+                )
+            }
+            SmokeFailure::GuestStopped { status, tail } => {
+                write!(f, "the VM stopped before the checks reported ({status}); last console lines:")?;
+                lines(f, tail)
+            }
+            SmokeFailure::Timeout { secs, waiting_for, tail } => {
+                write!(f, "timed out after {secs}s waiting for {waiting_for}; last console lines:")?;
+                lines(f, tail)
+            }
+        }
+    }
+}
+
+/// Boot `disk` and run `spec`'s checks. See the module docs.
+pub fn run(disk: &Path, spec: &SmokeSpec, opts: &SmokeOptions) -> Result<Result<SmokeReport, SmokeFailure>> {
+    let started = Instant::now();
+    cmd::check_interrupt()?;
+    let firmware = find_firmware(opts.firmware.as_deref())?;
+    std::fs::create_dir_all(&opts.state_dir).with_context(|| format!("creating {}", opts.state_dir.display()))?;
+    let (accel, fallback_note) = accel::choose(opts.accel, &firmware, &opts.state_dir)?;
+    if let Some(note) = fallback_note {
+        eprintln!("kiln: {note}");
+    }
+
+    // Everything temporary lives here and goes when this returns.
+    let tmp = tempfile::Builder::new().prefix("kiln-smoke-").tempdir().context("creating a temp dir for the smoke boot")?;
+    let vars_copy = tmp.path().join("efivars.fd");
+    let template = firmware.vars.as_ref().unwrap_or(&firmware.code);
+    std::fs::copy(template, &vars_copy).with_context(|| format!("copying firmware {}", template.display()))?;
+    let overlay = tmp.path().join("overlay.qcow2");
+    qemu::create_overlay(disk, &overlay)?;
+    let mut volumes = Vec::new();
+    for v in &opts.volumes {
+        volumes.push((v.clone(), qemu::disk_format(v)?));
+    }
+
+    let nonce = nonce()?;
+    let channel_path = tmp.path().join("channel");
+    let mut ports = BTreeMap::new();
+    for check in &spec.http {
+        if let std::collections::btree_map::Entry::Vacant(e) = ports.entry(check.port) {
+            e.insert(http::free_port()?);
+        }
+    }
+    let forwards: Vec<(u16, u16)> = ports.iter().map(|(guest, host)| (*host, *guest)).collect();
+    let plan = guest::GuestPlan {
+        nonce: &nonce,
+        checks: &spec.checks,
+        settle_secs: (spec.timeout.as_secs() / 2).max(MIN_SETTLE_SECS),
+        hold_secs: if spec.http.is_empty() { 0 } else { HTTP_HOLD_BASE_SECS + 10 * spec.http.len() as u64 },
+    };
+    let smbios = guest::credentials(&plan);
+    let args = qemu::args(&qemu::VmConfig {
+        accel,
+        firmware: &firmware,
+        vars_copy: &vars_copy,
+        disk: Some(&overlay),
+        volumes: &volumes,
+        smbios: &smbios,
+        forwards: &forwards,
+        channel: Some(&channel_path),
+        memory_mib: qemu::MEMORY_MIB,
+        cpus: qemu::CPUS,
+    });
+    let command = qemu::display(&args);
+
+    let mut log = ConsoleLog::create(&opts.log_path, opts.verbose)?;
+    log.note(&format!("kiln smoke: {command}"))?;
+    let mut watch = Watch {
+        spec,
+        ports: &ports,
+        console: Console::new(&guest::marker(&nonce)),
+        channel: Console::new(&guest::marker(&nonce)),
+        pending_channel: Vec::new(),
+        log,
+        guest: GuestReport::default(),
+        pending: Vec::new(),
+    };
+    let mut vm = qemu::Vm::spawn(&args, Some(&channel_path))?;
+    let boot_started = Instant::now();
+    let outcome = watch.wait(&mut vm, boot_started, &command);
+    drop(vm);
+    // Whatever happened, the log gets the rest of the console and a verdict.
+    let verdict = match &outcome {
+        Ok(Ok(_)) => "passed".to_owned(),
+        Ok(Err(failure)) => format!("FAILED: {failure}"),
+        Err(e) => format!("stopped: {e:#}"),
+    };
+    watch.log.finish(&watch.console, &verdict)?;
+    let passed = outcome?;
+    Ok(passed.map(|ready| SmokeReport {
+        accel: accel.to_owned(),
+        boot_secs: round(ready.boot.as_secs_f64()),
+        total_secs: round(started.elapsed().as_secs_f64()),
+        checks_passed: ready.checks_passed,
+        checks_total: spec.checks.len() + spec.http.len(),
+        system_state: watch.guest.state.clone().unwrap_or_else(|| "unknown".to_owned()),
+        systemd_version: watch.guest.systemd,
+        firmware: format!("{} ({})", firmware.code.display(), firmware.origin),
+        log: opts.log_path.clone(),
+        note: ready.note,
+    }))
+}
+
+fn round(secs: f64) -> f64 {
+    (secs * 10.0).round() / 10.0
+}
+
+/// A fresh random nonce: 16 hex digits.
+fn nonce() -> Result<String> {
+    let mut bytes = [0u8; 8];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("reading /dev/urandom")?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// What the guest reported so far.
+#[derive(Default)]
+struct GuestReport {
+    begun: bool,
+    state: Option<String>,
+    jobs: Vec<String>,
+    failed_units: Vec<String>,
+    current_check: Option<usize>,
+    outputs: BTreeMap<usize, Vec<String>>,
+    exits: BTreeMap<usize, i32>,
+    systemd: Option<u32>,
+}
+
+/// How a pass went.
+struct Ready {
+    boot: Duration,
+    checks_passed: usize,
+    note: Option<String>,
+}
+
+struct Watch<'a> {
+    spec: &'a SmokeSpec,
+    /// Guest port → host port.
+    ports: &'a BTreeMap<u16, u16>,
+    /// The serial console (ttyS0).
+    console: Console,
+    /// kiln's report channel (ttyS1).
+    channel: Console,
+    log: ConsoleLog,
+    guest: GuestReport,
+    /// Bytes of an unfinished UTF-8 character between reads, per stream.
+    pending: Vec<u8>,
+    pending_channel: Vec<u8>,
+}
+
+impl Watch<'_> {
+    /// Read the console until there is a verdict.
+    fn wait(&mut self, vm: &mut qemu::Vm, boot_started: Instant, command: &str) -> Result<Result<Ready, SmokeFailure>> {
+        let timeout = self.spec.timeout;
+        let mut fatal: Option<(SmokeFailure, Instant)> = None;
+        let mut ready_at: Option<Duration> = None;
+        let mut login_at: Option<Instant> = None;
+        loop {
+            cmd::check_interrupt()?;
+            if let Some((_, until)) = &fatal {
+                if Instant::now() >= *until {
+                    let (failure, _) = fatal.take().expect("checked above");
+                    return Ok(Err(self.with_tail(failure)));
+                }
+            }
+            match vm.output.recv_timeout(POLL) {
+                Ok(chunk) => {
+                    for event in self.feed(chunk)? {
+                        if fatal.is_some() {
+                            continue;
+                        }
+                        match event {
+                            Event::Marker(Marker::Done(n)) => {
+                                return self.judge(n, ready_at.unwrap_or(boot_started.elapsed()));
+                            }
+                            Event::Marker(m) => {
+                                if matches!(m, Marker::State(_)) {
+                                    ready_at = Some(boot_started.elapsed());
+                                }
+                                self.record(m);
+                            }
+                            Event::SystemdVersion(v) => self.guest.systemd = Some(v),
+                            Event::LoginPrompt => {
+                                login_at.get_or_insert_with(Instant::now);
+                            }
+                            Event::KernelPanic(line) => {
+                                fatal = Some((SmokeFailure::KernelPanic { line, tail: vec![] }, Instant::now() + FATAL_LINGER))
+                            }
+                            Event::Emergency(line) => {
+                                fatal = Some((SmokeFailure::Emergency { line, tail: vec![] }, Instant::now() + FATAL_LINGER))
+                            }
+                            Event::NoRoot(line) => {
+                                fatal = Some((SmokeFailure::NoRootFs { line, tail: vec![] }, Instant::now() + FATAL_LINGER))
+                            }
+                            Event::NotBootable(detail) => {
+                                fatal = Some((SmokeFailure::NotBootable { detail }, Instant::now()))
+                            }
+                        }
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    // The console closed: QEMU is gone. Reap and explain.
+                    let status = loop {
+                        if let Some(status) = vm.try_exited()? {
+                            break status;
+                        }
+                        std::thread::sleep(POLL);
+                    };
+                    if let Some((failure, _)) = fatal.take() {
+                        return Ok(Err(self.with_tail(failure)));
+                    }
+                    let stderr = vm.stderr();
+                    if !status.success() && !stderr.is_empty() && !self.guest.begun {
+                        return Ok(Err(SmokeFailure::QemuFailed { command: command.to_owned(), stderr }));
+                    }
+                    return Ok(Err(SmokeFailure::GuestStopped { status: status.to_string(), tail: self.console.tail() }));
+                }
+            }
+            // An old systemd never starts kiln's unit: a login prompt then
+            // is as far as the boot can be followed.
+            if let (Some(at), false) = (login_at, self.guest.begun) {
+                let old = self.guest.systemd.is_some_and(|v| v < SYSTEMD_WITH_CREDENTIALS);
+                if fatal.is_none() && (old || at.elapsed() > UNIT_START_GRACE) {
+                    return self.judge_without_unit(boot_started.elapsed());
+                }
+            }
+            if boot_started.elapsed() > timeout && fatal.is_none() {
+                return Ok(Err(SmokeFailure::Timeout {
+                    secs: timeout.as_secs(),
+                    waiting_for: self.waiting_for(),
+                    tail: self.console.tail(),
+                }));
+            }
+        }
+    }
+
+    fn feed(&mut self, chunk: qemu::Chunk) -> Result<Vec<Event>> {
+        let (pending, console, bytes) = match chunk {
+            qemu::Chunk::Console(b) => (&mut self.pending, &mut self.console, b),
+            qemu::Chunk::Channel(b) => (&mut self.pending_channel, &mut self.channel, b),
+        };
+        pending.extend_from_slice(&bytes);
+        let valid = match std::str::from_utf8(pending) {
+            Ok(s) => s.len(),
+            // An incomplete character at the end waits for the next read;
+            // an invalid one is replaced.
+            Err(e) if e.error_len().is_none() => e.valid_up_to(),
+            Err(_) => pending.len(),
+        };
+        let text: Vec<u8> = pending.drain(..valid).collect();
+        let (lines, events) = console.feed(&String::from_utf8_lossy(&text));
+        for line in &lines {
+            self.log.line(line)?;
+        }
+        Ok(events)
+    }
+
+    fn record(&mut self, m: Marker) {
+        let g = &mut self.guest;
+        match m {
+            Marker::Begin => g.begun = true,
+            Marker::State(s) => g.state = Some(s),
+            Marker::Job(j) => g.jobs.push(j),
+            Marker::FailedUnit(u) => g.failed_units.push(u),
+            Marker::CheckStart(n) => g.current_check = Some(n),
+            Marker::Out(n, line) => g.outputs.entry(n).or_default().push(line),
+            Marker::CheckEnd(n, rc) => {
+                g.exits.insert(n, rc);
+                g.current_check = None;
+            }
+            Marker::Done(_) => {}
+        }
+    }
+
+    fn waiting_for(&self) -> String {
+        let g = &self.guest;
+        match (g.begun, &g.state, g.current_check) {
+            (false, _, _) => "the guest to boot and start kiln's check unit".to_owned(),
+            (true, None, _) => "the boot to finish (systemctl is-system-running)".to_owned(),
+            (true, Some(_), Some(n)) => {
+                let cmd = self.spec.checks.get(n - 1).map_or("?", String::as_str);
+                format!("check {n} `{cmd}` to finish")
+            }
+            (true, Some(_), None) => "the checks to finish".to_owned(),
+        }
+    }
+
+    /// The guest said `done`: decide.
+    fn judge(&mut self, reported: usize, boot: Duration) -> Result<Result<Ready, SmokeFailure>> {
+        let g = &self.guest;
+        if !g.failed_units.is_empty() {
+            return Ok(Err(SmokeFailure::FailedUnits { units: g.failed_units.clone() }));
+        }
+        let state = g.state.clone().unwrap_or_default();
+        if state != "running" {
+            return Ok(Err(SmokeFailure::BootStuck { state, jobs: g.jobs.clone() }));
+        }
+        for (i, command) in self.spec.checks.iter().enumerate() {
+            let n = i + 1;
+            let exit = g.exits.get(&n).copied();
+            if exit != Some(0) || reported != self.spec.checks.len() {
+                return Ok(Err(SmokeFailure::CheckFailed {
+                    index: n,
+                    command: command.clone(),
+                    exit_code: exit,
+                    tail: g.outputs.get(&n).cloned().unwrap_or_default(),
+                }));
+            }
+        }
+        if let Err(failure) = self.http_checks()? {
+            return Ok(Err(failure));
+        }
+        Ok(Ok(Ready { boot, checks_passed: self.spec.checks.len() + self.spec.http.len(), note: None }))
+    }
+
+    /// No check unit ran (old systemd): a login prompt is the best sign.
+    fn judge_without_unit(&mut self, boot: Duration) -> Result<Result<Ready, SmokeFailure>> {
+        let version = self.guest.systemd;
+        if !self.spec.checks.is_empty() {
+            return Ok(Err(SmokeFailure::ChecksCannotRun { systemd_version: version, checks: self.spec.checks.len() }));
+        }
+        if let Err(failure) = self.http_checks()? {
+            return Ok(Err(failure));
+        }
+        self.guest.state = Some("login prompt".to_owned());
+        let v = version.map_or("an unknown systemd".to_owned(), |v| format!("systemd {v}"));
+        Ok(Ok(Ready {
+            boot,
+            checks_passed: self.spec.http.len(),
+            note: Some(format!(
+                "{v} did not run kiln's check unit; the boot was judged by its login prompt only, \
+                 so failed units were not looked for"
+            )),
+        }))
+    }
+
+    fn http_checks(&mut self) -> Result<Result<(), SmokeFailure>> {
+        for check in &self.spec.http {
+            let host_port = self.ports[&check.port];
+            let got = http::get(host_port, &check.path)?;
+            let line = match &got {
+                Ok(r) => format!("HTTP GET :{}{} -> status {}", check.port, check.path, r.status),
+                Err(why) => format!("HTTP GET :{}{} -> {why}", check.port, check.path),
+            };
+            self.log.note(&line)?;
+            if let Err((expected, got)) = http::judge(check, &got) {
+                return Ok(Err(SmokeFailure::HttpMismatch { port: check.port, path: check.path.clone(), expected, got }));
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    fn with_tail(&self, failure: SmokeFailure) -> SmokeFailure {
+        let tail = self.console.tail();
+        match failure {
+            SmokeFailure::KernelPanic { line, .. } => SmokeFailure::KernelPanic { line, tail },
+            SmokeFailure::Emergency { line, .. } => SmokeFailure::Emergency { line, tail },
+            SmokeFailure::NoRootFs { line, .. } => SmokeFailure::NoRootFs { line, tail },
+            other => other,
+        }
+    }
+}
+
+/// `out/NAME.smoke.log`: the cleaned serial console, plus kiln's own
+/// lines (the command, HTTP results, the verdict) starting with `# kiln:`.
+struct ConsoleLog {
+    file: File,
+    path: PathBuf,
+    verbose: bool,
+}
+
+impl ConsoleLog {
+    fn create(path: &Path, verbose: bool) -> Result<ConsoleLog> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let file = File::create(path).with_context(|| format!("creating smoke log {}", path.display()))?;
+        Ok(ConsoleLog { file, path: path.to_owned(), verbose })
+    }
+
+    fn line(&mut self, line: &str) -> Result<()> {
+        if self.verbose {
+            eprintln!("  │ {line}");
+        }
+        writeln!(self.file, "{line}").with_context(|| format!("writing {}", self.path.display()))
+    }
+
+    fn note(&mut self, text: &str) -> Result<()> {
+        for l in text.lines() {
+            self.line(&format!("# kiln: {l}"))?;
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, console: &Console, verdict: &str) -> Result<()> {
+        let rest = console.unfinished();
+        if !rest.trim().is_empty() {
+            self.line(&rest)?;
+        }
+        self.note(&format!("verdict: {verdict}"))?;
+        self.file.sync_all().with_context(|| format!("syncing {}", self.path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_read_as_plain_words() {
+        let cases = [
+            (
+                SmokeFailure::CheckFailed {
+                    index: 2,
+                    command: "systemctl is-active nginx".into(),
+                    exit_code: Some(3),
+                    tail: vec!["inactive".into()],
+                },
+                "check 2 `systemctl is-active nginx` failed with exit code 3; its last output:\n    inactive",
+            ),
+            (
+                SmokeFailure::FailedUnits { units: vec!["a.service".into(), "b.mount".into()] },
+                "units failed during boot: a.service, b.mount",
+            ),
+            (
+                SmokeFailure::HttpMismatch {
+                    port: 80,
+                    path: "/".into(),
+                    expected: "status 200".into(),
+                    got: "status 404, body \"\"".into(),
+                },
+                "HTTP check on guest port 80 path /: expected status 200, got status 404, body \"\"",
+            ),
+            (
+                SmokeFailure::Timeout { secs: 180, waiting_for: "x".into(), tail: vec!["a".into(), "b".into()] },
+                "timed out after 180s waiting for x; last console lines:\n    a\n    b",
+            ),
+        ];
+        for (failure, want) in cases {
+            assert_eq!(failure.to_string(), want);
+        }
+    }
+
+    #[test]
+    fn nonces_are_fresh_hex() {
+        let (a, b) = (nonce().unwrap(), nonce().unwrap());
+        assert_eq!(a.len(), 16);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+}

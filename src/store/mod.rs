@@ -9,9 +9,11 @@
 //! ├── images-v1/<key>/
 //! │   ├── disk.qcow2 | disk.raw
 //! │   └── image.json
+//! ├── debs-v1/<sha256>.deb       every pinned .deb, by content (see debs.rs)
 //! ├── apt-v1/archives/            .deb files apt downloaded (bind-mounted into steps)
 //! ├── apt-v1/lists/<sources>/     apt's package lists, per set of apt sources
 //! ├── state-v1/recipes/<name>.json  the inputs of each recipe's last build, for "why"
+//! ├── state-v1/resolved/<key>.json  recent resolutions of unlocked steps
 //! ├── state-v1/smoke/             passing smoke results, per image key + smoke spec
 //! ├── state-v1/host/              host facts, such as the KVM probe verdict
 //! ├── state-v1/roots/<name>.json  every image each recipe built, newest last:
@@ -32,6 +34,8 @@
 //! to a dead run (a `kill -9` drops the flock with the process), so
 //! [`Store::clean_stale_staging`] removes it without guessing from pids.
 
+pub mod debs;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -45,6 +49,10 @@ pub mod integrity;
 pub mod lock;
 
 pub const LAYERS: &str = "layers-v1";
+/// How long a resolution of an unlocked step is reused for another recipe
+/// (or a deleted lock) with the same inputs, instead of asking the archive
+/// again. `kiln lock --update` always asks.
+pub const RESOLUTION_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 pub const IMAGES: &str = "images-v1";
 pub const CORRUPT: &str = "corrupt-v1";
 pub const LOCKS: &str = "locks";
@@ -300,6 +308,17 @@ impl Store {
         std::fs::rename(dir, &aside).with_context(|| format!("moving the corrupt entry {} to {}", dir.display(), aside.display()))?;
         crate::cmd::log_line(&format!("moved corrupt entry {} to {}", dir.display(), aside.display()));
         Ok(aside)
+    }
+
+    /// The pins an unlocked step with this (provisional) key resolved to,
+    /// if that happened within [`RESOLUTION_MAX_AGE`].
+    pub fn recent_resolution(&self, key: &Key) -> Option<crate::lock::StepLock> {
+        let pins: crate::lock::StepLock = read_json(&self.state_dir("resolved").join(format!("{}.json", key.hex()))).ok()?;
+        (now().saturating_sub(pins.resolved) < RESOLUTION_MAX_AGE.as_secs()).then_some(pins)
+    }
+
+    pub fn save_resolution(&self, key: &Key, pins: &crate::lock::StepLock) -> Result<()> {
+        write_json_atomic(&self.state_dir("resolved").join(format!("{}.json", key.hex())), pins)
     }
 
     pub fn recipe_state(&self, name: &str) -> RecipeState {

@@ -1,0 +1,268 @@
+//! Lock files: `recipes/NAME.lock`, next to the recipe, meant to be
+//! committed.
+//!
+//! A lock pins, for each step of the recipe's *own* layers that installs
+//! packages (the base, `upgrade`, `packages`), the exact packages that step
+//! installed or upgraded: name, version, architecture, the sha256 of the
+//! .deb, and where in the archive it lives (`main` or `security` plus its
+//! pool path, never a host name). Inherited layers are pinned by the parent
+//! recipe's lock, so every recipe that extends golden shares golden's pins.
+//!
+//! A step's key covers the digest of its locked set ([`StepLock::digest`]),
+//! so an unchanged lock means cache hits, and a lock change (a security
+//! update) rebuilds exactly that step and those above it. A step with no
+//! entry is *unlocked*: the build resolves it against the archive, stores the
+//! result under the key of the lock it produced, and writes the entry.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::error::BadInput;
+use crate::plan::key::bytes_digest;
+
+pub const LOCK_VERSION: u32 = 1;
+
+/// One lock file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockFile {
+    pub version: u32,
+    /// Step id (`base`, `security/upgrade`, `app/packages`) → its pins.
+    #[serde(default)]
+    pub steps: BTreeMap<String, StepLock>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepLock {
+    /// The step's settings when it was resolved (e.g. the packages asked
+    /// for). Pins resolved for other settings are stale and ignored, so
+    /// adding a package to a layer re-resolves that step only.
+    #[serde(default)]
+    pub spec: Vec<String>,
+    /// When this entry was resolved (seconds since the epoch). The newest
+    /// one is the image's SOURCE_DATE_EPOCH.
+    pub resolved: u64,
+    /// The archive state it was resolved against: `suite date` of each
+    /// Release file apt read.
+    #[serde(default)]
+    pub archive: Vec<String>,
+    #[serde(default)]
+    pub packages: Vec<LockedPackage>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockedPackage {
+    pub name: String,
+    pub version: String,
+    pub arch: String,
+    pub sha256: String,
+    /// `main` (the suite and its updates) or `security`.
+    pub archive: String,
+    /// Path below the archive root, e.g. `pool/main/n/nginx/…deb`.
+    pub path: String,
+}
+
+impl StepLock {
+    /// What the step key covers: the package set, not when or against
+    /// which archive state it was resolved.
+    pub fn digest(&self) -> String {
+        let mut lines: Vec<String> = self.packages.iter().map(|p| format!("{} {} {} {}", p.name, p.version, p.arch, p.sha256)).collect();
+        lines.sort();
+        bytes_digest(lines.join("\n").as_bytes())
+    }
+}
+
+/// The lock file path of a recipe file.
+pub fn path_for(recipe: &Path) -> PathBuf {
+    recipe.with_extension("lock")
+}
+
+impl LockFile {
+    /// Load a recipe's lock; a missing file is an empty lock.
+    pub fn load(path: &Path) -> Result<LockFile> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(LockFile { version: LOCK_VERSION, steps: BTreeMap::new() }),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let lock: LockFile = toml::from_str(&text).map_err(|e| {
+            let key = e.message().split('`').nth(1).unwrap_or("(syntax)").to_owned();
+            BadInput::new(path, key, format!("the lock file is damaged: {}", e.message().trim()), "restore it from version control, or delete it and run `kiln lock` to resolve it again")
+        })?;
+        if lock.version != LOCK_VERSION {
+            return Err(BadInput::new(path, "version", format!("lock version {} is not supported (this kiln writes {LOCK_VERSION})", lock.version), "re-resolve it with `kiln lock --update`").into());
+        }
+        for (id, step) in &lock.steps {
+            for (i, p) in step.packages.iter().enumerate() {
+                let hex_ok = p.sha256.len() == 64 && p.sha256.chars().all(|c| c.is_ascii_hexdigit());
+                let path_ok = p.path.starts_with("pool/") && !p.path.split('/').any(|c| c == ".." || c.is_empty());
+                let name_ok = !p.name.is_empty() && p.name.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+                let ver_ok = !p.version.is_empty() && p.version.chars().all(|c| c.is_ascii_alphanumeric() || "+-.:~".contains(c));
+                if !(hex_ok && path_ok && name_ok && ver_ok && ["main", "security"].contains(&p.archive.as_str())) {
+                    return Err(BadInput::new(
+                        path,
+                        format!("steps.\"{id}\".packages[{i}]"),
+                        format!("`{}` is not a valid locked package (name, version, sha256 of 64 hex digits, archive main|security, path under pool/)", p.name),
+                        "restore the lock from version control, or re-resolve it with `kiln lock --update`",
+                    )
+                    .into());
+                }
+            }
+        }
+        Ok(lock)
+    }
+
+    /// Write the lock, atomically, with a header saying what it is.
+    pub fn save(&self, path: &Path, recipe_name: &str) -> Result<()> {
+        let body = toml::to_string_pretty(self).context("serialising the lock file")?;
+        let text = format!(
+            "# kiln lock file for {recipe_name}: the exact packages each layer of this recipe\n\
+             # installs. Commit it. `kiln lock --update [LAYER]` re-resolves; `kiln build`\n\
+             # installs exactly these versions and checks every .deb against its sha256.\n\n{body}"
+        );
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("creating a temp file in {}", dir.display()))?;
+        use std::io::Write;
+        tmp.write_all(text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+        tmp.persist(path).with_context(|| format!("writing {}", path.display()))?;
+        Ok(())
+    }
+}
+
+/// The locks of a recipe and of every recipe it extends, by file.
+#[derive(Debug, Clone, Default)]
+pub struct Locks {
+    pub files: BTreeMap<PathBuf, LockFile>,
+}
+
+impl Locks {
+    /// Load the lock of every recipe file in `sources`.
+    pub fn load(sources: &[PathBuf]) -> Result<Locks> {
+        let mut files = BTreeMap::new();
+        for recipe in sources {
+            files.insert(recipe.clone(), LockFile::load(&path_for(recipe))?);
+        }
+        Ok(Locks { files })
+    }
+
+    pub fn get(&self, recipe: &Path, step: &str) -> Option<&StepLock> {
+        self.files.get(recipe)?.steps.get(step)
+    }
+
+    pub fn set(&mut self, recipe: &Path, step: &str, lock: StepLock) {
+        self.files.entry(recipe.to_owned()).or_insert_with(|| LockFile { version: LOCK_VERSION, steps: BTreeMap::new() }).steps.insert(step.to_owned(), lock);
+    }
+
+    pub fn remove(&mut self, recipe: &Path, step: &str) -> Option<StepLock> {
+        self.files.get_mut(recipe)?.steps.remove(step)
+    }
+
+    /// The newest resolution time over every pin: the image's clock.
+    pub fn source_date_epoch(&self) -> Option<u64> {
+        self.files.values().flat_map(|f| f.steps.values()).map(|s| s.resolved).max()
+    }
+
+    /// Write every lock file whose content differs from what is on disk.
+    pub fn save_changed(&self) -> Result<Vec<PathBuf>> {
+        let mut written = Vec::new();
+        for (recipe, lock) in &self.files {
+            let path = path_for(recipe);
+            let unchanged = if path.exists() { LockFile::load(&path).ok().as_ref() == Some(lock) } else { lock.steps.is_empty() };
+            if unchanged {
+                continue;
+            }
+            let name = recipe.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            lock.save(&path, &name)?;
+            written.push(path);
+        }
+        Ok(written)
+    }
+}
+
+/// `package old -> new` lines between two pins of one step. A package the
+/// old pins did not list shows the version `below` had (what the layer
+/// under the step installed), so an upgrade reads as one.
+pub fn changes_over(old: Option<&StepLock>, new: Option<&StepLock>, below: &BTreeMap<String, String>) -> Vec<String> {
+    changes(old, new)
+        .into_iter()
+        .map(|line| match line.split_once(" (none) -> ") {
+            Some((name, new)) => match below.get(name) {
+                Some(v) if v != new => format!("{name} {v} -> {new}"),
+                _ => line,
+            },
+            None => line,
+        })
+        .collect()
+}
+
+/// `package old -> new` lines between two pins of one step.
+pub fn changes(old: Option<&StepLock>, new: Option<&StepLock>) -> Vec<String> {
+    let map = |s: Option<&StepLock>| -> BTreeMap<(String, String), String> {
+        s.map(|s| s.packages.iter().map(|p| ((p.name.clone(), p.arch.clone()), p.version.clone())).collect()).unwrap_or_default()
+    };
+    let (a, b) = (map(old), map(new));
+    let mut out = Vec::new();
+    for ((name, _), v) in &b {
+        match a.iter().find(|((n, _), _)| n == name).map(|(_, v)| v) {
+            Some(o) if o == v => {}
+            Some(o) => out.push(format!("{name} {o} -> {v}")),
+            None => out.push(format!("{name} (none) -> {v}")),
+        }
+    }
+    for ((name, _), o) in &a {
+        if !b.keys().any(|(n, _)| n == name) {
+            out.push(format!("{name} {o} -> (none)"));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pkg(name: &str, version: &str) -> LockedPackage {
+        LockedPackage { name: name.into(), version: version.into(), arch: "amd64".into(), sha256: "a".repeat(64), archive: "main".into(), path: format!("pool/main/x/{name}.deb") }
+    }
+
+    #[test]
+    fn digest_ignores_order_and_resolution_time() {
+        let a = StepLock { spec: vec![], resolved: 1, archive: vec!["trixie x".into()], packages: vec![pkg("a", "1"), pkg("b", "1")] };
+        let b = StepLock { spec: vec![], resolved: 2, archive: vec![], packages: vec![pkg("b", "1"), pkg("a", "1")] };
+        assert_eq!(a.digest(), b.digest());
+        let c = StepLock { packages: vec![pkg("a", "2"), pkg("b", "1")], ..a.clone() };
+        assert_ne!(a.digest(), c.digest());
+    }
+
+    #[test]
+    fn round_trips_and_rejects_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.lock");
+        let mut lock = LockFile { version: LOCK_VERSION, steps: BTreeMap::new() };
+        lock.steps.insert("app/packages".into(), StepLock { spec: vec!["p".into()], resolved: 5, archive: vec![], packages: vec![pkg("curl", "8.1")] });
+        lock.save(&path, "x.toml").unwrap();
+        assert_eq!(LockFile::load(&path).unwrap(), lock);
+        let text = std::fs::read_to_string(&path).unwrap().replace(&"a".repeat(64), "nothex");
+        std::fs::write(&path, text).unwrap();
+        let err = LockFile::load(&path).unwrap_err();
+        assert!(err.is::<BadInput>(), "{err:#}");
+        assert!(err.to_string().contains("curl"), "{err:#}");
+        std::fs::write(&path, "version = 1\n[steps.x]\nresolved = 1\nbogus = 2\n").unwrap();
+        assert!(LockFile::load(&path).unwrap_err().to_string().contains("bogus"));
+        assert_eq!(LockFile::load(&dir.path().join("missing.lock")).unwrap().steps.len(), 0);
+    }
+
+    #[test]
+    fn changes_read_like_a_changelog() {
+        let old = StepLock { packages: vec![pkg("a", "1"), pkg("gone", "1")], ..Default::default() };
+        let new = StepLock { packages: vec![pkg("a", "2"), pkg("new", "3")], ..Default::default() };
+        assert_eq!(changes(Some(&old), Some(&new)), ["a 1 -> 2", "gone 1 -> (none)", "new (none) -> 3"]);
+        assert!(changes(Some(&old), Some(&old)).is_empty());
+    }
+}

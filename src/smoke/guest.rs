@@ -1,0 +1,222 @@
+//! What runs inside the guest: a check script, the systemd unit that runs
+//! it, and the SMBIOS credentials that carry both into an unchanged image.
+//!
+//! Everything the guest prints for kiln goes to its second serial port
+//! (ttyS1), one line each, starting with the run's marker, `KILN-SMOKE-<nonce>`, followed by an event (see
+//! [`super::console::Marker`]). The nonce is fresh for every boot, so
+//! nothing else on the console (kernel messages, a service echoing a
+//! previous log) can fake a result.
+
+use std::fmt::Write as _;
+
+/// Name of kiln's check unit in the guest.
+pub const UNIT_NAME: &str = "kiln-smoke.service";
+/// Name of the credential that carries the check script.
+const SCRIPT_CREDENTIAL: &str = "kiln-smoke.sh";
+/// Lines of each check's output reported back to the host.
+pub const CHECK_TAIL_LINES: usize = 20;
+/// How often the guest polls `systemctl is-system-running`.
+const SETTLE_POLL_MS: u64 = 200;
+
+/// What the guest script is asked to do.
+pub struct GuestPlan<'a> {
+    pub nonce: &'a str,
+    /// Shell commands, run in order with `sh -c`.
+    pub checks: &'a [String],
+    /// Bound on waiting for the boot to finish (leave "starting").
+    pub settle_secs: u64,
+    /// Seconds to stay up after reporting, so the host can run its HTTP
+    /// checks; 0 powers off at once.
+    pub hold_secs: u64,
+}
+
+/// The marker that starts every line the guest prints for kiln.
+pub fn marker(nonce: &str) -> String {
+    format!("KILN-SMOKE-{nonce}")
+}
+
+/// Quote a string as one POSIX shell word (always single quotes, so the
+/// guest's shell never expands anything in a check command).
+fn sh_word(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The check script, run by `/bin/sh` in the guest.
+pub fn script(plan: &GuestPlan) -> String {
+    let polls = (plan.settle_secs * 1000 / SETTLE_POLL_MS).max(1);
+    let mut s = format!(
+        r#"#!/bin/sh
+# kiln smoke checks, generated for one boot. Output goes to /dev/ttyS1.
+M={marker}
+say() {{ printf '%s %s\n' "$M" "$*"; }}
+say begin
+i=0
+while :; do
+  state=$(systemctl is-system-running 2>/dev/null)
+  case "$state" in initializing|starting) ;; *) break ;; esac
+  i=$((i + 1))
+  [ "$i" -lt {polls} ] || break
+  sleep {poll_s}
+done
+say state "$state"
+case "$state" in initializing|starting)
+  systemctl list-jobs --no-legend --no-pager --full 2>&1 | head -n 20 |
+    while IFS= read -r l || [ -n "$l" ]; do say job "$l"; done ;;
+esac
+systemctl list-units --state=failed --no-legend --plain --no-pager --full 2>&1 |
+  while read -r unit rest; do say failed-unit "$unit"; done
+run_check() {{
+  say check-start "$1"
+  out=$(mktemp)
+  sh -c "$2" </dev/null >"$out" 2>&1
+  rc=$?
+  tail -n {tail} "$out" | while IFS= read -r l || [ -n "$l" ]; do say out "$1" "$l"; done
+  rm -f "$out"
+  say check-end "$1" "$rc"
+}}
+"#,
+        marker = sh_word(&marker(plan.nonce)),
+        poll_s = SETTLE_POLL_MS as f64 / 1000.0,
+        tail = CHECK_TAIL_LINES,
+    );
+    for (i, check) in plan.checks.iter().enumerate() {
+        writeln!(s, "run_check {} {}", i + 1, sh_word(check)).expect("write to String");
+    }
+    writeln!(s, "say done {}", plan.checks.len()).expect("write to String");
+    if plan.hold_secs > 0 {
+        writeln!(s, "sleep {}", plan.hold_secs).expect("write to String");
+    }
+    s.push_str("systemctl poweroff --no-block\n");
+    s
+}
+
+/// kiln's check unit. `Type=simple` matters: the unit is ordered after
+/// multi-user.target, and a oneshot's start job would keep the system in
+/// "starting" until the script ends, which the script itself waits on.
+pub fn unit() -> String {
+    format!(
+        "[Unit]\n\
+         Description=kiln smoke checks\n\
+         After=multi-user.target\n\
+         \n\
+         [Service]\n\
+         Type=simple\n\
+         ImportCredential={SCRIPT_CREDENTIAL}\n\
+         ExecStart=/bin/sh -c 'exec /bin/sh \"$$CREDENTIALS_DIRECTORY/{SCRIPT_CREDENTIAL}\"'\n\
+         StandardOutput=file:/dev/ttyS1\n\
+         StandardError=inherit\n"
+    )
+}
+
+/// The drop-in that pulls kiln's unit into the boot.
+pub fn dropin() -> String {
+    format!("[Unit]\nWants={UNIT_NAME}\n")
+}
+
+/// The `-smbios` values (without `type=11,value=`) that hand the unit,
+/// the drop-in and the script to systemd ≥ 256 in the guest.
+pub fn credentials(plan: &GuestPlan) -> Vec<String> {
+    [
+        (format!("systemd.extra-unit.{UNIT_NAME}"), unit()),
+        ("systemd.unit-dropin.multi-user.target~kiln".to_owned(), dropin()),
+        (SCRIPT_CREDENTIAL.to_owned(), script(plan)),
+    ]
+    .into_iter()
+    .map(|(name, body)| format!("io.systemd.credential.binary:{name}={}", base64(body.as_bytes())))
+    .collect()
+}
+
+/// Standard base64 with padding (RFC 4648), as systemd expects.
+pub fn base64(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc4648_vectors() {
+        let cases = [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(base64(input.as_bytes()), want, "{input:?}");
+        }
+        assert_eq!(base64(&[0xff, 0xfe, 0xfd]), "//79");
+    }
+
+    fn plan<'a>(checks: &'a [String], hold: u64) -> GuestPlan<'a> {
+        GuestPlan { nonce: "0123abcd", checks, settle_secs: 60, hold_secs: hold }
+    }
+
+    #[test]
+    fn script_runs_each_check_quoted_and_reports_done() {
+        let checks = vec!["systemctl is-active nginx".to_owned(), "echo 'it''s' $HOME".to_owned()];
+        let s = script(&plan(&checks, 0));
+        assert!(s.contains("M='KILN-SMOKE-0123abcd'"), "{s}");
+        assert!(s.contains("run_check 1 'systemctl is-active nginx'\n"), "{s}");
+        assert!(s.contains(r#"run_check 2 'echo '\''it'\'''\''s'\'' $HOME'"#), "{s}");
+        assert!(s.contains("say done 2\n"), "{s}");
+        assert!(!s.contains("sleep 0\n"), "{s}");
+        assert!(s.ends_with("systemctl poweroff --no-block\n"), "{s}");
+        // 60 s of settling at 200 ms a poll.
+        assert!(s.contains("-lt 300 ]"), "{s}");
+    }
+
+    #[test]
+    fn script_holds_for_the_host_when_asked() {
+        let s = script(&plan(&[], 45));
+        assert!(s.contains("say done 0\nsleep 45\nsystemctl poweroff"), "{s}");
+    }
+
+    #[test]
+    fn the_script_is_valid_shell() {
+        let checks = vec!["true".to_owned(), "printf 'a\\nb'; exit 3".to_owned()];
+        let s = script(&plan(&checks, 0));
+        let out = std::process::Command::new("sh").args(["-n", "-c", &s]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    #[test]
+    fn unit_is_simple_and_reads_the_script_credential() {
+        let u = unit();
+        assert!(u.contains("Type=simple\n"));
+        assert!(u.contains("After=multi-user.target\n"));
+        assert!(u.contains("ImportCredential=kiln-smoke.sh\n"));
+        assert!(u.contains("$$CREDENTIALS_DIRECTORY/kiln-smoke.sh"));
+        assert!(u.contains("StandardOutput=file:/dev/ttyS1\n"));
+        assert_eq!(dropin(), "[Unit]\nWants=kiln-smoke.service\n");
+    }
+
+    #[test]
+    fn credentials_name_the_unit_dropin_and_script() {
+        let creds = credentials(&plan(&[], 0));
+        assert_eq!(creds.len(), 3);
+        assert!(creds[0].starts_with("io.systemd.credential.binary:systemd.extra-unit.kiln-smoke.service="));
+        assert!(creds[1].starts_with("io.systemd.credential.binary:systemd.unit-dropin.multi-user.target~kiln="));
+        assert!(creds[2].starts_with("io.systemd.credential.binary:kiln-smoke.sh="));
+        assert_eq!(creds[1].split_once('=').unwrap().1, base64(dropin().as_bytes()));
+        // QEMU's option parser treats ',' as a separator.
+        assert!(creds.iter().all(|c| !c.contains(',')));
+    }
+}
