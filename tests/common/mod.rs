@@ -3,7 +3,8 @@
 //! The integration tests run the real `kiln` binary with the real tools, as
 //! root, with no mocks. They are slow only the first time: every test that
 //! just needs warm layers uses one shared store ([`shared_store`]), and
-//! every recipe here uses golden's `[base]` ([`BASE`]) so the base layer
+//! every recipe here uses golden's `[base]` ([`BASE`]), written beside the
+//! same lock ([`RecipeDir::write_recipe`], [`base_lock`]), so the base layer
 //! (mmdebstrap, the only slow step) is built once and reused by all of them
 //! and by later runs. Each test gets its own `--out` folder and its own
 //! image name, so the store's per-recipe "last build" state (which says why
