@@ -42,6 +42,46 @@ pub enum Command {
     Smoke(SmokeArgs),
     /// Resolve the recipe's lock file (recipes/NAME.lock), or re-resolve layers
     Lock(LockArgs),
+    /// Inspect and maintain the store: ls, du, verify, gc
+    Cache(CacheArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CacheArgs {
+    #[command(subcommand)]
+    pub command: CacheCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// Every layer and image: size, age, and which recipes and images use it
+    Ls,
+    /// Disk use of each part of the store
+    Du,
+    /// Re-hash every entry and compare with the digest recorded when it was
+    /// stored; corrupt entries are moved to corrupt-v1/ (the next build rebuilds them)
+    Verify(VerifyArgs),
+    /// Keep the newest N images of each recipe and every layer they need;
+    /// remove the rest and print what that freed
+    Gc(GcArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Check metadata and sizes only (what a build checks before using an
+    /// entry), not the content of every file
+    #[arg(long)]
+    pub quick: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// Images to keep per recipe (newest first)
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub keep: usize,
+    /// Print what would be removed, remove nothing
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]

@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+use crate::error::exit as error_exit;
+
 /// Lines of output kept for an error message.
 const TAIL_LINES: usize = 25;
 /// Default bound on any one external program.
@@ -79,6 +81,88 @@ pub fn install_signal_handlers() {
         libc::signal(libc::SIGINT, handler);
         libc::signal(libc::SIGTERM, handler);
         libc::signal(libc::SIGHUP, handler);
+    }
+}
+
+/// Run the rest of kiln as process 1 of a new pid namespace, so that no
+/// process it starts can outlive it, even after a `kill -9`.
+///
+/// A child killed by [`Cmd`] on Ctrl-C takes its process group with it, but
+/// a `kill -9` of kiln itself runs no code: mmdebstrap, apt or QEMU would
+/// keep running, orphaned, and keep the mount namespace (and its overlays)
+/// alive. So kiln forks: the child becomes pid 1 of a new pid namespace and
+/// does the work; the parent only waits, forwards SIGINT/SIGTERM/SIGHUP,
+/// and exits with the child's status. When pid 1 of a namespace dies the
+/// kernel kills every process in it, and the child has
+/// `PR_SET_PDEATHSIG=SIGKILL`, so killing either process ends them all. The
+/// child gets its own /proc (in a private mount namespace) so that pids
+/// seen by the tools match their namespace.
+///
+/// Must be called before any other thread exists. Returns only in the child.
+pub fn isolate_processes() -> Result<()> {
+    // SAFETY: plain syscalls; fork with a single thread.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWPID) != 0 {
+            return Err(std::io::Error::last_os_error()).context("unshare(CLONE_NEWPID): kiln build must run as root");
+        }
+        // The parent holds the write end for as long as it lives, so the
+        // child can tell whether it died before PR_SET_PDEATHSIG was set.
+        let mut alive = [0; 2];
+        if libc::pipe2(alive.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+            return Err(std::io::Error::last_os_error()).context("pipe2");
+        }
+        let pid = libc::fork();
+        if pid < 0 {
+            return Err(std::io::Error::last_os_error()).context("fork");
+        }
+        if pid == 0 {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error()).context("prctl(PR_SET_PDEATHSIG)");
+            }
+            libc::close(alive[1]);
+            let mut poll = libc::pollfd { fd: alive[0], events: libc::POLLIN, revents: 0 };
+            if libc::poll(&mut poll, 1, 0) != 0 {
+                // Hung up: the parent died before prctl took effect.
+                libc::_exit(error_exit::FAILURE);
+            }
+            libc::close(alive[0]);
+            if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                return Err(std::io::Error::last_os_error()).context("unshare(CLONE_NEWNS)");
+            }
+            if libc::mount(std::ptr::null(), c"/".as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()) != 0 {
+                return Err(std::io::Error::last_os_error()).context("making / a private mount");
+            }
+            let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+            if libc::mount(c"proc".as_ptr(), c"/proc".as_ptr(), c"proc".as_ptr(), flags, std::ptr::null()) != 0 {
+                return Err(std::io::Error::last_os_error()).context("mounting /proc for kiln's pid namespace");
+            }
+            return Ok(());
+        }
+        libc::close(alive[0]);
+        let mut forwarded = false;
+        loop {
+            let mut status = 0;
+            let rc = libc::waitpid(pid, &mut status, libc::WNOHANG);
+            if rc == pid {
+                if libc::WIFEXITED(status) {
+                    std::process::exit(libc::WEXITSTATUS(status));
+                }
+                if libc::WIFSIGNALED(status) {
+                    std::process::exit(128 + libc::WTERMSIG(status));
+                }
+            } else if rc < 0 {
+                let err = std::io::Error::last_os_error();
+                if err.raw_os_error() != Some(libc::EINTR) {
+                    eprintln!("error: waiting for kiln's worker process: {err}");
+                    std::process::exit(error_exit::FAILURE);
+                }
+            }
+            if interrupted() && !forwarded {
+                libc::kill(pid, libc::SIGINT);
+                forwarded = true;
+            }
+            std::thread::sleep(POLL);
+        }
     }
 }
 

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::build::{self, BuildOptions, Summary};
 use crate::build::Row;
-use crate::cli::{BuildArgs, Global, LockArgs, PlanArgs, SmokeArgs};
+use crate::cli::{BuildArgs, CacheCommand, Global, LockArgs, PlanArgs, SmokeArgs};
 use crate::error::SmokeFailed;
 use crate::recipe::SmokeSpec;
 use crate::smoke::{SmokeOptions, SmokeReport};
@@ -47,6 +47,8 @@ fn prepare(global: &Global, recipe_path: &Path, what: &str) -> Result<Prepared> 
     let recipe = recipe::load(recipe_path)?;
     let locks = Locks::load(&recipe.sources)?;
     plan::make(&recipe, &locks)?;
+    // From here on a `kill -9` of kiln takes every process it started with it.
+    crate::cmd::isolate_processes()?;
     crate::build::mount::enter_private_namespace()?;
     let store = Store::open(&store_root(global))?;
     store.clean_stale_staging()?;
@@ -107,7 +109,17 @@ pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
     };
     let ui = Ui::new(global.json);
     let opts = BuildOptions { refresh: args.refresh, out_dir: global.out.clone(), layers_only: false, fresh_resolve: args.update.is_some() };
-    let (_, mut summary) = build::build(&recipe, &mut locks, &store, &opts, &ui).map_err(|e| e.context(format!("the full log is in {}", log_path.display())))?;
+    let (_, mut summary) = build::build(&recipe, &mut locks, &store, &opts, &ui).map_err(|e| {
+        let e = if crate::store::is_disk_full(&e) {
+            e.context(format!(
+                "the filesystem holding the store ({}) is full; nothing was added to the store: free space (`kiln cache gc`) and build again",
+                store.root().display()
+            ))
+        } else {
+            e
+        };
+        e.context(format!("the full log is in {}", log_path.display()))
+    })?;
     for written in locks.save_changed()? {
         eprintln!("wrote {}", written.display());
     }
@@ -442,4 +454,90 @@ pub fn plan(global: &Global, args: &PlanArgs) -> Result<()> {
 fn print_json<T: Serialize>(value: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(value).context("serialising JSON")?);
     Ok(())
+}
+
+/// `kiln cache ls|du|verify|gc`.
+pub fn cache(global: &Global, command: &CacheCommand) -> Result<()> {
+    use crate::store::gc::{self, human};
+    let root = store_root(global);
+    if !root.is_dir() {
+        anyhow::bail!("there is no store at {} (nothing built yet, or see --cache / KILN_CACHE_DIR)", root.display());
+    }
+    let store = Store::open(&root)?;
+    match command {
+        CacheCommand::Ls => {
+            let rows = gc::list(&store)?;
+            if global.json {
+                return print_json(&rows);
+            }
+            let now = crate::store::now();
+            let table_rows: Vec<Vec<String>> = rows
+                .iter()
+                .map(|r| {
+                    let users = r.recipes.join(",") + &if r.images.is_empty() { String::new() } else { format!(" ({} image{})", r.images.len(), if r.images.len() == 1 { "" } else { "s" }) };
+                    vec![r.kind.to_owned(), r.key[..12].to_owned(), r.what.clone(), human(r.bytes), age(now.saturating_sub(r.created)), if users.is_empty() { "-".into() } else { users }]
+                })
+                .collect();
+            print!("{}", table(&["KIND", "KEY", "WHAT", "SIZE", "AGE", "USED BY"], &table_rows));
+            println!("{} entries, {} in {}", rows.len(), human(rows.iter().map(|r| r.bytes).sum()), root.display());
+        }
+        CacheCommand::Du => {
+            let rows = gc::usage(&store)?;
+            if global.json {
+                return print_json(&rows);
+            }
+            let table_rows: Vec<Vec<String>> = rows.iter().map(|r| vec![r.section.clone(), r.entries.to_string(), human(r.bytes)]).collect();
+            print!("{}", table(&["PART", "ENTRIES", "SIZE"], &table_rows));
+        }
+        CacheCommand::Verify(args) => {
+            let _lock = crate::store::lock::lock(&store.lock_path("store"), crate::store::lock::Mode::Exclusive, "running builds to finish", || eprintln!("waiting for running builds to finish…"))?;
+            let rows = crate::store::verify_all(&store, if args.quick { crate::store::integrity::Depth::Meta } else { crate::store::integrity::Depth::Content })?;
+            if global.json {
+                print_json(&rows)?;
+            } else {
+                let table_rows: Vec<Vec<String>> = rows.iter().map(|r| vec![r.kind.to_owned(), r.key[..12].to_owned(), r.what.clone(), r.result.clone(), format!("{:.2}", r.seconds)]).collect();
+                print!("{}", table(&["KIND", "KEY", "WHAT", "RESULT", "SECONDS"], &table_rows));
+            }
+            let corrupt = rows.iter().filter(|r| r.result.starts_with("corrupt")).count();
+            if corrupt > 0 {
+                anyhow::bail!("{corrupt} corrupt entr{} moved to {}; the next build rebuilds {}", if corrupt == 1 { "y" } else { "ies" }, root.join(crate::store::CORRUPT).display(), if corrupt == 1 { "it" } else { "them" });
+            }
+            if !global.json {
+                println!("{} entries intact", rows.len());
+            }
+        }
+        CacheCommand::Gc(args) => {
+            let _lock = crate::store::lock::lock(&store.lock_path("store"), crate::store::lock::Mode::Exclusive, "running builds to finish", || eprintln!("waiting for running builds to finish…"))?;
+            let done = gc::collect(&store, args.keep, args.dry_run)?;
+            if global.json {
+                return print_json(&done);
+            }
+            let verb = if done.dry_run { "would remove" } else { "removed" };
+            for r in &done.removed {
+                println!("{verb} {} {} {} ({})", r.kind, &r.name[..r.name.len().min(12)], r.what, human(r.bytes));
+            }
+            println!(
+                "kept {} image{} and {} layer{}; {} {} entr{}, {} {}",
+                done.kept_images.len(),
+                if done.kept_images.len() == 1 { "" } else { "s" },
+                done.kept_layers,
+                if done.kept_layers == 1 { "" } else { "s" },
+                verb,
+                done.removed.len(),
+                if done.removed.len() == 1 { "y" } else { "ies" },
+                if done.dry_run { "would free" } else { "freed" },
+                human(done.freed)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn age(seconds: u64) -> String {
+    match seconds {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
 }

@@ -23,6 +23,7 @@ fn main() {
         cli::Command::Plan(args) => commands::plan(&cli.global, args),
         cli::Command::Lock(args) => commands::lock(&cli.global, args),
         cli::Command::Smoke(args) => commands::smoke(&cli.global, args),
+        cli::Command::Cache(args) => commands::cache(&cli.global, &args.command),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

@@ -103,6 +103,8 @@ fn step_freshness(step: &Step, store: &Store, refresh: bool, state: &RecipeState
 /// Returns the final plan (keys as locked) and the summary.
 pub fn build(recipe: &Recipe, locks: &mut Locks, store: &Store, opts: &BuildOptions, ui: &Ui) -> Result<(Plan, Summary)> {
     let started = Instant::now();
+    // Shared with other builds; `kiln cache gc` takes it exclusively.
+    let _store_lock = store.lock_for_build(|| eprintln!("waiting for `kiln cache gc` or `kiln cache verify` to finish…"))?;
     let ctx = Ctx {
         store,
         mirrors: sources::mirrors(recipe.base.mirror.as_deref(), Path::new("/etc/apt")),
@@ -128,9 +130,19 @@ pub fn build(recipe: &Recipe, locks: &mut Locks, store: &Store, opts: &BuildOpti
             }
         }
         let step = plan.steps[i].clone();
-        let row = match step_freshness(&step, store, opts.refresh, &state, false) {
-            Freshness::Cached => Row { stage: step.id(), key: step.key.short(), status: "cached".into(), reason: None, seconds: 0.0 },
-            Freshness::Build(reason) => {
+        // One run builds a key at a time; another that needs it waits, then
+        // finds it in the store. The lock also covers the integrity check
+        // and a corrupt entry's repair (see store::lock).
+        let (_key_lock, waited) = lock_key(store, &step.key, &step.id())?;
+        if waited && step.unlocked() && !opts.fresh_resolve && !opts.refresh && store.recent_resolution(&step.key).is_some() {
+            // The other run resolved this step meanwhile: start the step
+            // again, with its pins.
+            continue;
+        }
+        let fresh = step_freshness(&step, store, opts.refresh, &state, false);
+        let row = match usable(store, &step.key, &store.layer_dir(&step.key), fresh)? {
+            None => Row { stage: step.id(), key: step.key.short(), status: "cached".into(), reason: waited.then(|| "built by another kiln meanwhile".into()), seconds: 0.0 },
+            Some(reason) => {
                 let stage = ui.stage(&step.id(), &format!("building ({reason})"));
                 let result = build_step(&ctx, &step, &lowers).and_then(|built| {
                     let key = match &built.lock {
@@ -184,12 +196,14 @@ pub fn build(recipe: &Recipe, locks: &mut Locks, store: &Store, opts: &BuildOpti
     } else {
         Freshness::Build(plan::image_reason(&plan.image.inputs, state.image.as_ref()))
     };
-    let entry = match image_fresh {
-        Freshness::Cached => {
-            rows.push(Row { stage: "image".into(), key: image_key.short(), status: "cached".into(), reason: None, seconds: 0.0 });
+    // Held through the export, so two runs of one recipe never write out/ at once.
+    let (_image_lock, waited) = lock_key(store, &image_key, "the image")?;
+    let entry = match usable(store, &image_key, &store.image_dir(&image_key), image_fresh)? {
+        None => {
+            rows.push(Row { stage: "image".into(), key: image_key.short(), status: "cached".into(), reason: waited.then(|| "built by another kiln meanwhile".into()), seconds: 0.0 });
             store.image_entry(&image_key)?
         }
-        Freshness::Build(reason) => {
+        Some(reason) => {
             let stage = ui.stage("image", &format!("assembling ({reason})"));
             match build_image(&plan, store, &lowers, opts.refresh) {
                 Ok(entry) => {
@@ -211,6 +225,7 @@ pub fn build(recipe: &Recipe, locks: &mut Locks, store: &Store, opts: &BuildOpti
         image: Some(plan.image.inputs.clone()),
     };
     store.save_recipe_state(&recipe.image.name, &new_state)?;
+    store.add_root(&recipe.image.name, &recipe.path, &image_key)?;
     let summary = Summary {
         recipe: std::fs::canonicalize(&recipe.path).unwrap_or_else(|_| recipe.path.clone()).display().to_string(),
         image,
@@ -222,6 +237,36 @@ pub fn build(recipe: &Recipe, locks: &mut Locks, store: &Store, opts: &BuildOpti
         smoke: None,
     };
     Ok((plan, summary))
+}
+
+/// Take the lock of a key, saying in one line if another run holds it.
+/// Gives whether it had to wait.
+fn lock_key(store: &Store, key: &plan::Key, what: &str) -> Result<(store::lock::Lock, bool)> {
+    let mut waited = false;
+    let lock = store.lock_key(key, what, || {
+        waited = true;
+        eprintln!("{what}: another kiln is building it ({}); waiting for it", key.short());
+    })?;
+    Ok((lock, waited))
+}
+
+/// With the key's lock held: `None` when the entry is in the store and
+/// intact (so it is used as it is), else why it must be built. A corrupt
+/// entry is moved aside here and rebuilt; an entry that another run
+/// published while this one waited is used. A step that must be resolved
+/// (unlocked) or refreshed is built whatever the store holds.
+fn usable(store: &Store, key: &plan::Key, dir: &Path, fresh: Freshness) -> Result<Option<Reason>> {
+    if let Freshness::Build(reason @ (Reason::Refresh | Reason::Unlocked)) = fresh {
+        return Ok(Some(reason));
+    }
+    let present = dir.is_dir() && (store.has_layer(key) || store.has_image(key));
+    if present && store.check_before_use(dir, |m| eprintln!("{m}"))? {
+        return Ok(None);
+    }
+    Ok(Some(match fresh {
+        Freshness::Build(reason) => reason,
+        Freshness::Cached => Reason::NotInStore,
+    }))
 }
 
 /// A step built in its staging dir, not yet published.
@@ -238,12 +283,26 @@ struct Built {
 /// unlocked (and then pin what it installed), else from its pins only.
 fn build_step(ctx: &Ctx, step: &Step, lowers: &[PathBuf]) -> Result<Built> {
     let started = Instant::now();
-    let store = ctx.store;
     // Declared before the mounts so it is dropped (removed) after them.
-    let staging = store.staging()?;
-    store::claim(staging.path())?;
-    let tree = staging.path().join("tree");
-    let scratch = staging.path().join("scratch");
+    let staging = ctx.store.staging()?;
+    match stage_step(ctx, step, lowers, staging.path()) {
+        Ok((packages, changes, lock)) => Ok(Built { staging, packages, changes, lock, seconds: started.elapsed().as_secs_f64() }),
+        Err(e) => {
+            // A killed tool can leave its own mounts inside the tree.
+            if let Err(u) = store::unmount_under(staging.path()) {
+                crate::cmd::log_line(&format!("warning: {u:#}"));
+            }
+            Err(e)
+        }
+    }
+}
+
+type Staged = (Vec<store::Package>, Vec<store::PackageChange>, Option<StepLock>);
+
+fn stage_step(ctx: &Ctx, step: &Step, lowers: &[PathBuf], staging: &Path) -> Result<Staged> {
+    let store = ctx.store;
+    let tree = staging.join("tree");
+    let scratch = staging.join("scratch");
     let repo = scratch.join("repo");
     if let Some(pins) = &step.lock {
         let lock_path = crate::lock::path_for(&step.origin);
@@ -259,8 +318,8 @@ fn build_step(ctx: &Ctx, step: &Step, lowers: &[PathBuf]) -> Result<Built> {
         action => {
             let parent = step.inputs.parent.expect("only the base has no parent");
             let before = store.layer_entry(&parent)?.packages;
-            let work = staging.path().join("work");
-            let merged = staging.path().join("merged");
+            let work = staging.join("work");
+            let merged = staging.join("merged");
             for d in [&tree, &work, &merged] {
                 std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
             }
@@ -303,7 +362,7 @@ fn build_step(ctx: &Ctx, step: &Step, lowers: &[PathBuf]) -> Result<Built> {
         None => None,
     };
     store::remove_tree(&scratch).with_context(|| format!("removing {}", scratch.display()))?;
-    Ok(Built { staging, packages: after, changes, lock, seconds: started.elapsed().as_secs_f64() })
+    Ok((after, changes, lock))
 }
 
 /// The suite a step's packages come from (for the local repository).
@@ -320,14 +379,12 @@ fn publish_step(store: &Store, built: Built, step: &Step, replace: bool) -> Resu
     let Built { staging, packages, changes, lock: _, seconds } = built;
     let entry = LayerEntry { key: step.key, id: step.id(), inputs: step.inputs.clone(), changes, packages, seconds, created: store::now() };
     store::write_json_atomic(&staging.path().join("entry.json"), &entry)?;
-    std::fs::remove_file(staging.path().join(".kiln-pid")).context("removing the staging claim")?;
     store.publish(staging, &store.layer_dir(&step.key), replace)
 }
 
 fn build_image(plan: &Plan, store: &Store, lowers: &[PathBuf], replace: bool) -> Result<ImageEntry> {
     let started = Instant::now();
     let staging = store.staging()?;
-    store::claim(staging.path())?;
     let assembled = assemble::assemble(&plan.image, &plan.recipe.volumes, lowers, staging.path(), &plan.recipe.path)?;
     let sha256 = plan::key::file_digest(&assembled.disk).with_context(|| format!("hashing {}", assembled.disk.display()))?;
     let entry = ImageEntry {
@@ -340,7 +397,6 @@ fn build_image(plan: &Plan, store: &Store, lowers: &[PathBuf], replace: bool) ->
         created: store::now(),
     };
     store::write_json_atomic(&staging.path().join("image.json"), &entry)?;
-    std::fs::remove_file(staging.path().join(".kiln-pid")).context("removing the staging claim")?;
     store.publish(staging, &store.image_dir(&plan.image.key), replace)?;
     Ok(entry)
 }
@@ -362,7 +418,13 @@ fn export(store: &Store, entry: &ImageEntry, name: &str, out_dir: &Path) -> Resu
     }
     let src = store.image_dir(&entry.key).join(&entry.file);
     let tmp = out_dir.join(format!(".{name}.{ext}.tmp"));
-    crate::cmd::Cmd::new("cp").args(["--sparse=always", "--reflink=auto"]).arg(&src).arg(&tmp).run()?;
+    if let Err(e) = crate::cmd::Cmd::new("cp").args(["--sparse=always", "--reflink=auto"]).arg(&src).arg(&tmp).run() {
+        // Interrupted or out of space: leave no half copy in out/.
+        if let Err(r) = std::fs::remove_file(&tmp) {
+            crate::cmd::log_line(&format!("warning: removing {}: {r}", tmp.display()));
+        }
+        return Err(e);
+    }
     std::fs::rename(&tmp, &dest).with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
     let s = stamp(&dest).context("stat of the exported image")?;
     std::fs::write(&stamp_path, s).with_context(|| format!("writing {}", stamp_path.display()))?;

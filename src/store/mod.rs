@@ -16,13 +16,23 @@
 //! ├── state-v1/resolved/<key>.json  recent resolutions of unlocked steps
 //! ├── state-v1/smoke/             passing smoke results, per image key + smoke spec
 //! ├── state-v1/host/              host facts, such as the KVM probe verdict
+//! ├── state-v1/roots/<name>.json  every image each recipe built, newest last:
+//! │                               the roots `kiln cache gc` keeps
+//! ├── locks/                      flock files: per key, per recipe, the store (see lock)
+//! ├── corrupt-v1/<key>-<time>/    entries that failed their integrity check
 //! └── tmp/                        staging: entries are built here, then renamed
 //! ```
 //!
 //! An entry is built in `tmp/` and becomes visible with one `rename(2)` into
-//! `layers-v1/` or `images-v1/`, after its content has been synced, and only
-//! once its stage succeeded. A half-built entry is therefore never seen;
-//! whatever a killed run leaves in `tmp/` is removed by the next run.
+//! `layers-v1/` or `images-v1/`, after its content has been sealed (see
+//! [`integrity`]) and synced, and only once its stage succeeded. A
+//! half-built entry is therefore never seen; whatever a killed run leaves in
+//! `tmp/` is removed by the next run.
+//!
+//! A staging dir is claimed by its run with an flock on `.kiln-pid` inside
+//! it, held until the process exits: a dir whose claim nobody holds belongs
+//! to a dead run (a `kill -9` drops the flock with the process), so
+//! [`Store::clean_stale_staging`] removes it without guessing from pids.
 
 pub mod debs;
 
@@ -34,12 +44,23 @@ use serde::{Deserialize, Serialize};
 
 use crate::plan::{ImageInputs, Key, StepInputs};
 
+pub mod gc;
+pub mod integrity;
+pub mod lock;
+
 pub const LAYERS: &str = "layers-v1";
 /// How long a resolution of an unlocked step is reused for another recipe
 /// (or a deleted lock) with the same inputs, instead of asking the archive
 /// again. `kiln lock --update` always asks.
 pub const RESOLUTION_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 pub const IMAGES: &str = "images-v1";
+pub const CORRUPT: &str = "corrupt-v1";
+pub const LOCKS: &str = "locks";
+/// The claim file in a staging dir (see [`claim`]).
+pub const CLAIM: &str = ".kiln-pid";
+/// A staging dir younger than this without a claim may be one that another
+/// run has just created and is about to claim: left alone.
+const UNCLAIMED_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
 
 pub struct Store {
     root: PathBuf,
@@ -117,7 +138,7 @@ impl Store {
     }
 
     pub fn open(root: &Path) -> Result<Store> {
-        for sub in [LAYERS, IMAGES, "tmp", "apt-v1/archives/partial", "apt-v1/lists", "state-v1/recipes", "state-v1/smoke", "state-v1/host"] {
+        for sub in [LAYERS, IMAGES, "tmp", "apt-v1/archives/partial", "apt-v1/lists", "state-v1/recipes", "state-v1/smoke", "state-v1/host", "state-v1/roots", LOCKS, CORRUPT] {
             let dir = root.join(sub);
             std::fs::create_dir_all(&dir).with_context(|| format!("creating the store directory {}", dir.display()))?;
         }
@@ -172,20 +193,24 @@ impl Store {
         self.root.join("state-v1").join(sub)
     }
 
-    /// A fresh staging directory on the store's filesystem, removed when
-    /// dropped unless published.
+    /// A fresh staging directory on the store's filesystem, claimed by this
+    /// process, removed when dropped unless published.
     pub fn staging(&self) -> Result<tempfile::TempDir> {
-        tempfile::Builder::new()
+        let dir = tempfile::Builder::new()
             .prefix("stage-")
             .tempdir_in(self.root.join("tmp"))
-            .with_context(|| format!("creating a staging directory in {}", self.root.join("tmp").display()))
+            .with_context(|| format!("creating a staging directory in {}", self.root.join("tmp").display()))?;
+        claim(dir.path())?;
+        Ok(dir)
     }
 
     /// Make a staged entry visible under `dest` with one rename, after
-    /// syncing it to disk. If another build published the same key first,
-    /// theirs is kept (same key, same content) and ours is dropped, unless
-    /// `replace` (`--refresh`) moves the old one aside first.
+    /// sealing it (see [`integrity`]) and syncing it to disk. If another
+    /// build published the same key first, theirs is kept (same key, same
+    /// content) and ours is dropped, unless `replace` (`--refresh`) moves the
+    /// old one aside first.
     pub fn publish(&self, staged: tempfile::TempDir, dest: &Path, replace: bool) -> Result<()> {
+        integrity::seal(staged.path()).with_context(|| format!("sealing {}", staged.path().display()))?;
         sync_filesystem(staged.path())?;
         if replace && dest.exists() {
             let aside = self.staging()?.keep();
@@ -195,7 +220,15 @@ impl Store {
         }
         let path = staged.keep();
         match std::fs::rename(&path, dest) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                // The claim was for the staging dir; the entry needs none.
+                match std::fs::remove_file(dest.join(CLAIM)) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        Err(e).with_context(|| format!("removing {}", dest.join(CLAIM).display()))
+                    }
+                    _ => Ok(()),
+                }
+            }
             Err(e) if dest.exists() => {
                 remove_tree(&path).with_context(|| format!("removing the duplicate staging dir {} ({e})", path.display()))
             }
@@ -211,17 +244,70 @@ impl Store {
     }
 
     /// Remove what a dead run left in `tmp/`. Safe because every run
-    /// holds its staging dirs only while it is alive and mounts live in
-    /// kiln's own mount namespace (gone with the process).
+    /// holds its staging dirs' claims only while it is alive, and mounts
+    /// and child processes live in kiln's own namespaces (gone with it).
     pub fn clean_stale_staging(&self) -> Result<()> {
         let tmp = self.root.join("tmp");
         for entry in std::fs::read_dir(&tmp).with_context(|| format!("reading {}", tmp.display()))? {
-            let path = entry?.path();
+            let path = entry.with_context(|| format!("reading {}", tmp.display()))?.path();
             if is_stale(&path) {
                 remove_tree(&path).with_context(|| format!("removing stale staging dir {}", path.display()))?;
             }
         }
         Ok(())
+    }
+
+    pub fn lock_path(&self, name: &str) -> PathBuf {
+        self.root.join(LOCKS).join(format!("{name}.lock"))
+    }
+
+    /// Held by every build for its whole run, so that `kiln cache gc` never
+    /// removes a layer a running build is about to use or has just made.
+    pub fn lock_for_build(&self, waiting: impl FnOnce()) -> Result<lock::Lock> {
+        lock::lock(&self.lock_path("store"), lock::Mode::Shared, "`kiln cache gc` or `kiln cache verify` to finish", waiting)
+    }
+
+    /// Held while one run builds (or checks and repairs) the entry `key`.
+    pub fn lock_key(&self, key: &Key, what: &str, waiting: impl FnOnce()) -> Result<lock::Lock> {
+        lock::lock(&self.lock_path(&key.hex()), lock::Mode::Exclusive, &format!("another kiln building {what}"), waiting)
+    }
+
+    /// Check a cached entry's metadata against its seal before it is used
+    /// (see [`integrity`]). An intact entry gives `true`. A corrupt one is
+    /// moved to `corrupt-v1/`, logged, and gives `false`: the caller
+    /// rebuilds it. An entry from before seals existed is sealed as it is
+    /// now. The caller holds the entry's key lock.
+    pub fn check_before_use(&self, dir: &Path, report: impl FnOnce(&str)) -> Result<bool> {
+        match integrity::check(dir, integrity::Depth::Meta)? {
+            integrity::Verdict::Intact => Ok(true),
+            integrity::Verdict::Unsealed => {
+                crate::cmd::log_line(&format!("sealing {} (published before kiln sealed entries)", dir.display()));
+                integrity::seal(dir).with_context(|| format!("sealing {}", dir.display()))?;
+                Ok(true)
+            }
+            integrity::Verdict::Corrupt(why) => {
+                let aside = self.quarantine(dir)?;
+                report(&format!("{} is corrupt ({why}): moved to {}; rebuilding it", dir.display(), aside.display()));
+                Ok(false)
+            }
+        }
+    }
+
+    /// Move a corrupt entry out of the way (kept for inspection until
+    /// `kiln cache gc`), so its key is free to be rebuilt.
+    pub fn quarantine(&self, dir: &Path) -> Result<PathBuf> {
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let aside_dir = self.root.join(CORRUPT);
+        std::fs::create_dir_all(&aside_dir).with_context(|| format!("creating {}", aside_dir.display()))?;
+        let mut aside = aside_dir.join(format!("{name}-{}", now()));
+        let mut n = 1;
+        while aside.exists() {
+            aside = aside_dir.join(format!("{name}-{}.{n}", now()));
+            n += 1;
+        }
+        std::fs::rename(dir, &aside).with_context(|| format!("moving the corrupt entry {} to {}", dir.display(), aside.display()))?;
+        crate::cmd::log_line(&format!("moved corrupt entry {} to {}", dir.display(), aside.display()));
+        Ok(aside)
     }
 
     /// The pins an unlocked step with this (provisional) key resolved to,
@@ -244,22 +330,76 @@ impl Store {
     }
 }
 
-/// A staging dir belongs to a live run when a `pid` file inside names a
-/// running process; anything else is debris.
-fn is_stale(path: &Path) -> bool {
-    let Ok(text) = std::fs::read_to_string(path.join(".kiln-pid")) else {
-        return true;
-    };
-    let Ok(pid) = text.trim().parse::<i32>() else { return true };
-    // SAFETY: kill with signal 0 only checks for existence.
-    let alive = unsafe { libc::kill(pid, 0) } == 0;
-    !alive
+/// One row of `kiln cache verify`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Verified {
+    pub kind: &'static str,
+    pub key: String,
+    pub what: String,
+    /// `intact`, `sealed now` (an entry from before seals), or `corrupt: …`.
+    pub result: String,
+    pub seconds: f64,
 }
 
-/// Mark a staging dir as owned by this process (see [`is_stale`]).
+/// Re-hash every layer and image to `depth` against its seal;
+/// move corrupt ones aside. The caller holds the store lock exclusively.
+pub fn verify_all(store: &Store, depth: integrity::Depth) -> Result<Vec<Verified>> {
+    let mut rows = Vec::new();
+    for (kind, section) in [("layer", LAYERS), ("image", IMAGES)] {
+        for key in store.keys(section)? {
+            let dir = store.root.join(section).join(key.hex());
+            let what = match kind {
+                "layer" => store.layer_entry(&key).map(|e| e.id).unwrap_or_default(),
+                _ => store.image_entry(&key).map(|e| e.file).unwrap_or_default(),
+            };
+            let started = std::time::Instant::now();
+            let result = match integrity::check(&dir, depth)? {
+                integrity::Verdict::Intact => "intact".to_owned(),
+                integrity::Verdict::Unsealed => {
+                    integrity::seal(&dir).with_context(|| format!("sealing {}", dir.display()))?;
+                    "sealed now (stored before kiln sealed entries)".to_owned()
+                }
+                integrity::Verdict::Corrupt(why) => {
+                    let aside = store.quarantine(&dir)?;
+                    format!("corrupt: {why}; moved to {}", aside.display())
+                }
+            };
+            rows.push(Verified { kind, key: key.hex(), what, result, seconds: started.elapsed().as_secs_f64() });
+        }
+    }
+    Ok(rows)
+}
+
+/// A staging dir belongs to a live run while some process holds the flock
+/// on its claim file; anything else is debris (after a short grace for a
+/// dir so new that its run has not claimed it yet).
+fn is_stale(path: &Path) -> bool {
+    let claim = path.join(CLAIM);
+    if claim.exists() {
+        return !lock::is_held(&claim, lock::Mode::Exclusive);
+    }
+    let age = std::fs::symlink_metadata(path).and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+    age.is_none_or(|age| age > UNCLAIMED_GRACE)
+}
+
+/// Claims held by this process: the open descriptors keep the flocks, and
+/// the kernel drops them when the process exits, however it exits.
+static CLAIMS: std::sync::Mutex<Vec<lock::Lock>> = std::sync::Mutex::new(Vec::new());
+
+/// Mark a staging dir as owned by this process, for as long as it lives
+/// (see [`is_stale`]). [`Store::staging`] already does; claiming twice is
+/// harmless. The file also names the pid, for people.
 pub fn claim(staging: &Path) -> Result<()> {
-    let path = staging.join(".kiln-pid");
-    std::fs::write(&path, std::process::id().to_string()).with_context(|| format!("writing {}", path.display()))
+    let path = staging.join(CLAIM);
+    let mut claims = CLAIMS.lock().unwrap_or_else(|e| e.into_inner());
+    if claims.iter().any(|l| l.path() == path) {
+        return Ok(());
+    }
+    let held = lock::try_lock(&path, lock::Mode::Exclusive)?
+        .with_context(|| format!("{} is already claimed by another process", staging.display()))?;
+    std::fs::write(&path, std::process::id().to_string()).with_context(|| format!("writing {}", path.display()))?;
+    claims.push(held);
+    Ok(())
 }
 
 pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
@@ -278,6 +418,62 @@ pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     tmp.as_file().sync_all().with_context(|| format!("syncing {}", path.display()))?;
     tmp.persist(path).with_context(|| format!("renaming into {}", path.display()))?;
     Ok(())
+}
+
+/// Detach every mount at or below `dir` in this process's mount namespace,
+/// deepest first: what a killed tool (mmdebstrap mounts /proc, /sys and
+/// /dev pieces inside the tree it builds) can leave inside a staging dir,
+/// which must never be deleted through.
+pub fn unmount_under(dir: &Path) -> Result<()> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
+    let mut targets: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|t| PathBuf::from(unescape_mountinfo(t)))
+        .filter(|t| t.starts_with(&dir))
+        .collect();
+    targets.sort_by_key(|t| std::cmp::Reverse(t.components().count()));
+    for target in targets {
+        crate::cmd::log_line(&format!("$ umount --lazy {}", target.display()));
+        let c = std::ffi::CString::new(target.as_os_str().as_encoded_bytes()).context("a mount point with a NUL byte")?;
+        // SAFETY: valid C string.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+            let err = std::io::Error::last_os_error();
+            // Already gone with its parent mount.
+            if err.raw_os_error() != Some(libc::EINVAL) && err.raw_os_error() != Some(libc::ENOENT) {
+                return Err(err).with_context(|| format!("unmounting {}", target.display()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
+            out.push((bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether an error is the disk filling up, however it was reported (an
+/// `io::Error` of ours, or a tool's message in its output).
+pub fn is_disk_full(err: &anyhow::Error) -> bool {
+    err.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>().is_some_and(|e| e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT))
+            || c.to_string().contains("No space left on device")
+            || c.to_string().contains("Disk quota exceeded")
+    })
 }
 
 /// Flush everything on the filesystem holding `path` (one syncfs instead of
