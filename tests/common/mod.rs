@@ -21,7 +21,7 @@
 
 #![allow(dead_code)] // each test file uses a different subset
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -206,24 +206,37 @@ pub fn base_lock_path(store: &Path) -> PathBuf {
 ///
 /// A recipe without a lock makes kiln resolve its base against the archive,
 /// which means running mmdebstrap again; giving every test recipe the same
-/// pins lets them all share one base layer. Made once per store by
-/// building a base-only recipe, then kept at [`base_lock_path`].
+/// pins lets them all share one base layer. Kept at [`base_lock_path`];
+/// checked once per test process with `kiln plan` (the base must be
+/// cached under it) and otherwise made again by building a base-only
+/// recipe, which also covers a lock written by an older kiln.
 pub fn base_lock(store: &Path) -> String {
-    let path = base_lock_path(store);
-    if let Ok(text) = std::fs::read_to_string(&path) {
-        return text;
+    static CHECKED: std::sync::Mutex<BTreeMap<PathBuf, String>> = std::sync::Mutex::new(BTreeMap::new());
+    let mut checked = CHECKED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(text) = checked.get(store) {
+        return text.clone();
     }
+    let path = base_lock_path(store);
     let d = RecipeDir::new();
     let recipe = d.write("kt-base.toml", recipe("kt-base", ""));
     let kiln = Kiln::with_store(store);
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        d.write("kt-base.lock", &text);
+        if kiln.plan(&recipe).step("base").state == "cached" {
+            checked.insert(store.to_owned(), text.clone());
+            return text;
+        }
+    }
     kiln.build(&recipe, &[]);
     let text = String::from_utf8(d.read("kt-base.lock")).expect("the lock is UTF-8");
     assert!(text.contains("[steps.base]"), "kiln wrote no base pins:\n{text}");
+    assert_eq!(kiln.plan(&recipe).step("base").state, "cached", "the base is not cached under the lock kiln just wrote:\n{text}");
     let dir = path.parent().expect("the lock has a folder");
     std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
     let tmp = dir.join(format!(".base.lock.{}", std::process::id()));
     std::fs::write(&tmp, &text).unwrap_or_else(|e| panic!("writing {}: {e}", tmp.display()));
     std::fs::rename(&tmp, &path).unwrap_or_else(|e| panic!("renaming {} to {}: {e}", tmp.display(), path.display()));
+    checked.insert(store.to_owned(), text.clone());
     text
 }
 
@@ -324,14 +337,27 @@ impl Kiln {
         cmd.args(&full).env_remove("KILN_CACHE_DIR");
         let (code, stdout, stderr, elapsed) = run_with_timeout(cmd, KILN_TIMEOUT);
         let run = Run { args: full, code, stdout, stderr, elapsed };
+        // Shown with the output of a failing test (or with --nocapture).
+        eprintln!("kiln {}: exit {:?} in {:.1}s", args.iter().map(|a| a.as_ref().to_string_lossy()).collect::<Vec<_>>().join(" "), run.code, elapsed.as_secs_f64());
         assert_no_mounts(&[&self.store, &self.out]).unwrap_or_else(|m| panic!("{m}\nafter:\n{}", run.show()));
         assert_tmp_empty(&self.store).unwrap_or_else(|m| panic!("{m}\nafter:\n{}", run.show()));
         run
     }
 
-    /// `kiln --json build RECIPE EXTRA…`, which must succeed.
+    /// `kiln --json build --no-smoke RECIPE EXTRA…`, which must succeed:
+    /// layers and image only (the smoke boot has its own tests and costs a
+    /// VM boot per new image).
     #[track_caller]
     pub fn build(&self, recipe: &Path, extra: &[&str]) -> BuildReport {
+        let mut all = vec!["--no-smoke"];
+        all.extend(extra);
+        self.build_with_smoke(recipe, &all)
+    }
+
+    /// `kiln --json build RECIPE EXTRA…` (smoke included unless `extra`
+    /// says otherwise), which must succeed.
+    #[track_caller]
+    pub fn build_with_smoke(&self, recipe: &Path, extra: &[&str]) -> BuildReport {
         let mut args: Vec<&OsStr> = vec![OsStr::new("--json"), OsStr::new("build"), recipe.as_os_str()];
         args.extend(extra.iter().map(OsStr::new));
         let run = self.run(&args);
@@ -673,6 +699,19 @@ pub fn copy_entries(from: &Path, to: &Path, layers: &[String]) {
         assert!(src.join("entry.json").is_file(), "{} is not a complete layer", src.display());
         tool("cp", &[OsStr::new("-a"), src.as_os_str(), dest.as_os_str()], &[]);
     }
+}
+
+/// Copy one folder of a store into another if it exists (e.g. `debs-v1`,
+/// the .deb cache, so a private store need not download the base again).
+pub fn copy_store_dir(from: &Path, to: &Path, sub: &str) {
+    let src = from.join(sub);
+    if !src.is_dir() {
+        return;
+    }
+    let dest = to.join(sub);
+    let parent = dest.parent().expect("a store folder has a parent");
+    std::fs::create_dir_all(parent).unwrap_or_else(|e| panic!("creating {}: {e}", parent.display()));
+    tool("cp", &[OsStr::new("-a"), OsStr::new("--reflink=auto"), src.as_os_str(), dest.as_os_str()], &[]);
 }
 
 // --------------------------------------------------------------------- disk
