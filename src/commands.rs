@@ -233,6 +233,12 @@ impl VolumeDisks {
 /// `kiln smoke IMAGE`: always boots (no cache), with the checks of the
 /// recipe the image was built from, plus any given on the command line.
 pub fn smoke(global: &Global, args: &SmokeArgs) -> Result<()> {
+    // As root, QEMU runs in kiln's own pid namespace: not even a `kill -9`
+    // of kiln leaves it running.
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        crate::cmd::isolate_processes()?;
+    }
     for image in std::iter::once(&args.image).chain(args.upgrade_from.as_ref()) {
         if !image.is_file() {
             return Err(BadInput::arg(format!("image {} does not exist", image.display()), "build it first with `kiln build`, or give the path of a .qcow2 or .raw disk").into());
