@@ -38,6 +38,12 @@ pub enum Command {
     Build(BuildArgs),
     /// Show each step's key, and whether it is cached or must be built and why
     Plan(PlanArgs),
+    /// Summarise a built image from its manifest
+    Inspect(InspectArgs),
+    /// Check a disk, or a live root directory, against its manifest (exit 4 on drift)
+    Verify(VerifyArgs),
+    /// List the builds of a recipe (or of every recipe), newest first
+    Log(LogArgs),
 }
 
 #[derive(Debug, Args)]
@@ -48,6 +54,10 @@ pub struct BuildArgs {
     /// Rebuild every step and the image, whatever the store holds
     #[arg(long)]
     pub refresh: bool,
+    /// Then build it again into an empty temporary store (a full cold build)
+    /// and fail, naming the first difference, unless the two disks are identical
+    #[arg(long)]
+    pub check_repro: bool,
 }
 
 #[derive(Debug, Args)]
@@ -55,4 +65,32 @@ pub struct PlanArgs {
     /// The recipe to plan
     #[arg(default_value = DEFAULT_RECIPE)]
     pub recipe: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// out/NAME.qcow2 (its manifest is out/NAME.manifest.json) or a manifest
+    pub image: PathBuf,
+}
+
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("what").required(true).args(["image", "root"]))]
+pub struct VerifyArgs {
+    /// A built disk (out/NAME.qcow2): its sha256 and every file of its root filesystem
+    pub image: Option<PathBuf>,
+    /// A live root directory (`/` on a server) instead of a disk
+    #[arg(long, value_name = "DIR")]
+    pub root: Option<PathBuf>,
+    /// The manifest (default: beside the image; required with --root)
+    #[arg(long, value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
+    /// With --root: another path whose changes are expected (repeatable)
+    #[arg(long, value_name = "PATH")]
+    pub ignore: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    /// A recipe file or an image name (default: every recipe)
+    pub recipe: Option<PathBuf>,
 }

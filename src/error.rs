@@ -55,11 +55,19 @@ impl fmt::Display for BadInput {
 
 impl std::error::Error for BadInput {}
 
+/// A disk or a live system that no longer matches its manifest. Exit code 4.
+#[derive(Debug, thiserror::Error)]
+#[error("drift: {0}")]
+pub struct Drift(pub String);
+
 /// Map an error chain to the process exit code.
 pub fn exit_code(err: &anyhow::Error) -> i32 {
     for cause in err.chain() {
         if cause.is::<BadInput>() {
             return exit::BAD_INPUT;
+        }
+        if cause.is::<Drift>() {
+            return exit::DRIFT;
         }
         if cause.is::<crate::cmd::Interrupted>() {
             return exit::INTERRUPTED;

@@ -7,6 +7,7 @@ mod cmd;
 mod commands;
 mod error;
 mod plan;
+mod record;
 mod recipe;
 mod smoke;
 mod store;
@@ -20,6 +21,9 @@ fn main() {
     let result = match &cli.command {
         cli::Command::Build(args) => commands::build(&cli.global, args),
         cli::Command::Plan(args) => commands::plan(&cli.global, args),
+        cli::Command::Inspect(args) => commands::inspect(&cli.global, args),
+        cli::Command::Verify(args) => commands::verify(&cli.global, args),
+        cli::Command::Log(args) => commands::log(&cli.global, args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

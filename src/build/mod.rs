@@ -24,6 +24,9 @@ use steps::{ChrootWork, Ctx};
 pub struct BuildOptions {
     pub refresh: bool,
     pub out_dir: PathBuf,
+    /// No timestamp in the image is later than this; programs run in the
+    /// image see it as SOURCE_DATE_EPOCH.
+    pub source_date_epoch: u64,
 }
 
 /// One row of the summary: a step, the image, or the smoke test.
@@ -76,6 +79,8 @@ pub fn freshness(plan: &Plan, store: &Store, refresh: bool) -> (Vec<Freshness>, 
 
 pub fn build(plan: &Plan, store: &Store, opts: &BuildOptions, ui: &Ui) -> Result<Summary> {
     let started = Instant::now();
+    let started_unix = store::now();
+    steps::set_source_date_epoch(opts.source_date_epoch);
     let (fresh, image_fresh) = freshness(plan, store, opts.refresh);
     let ctx = Ctx {
         store,
@@ -115,7 +120,7 @@ pub fn build(plan: &Plan, store: &Store, opts: &BuildOptions, ui: &Ui) -> Result
         }
         Freshness::Build(reason) => {
             let stage = ui.stage("image", &format!("assembling ({reason})"));
-            match build_image(plan, store, &lowers, opts.refresh) {
+            match build_image(plan, store, &lowers, opts) {
                 Ok(entry) => {
                     let seconds = stage.done("built");
                     rows.push(Row { stage: "image".into(), key: image_key.short(), status: "built".into(), reason: Some(reason.to_string()), seconds });
@@ -135,6 +140,17 @@ pub fn build(plan: &Plan, store: &Store, opts: &BuildOptions, ui: &Ui) -> Result
         image: Some(plan.image.inputs.clone()),
     };
     store.save_recipe_state(&plan.recipe.image.name, &state)?;
+    crate::record::write_all(&crate::record::BuildFacts {
+        plan,
+        store,
+        image: &entry,
+        exported: &image,
+        out_dir: &opts.out_dir,
+        lock: None,
+        source_date_epoch: opts.source_date_epoch,
+        started: started_unix,
+    })
+    .context("writing the manifest, SBOM, provenance and history")?;
     Ok(Summary {
         recipe: plan.recipe.path.display().to_string(),
         image,
@@ -199,11 +215,11 @@ fn build_step(ctx: &Ctx, step: &Step, lowers: &[PathBuf], replace: bool) -> Resu
     Ok(entry)
 }
 
-fn build_image(plan: &Plan, store: &Store, lowers: &[PathBuf], replace: bool) -> Result<ImageEntry> {
+fn build_image(plan: &Plan, store: &Store, lowers: &[PathBuf], opts: &BuildOptions) -> Result<ImageEntry> {
     let started = Instant::now();
     let staging = store.staging()?;
     store::claim(staging.path())?;
-    let assembled = assemble::assemble(&plan.image, lowers, staging.path(), &plan.recipe.path)?;
+    let assembled = assemble::assemble(&plan.image, lowers, staging.path(), &plan.recipe.path, opts.source_date_epoch)?;
     let sha256 = plan::key::file_digest(&assembled.disk).with_context(|| format!("hashing {}", assembled.disk.display()))?;
     let entry = ImageEntry {
         key: plan.image.key,
@@ -216,7 +232,7 @@ fn build_image(plan: &Plan, store: &Store, lowers: &[PathBuf], replace: bool) ->
     };
     store::write_json_atomic(&staging.path().join("image.json"), &entry)?;
     std::fs::remove_file(staging.path().join(".kiln-pid")).context("removing the staging claim")?;
-    store.publish(staging, &store.image_dir(&plan.image.key), replace)?;
+    store.publish(staging, &store.image_dir(&plan.image.key), opts.refresh)?;
     Ok(entry)
 }
 
