@@ -23,7 +23,9 @@
 //!   seed, FAT volume id) are derived from the image key;
 //! * the clock of every tool that writes a filesystem is the build's
 //!   SOURCE_DATE_EPOCH (`E2FSPROGS_FAKE_TIME` for mke2fs and debugfs,
-//!   `SOURCE_DATE_EPOCH` for mkfs.fat and mtools);
+//!   `SOURCE_DATE_EPOCH` for mtools; `mkfs.fat --invariant`, which has no
+//!   clock option); the UKI's PE timestamp, which objcopy sets to now, is
+//!   rewritten to SOURCE_DATE_EPOCH;
 //! * `mke2fs -d` copies each file's atime, mtime *and ctime* from the tree,
 //!   and a ctime cannot be set from user space, so after mke2fs one debugfs
 //!   pass sets every inode's mtime to min(mtime, SOURCE_DATE_EPOCH) and its
@@ -122,7 +124,7 @@ pub fn assemble(image: &ImagePlan, lowers: &[PathBuf], staging: &Path, recipe_pa
 
     let kernel = pick_kernel(&merged)?;
     let uki = staging.join("uki.efi");
-    make_uki(&merged, &kernel, &spec.cmdline, &uki, staging)?;
+    make_uki(&merged, &kernel, &spec.cmdline, &uki, staging, epoch)?;
 
     let needed = tree_bytes(&merged)?;
     // ext4 needs room for its metadata and a reserve beyond the files.
@@ -328,7 +330,7 @@ fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
 
 /// A Unified Kernel Image: systemd's EFI stub with the kernel, initrd,
 /// os-release and command line added as PE sections after the stub's own.
-fn make_uki(root: &Path, kernel: &str, cmdline: &str, out: &Path, scratch: &Path) -> Result<()> {
+fn make_uki(root: &Path, kernel: &str, cmdline: &str, out: &Path, scratch: &Path, epoch: u64) -> Result<()> {
     let stub = Path::new(STUB);
     if !stub.is_file() {
         anyhow::bail!("{STUB} is missing: install the Debian package systemd-boot-efi (make deps does)");
@@ -359,7 +361,43 @@ fn make_uki(root: &Path, kernel: &str, cmdline: &str, out: &Path, scratch: &Path
             .arg(format!("{name}={vma:#x}"));
         vma = round_up(vma + size(file)?, 0x10000);
     }
-    cmd.arg(stub).arg(out).run().context("building the UKI")
+    cmd.arg(stub).arg(out).run().context("building the UKI")?;
+    pin_pe_timestamp(out, epoch)
+}
+
+/// objcopy (binutils 2.40) stamps a PE file's COFF header with the current
+/// time and ignores SOURCE_DATE_EPOCH: set the stamp to `epoch` and
+/// recompute the optional header's checksum to match.
+fn pin_pe_timestamp(path: &Path, epoch: u64) -> Result<()> {
+    let mut data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let word = |d: &[u8], at: usize| d.get(at..at + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    let pe = word(&data, 0x3c).context("the UKI has no DOS header")? as usize;
+    if data.get(pe..pe + 4) != Some(b"PE\0\0".as_slice()) || data.len() < pe + 92 {
+        anyhow::bail!("{} is not a PE file", path.display());
+    }
+    let stamp = u32::try_from(epoch).context("SOURCE_DATE_EPOCH does not fit a PE timestamp")?;
+    data[pe + 8..pe + 12].copy_from_slice(&stamp.to_le_bytes());
+    let checksum_at = pe + 24 + 64;
+    let checksum = pe_checksum(&data, checksum_at);
+    data[checksum_at..checksum_at + 4].copy_from_slice(&checksum.to_le_bytes());
+    std::fs::write(path, &data).with_context(|| format!("writing {}", path.display()))
+}
+
+/// The PE image checksum: a folded 16-bit sum of the file (its own field
+/// counted as zero) plus the file's length.
+fn pe_checksum(data: &[u8], checksum_at: usize) -> u32 {
+    let mut sum: u64 = 0;
+    for (i, chunk) in data.chunks(2).enumerate() {
+        let at = i * 2;
+        if at >= checksum_at && at < checksum_at + 4 {
+            continue;
+        }
+        let w = u64::from(chunk[0]) | chunk.get(1).map_or(0, |&b| u64::from(b) << 8);
+        sum += w;
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    (sum as u32).wrapping_add(data.len() as u32)
 }
 
 /// The end of the stub's last section (VMA + size), from `objdump -h`.
@@ -387,7 +425,9 @@ fn make_esp(raw: &Path, start: u64, size: u64, uki: &Path, key: Key, epoch: u64)
     let fat = if size <= 512 * MIB { "16" } else { "32" };
     Cmd::new("mkfs.fat")
         .arg(format!("--offset={}", start / SECTOR))
-        .args(["-F", fat, "-n", "ESP", "-i", volume_id])
+        // --invariant: the volume label's time is a constant, not now
+        // (mkfs.fat ignores SOURCE_DATE_EPOCH); -i still sets the id.
+        .args(["--invariant", "-F", fat, "-n", "ESP", "-i", volume_id])
         .env("SOURCE_DATE_EPOCH", epoch.to_string())
         .arg(raw)
         .arg((size / 1024).to_string())
@@ -413,6 +453,20 @@ fn make_esp(raw: &Path, start: u64, size: u64, uki: &Path, key: Key, epoch: u64)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pe_checksum_matches_the_stub_objcopy_made() {
+        // A UKI made before the timestamp was pinned carries the checksum
+        // objcopy computed; ours must agree with it.
+        let stub = Path::new(STUB);
+        let data = std::fs::read(stub).expect("the systemd-boot-efi stub (make deps installs it)");
+        let pe = u32::from_le_bytes(data[0x3c..0x40].try_into().unwrap()) as usize;
+        let at = pe + 24 + 64;
+        let stored = u32::from_le_bytes(data[at..at + 4].try_into().unwrap());
+        if stored != 0 {
+            assert_eq!(pe_checksum(&data, at), stored);
+        }
+    }
 
     #[test]
     fn kernel_versions_sort_numerically() {

@@ -76,6 +76,11 @@ pub fn write_all(facts: &BuildFacts) -> Result<Written> {
     crate::store::write_json_atomic(&written.sbom, &sbom::spdx(&manifest))?;
     let materials = provenance::materials(facts)?;
     crate::store::write_json_atomic(&written.provenance, &provenance::statement(&manifest, &materials))?;
+    // Records are published, like the disk: readable by everyone.
+    for path in [&written.manifest, &written.sbom, &written.provenance] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).with_context(|| format!("chmod 644 {}", path.display()))?;
+    }
     history::append(facts.store, &manifest).context("appending to the build history")?;
     Ok(written)
 }
@@ -97,13 +102,22 @@ pub fn rfc3339(unix: u64) -> String {
     format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs / 60 % 60, secs % 60)
 }
 
-/// Who is building: the effective user, and the user behind sudo if any.
+/// Who is building: the effective user (its name from /etc/passwd), and
+/// the user behind sudo if any.
 pub fn user() -> (String, Option<String>) {
-    let user = std::env::var("USER")
-        .or_else(|_| std::env::var("LOGNAME"))
-        // SAFETY: geteuid has no preconditions.
-        .unwrap_or_else(|_| format!("uid {}", unsafe { libc::geteuid() }));
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let user = user_name(&passwd, uid).unwrap_or_else(|| format!("uid {uid}"));
     (user, std::env::var("SUDO_USER").ok())
+}
+
+fn user_name(passwd: &str, uid: u32) -> Option<String> {
+    passwd.lines().find_map(|l| {
+        let mut f = l.split(':');
+        let name = f.next()?;
+        (f.nth(1)?.parse::<u32>().ok()? == uid).then(|| name.to_owned())
+    })
 }
 
 pub fn hostname() -> String {
@@ -121,6 +135,13 @@ pub fn hostname() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn user_names_come_from_passwd() {
+        let passwd = "root:x:0:0:root:/root:/bin/bash\nalice:x:1000:1000::/home/alice:/bin/sh\n";
+        assert_eq!(user_name(passwd, 1000).as_deref(), Some("alice"));
+        assert_eq!(user_name(passwd, 7), None);
+    }
 
     #[test]
     fn rfc3339_formats_known_instants() {
