@@ -87,6 +87,10 @@ pub struct VerifyArgs {
     /// With --root: another path whose changes are expected (repeatable)
     #[arg(long, value_name = "PATH")]
     pub ignore: Vec<String>,
+    /// With IMAGE: leave the root filesystem, with its owners and modes, in
+    /// this new directory (for --root, diff or inspection)
+    #[arg(long, value_name = "DIR", conflicts_with = "root")]
+    pub extract: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -148,7 +148,7 @@ pub fn verify(global: &Global, args: &VerifyArgs) -> Result<()> {
             require_root("verify IMAGE")?;
             let path = record::verify::manifest_for(image, args.manifest.as_deref());
             let m = record::manifest::read(&path)?;
-            record::verify::image(image, &m, &path)?
+            record::verify::image(image, &m, &path, args.extract.as_deref())?
         }
         (None, Some(root)) => {
             let path = args.manifest.as_deref().ok_or_else(|| BadInput::arg("--root needs --manifest FILE", "pass the manifest the system was built from, e.g. --manifest out/web.manifest.json"))?;

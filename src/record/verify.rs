@@ -2,9 +2,9 @@
 //!
 //! A disk is read without mounting anything: `qemu-img convert` to a sparse
 //! raw file, the root partition found in its GPT (`sfdisk --json`), the
-//! files dumped with `debugfs rdump`, and their owners and modes read back
-//! with `debugfs ls -p` (rdump's chown after chmod clears setuid bits, so
-//! the dumped copy's own metadata is not trusted). Every path is then
+//! files dumped with `debugfs rdump`, and their owners and modes set again
+//! from `debugfs ls -p` (rdump's chown after chmod clears setuid bits), so
+//! the dumped tree is a faithful copy (`--extract DIR` keeps it). Every path is then
 //! compared with the manifest's file list, as is the disk's sha256.
 //!
 //! A live root (`--root /` on a server) is walked directly, skipping the
@@ -119,12 +119,20 @@ pub fn root(dir: &Path, m: &Manifest, manifest_path: &Path, extra_ignores: &[Str
 }
 
 /// Check a built disk: its digest, then every file of its root filesystem.
-pub fn image(image: &Path, m: &Manifest, manifest_path: &Path) -> Result<Report> {
+/// With `extract`, the root filesystem is left there (a new directory).
+pub fn image(image: &Path, m: &Manifest, manifest_path: &Path, extract: Option<&Path>) -> Result<Report> {
     let expected = manifest_files(m, manifest_path)?;
     let actual_digest = file_digest(image).with_context(|| format!("hashing {}", image.display()))?;
     let disk_digest = (actual_digest != m.image.sha256).then(|| DiskDigest { expected: m.image.sha256.clone(), actual: actual_digest });
     let scratch = tempfile::Builder::new().prefix("kiln-verify-").tempdir().context("creating a scratch directory")?;
-    let actual = read_root(image, scratch.path())?;
+    let root = match extract {
+        Some(dir) => {
+            std::fs::create_dir(dir).with_context(|| format!("creating {} (it must not exist yet)", dir.display()))?;
+            dir.to_path_buf()
+        }
+        None => scratch.path().join("root"),
+    };
+    let actual = read_root(image, &root, scratch.path())?;
     // mke2fs adds lost+found; debugfs does not dump device nodes or fifos.
     let dumpable = |e: &FileEntry| matches!(e.kind, Kind::File | Kind::Dir | Kind::Symlink);
     let unchecked = expected.iter().filter(|e| !dumpable(e)).count();
@@ -150,25 +158,28 @@ pub fn root_offset(raw: &Path) -> Result<u64> {
     Ok(start * 512)
 }
 
-/// Dump the root filesystem of `image` into `scratch/root` and describe
-/// it, with owners and modes as the filesystem stores them.
-pub fn read_root(image: &Path, scratch: &Path) -> Result<Vec<FileEntry>> {
+/// Dump the root filesystem of `image` into `dump` (created if missing)
+/// with the owners and modes the filesystem stores, and describe it.
+pub fn read_root(image: &Path, dump: &Path, scratch: &Path) -> Result<Vec<FileEntry>> {
     let raw = scratch.join("disk.raw");
     Cmd::new("qemu-img").args(["convert", "-O", "raw"]).arg(image).arg(&raw).run().context("reading the disk")?;
     let fs = format!("{}?offset={}", raw.display(), root_offset(&raw)?);
-    let dump = scratch.join("root");
-    std::fs::create_dir(&dump).with_context(|| format!("creating {}", dump.display()))?;
+    std::fs::create_dir_all(dump).with_context(|| format!("creating {}", dump.display()))?;
     Cmd::new("debugfs").arg("-R").arg(format!("rdump / {}", dump.display())).arg(&fs).run().context("dumping the root filesystem")?;
-    let mut entries = tree::walk(&dump, &|_| false)?;
-    let meta = fs_metadata(&fs, &entries, scratch)?;
+    let dumped = tree::walk(dump, &|_| false)?;
+    let meta = fs_metadata(&fs, &dumped, scratch)?;
     std::fs::remove_file(&raw).with_context(|| format!("removing {}", raw.display()))?;
-    for e in &mut entries {
+    // Owner first, then mode: chown clears setuid and setgid.
+    for e in &dumped {
         let (mode, uid, gid) = *meta.get(&e.path).with_context(|| format!("debugfs listed no metadata for {}", e.path))?;
-        e.mode = format!("{:04o}", mode & 0o7777);
-        e.uid = uid;
-        e.gid = gid;
+        let host = dump.join(e.path.trim_start_matches('/'));
+        std::os::unix::fs::lchown(&host, Some(uid), Some(gid)).with_context(|| format!("chown {}", host.display()))?;
+        if e.kind != Kind::Symlink {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&host, std::fs::Permissions::from_mode(mode & 0o7777)).with_context(|| format!("chmod {}", host.display()))?;
+        }
     }
-    Ok(entries)
+    tree::walk(dump, &|_| false)
 }
 
 /// `path -> (mode, uid, gid)` from `debugfs ls -p` of every directory.
