@@ -44,6 +44,12 @@ pub enum Command {
     Lock(LockArgs),
     /// Inspect and maintain the store: ls, du, verify, gc
     Cache(CacheArgs),
+    /// Summarise a built image from its manifest
+    Inspect(InspectArgs),
+    /// Check a disk, or a live root directory, against its manifest (exit 4 on drift)
+    Verify(VerifyArgs),
+    /// List the builds of a recipe (or of every recipe), newest first
+    Log(LogArgs),
 }
 
 #[derive(Debug, Args)]
@@ -60,14 +66,14 @@ pub enum CacheCommand {
     Du,
     /// Re-hash every entry and compare with the digest recorded when it was
     /// stored; corrupt entries are moved to corrupt-v1/ (the next build rebuilds them)
-    Verify(VerifyArgs),
+    Verify(CacheVerifyArgs),
     /// Keep the newest N images of each recipe and every layer they need;
     /// remove the rest and print what that freed
     Gc(GcArgs),
 }
 
 #[derive(Debug, Args)]
-pub struct VerifyArgs {
+pub struct CacheVerifyArgs {
     /// Check metadata and sizes only (what a build checks before using an
     /// entry), not the content of every file
     #[arg(long)]
@@ -113,6 +119,10 @@ pub struct BuildArgs {
     pub force_smoke: bool,
     #[command(flatten)]
     pub vm: VmArgs,
+    /// Then build it again into an empty temporary store (a full cold build)
+    /// and fail, naming the first difference, unless the two disks are identical
+    #[arg(long)]
+    pub check_repro: bool,
 }
 
 /// How to run QEMU.
@@ -167,4 +177,36 @@ pub struct PlanArgs {
     /// The recipe to plan
     #[arg(default_value = DEFAULT_RECIPE)]
     pub recipe: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// out/NAME.qcow2 (its manifest is out/NAME.manifest.json) or a manifest
+    pub image: PathBuf,
+}
+
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("what").required(true).args(["image", "root"]))]
+pub struct VerifyArgs {
+    /// A built disk (out/NAME.qcow2): its sha256 and every file of its root filesystem
+    pub image: Option<PathBuf>,
+    /// A live root directory (`/` on a server) instead of a disk
+    #[arg(long, value_name = "DIR")]
+    pub root: Option<PathBuf>,
+    /// The manifest (default: beside the image; required with --root)
+    #[arg(long, value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
+    /// With --root: another path whose changes are expected (repeatable)
+    #[arg(long, value_name = "PATH")]
+    pub ignore: Vec<String>,
+    /// With IMAGE: leave the root filesystem, with its owners and modes, in
+    /// this new directory (for --root, diff or inspection)
+    #[arg(long, value_name = "DIR", conflicts_with = "root")]
+    pub extract: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    /// A recipe file or an image name (default: every recipe)
+    pub recipe: Option<PathBuf>,
 }

@@ -7,15 +7,14 @@ use serde::Serialize;
 
 use crate::build::{self, BuildOptions, Summary};
 use crate::build::Row;
-use crate::cli::{BuildArgs, CacheCommand, Global, LockArgs, PlanArgs, SmokeArgs};
-use crate::error::SmokeFailed;
-use crate::recipe::SmokeSpec;
-use crate::smoke::{SmokeOptions, SmokeReport};
-use crate::error::BadInput;
+use crate::cli::{BuildArgs, CacheCommand, Global, InspectArgs, LockArgs, LogArgs, PlanArgs, SmokeArgs, VerifyArgs};
+use crate::error::{BadInput, Drift, SmokeFailed};
 use crate::lock::{Locks, StepLock};
-use crate::recipe::Recipe;
+use crate::recipe::{Recipe, SmokeSpec};
+use crate::smoke::{SmokeOptions, SmokeReport};
 use crate::plan::{self, Freshness};
 use crate::recipe;
+use crate::record;
 use crate::store::Store;
 use crate::ui::{table, Ui};
 
@@ -133,6 +132,17 @@ pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
             println!("{line}");
         }
         print_summary(&summary);
+    }
+    if args.check_repro {
+        let report = crate::record::repro::check(&recipe, &locks, &summary, &store, &ui).map_err(|e| e.context(format!("the full log is in {}", log_path.display())))?;
+        if global.json {
+            print_json(&report)?;
+        } else {
+            print!("{}", report.text());
+        }
+        if !report.reproducible {
+            anyhow::bail!("{} is not reproducible: {}", args.recipe.display(), report.first_difference.as_deref().unwrap_or("unknown difference"));
+        }
     }
     smoke
 }
@@ -546,4 +556,66 @@ fn age(seconds: u64) -> String {
         s if s < 172_800 => format!("{}h", s / 3600),
         s => format!("{}d", s / 86_400),
     }
+}
+
+pub fn inspect(global: &Global, args: &InspectArgs) -> Result<()> {
+    let path = record::manifest::path_for(&args.image);
+    let m = record::manifest::read(&path)?;
+    if global.json {
+        let mut value = serde_json::to_value(&m).context("serialising the manifest")?;
+        // The summary leaves out the file list; the manifest itself has it.
+        value["files"] = serde_json::json!(m.files.as_ref().map(Vec::len));
+        return print_json(&value);
+    }
+    print!("{}", record::manifest::summary(&m));
+    Ok(())
+}
+
+pub fn verify(global: &Global, args: &VerifyArgs) -> Result<()> {
+    let report = match (&args.image, &args.root) {
+        (Some(image), None) => {
+            require_root("verify IMAGE")?;
+            let path = record::verify::manifest_for(image, args.manifest.as_deref());
+            let m = record::manifest::read(&path)?;
+            record::verify::image(image, &m, &path, args.extract.as_deref())?
+        }
+        (None, Some(root)) => {
+            let path = args.manifest.as_deref().ok_or_else(|| BadInput::arg("--root needs --manifest FILE", "pass the manifest the system was built from, e.g. --manifest out/web.manifest.json"))?;
+            let m = record::manifest::read(path)?;
+            record::verify::root(root, &m, path, &args.ignore)?
+        }
+        _ => return Err(BadInput::arg("give either an IMAGE or --root DIR", "e.g. `kiln verify out/web.qcow2` or `kiln verify --root / --manifest web.manifest.json`").into()),
+    };
+    if global.json {
+        print_json(&report)?;
+    } else {
+        print!("{}", report.text());
+    }
+    if report.clean {
+        return Ok(());
+    }
+    let d = &report.differences;
+    Err(Drift(format!("{} modified, {} added, {} removed{}", d.modified.len(), d.added.len(), d.removed.len(), if report.disk_digest.is_some() { ", disk digest differs" } else { "" })).into())
+}
+
+pub fn log(global: &Global, args: &LogArgs) -> Result<()> {
+    let root = store_root(global);
+    let name = match &args.recipe {
+        Some(r) if r.extension().is_some_and(|e| e == "toml") || r.is_file() => Some(recipe::load(r)?.image.name),
+        Some(r) => Some(r.display().to_string()),
+        None => None,
+    };
+    let records = if root.is_dir() { record::history::read(&Store::open(&root)?, name.as_deref())? } else { Vec::new() };
+    if global.json {
+        return print_json(&records);
+    }
+    let rows: Vec<Vec<String>> = records
+        .iter()
+        .map(|r| {
+            let changes = if r.first { "first build".to_owned() } else if r.changes.is_empty() { "no package changes".to_owned() } else { record::history::show_changes(&r.changes) };
+            vec![r.time.clone(), r.name.clone(), r.sudo_user.clone().unwrap_or_else(|| r.user.clone()), r.host.clone(), r.image_sha256[..12].to_owned(), changes]
+        })
+        .collect();
+    print!("{}", table(&["TIME", "IMAGE", "USER", "HOST", "SHA256", "PACKAGES"], &rows));
+    Ok(())
 }

@@ -62,6 +62,10 @@ pub struct SmokeFailed {
     pub failure: String,
     pub log: String,
 }
+/// A disk or a live system that no longer matches its manifest. Exit code 4.
+#[derive(Debug, thiserror::Error)]
+#[error("drift: {0}")]
+pub struct Drift(pub String);
 
 /// Map an error chain to the process exit code.
 pub fn exit_code(err: &anyhow::Error) -> i32 {
@@ -71,6 +75,9 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
         }
         if cause.is::<SmokeFailed>() {
             return exit::SMOKE_FAILED;
+        }
+        if cause.is::<Drift>() {
+            return exit::DRIFT;
         }
         if cause.is::<crate::cmd::Interrupted>() {
             return exit::INTERRUPTED;

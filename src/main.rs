@@ -8,6 +8,7 @@ mod commands;
 mod error;
 mod lock;
 mod plan;
+mod record;
 mod recipe;
 mod smoke;
 mod store;
@@ -24,6 +25,9 @@ fn main() {
         cli::Command::Lock(args) => commands::lock(&cli.global, args),
         cli::Command::Smoke(args) => commands::smoke(&cli.global, args),
         cli::Command::Cache(args) => commands::cache(&cli.global, &args.command),
+        cli::Command::Inspect(args) => commands::inspect(&cli.global, args),
+        cli::Command::Verify(args) => commands::verify(&cli.global, args),
+        cli::Command::Log(args) => commands::log(&cli.global, args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

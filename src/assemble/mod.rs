@@ -11,10 +11,33 @@
 //! last 1 MiB          backup GPT
 //! ```
 //!
-//! then `qemu-img convert` makes the qcow2. Every identifier (disk GUID,
-//! partition GUIDs, filesystem UUID, ext4 hash seed, FAT volume id) is
-//! derived from the image key, and mke2fs runs with a fixed clock, so the
-//! same layers give the same disk.
+//! then `qemu-img convert` makes the qcow2.
+//!
+//! ## Bit-identical disks
+//!
+//! The same layers must give the same bytes, whenever and wherever they are
+//! assembled (reproducible-builds.org's definition). What would otherwise
+//! differ, and what pins it:
+//!
+//! * identifiers (disk GUID, partition GUIDs, filesystem UUID, ext4 hash
+//!   seed, FAT volume id) are derived from the image key;
+//! * the clock of every tool that writes a filesystem is the build's
+//!   SOURCE_DATE_EPOCH (`E2FSPROGS_FAKE_TIME` for mke2fs and debugfs,
+//!   `SOURCE_DATE_EPOCH` for mtools; `mkfs.fat --invariant`, which has no
+//!   clock option); the UKI's PE timestamp, which objcopy sets to now, is
+//!   rewritten to SOURCE_DATE_EPOCH;
+//! * `mke2fs -d` copies each file's atime, mtime *and ctime* from the tree,
+//!   and a ctime cannot be set from user space, so after mke2fs one debugfs
+//!   pass sets every inode's mtime to min(mtime, SOURCE_DATE_EPOCH) and its
+//!   atime and ctime to the same value (this also avoids touching the
+//!   layers: clamping through the overlay would copy every file up);
+//! * files that record when rather than what (dpkg and apt logs, `*-old`
+//!   backups, ld.so's aux-cache, man-db's caches, machine ids, the random
+//!   seed) are removed from the image's own upper dir ([`IMAGE_DEBRIS`]);
+//!   the layers keep them, so this costs nothing at build time.
+//!
+//! The merged tree is walked once, before mke2fs, to record every path
+//! (`files.json`, kept beside the disk in the store: see `record::tree`).
 
 mod volumes;
 
@@ -28,6 +51,7 @@ use crate::cmd::Cmd;
 use crate::error::BadInput;
 use crate::plan::{ImagePlan, Key};
 use crate::recipe::{units::show_size, Format, VolumeSpec};
+use crate::record::tree::{self, FileEntry};
 pub use volumes::serial as volume_serial;
 
 const SECTOR: u64 = 512;
@@ -41,9 +65,34 @@ const ESP_MIN: u64 = 64 * MIB;
 /// Slack on the ESP beyond the UKI (FAT overhead, room for a second UKI).
 const ESP_SLACK: u64 = 16 * MIB;
 const STUB: &str = "/usr/lib/systemd/boot/efi/linuxx64.efi.stub";
-/// The clock mke2fs sees, until reproducible builds take it from the lock.
-pub const FIXED_EPOCH: u64 = 1_700_000_000;
 pub const ROOT_LABEL: &str = "root";
+/// The record of every path of the root filesystem, beside the disk.
+pub const FILES_JSON: &str = "files.json";
+
+/// Paths (relative to the root) that say when or where the image was built,
+/// not what is in it; removed from the image (not from the layers).
+/// A trailing `/` removes what is inside a directory and keeps it.
+pub const IMAGE_DEBRIS: &[&str] = &[
+    "var/log/dpkg.log",
+    "var/log/alternatives.log",
+    "var/log/bootstrap.log",
+    "var/log/apt/history.log",
+    "var/log/apt/term.log",
+    "var/log/apt/eipp.log.xz",
+    "var/cache/ldconfig/aux-cache",
+    "var/cache/apt/pkgcache.bin",
+    "var/cache/apt/srcpkgcache.bin",
+    "var/cache/debconf/config.dat-old",
+    "var/cache/debconf/templates.dat-old",
+    "var/cache/debconf/passwords.dat-old",
+    "var/lib/dpkg/status-old",
+    "var/lib/dpkg/diversions-old",
+    "var/lib/dpkg/statoverride-old",
+    "var/lib/dpkg/available-old",
+    "var/lib/dbus/machine-id",
+    "var/lib/systemd/random-seed",
+    "var/cache/man/",
+];
 
 /// The result of assembly, in a staging dir about to be published.
 pub struct Assembled {
@@ -51,8 +100,10 @@ pub struct Assembled {
     pub kernel: String,
 }
 
-/// Assemble `lowers` (topmost first) into `staging/disk.{qcow2,raw}`.
-pub fn assemble(image: &ImagePlan, vols: &[VolumeSpec], lowers: &[PathBuf], staging: &Path, recipe_path: &Path) -> Result<Assembled> {
+/// Assemble `lowers` (topmost first) into `staging/disk.{qcow2,raw}` and
+/// `staging/files.json`. `epoch` is the build's SOURCE_DATE_EPOCH: no
+/// timestamp in the disk is later than it.
+pub fn assemble(image: &ImagePlan, vols: &[VolumeSpec], lowers: &[PathBuf], staging: &Path, recipe_path: &Path, epoch: u64) -> Result<Assembled> {
     let spec = &image.spec;
     let key = image.key;
     let upper = staging.join("upper");
@@ -70,10 +121,11 @@ pub fn assemble(image: &ImagePlan, vols: &[VolumeSpec], lowers: &[PathBuf], stag
     volumes::prepare(&merged, vols, recipe_path)?;
     write_file(&merged.join("etc/hostname"), format!("{}\n", spec.hostname).as_bytes(), 0o644)?;
     write_file(&merged.join("etc/machine-id"), b"", 0o444)?;
+    remove_debris(&merged)?;
 
     let kernel = pick_kernel(&merged)?;
     let uki = staging.join("uki.efi");
-    make_uki(&merged, &kernel, &spec.cmdline, &uki, staging)?;
+    make_uki(&merged, &kernel, &spec.cmdline, &uki, staging, epoch)?;
 
     let needed = tree_bytes(&merged)?;
     // ext4 needs room for its metadata and a reserve beyond the files.
@@ -113,11 +165,17 @@ pub fn assemble(image: &ImagePlan, vols: &[VolumeSpec], lowers: &[PathBuf], stag
     );
     Cmd::new("sfdisk").args(["--quiet", "--no-reread", "--no-tell-kernel"]).arg(&raw).stdin_bytes(table).run()?;
 
-    make_esp(&raw, esp_start, esp_size, &uki, key)?;
+    make_esp(&raw, esp_start, esp_size, &uki, key, epoch)?;
+
+    let mut files = tree::walk(&merged, &|_| false).context("recording the root filesystem")?;
+    for f in &mut files {
+        f.mtime = f.mtime.min(epoch as i64);
+    }
+    crate::store::write_json_atomic(&staging.join(FILES_JSON), &files)?;
 
     let uuid = key.derive_uuid("root-fs");
     Cmd::new("mke2fs")
-        .env("E2FSPROGS_FAKE_TIME", FIXED_EPOCH.to_string())
+        .env("E2FSPROGS_FAKE_TIME", epoch.to_string())
         .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-L", ROOT_LABEL, "-U", &uuid])
         .arg("-E")
         .arg(format!("offset={root_start},hash_seed={},root_owner=0:0,nodiscard", key.derive_uuid("root-hash-seed")))
@@ -127,6 +185,7 @@ pub fn assemble(image: &ImagePlan, vols: &[VolumeSpec], lowers: &[PathBuf], stag
         .arg(format!("{}k", root_size / 1024))
         .run()
         .context("writing the root filesystem")?;
+    set_times(&raw, root_start, &files, epoch, staging)?;
     mounts.unmount_all()?;
     for d in [&upper, &work, &merged] {
         crate::store::remove_tree(d).with_context(|| format!("removing {}", d.display()))?;
@@ -143,6 +202,71 @@ pub fn assemble(image: &ImagePlan, vols: &[VolumeSpec], lowers: &[PathBuf], stag
         }
     };
     Ok(Assembled { disk, kernel })
+}
+
+/// Remove [`IMAGE_DEBRIS`] through the overlay (whiteouts in the image's
+/// own upper dir; the layers are untouched).
+fn remove_debris(merged: &Path) -> Result<()> {
+    for rel in IMAGE_DEBRIS {
+        if let Some(dir) = rel.strip_suffix('/') {
+            let dir = merged.join(dir);
+            let Ok(listing) = std::fs::read_dir(&dir) else { continue };
+            for item in listing {
+                let path = item.with_context(|| format!("listing {}", dir.display()))?.path();
+                let meta = std::fs::symlink_metadata(&path).with_context(|| format!("reading {}", path.display()))?;
+                if meta.is_dir() {
+                    std::fs::remove_dir_all(&path).with_context(|| format!("removing {}", path.display()))?;
+                } else {
+                    std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+                }
+            }
+        } else {
+            let path = merged.join(rel);
+            if std::fs::symlink_metadata(&path).is_ok_and(|m| !m.is_dir()) {
+                std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Give every inode of the root filesystem (at `offset` in `raw`) the
+/// clamped mtime of its entry as mtime, atime and ctime, in one debugfs run
+/// (mke2fs copied the tree's real atimes and ctimes: see the module docs).
+fn set_times(raw: &Path, offset: u64, files: &[FileEntry], epoch: u64, scratch: &Path) -> Result<()> {
+    let mut script = String::new();
+    for f in files {
+        if f.path.contains('\n') {
+            anyhow::bail!("the image holds a path with a newline, which debugfs cannot address: {:?}", f.path);
+        }
+        let quoted = debugfs_quote(&f.path);
+        let t = f.mtime.min(epoch as i64);
+        for field in ["mtime", "atime", "ctime"] {
+            script.push_str(&format!("sif {quoted} {field} {t}\n"));
+        }
+    }
+    let script_path = scratch.join("times.debugfs");
+    std::fs::write(&script_path, script).with_context(|| format!("writing {}", script_path.display()))?;
+    // debugfs reports a failed command on stderr and still exits 0; merge
+    // the streams so that anything but its echo of each command is an error.
+    let out = Cmd::new("sh")
+        .args(["-c", "exec debugfs -w -f \"$1\" \"$2\" 2>&1", "sh"])
+        .arg(&script_path)
+        .arg(format!("{}?offset={offset}", raw.display()))
+        .env("E2FSPROGS_FAKE_TIME", epoch.to_string())
+        .output()
+        .context("setting the root filesystem's timestamps")?;
+    let text = out.stdout_str();
+    let errors: Vec<&str> = text.lines().filter(|l| !l.starts_with("debugfs")).take(5).collect();
+    if !errors.is_empty() {
+        anyhow::bail!("debugfs failed to set timestamps:\n  {}", errors.join("\n  "));
+    }
+    std::fs::remove_file(&script_path).with_context(|| format!("removing {}", script_path.display()))
+}
+
+/// Quote a path for debugfs's command parser (a doubled quote is a quote).
+pub fn debugfs_quote(path: &str) -> String {
+    format!("\"{}\"", path.replace('"', "\"\""))
 }
 
 fn round_up(n: u64, to: u64) -> u64 {
@@ -207,7 +331,7 @@ fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
 
 /// A Unified Kernel Image: systemd's EFI stub with the kernel, initrd,
 /// os-release and command line added as PE sections after the stub's own.
-fn make_uki(root: &Path, kernel: &str, cmdline: &str, out: &Path, scratch: &Path) -> Result<()> {
+fn make_uki(root: &Path, kernel: &str, cmdline: &str, out: &Path, scratch: &Path, epoch: u64) -> Result<()> {
     let stub = Path::new(STUB);
     if !stub.is_file() {
         anyhow::bail!("{STUB} is missing: install the Debian package systemd-boot-efi (make deps does)");
@@ -238,7 +362,43 @@ fn make_uki(root: &Path, kernel: &str, cmdline: &str, out: &Path, scratch: &Path
             .arg(format!("{name}={vma:#x}"));
         vma = round_up(vma + size(file)?, 0x10000);
     }
-    cmd.arg(stub).arg(out).run().context("building the UKI")
+    cmd.arg(stub).arg(out).run().context("building the UKI")?;
+    pin_pe_timestamp(out, epoch)
+}
+
+/// objcopy (binutils 2.40) stamps a PE file's COFF header with the current
+/// time and ignores SOURCE_DATE_EPOCH: set the stamp to `epoch` and
+/// recompute the optional header's checksum to match.
+fn pin_pe_timestamp(path: &Path, epoch: u64) -> Result<()> {
+    let mut data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let word = |d: &[u8], at: usize| d.get(at..at + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    let pe = word(&data, 0x3c).context("the UKI has no DOS header")? as usize;
+    if data.get(pe..pe + 4) != Some(b"PE\0\0".as_slice()) || data.len() < pe + 92 {
+        anyhow::bail!("{} is not a PE file", path.display());
+    }
+    let stamp = u32::try_from(epoch).context("SOURCE_DATE_EPOCH does not fit a PE timestamp")?;
+    data[pe + 8..pe + 12].copy_from_slice(&stamp.to_le_bytes());
+    let checksum_at = pe + 24 + 64;
+    let checksum = pe_checksum(&data, checksum_at);
+    data[checksum_at..checksum_at + 4].copy_from_slice(&checksum.to_le_bytes());
+    std::fs::write(path, &data).with_context(|| format!("writing {}", path.display()))
+}
+
+/// The PE image checksum: a folded 16-bit sum of the file (its own field
+/// counted as zero) plus the file's length.
+fn pe_checksum(data: &[u8], checksum_at: usize) -> u32 {
+    let mut sum: u64 = 0;
+    for (i, chunk) in data.chunks(2).enumerate() {
+        let at = i * 2;
+        if at >= checksum_at && at < checksum_at + 4 {
+            continue;
+        }
+        let w = u64::from(chunk[0]) | chunk.get(1).map_or(0, |&b| u64::from(b) << 8);
+        sum += w;
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    (sum as u32).wrapping_add(data.len() as u32)
 }
 
 /// The end of the stub's last section (VMA + size), from `objdump -h`.
@@ -259,23 +419,31 @@ fn stub_end(stub: &Path) -> Result<u64> {
     end.context("objdump -h showed no sections in the EFI stub")
 }
 
-fn make_esp(raw: &Path, start: u64, size: u64, uki: &Path, key: Key) -> Result<()> {
+fn make_esp(raw: &Path, start: u64, size: u64, uki: &Path, key: Key, epoch: u64) -> Result<()> {
     let volume_id = &key.derive_uuid("esp-fs").replace('-', "")[..8];
     // mkfs.fat guesses the FAT type from the whole file's size; the ESP is
     // small, so say it: FAT16 up to 512 MiB, FAT32 beyond.
     let fat = if size <= 512 * MIB { "16" } else { "32" };
     Cmd::new("mkfs.fat")
         .arg(format!("--offset={}", start / SECTOR))
-        .args(["-F", fat, "-n", "ESP", "-i", volume_id])
-        .env("SOURCE_DATE_EPOCH", FIXED_EPOCH.to_string())
+        // --invariant: the volume label's time is a constant, not now
+        // (mkfs.fat ignores SOURCE_DATE_EPOCH); -i still sets the id.
+        .args(["--invariant", "-F", fat, "-n", "ESP", "-i", volume_id])
+        .env("SOURCE_DATE_EPOCH", epoch.to_string())
         .arg(raw)
         .arg((size / 1024).to_string())
         .run()
         .context("making the ESP")?;
     let image = format!("{}@@{start}", raw.display());
-    Cmd::new("mmd").env("MTOOLS_SKIP_CHECK", "1").args(["-i", &image, "::/EFI", "::/EFI/BOOT"]).run()?;
+    // mtools takes its clock from SOURCE_DATE_EPOCH (directory and file times).
+    Cmd::new("mmd")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .env("SOURCE_DATE_EPOCH", epoch.to_string())
+        .args(["-i", &image, "::/EFI", "::/EFI/BOOT"])
+        .run()?;
     Cmd::new("mcopy")
         .env("MTOOLS_SKIP_CHECK", "1")
+        .env("SOURCE_DATE_EPOCH", epoch.to_string())
         .args(["-i", &image])
         .arg(uki)
         .arg("::/EFI/BOOT/BOOTX64.EFI")
@@ -286,6 +454,20 @@ fn make_esp(raw: &Path, start: u64, size: u64, uki: &Path, key: Key) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pe_checksum_matches_the_stub_objcopy_made() {
+        // A UKI made before the timestamp was pinned carries the checksum
+        // objcopy computed; ours must agree with it.
+        let stub = Path::new(STUB);
+        let data = std::fs::read(stub).expect("the systemd-boot-efi stub (make deps installs it)");
+        let pe = u32::from_le_bytes(data[0x3c..0x40].try_into().unwrap()) as usize;
+        let at = pe + 24 + 64;
+        let stored = u32::from_le_bytes(data[at..at + 4].try_into().unwrap());
+        if stored != 0 {
+            assert_eq!(pe_checksum(&data, at), stored);
+        }
+    }
 
     #[test]
     fn kernel_versions_sort_numerically() {

@@ -105,6 +105,10 @@ pub fn build(recipe: &Recipe, locks: &mut Locks, store: &Store, opts: &BuildOpti
     let started = Instant::now();
     // Shared with other builds; `kiln cache gc` takes it exclusively.
     let _store_lock = store.lock_for_build(|| eprintln!("waiting for `kiln cache gc` or `kiln cache verify` to finish…"))?;
+    let started_unix = store::now();
+    // Layers see a fixed clock (their keys do not cover one); the image is
+    // clamped to its lock's time at assembly.
+    steps::set_source_date_epoch(crate::record::DEFAULT_SOURCE_DATE_EPOCH);
     let ctx = Ctx {
         store,
         mirrors: sources::mirrors(recipe.base.mirror.as_deref(), Path::new("/etc/apt")),
@@ -226,6 +230,18 @@ pub fn build(recipe: &Recipe, locks: &mut Locks, store: &Store, opts: &BuildOpti
     };
     store.save_recipe_state(&recipe.image.name, &new_state)?;
     store.add_root(&recipe.image.name, &recipe.path, &image_key)?;
+    let lock_path = crate::lock::path_for(&std::fs::canonicalize(&recipe.path).unwrap_or_else(|_| recipe.path.clone()));
+    crate::record::write_all(&crate::record::BuildFacts {
+        plan: &plan,
+        store,
+        image: &entry,
+        exported: &image,
+        out_dir: &opts.out_dir,
+        lock: lock_path.is_file().then_some(lock_path.as_path()),
+        source_date_epoch: plan.image.inputs.epoch,
+        started: started_unix,
+    })
+    .context("writing the manifest, SBOM, provenance and history")?;
     let summary = Summary {
         recipe: std::fs::canonicalize(&recipe.path).unwrap_or_else(|_| recipe.path.clone()).display().to_string(),
         image,
@@ -385,7 +401,7 @@ fn publish_step(store: &Store, built: Built, step: &Step, replace: bool) -> Resu
 fn build_image(plan: &Plan, store: &Store, lowers: &[PathBuf], replace: bool) -> Result<ImageEntry> {
     let started = Instant::now();
     let staging = store.staging()?;
-    let assembled = assemble::assemble(&plan.image, &plan.recipe.volumes, lowers, staging.path(), &plan.recipe.path)?;
+    let assembled = assemble::assemble(&plan.image, &plan.recipe.volumes, lowers, staging.path(), &plan.recipe.path, plan.image.inputs.epoch)?;
     let sha256 = plan::key::file_digest(&assembled.disk).with_context(|| format!("hashing {}", assembled.disk.display()))?;
     let entry = ImageEntry {
         key: plan.image.key,

@@ -33,6 +33,18 @@ const CHROOT_ENV: &[(&str, &str)] = &[
     ("DEBIAN_FRONTEND", "noninteractive"),
     ("DEBCONF_NONINTERACTIVE_SEEN", "true"),
 ];
+/// The build's SOURCE_DATE_EPOCH (see `record`): set once per build, passed
+/// to mmdebstrap and to every program run in the image, so that what they
+/// write (initramfs, shadow's password dates, …) does not depend on when.
+static SOURCE_DATE_EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(crate::record::DEFAULT_SOURCE_DATE_EPOCH);
+
+pub fn set_source_date_epoch(epoch: u64) {
+    SOURCE_DATE_EPOCH.store(epoch, std::sync::atomic::Ordering::SeqCst);
+}
+
+fn source_date_epoch() -> String {
+    SOURCE_DATE_EPOCH.load(std::sync::atomic::Ordering::SeqCst).to_string()
+}
 const POLICY_RC_D: &str = "#!/bin/sh\n# kiln: no service starts while an image is being built\nexit 101\n";
 /// Files apt and dpkg leave that say when, not what: never part of a layer.
 const BUILD_DEBRIS: &[&str] = &[
@@ -43,6 +55,7 @@ const BUILD_DEBRIS: &[&str] = &[
     "var/lib/dpkg/status-old",
     "var/lib/dpkg/diversions-old",
     "var/lib/dpkg/statoverride-old",
+    "var/cache/ldconfig/aux-cache",
 ];
 
 /// What a step needs from the build.
@@ -77,6 +90,7 @@ pub enum Source<'a> {
 pub fn base(ctx: &Ctx, spec: &BaseSpec, tree: &Path, scratch: &Path, source: Source) -> Result<()> {
     let mirrors = ctx.mirrors()?;
     let mut cmd = Cmd::new("mmdebstrap")
+        .env("SOURCE_DATE_EPOCH", source_date_epoch())
         .arg("--mode=root")
         .arg("--format=directory")
         .arg(format!("--variant={}", spec.variant))
@@ -212,7 +226,7 @@ fn chroot(root: &Path) -> Cmd {
     for (k, v) in CHROOT_ENV {
         cmd = cmd.env(k, v);
     }
-    cmd
+    cmd.env("SOURCE_DATE_EPOCH", source_date_epoch())
 }
 
 /// apt-get in the chroot; a locked step sees only its own repository.

@@ -243,11 +243,13 @@ pub struct ImageInputs {
     pub cmdline: String,
     /// `name mount size filesystem owner` per volume.
     pub volumes: Vec<String>,
+    /// SOURCE_DATE_EPOCH: no timestamp in the image is later (from the lock).
+    pub epoch: u64,
 }
 
 impl ImageInputs {
     pub fn key(&self) -> Key {
-        let ImageInputs { top, size, format, hostname, cmdline, volumes } = self;
+        let ImageInputs { top, size, format, hostname, cmdline, volumes, epoch } = self;
         let mut h = KeyHasher::new(ASSEMBLY_VERSION);
         h.opt_key("top", Some(*top));
         h.bytes("size", &size.to_le_bytes());
@@ -255,6 +257,7 @@ impl ImageInputs {
         h.str("hostname", hostname);
         h.str("cmdline", cmdline);
         h.list("volumes", volumes);
+        h.bytes("epoch", &epoch.to_le_bytes());
         h.finish()
     }
 }

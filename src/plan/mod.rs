@@ -131,6 +131,7 @@ pub fn make(recipe: &Recipe, locks: &Locks) -> Result<Plan> {
             .iter()
             .map(|v| format!("{} {} {} {} {}", v.name, v.mount, v.size, v.filesystem, v.owner))
             .collect(),
+        epoch: locks.source_date_epoch().unwrap_or(crate::record::DEFAULT_SOURCE_DATE_EPOCH),
     };
     let key = inputs.key();
     Ok(Plan { recipe: recipe.clone(), steps, image: ImagePlan { inputs, key, spec } })

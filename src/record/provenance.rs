@@ -1,0 +1,106 @@
+//! `out/NAME.provenance.json`: an in-toto Statement v1 whose predicate is
+//! SLSA provenance v1 (<https://slsa.dev/spec/v1.0/provenance>).
+//!
+//! The subject is the exported disk (file name and sha256). The resolved
+//! dependencies are the recipe files, the lock, every copied file, and every
+//! installed Debian package as a purl, with the .deb's sha256 when the store
+//! holds that .deb (apt's shared archive cache; the lock will provide the
+//! rest). The statement is unsigned: signing belongs to whoever publishes.
+
+use anyhow::Result;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use super::manifest::{digested, Manifest};
+use super::BuildFacts;
+use crate::plan::key::file_digest;
+use crate::plan::Action;
+
+pub const STATEMENT_TYPE: &str = "https://in-toto.io/Statement/v1";
+pub const PREDICATE_TYPE: &str = "https://slsa.dev/provenance/v1";
+const BUILD_TYPE: &str = "https://kiln.invalid/build/v1";
+
+/// An SLSA ResourceDescriptor.
+#[derive(Debug, Clone, Serialize)]
+pub struct Material {
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub digest: Option<Digest>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Digest {
+    pub sha256: String,
+}
+
+pub fn materials(facts: &BuildFacts) -> Result<Vec<Material>> {
+    let plan = facts.plan;
+    let mut out = Vec::new();
+    for src in &plan.recipe.sources {
+        let d = digested(src)?;
+        out.push(Material { name: format!("recipe:{}", d.path), uri: None, digest: Some(Digest { sha256: d.sha256 }) });
+    }
+    if let Some(lock) = facts.lock {
+        let d = digested(lock)?;
+        out.push(Material { name: format!("lock:{}", d.path), uri: None, digest: Some(Digest { sha256: d.sha256 }) });
+    }
+    for step in &plan.steps {
+        if let Action::Files { files, .. } = &step.action {
+            for (spec, input) in files.iter().zip(&step.inputs.files) {
+                out.push(Material {
+                    name: format!("file:{} -> {}", spec.src.display(), spec.dest),
+                    uri: None,
+                    digest: Some(Digest { sha256: input.sha256.clone() }),
+                });
+            }
+        }
+    }
+    let top = plan.steps.last().expect("a plan always has a base step");
+    let packages = facts.store.layer_entry(&top.key)?.packages;
+    let distro = packages
+        .iter()
+        .find(|p| p.name == "base-files")
+        .and_then(|p| p.version.split('.').next().map(|m| format!("debian-{m}")))
+        .unwrap_or_else(|| "debian".to_owned());
+    let archives = facts.store.apt_archives();
+    for p in &packages {
+        // apt names a .deb NAME_VERSION_ARCH.deb with the epoch's colon as %3a.
+        let deb = archives.join(format!("{}_{}_{}.deb", p.name, p.version.replace(':', "%3a"), p.arch));
+        let digest = if deb.is_file() { Some(Digest { sha256: file_digest(&deb)? }) } else { None };
+        out.push(Material { name: format!("deb:{}_{}_{}", p.name, p.version, p.arch), uri: Some(super::sbom::purl(p, &distro)), digest });
+    }
+    Ok(out)
+}
+
+pub fn statement(m: &Manifest, materials: &[Material]) -> Value {
+    json!({
+        "_type": STATEMENT_TYPE,
+        "subject": [{ "name": m.image.file, "digest": { "sha256": m.image.sha256 } }],
+        "predicateType": PREDICATE_TYPE,
+        "predicate": {
+            "buildDefinition": {
+                "buildType": BUILD_TYPE,
+                "externalParameters": {
+                    "recipe": m.recipe.first().map(|r| r.path.clone()),
+                    "source_date_epoch": m.source_date_epoch,
+                },
+                "internalParameters": {
+                    "kiln_version": m.kiln_version,
+                    "image_key": m.image.key.hex(),
+                    "steps": m.steps.iter().map(|s| json!({ "id": s.id, "key": s.key.hex() })).collect::<Vec<_>>(),
+                },
+                "resolvedDependencies": materials,
+            },
+            "runDetails": {
+                "builder": { "id": format!("kiln-{}@{}", m.kiln_version, m.built.host) },
+                "metadata": {
+                    "invocationId": format!("{}:{}", m.image.key.short(), m.built.started),
+                    "startedOn": m.built.started,
+                    "finishedOn": m.built.finished,
+                },
+            },
+        },
+    })
+}
