@@ -50,6 +50,8 @@ pub enum Command {
     Verify(VerifyArgs),
     /// List the builds of a recipe (or of every recipe), newest first
     Log(LogArgs),
+    /// What changed between two built images: packages, files, layer keys
+    Diff(DiffArgs),
 }
 
 #[derive(Debug, Args)]
@@ -209,4 +211,12 @@ pub struct VerifyArgs {
 pub struct LogArgs {
     /// A recipe file or an image name (default: every recipe)
     pub recipe: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    /// The older image (out/NAME.qcow2) or its manifest (NAME.manifest.json)
+    pub a: PathBuf,
+    /// The newer image or its manifest
+    pub b: PathBuf,
 }

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::build::{self, BuildOptions, Summary};
 use crate::build::Row;
-use crate::cli::{BuildArgs, CacheCommand, Global, InspectArgs, LockArgs, LogArgs, PlanArgs, SmokeArgs, VerifyArgs};
+use crate::cli::{BuildArgs, CacheCommand, DiffArgs, Global, InspectArgs, LockArgs, LogArgs, PlanArgs, SmokeArgs, VerifyArgs};
 use crate::error::{BadInput, Drift, SmokeFailed};
 use crate::lock::{Locks, StepLock};
 use crate::recipe::{Recipe, SmokeSpec};
@@ -617,5 +617,26 @@ pub fn log(global: &Global, args: &LogArgs) -> Result<()> {
         })
         .collect();
     print!("{}", table(&["TIME", "IMAGE", "USER", "HOST", "SHA256", "PACKAGES"], &rows));
+    Ok(())
+}
+
+/// `kiln diff A B`, from the two images' manifests.
+pub fn diff(global: &Global, args: &DiffArgs) -> Result<()> {
+    let read = |p: &Path| {
+        let path = record::manifest::path_for(p);
+        if !path.is_file() {
+            return Err(anyhow::Error::from(BadInput::arg(
+                format!("{} has no manifest ({} does not exist)", p.display(), path.display()),
+                "give an image kiln built (out/NAME.qcow2, its manifest beside it) or a manifest file",
+            )));
+        }
+        record::manifest::read(&path)
+    };
+    let (a, b) = (read(&args.a)?, read(&args.b)?);
+    let d = record::diff::diff(&a, &b);
+    if global.json {
+        return print_json(&d);
+    }
+    print!("{}", record::diff::text(&d));
     Ok(())
 }

@@ -28,6 +28,7 @@ fn main() {
         cli::Command::Inspect(args) => commands::inspect(&cli.global, args),
         cli::Command::Verify(args) => commands::verify(&cli.global, args),
         cli::Command::Log(args) => commands::log(&cli.global, args),
+        cli::Command::Diff(args) => commands::diff(&cli.global, args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

@@ -21,6 +21,7 @@
 //! `debugfs rdump`) or a live root directory with a manifest; `repro`
 //! finds the first difference between two builds of the same recipe.
 
+pub mod diff;
 pub mod history;
 pub mod manifest;
 pub mod provenance;
