@@ -20,7 +20,7 @@ fn main() {
     let work = PathBuf::from("/var/tmp/kiln-bench");
     std::fs::create_dir_all(&work).expect("create /var/tmp/kiln-bench");
     let recipes = work.join("recipes");
-    let _ = std::fs::remove_dir_all(&recipes);
+    remove_if_there(&recipes);
     copy_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes").as_path(), &recipes);
     let warm = work.join("warm-store");
     let out = work.join("out");
@@ -121,7 +121,7 @@ fn main() {
     };
     let cold_web = {
         let store = work.join("cold-web-store");
-        let _ = std::fs::remove_dir_all(&store);
+        remove_if_there(&store);
         let secs = time(|| kiln(&store, &out, &["build", "--no-smoke", web.to_str().unwrap()]));
         std::fs::remove_dir_all(&store).unwrap();
         secs
@@ -135,7 +135,7 @@ fn main() {
         (0..COLD_RUNS)
             .map(|i| {
                 let store = work.join(format!("cold-store-{i}"));
-                let _ = std::fs::remove_dir_all(&store);
+                remove_if_there(&store);
                 let secs = time(|| kiln(&store, &out, &["build", "--no-smoke", golden.to_str().unwrap()]));
                 std::fs::remove_dir_all(&store).unwrap();
                 secs
@@ -162,7 +162,7 @@ fn main() {
     );
     rows.push(row("cold build of golden.toml (no smoke)", cold, &format!("≤ 1.3 × bare + 10 = {:.1} s", 1.3 * bare + 10.0), &format!("bare mmdebstrap {bare:.1} s")));
 
-    println!("{:<44} {:>9}  {:<24} {}", "scenario", "median s", "target", "baseline");
+    println!("{:<44} {:>9}  {:<24} baseline", "scenario", "median s", "target");
     for [a, b, c, d] in rows {
         println!("{a:<44} {b:>9}  {c:<24} {d}");
     }
@@ -228,6 +228,14 @@ fn plan_keys(store: &Path, recipe: &Path) -> Vec<String> {
         .iter()
         .map(|s| s["key"].as_str().unwrap().to_owned())
         .collect()
+}
+
+/// Remove a directory tree a previous run may have left.
+fn remove_if_there(dir: &Path) {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => panic!("removing {}: {e}", dir.display()),
+        _ => {}
+    }
 }
 
 fn time(f: impl FnOnce()) -> f64 {

@@ -471,7 +471,7 @@ mod tests {
 
     #[test]
     fn kernel_versions_sort_numerically() {
-        let mut v = vec!["6.12.9+deb13-cloud-amd64".to_string(), "6.12.117+deb13-cloud-amd64".into(), "6.12.38+deb13-cloud-amd64".into()];
+        let mut v = ["6.12.9+deb13-cloud-amd64".to_string(), "6.12.117+deb13-cloud-amd64".into(), "6.12.38+deb13-cloud-amd64".into()];
         v.sort_by(|a, b| compare_versions(a, b));
         assert_eq!(v.last().unwrap(), "6.12.117+deb13-cloud-amd64");
     }
