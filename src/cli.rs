@@ -166,6 +166,11 @@ pub struct SmokeArgs {
     /// Boot without the recipe's data volumes (to see that the image copes)
     #[arg(long)]
     pub no_volumes: bool,
+    /// Keep the VM's writes to its root disk in FILE (a qcow2 overlay on
+    /// IMAGE), after a clean shutdown: e.g. to `kiln verify` what a live
+    /// system changed
+    #[arg(long, value_name = "FILE")]
+    pub keep_overlay: Option<PathBuf>,
     /// Upgrade test: boot OLD with fresh volumes, run the recipe's [smoke] seed,
     /// shut it down, then boot IMAGE with the same volumes and run the checks
     #[arg(long, value_name = "OLD")]

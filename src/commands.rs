@@ -173,6 +173,7 @@ fn smoke_stage(global: &Global, args: &BuildArgs, recipe: &Recipe, store: &Store
         verbose: global.verbose,
         volumes: disks.volumes.clone(),
         wait_poweroff: false,
+        keep_overlay: None,
     };
     let stage = ui.stage("smoke", "booting in QEMU");
     let outcome = crate::smoke::run(&summary.image, &seed_then_checks(&recipe.smoke), &opts);
@@ -287,6 +288,7 @@ pub fn smoke(global: &Global, args: &SmokeArgs) -> Result<()> {
         verbose: global.verbose,
         volumes: disks.volumes.clone(),
         wait_poweroff: false,
+        keep_overlay: None,
     };
     let ui = Ui::new(global.json);
 
@@ -318,6 +320,7 @@ pub fn smoke(global: &Global, args: &SmokeArgs) -> Result<()> {
 
     let what = if args.upgrade_from.is_some() { "boot 2 of 2 (the new image, on the old image's volumes), checks: " } else { "" };
     let spec = if args.upgrade_from.is_some() { spec } else { seed_then_checks(&spec) };
+    let opts = SmokeOptions { keep_overlay: args.keep_overlay.clone(), ..opts };
     let stage = ui.stage("smoke", &format!("booting {}", args.image.display()));
     match crate::smoke::run(&args.image, &spec, &opts) {
         Ok(Ok(report)) => {

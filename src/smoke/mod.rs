@@ -95,6 +95,9 @@ pub struct SmokeOptions {
     /// clean shutdown, so data written to volumes is on disk) instead of
     /// killing the VM.
     pub wait_poweroff: bool,
+    /// Keep what the VM wrote to its root disk in this qcow2 overlay (on
+    /// the built disk) instead of a throwaway one; implies a clean shutdown.
+    pub keep_overlay: Option<PathBuf>,
 }
 
 /// A data volume's disk for the VM.
@@ -240,7 +243,11 @@ pub fn run(disk: &Path, spec: &SmokeSpec, opts: &SmokeOptions) -> Result<Result<
     let vars_copy = tmp.path().join("efivars.fd");
     let template = firmware.vars.as_ref().unwrap_or(&firmware.code);
     std::fs::copy(template, &vars_copy).with_context(|| format!("copying firmware {}", template.display()))?;
-    let overlay = tmp.path().join("overlay.qcow2");
+    let overlay = match &opts.keep_overlay {
+        Some(path) if path.exists() => anyhow::bail!("{} already exists; --keep-overlay makes a new file", path.display()),
+        Some(path) => path.clone(),
+        None => tmp.path().join("overlay.qcow2"),
+    };
     qemu::create_overlay(disk, &overlay)?;
     let mut volumes = Vec::new();
     for v in &opts.volumes {
@@ -292,7 +299,7 @@ pub fn run(disk: &Path, spec: &SmokeSpec, opts: &SmokeOptions) -> Result<Result<
     let mut vm = qemu::Vm::spawn(&args, Some(&channel_path))?;
     let boot_started = Instant::now();
     let mut outcome = watch.wait(&mut vm, boot_started, &command);
-    if opts.wait_poweroff && matches!(outcome, Ok(Ok(_))) {
+    if (opts.wait_poweroff || opts.keep_overlay.is_some()) && matches!(outcome, Ok(Ok(_))) {
         match watch.drain_until_exit(&mut vm, POWEROFF_TIMEOUT) {
             Ok(true) => {}
             Ok(false) => {
