@@ -316,6 +316,10 @@ fn build_step(ctx: &Ctx, step: &Step, lowers: &[PathBuf]) -> Result<Built> {
 type Staged = (Vec<store::Package>, Vec<store::PackageChange>, Option<StepLock>);
 
 fn stage_step(ctx: &Ctx, step: &Step, lowers: &[PathBuf], staging: &Path) -> Result<Staged> {
+    // A resolution is dated by its start: every file this build creates is
+    // then no older than the pin, so clamping to the earliest pin makes them
+    // all equal in any later build.
+    let started_unix = store::now();
     let store = ctx.store;
     let tree = staging.join("tree");
     let scratch = staging.join("scratch");
@@ -374,7 +378,7 @@ fn stage_step(ctx: &Ctx, step: &Step, lowers: &[PathBuf], staging: &Path) -> Res
             resolve::check(&step.id(), pins, &changes)?;
             None
         }
-        None if step.is_locked_kind() => Some(resolve::pin(store, &step.inputs.spec, &changes, &debs_dir, &lists)?),
+        None if step.is_locked_kind() => Some(resolve::pin(store, &step.inputs.spec, started_unix, &changes, &debs_dir, &lists)?),
         None => None,
     };
     store::remove_tree(&scratch).with_context(|| format!("removing {}", scratch.display()))?;

@@ -12,7 +12,7 @@ use crate::store::{PackageChange, Store};
 /// Pin every package a step installed or upgraded: its .deb (found in
 /// `debs_dir`, where apt left it) goes into the .deb cache, its pool path
 /// comes from the apt lists the step read.
-pub fn pin(store: &Store, spec: &[String], changes: &[PackageChange], debs_dir: &Path, lists: &[PathBuf]) -> Result<StepLock> {
+pub fn pin(store: &Store, spec: &[String], started: u64, changes: &[PackageChange], debs_dir: &Path, lists: &[PathBuf]) -> Result<StepLock> {
     let wanted: Vec<(String, String, String)> = changes
         .iter()
         .filter_map(|c| c.new.as_ref().map(|v| (c.name.clone(), v.clone(), c.arch.clone())))
@@ -33,7 +33,7 @@ pub fn pin(store: &Store, spec: &[String], changes: &[PackageChange], debs_dir: 
         packages.push(LockedPackage { name: name.clone(), version: version.clone(), arch: arch.clone(), sha256, archive: entry.archive.clone(), path: entry.path.clone() });
     }
     packages.sort();
-    Ok(StepLock { spec: spec.to_vec(), resolved: crate::store::now(), archive: archive_state(lists), packages })
+    Ok(StepLock { spec: spec.to_vec(), resolved: started, archive: archive_state(lists), packages })
 }
 
 /// A locked step must have installed exactly its pins.

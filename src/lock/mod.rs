@@ -43,8 +43,8 @@ pub struct StepLock {
     /// adding a package to a layer re-resolves that step only.
     #[serde(default)]
     pub spec: Vec<String>,
-    /// When this entry was resolved (seconds since the epoch). The newest
-    /// one is the image's SOURCE_DATE_EPOCH.
+    /// When this entry's resolution started (seconds since the epoch). The
+    /// earliest one is the image's SOURCE_DATE_EPOCH.
     pub resolved: u64,
     /// The archive state it was resolved against: `suite date` of each
     /// Release file apt read.
@@ -162,9 +162,12 @@ impl Locks {
         self.files.get_mut(recipe)?.steps.remove(step)
     }
 
-    /// The newest resolution time over every pin: the image's clock.
+    /// The image's SOURCE_DATE_EPOCH: the earliest resolution over every
+    /// pin. Pins are dated by when their resolution started, so no file a
+    /// build creates is older than this: clamping every timestamp to it
+    /// makes two builds of the same locks agree, whenever they run.
     pub fn source_date_epoch(&self) -> Option<u64> {
-        self.files.values().flat_map(|f| f.steps.values()).map(|s| s.resolved).max()
+        self.files.values().flat_map(|f| f.steps.values()).map(|s| s.resolved).min()
     }
 
     /// Write every lock file whose content differs from what is on disk.
