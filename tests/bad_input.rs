@@ -9,8 +9,9 @@
 //! the shared warm store (`KILN_TEST_STORE`, default /var/tmp/kiln-test-store),
 //! or an empty one where the base itself is the point.
 //!
-//! Lock-file cases (a malformed, a stale and a hand-edited `NAME.lock`) wait
-//! for the lock format to land on main.
+//! Lock-file cases (not TOML, an unknown key or version, a hand-edited pin
+//! with a damaged digest or a path out of the pool) are refused when the lock
+//! is read, before the store is touched.
 
 mod common;
 
@@ -127,6 +128,25 @@ fn catalog() -> Vec<Case> {
             says: vec!["`dpkg-query` is not installed"],
         },
     ];
+    // Broken lock files beside a good recipe.
+    let pin = |sha: &str, path: &str| {
+        format!(
+            "version = 1\n[steps.base]\nspec = []\nresolved = 1\n[[steps.base.packages]]\nname = \"apt\"\nversion = \"3.0.4\"\narch = \"amd64\"\nsha256 = \"{sha}\"\narchive = \"main\"\npath = \"{path}\"\n"
+        )
+    };
+    let lock_case = |name: &'static str, lock: String, says: &[&'static str]| Case {
+        name,
+        files: vec![("main.toml", with_base("")), ("main.lock", lock)],
+        store: StoreKind::Empty,
+        env: vec![],
+        exit: BAD_INPUT,
+        says: says.to_vec(),
+    };
+    cases.push(lock_case("lock is not TOML", "version = 1\n[steps\n".into(), &["main.lock", "the lock file is damaged", "fix:"]));
+    cases.push(lock_case("lock with an unknown key", "version = 1\nbogus = 2\n".into(), &["main.lock", "bogus", "fix:"]));
+    cases.push(lock_case("lock of a future version", "version = 99\n".into(), &["main.lock", "lock version 99", "kiln lock --update"]));
+    cases.push(lock_case("lock pin with a damaged digest", pin("not-a-digest", "pool/main/a/apt/apt_3.0.4_amd64.deb"), &["main.lock", "`apt` is not a valid locked package", "fix:"]));
+    cases.push(lock_case("lock pin outside the pool", pin(&"a".repeat(64), "pool/../../etc/passwd"), &["main.lock", "`apt` is not a valid locked package"]));
     // A recipe file that is not there at all.
     cases.push(Case { name: "recipe path missing", files: vec![("other.toml", with_base(""))], store: StoreKind::Empty, env: vec![], exit: BAD_INPUT, says: vec!["main.toml", "cannot read the recipe"] });
     cases
