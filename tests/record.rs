@@ -18,8 +18,14 @@ const STORE: &str = "/var/tmp/kiln-test-record-store";
 const VENV: &str = "/var/tmp/kiln-test-spdx-venv";
 const DRIFT: i32 = 4;
 
-fn recipe() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/repro/repro.toml")
+/// A fresh copy of the fixture recipe (so its lock is written there, and
+/// the first build resolves against the archive like a user's would).
+fn recipe(dir: &Path) -> PathBuf {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/repro");
+    std::fs::create_dir_all(dir.join("files")).unwrap();
+    std::fs::copy(fixture.join("repro.toml"), dir.join("repro.toml")).unwrap();
+    std::fs::copy(fixture.join("files/motd"), dir.join("files/motd")).unwrap();
+    dir.join("repro.toml")
 }
 
 fn run(cmd: &mut Command) -> Output {
@@ -67,7 +73,8 @@ fn cold_builds_are_identical_and_records_hold() {
         std::fs::remove_dir_all(STORE).unwrap();
     }
     let out = tempfile::Builder::new().prefix("kiln-record-out-").tempdir_in("/var/tmp").unwrap();
-    let recipe = recipe();
+    let recipes = tempfile::Builder::new().prefix("kiln-record-recipe-").tempdir_in("/var/tmp").unwrap();
+    let recipe = recipe(recipes.path());
     let recipe_arg = recipe.to_str().unwrap();
 
     // Build, then build again into an empty temporary store and compare.

@@ -122,6 +122,9 @@ pub fn base(ctx: &Ctx, spec: &BaseSpec, tree: &Path, scratch: &Path, source: Sou
         }
     };
     cmd.arg(&spec.suite).arg(tree).arg(source_line).run().map_err(|e| explain_apt_failure(e, "base.packages"))?;
+    if let Source::Locked(repo) = source {
+        remove_mount_point_trail(tree, repo)?;
+    }
     // A locked base was installed from a local repository; the image's own
     // sources are the real archive either way.
     write_file(&tree.join("etc/apt/sources.list"), format!("{real_source}\n").as_bytes(), 0o644)?;
@@ -132,6 +135,42 @@ pub fn base(ctx: &Ctx, spec: &BaseSpec, tree: &Path, scratch: &Path, source: Sou
         }
     }
     Ok(())
+}
+
+/// mmdebstrap's file-mirror-automount hook makes the local repository's
+/// host path inside the tree to mount it on, and leaves the (empty)
+/// directories behind. Remove them from the first one no package owns:
+/// /var/tmp or /var/cache belong to base-files and stay.
+fn remove_mount_point_trail(tree: &Path, repo: &Path) -> Result<()> {
+    let mut inside = PathBuf::from("/");
+    for part in repo.components().skip(1) {
+        inside.push(part);
+        let path = tree.join(inside.strip_prefix("/").expect("absolute"));
+        if !path.is_dir() {
+            return Ok(());
+        }
+        let owned = Cmd::new("dpkg-query")
+            .arg(format!("--admindir={}", tree.join("var/lib/dpkg").display()))
+            .arg("--search")
+            .arg(&inside)
+            .output()
+            .is_ok();
+        if !owned {
+            // Only empty directories: anything else is not the hook's.
+            return remove_empty_dirs(&path).with_context(|| format!("removing the repository mount point {} from the base", inside.display()));
+        }
+    }
+    Ok(())
+}
+
+fn remove_empty_dirs(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            remove_empty_dirs(&entry.path())?;
+        }
+    }
+    std::fs::remove_dir(dir)
 }
 
 /// Upper-dir files created only for the build, removed before publishing.
