@@ -42,10 +42,11 @@ struct Prepared {
 /// touched), then enter a private mount namespace, open the store and start
 /// the build log.
 fn prepare(global: &Global, recipe_path: &Path, what: &str) -> Result<Prepared> {
-    require_root(what)?;
+    // Bad input is exit 2 whoever runs kiln: validate before asking for root.
     let recipe = recipe::load(recipe_path)?;
     let locks = Locks::load(&recipe.sources)?;
     plan::make(&recipe, &locks)?;
+    require_root(what)?;
     // From here on a `kill -9` of kiln takes every process it started with it.
     crate::cmd::isolate_processes()?;
     crate::build::mount::enter_private_namespace()?;

@@ -124,6 +124,17 @@ pub fn build(recipe: &Recipe, locks: &mut Locks, store: &Store, opts: &BuildOpti
         if opts.layers_only && !plan.steps[i..].iter().any(Step::unlocked) {
             break;
         }
+        if plan.steps[i].unlocked() {
+            let step = &plan.steps[i];
+            if locks.get(&step.origin, &step.id()).is_some() {
+                eprintln!(
+                    "{}: the pins of {} in {} were resolved for other settings; resolving it again",
+                    step.id(),
+                    step.id(),
+                    crate::lock::path_for(&step.origin).display()
+                );
+            }
+        }
         if plan.steps[i].unlocked() && !opts.fresh_resolve && !opts.refresh {
             // A recent resolution of exactly these inputs stands in for the
             // lock: recipes that share layers resolve them once.
@@ -332,7 +343,7 @@ fn stage_step(ctx: &Ctx, step: &Step, lowers: &[PathBuf], staging: &Path) -> Res
     let source = if step.lock.is_some() { Source::Locked(&repo) } else { Source::Archive };
     let (before, after, debs_dir, lists) = match &step.action {
         Action::Base(spec) => {
-            steps::base(ctx, spec, &tree, &scratch, source)?;
+            steps::base(ctx, spec, &step.origin, &tree, &scratch, source)?;
             (Vec::new(), steps::installed(&tree)?, scratch.join("debs"), vec![scratch.join("lists")])
         }
         action => {
@@ -354,10 +365,12 @@ fn stage_step(ctx: &Ctx, step: &Step, lowers: &[PathBuf], staging: &Path) -> Res
                 Action::Upgrade { suite } => steps::chrooted(ctx, &merged, ChrootWork::Upgrade { suite: suite.clone() }, source)?,
                 Action::Packages(pkgs) => {
                     let work = match &step.lock {
-                        None => ChrootWork::Packages { install: pkgs.clone(), auto: Vec::new() },
+                        None => ChrootWork::Packages { install: pkgs.clone(), auto: Vec::new(), origin: step.origin.clone(), layer: step.layer.clone() },
                         Some(pins) => ChrootWork::Packages {
                             install: pins.packages.iter().map(|p| format!("{}={}", p.name, p.version)).collect(),
                             auto: pins.packages.iter().map(|p| p.name.clone()).filter(|n| !pkgs.contains(n)).collect(),
+                            origin: step.origin.clone(),
+                            layer: step.layer.clone(),
                         },
                     };
                     steps::chrooted(ctx, &merged, work, source)?

@@ -87,7 +87,7 @@ pub enum Source<'a> {
 /// Make the base tree with mmdebstrap into `tree` (which must not exist).
 /// Resolving keeps mmdebstrap's downloaded .debs in `scratch/debs` and its
 /// package lists in `scratch/lists`.
-pub fn base(ctx: &Ctx, spec: &BaseSpec, tree: &Path, scratch: &Path, source: Source) -> Result<()> {
+pub fn base(ctx: &Ctx, spec: &BaseSpec, origin: &Path, tree: &Path, scratch: &Path, source: Source) -> Result<()> {
     let mirrors = ctx.mirrors()?;
     let mut cmd = Cmd::new("mmdebstrap")
         .env("SOURCE_DATE_EPOCH", source_date_epoch())
@@ -121,7 +121,7 @@ pub fn base(ctx: &Ctx, spec: &BaseSpec, tree: &Path, scratch: &Path, source: Sou
             format!("deb [trusted=yes] file://{} ./", repo.display())
         }
     };
-    cmd.arg(&spec.suite).arg(tree).arg(source_line).run().map_err(|e| explain_apt_failure(e, "base.packages"))?;
+    cmd.arg(&spec.suite).arg(tree).arg(source_line).run().map_err(|e| explain_apt_failure(e, origin, "base.packages"))?;
     if let Source::Locked(repo) = source {
         remove_mount_point_trail(tree, repo)?;
     }
@@ -322,7 +322,7 @@ fn apt_update(root: &Path, locked: bool) -> Result<()> {
 
 /// An apt failure caused by a package name that does not exist is bad
 /// input (exit 2), not a broken kiln.
-fn explain_apt_failure(err: anyhow::Error, key: &str) -> anyhow::Error {
+fn explain_apt_failure(err: anyhow::Error, origin: &Path, key: &str) -> anyhow::Error {
     let text = format!("{err:#}");
     let missing: Vec<&str> = text
         .lines()
@@ -335,8 +335,10 @@ fn explain_apt_failure(err: anyhow::Error, key: &str) -> anyhow::Error {
     if missing.is_empty() {
         return err;
     }
-    BadInput::arg(
-        format!("key `{key}`: the archive has no package named {} ({})", missing.join(", "), text.lines().next().unwrap_or("")),
+    BadInput::new(
+        origin,
+        key,
+        format!("the archive has no package named {} ({})", missing.join(", "), text.lines().next().unwrap_or("")),
         "check the spelling (apt-cache search NAME on a machine with the same suite) or remove it",
     )
     .into()
@@ -352,12 +354,12 @@ pub fn chrooted(ctx: &Ctx, root: &Path, work: ChrootWork, source: Source) -> Res
     let (scaffolding, mut lists) = enter_chroot(ctx, &mut mounts, root, apt)?;
     let result = match work {
         ChrootWork::Upgrade { suite } => upgrade(ctx, &mut mounts, root, &suite, locked).map(|l| lists.extend(l)),
-        ChrootWork::Packages { install, auto } => apt_update(root, locked).and_then(|()| {
+        ChrootWork::Packages { install, auto, origin, layer } => apt_update(root, locked).and_then(|()| {
             apt_get(root, locked)
                 .args(["install", "--no-install-recommends"])
                 .args(&install)
                 .run()
-                .map_err(|e| explain_apt_failure(e, "packages"))?;
+                .map_err(|e| explain_apt_failure(e, &origin, &format!("layer.{layer}.packages")))?;
             if auto.is_empty() {
                 return Ok(());
             }
@@ -379,7 +381,7 @@ pub enum ChrootWork {
     Upgrade { suite: String },
     /// Package names, or `name=version` for a locked step (which then
     /// marks the pins the recipe did not ask for as automatically installed).
-    Packages { install: Vec<String>, auto: Vec<String> },
+    Packages { install: Vec<String>, auto: Vec<String>, origin: PathBuf, layer: String },
     Run { commands: Vec<String>, layer: String },
 }
 
@@ -612,7 +614,7 @@ mod tests {
     #[test]
     fn apt_name_errors_become_bad_input() {
         let err = anyhow::anyhow!("command failed: apt-get install\n    E: Unable to locate package no-such-pkg");
-        let err = explain_apt_failure(err, "layer.app.packages");
+        let err = explain_apt_failure(err, Path::new("r.toml"), "layer.app.packages");
         assert!(err.is::<BadInput>());
         assert!(err.to_string().contains("no-such-pkg"), "{err}");
     }

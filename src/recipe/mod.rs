@@ -171,11 +171,28 @@ pub fn parse(path: &Path, text: &str) -> Result<RawRecipe> {
     toml::from_str::<RawRecipe>(text).map_err(|e| {
         let line = e.span().map(|s| text[..s.start.min(text.len())].lines().count().max(1));
         let message = e.message().trim().to_owned();
+        // The table the error is in: the last `[table]` header above it.
+        let table = e.span().and_then(|sp| {
+            // Up to the end of the line the error starts on: a missing
+            // field's span starts at its table's own header.
+            let start = sp.start.min(text.len());
+            let upto = text[start..].find('\n').map_or(text.len(), |n| start + n);
+            text[..upto]
+                .lines()
+                .rev()
+                .map(str::trim)
+                .find(|l| l.starts_with('['))
+                .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_owned())
+        });
+        let qualify = |name: &str| match &table {
+            Some(t) if !t.is_empty() => format!("{t}.{name}"),
+            _ => name.to_owned(),
+        };
         let (key, fix) = if let Some(rest) = message.strip_prefix("unknown field `") {
-            let name = rest.split('`').next().unwrap_or("?").to_owned();
+            let name = qualify(rest.split('`').next().unwrap_or("?"));
             (name, format!("remove or rename it; {REFERENCE} for the keys each table takes"))
         } else if message.starts_with("missing field `") {
-            let name = message.split('`').nth(1).unwrap_or("?").to_owned();
+            let name = qualify(message.split('`').nth(1).unwrap_or("?"));
             (name, format!("add it; {REFERENCE}"))
         } else {
             ("(syntax)".to_owned(), "fix the TOML syntax at that line".to_owned())
