@@ -68,9 +68,9 @@ fn a_change_made_on_the_live_server_is_reported() {
     let report = kiln(&out, &["--json", "verify", "--root", root.to_str().unwrap(), "--manifest", manifest.to_str().unwrap()]);
     assert_eq!(report.status.code(), Some(4), "{}", describe(&report));
     let r: serde_json::Value = serde_json::from_slice(&report.stdout).unwrap();
-    let modified: Vec<&str> = r["differences"]["modified"].as_array().unwrap().iter().map(|m| m["path"].as_str().unwrap()).collect();
+    let modified: Vec<&str> = r["modified"].as_array().unwrap().iter().map(|m| m["path"].as_str().unwrap()).collect();
     assert!(modified.contains(&"/etc/motd"), "{r:#}");
-    let elsewhere: Vec<&str> = modified.iter().copied().chain(r["differences"]["added"].as_array().unwrap().iter().map(|p| p.as_str().unwrap())).filter(|p| p.starts_with("/usr")).collect();
+    let elsewhere: Vec<&str> = modified.iter().copied().chain(r["added"].as_array().unwrap().iter().map(|p| p.as_str().unwrap())).filter(|p| p.starts_with("/usr")).collect();
     assert!(elsewhere.is_empty(), "a boot changed /usr: {elsewhere:?}");
 
     // The built image itself is still clean.
