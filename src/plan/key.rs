@@ -14,9 +14,10 @@
 //!
 //! What is deliberately *not* in a key: the recipe's text (comments and
 //! whitespace), file names of copied files on the host and their mtimes (only
-//! their content, destination, mode and owner), the archive mirror (a
-//! transport detail: the lock names what is installed), and the order of
-//! `packages` (apt installs a set).
+//! their content, destination, mode and owner), and the order of `packages`
+//! (apt installs a set). The archive URLs *are* in the keys of the steps
+//! that write them into the image's apt sources (the base and `upgrade`):
+//! a layer built against another mirror is another layer.
 
 use std::fmt;
 
@@ -209,11 +210,15 @@ pub struct StepInputs {
     pub files: Vec<FileInput>,
     /// Digest of the locked package set for this step, when there is one.
     pub lock: Option<String>,
+    /// The archive URLs a step writes into the image's apt sources (the
+    /// base and `upgrade` steps): they are part of what the step produces.
+    #[serde(default)]
+    pub archive: Vec<String>,
 }
 
 impl StepInputs {
     pub fn key(&self) -> Key {
-        let StepInputs { parent, kind, spec, files, lock } = self;
+        let StepInputs { parent, kind, spec, files, lock, archive } = self;
         let mut h = KeyHasher::new(LAYER_DOMAIN);
         h.opt_key("parent", *parent);
         h.str("kind", kind.as_str());
@@ -229,6 +234,7 @@ impl StepInputs {
             h.str("sha256", sha256);
         }
         h.str("lock", lock.as_deref().unwrap_or(""));
+        h.list("archive", archive);
         h.finish()
     }
 }
@@ -273,6 +279,7 @@ mod tests {
             spec: spec.iter().map(|s| s.to_string()).collect(),
             files: vec![],
             lock: None,
+            archive: vec![],
         }
     }
 
@@ -291,6 +298,7 @@ mod tests {
             spec: vec![],
             files: vec![FileInput { src: "a".into(), dest: "/a".into(), mode: 0o644, owner: "root:root".into(), sha256: "00".into() }],
             lock: None,
+            archive: vec![],
         };
         let k = base.key();
         let mut v = base.clone();
@@ -311,6 +319,9 @@ mod tests {
         let mut v = base.clone();
         v.lock = Some("x".into());
         assert_ne!(v.key(), k);
+        let mut v = base.clone();
+        v.archive = vec!["http://mirror.invalid/debian".into()];
+        assert_ne!(v.key(), k);
         // The host-side name is not an input.
         let mut v = base.clone();
         v.files[0].src = "renamed".into();
@@ -320,7 +331,7 @@ mod tests {
     #[test]
     fn key_is_stable_across_releases() {
         // A changed encoding silently invalidates every store: this pins it.
-        assert_eq!(inputs(&["echo hi"]).key().hex(), "858519e31e26d35554158719bae7058ddfe06b7ff5fde8715608ca24afccb402");
+        assert_eq!(inputs(&["echo hi"]).key().hex(), "16e5863776226e552c048c1a8bd4bfe38e87b7b18d3cc6dd58827e0c316015d4");
     }
 
     #[test]

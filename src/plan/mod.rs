@@ -83,8 +83,14 @@ pub struct ImagePlan {
 /// digests) and nothing else.
 pub fn make(recipe: &Recipe, locks: &Locks) -> Result<Plan> {
     let mut steps = Vec::new();
+    // The archive the image's apt sources will name: the recipe's mirror or
+    // the host's (read now, as the build will).
+    let archive: Vec<String> = match crate::build::sources::mirrors(recipe.base.mirror.as_deref(), Path::new("/etc/apt")) {
+        Some(m) => vec![m.main, m.security],
+        None => Vec::new(),
+    };
     let push = |steps: &mut Vec<Step>, layer: &str, origin: &Path, kind, spec, files, action| {
-        push(steps, locks, layer, origin, kind, spec, files, action)
+        push(steps, locks, &archive, layer, origin, kind, spec, files, action)
     };
     let BaseSpec { suite, variant, packages, mirror: _ } = &recipe.base;
     let mut base_spec = vec![format!("suite={suite}"), format!("variant={variant}")];
@@ -138,7 +144,9 @@ pub fn make(recipe: &Recipe, locks: &Locks) -> Result<Plan> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn push(steps: &mut Vec<Step>, locks: &Locks, layer: &str, origin: &Path, kind: StepKind, spec: Vec<String>, files: Vec<FileInput>, action: Action) {
+fn push(steps: &mut Vec<Step>, locks: &Locks, archive: &[String], layer: &str, origin: &Path, kind: StepKind, spec: Vec<String>, files: Vec<FileInput>, action: Action) {
+    // Only the steps that write apt sources into the image depend on them.
+    let archive: &[String] = if matches!(kind, StepKind::Base | StepKind::Upgrade) { archive } else { &[] };
     let parent = steps.last().map(|s: &Step| s.key);
     let id = if kind == StepKind::Base { "base".to_owned() } else { format!("{layer}/{}", kind.as_str()) };
     let lock = if matches!(kind, StepKind::Base | StepKind::Upgrade | StepKind::Packages) {
@@ -146,7 +154,7 @@ fn push(steps: &mut Vec<Step>, locks: &Locks, layer: &str, origin: &Path, kind: 
     } else {
         None
     };
-    let inputs = StepInputs { parent, kind, spec, files, lock: lock.as_ref().map(StepLock::digest) };
+    let inputs = StepInputs { parent, kind, spec, files, lock: lock.as_ref().map(StepLock::digest), archive: archive.to_vec() };
     let key = inputs.key();
     steps.push(Step { layer: layer.to_owned(), origin: origin.to_owned(), lock, inputs, key, action });
 }
@@ -204,7 +212,7 @@ pub fn reason(current: &StepInputs, last: Option<&StepInputs>) -> Reason {
     if current.parent != last.parent {
         return Reason::ParentChanged;
     }
-    if current.spec != last.spec || current.kind != last.kind {
+    if current.spec != last.spec || current.kind != last.kind || current.archive != last.archive {
         return Reason::SpecChanged;
     }
     if current.files != last.files {
