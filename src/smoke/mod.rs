@@ -481,9 +481,13 @@ impl Watch<'_> {
             }
             // An old systemd never starts kiln's unit: a login prompt then
             // is as far as the boot can be followed.
+            // A systemd that said it imports credentials is waited for until
+            // the timeout: its unit can be late (multi-user.target waits for
+            // a missing volume's device timeout, say).
             if let (Some(at), false) = (login_at, self.guest.begun) {
                 let old = self.guest.systemd.is_some_and(|v| v < SYSTEMD_WITH_CREDENTIALS);
-                if fatal.is_none() && (old || at.elapsed() > UNIT_START_GRACE) {
+                let unknown = self.guest.systemd.is_none();
+                if fatal.is_none() && (old || (unknown && at.elapsed() > UNIT_START_GRACE)) {
                     return self.judge_without_unit(boot_started.elapsed());
                 }
             }
