@@ -6,7 +6,7 @@ mod common;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -33,10 +33,10 @@ fn images() -> &'static Images {
         common::require_tools(&[("qemu-system-x86_64", "qemu-system-x86"), ("mdel", "mtools")]);
         let dir = tempfile::Builder::new().prefix("kiln-smoke-").tempdir().unwrap();
         let recipes = dir.path().join("recipes");
-        copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes"), &recipes);
+        common::copy_recipes(&recipes);
         let out = dir.path().join("out");
-        let run = kiln(&out, &["build", "--no-smoke", recipes.join("web.toml").to_str().unwrap()]);
-        assert_eq!(run.status.code(), Some(0), "building web: {}", describe(&run));
+        let run = common::kiln_output(&out, &["build", "--no-smoke", recipes.join("web.toml").to_str().unwrap()]);
+        assert_eq!(run.status.code(), Some(0), "building web: {}", common::describe(&run));
         let web = out.join("web.qcow2");
         let bad = out.join("noboot.qcow2");
         empty_esp(&web, &bad, dir.path());
@@ -44,25 +44,13 @@ fn images() -> &'static Images {
     })
 }
 
-fn kiln(out: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .arg("--cache")
-        .arg(common::shared_store())
-        .arg("--out")
-        .arg(out)
-        .args(args)
-        .env_remove("KILN_CACHE_DIR")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
 
 /// A copy of `image` whose ESP no longer holds EFI/BOOT/BOOTX64.EFI.
 fn empty_esp(image: &Path, bad: &Path, scratch: &Path) {
     let raw = scratch.join("noboot.raw");
     let run = |program: &str, args: &[&std::ffi::OsStr]| {
         let out = Command::new(program).args(args).env("MTOOLS_SKIP_CHECK", "1").output().unwrap();
-        assert!(out.status.success(), "{program}: {}", describe(&out));
+        assert!(out.status.success(), "{program}: {}", common::describe(&out));
         out
     };
     use std::ffi::OsStr;
@@ -76,18 +64,6 @@ fn empty_esp(image: &Path, bad: &Path, scratch: &Path) {
     std::fs::remove_file(&raw).unwrap();
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else if entry.path().extension().is_none_or(|e| e != "lock") {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
-}
 
 /// A private TMPDIR and store folder for one run, so leftovers can be seen.
 struct Sandbox {
@@ -158,14 +134,6 @@ fn sha256(path: &Path) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn describe(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 #[test]
 fn a_good_image_passes_and_its_disk_is_unchanged() {
@@ -179,7 +147,7 @@ fn a_good_image_passes_and_its_disk_is_unchanged() {
         .command(&img, &["--json", "--check", "systemctl is-system-running", "--check", "test -d /etc"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", common::describe(&out));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["checks_passed"], 7, "{report}");
     assert_eq!(report["checks_total"], 7, "{report}");
@@ -197,7 +165,7 @@ fn a_failing_check_is_named() {
         .command(&img, &["--accel", "tcg", "--recipe", images().recipes.join("golden.toml").to_str().unwrap(), "--check", "true", "--check", "echo kiln-test-output; exit 7"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert_eq!(out.status.code(), Some(3), "{}", common::describe(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("check 5 `echo kiln-test-output; exit 7` failed with exit code 7"), "{stderr}");
     assert!(stderr.contains("kiln-test-output"), "{stderr}");
@@ -212,7 +180,7 @@ fn an_unbootable_image_fails_early_with_the_reason() {
     let started = Instant::now();
     let out = sb.command(&img, &["--accel", "tcg", "--timeout", "180"]).output().unwrap();
     let took = started.elapsed();
-    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert_eq!(out.status.code(), Some(3), "{}", common::describe(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("found nothing to boot") || stderr.contains("could not find the root file system"),
@@ -249,16 +217,16 @@ fn build_boots_golden_and_caches_the_pass() {
     let _vm = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
     let imgs = images();
     let golden = imgs.recipes.join("golden.toml");
-    let out = kiln(&imgs.out, &["--json", "build", golden.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let out = common::kiln_output(&imgs.out, &["--json", "build", golden.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", common::describe(&out));
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let smoke = summary["rows"].as_array().unwrap().iter().find(|r| r["stage"] == "smoke").expect("a smoke row");
     assert!(smoke["status"] == "passed" || smoke["status"] == "cached", "{summary:#}");
     assert_eq!(summary["smoke"]["checks_passed"], summary["smoke"]["checks_total"], "{summary:#}");
     assert!(imgs.out.join("golden.smoke.log").is_file() || smoke["status"] == "cached");
     // The same image with the same checks is not booted again.
-    let again = kiln(&imgs.out, &["--json", "build", golden.to_str().unwrap()]);
-    assert_eq!(again.status.code(), Some(0), "{}", describe(&again));
+    let again = common::kiln_output(&imgs.out, &["--json", "build", golden.to_str().unwrap()]);
+    assert_eq!(again.status.code(), Some(0), "{}", common::describe(&again));
     let summary: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
     let smoke = summary["rows"].as_array().unwrap().iter().find(|r| r["stage"] == "smoke").unwrap();
     assert_eq!(smoke["status"], "cached", "{summary:#}");
@@ -274,8 +242,8 @@ fn a_failing_recipe_check_makes_build_exit_3() {
         "extends = \"golden.toml\"\n[image]\nname = \"broken-check\"\n[smoke]\nchecks = [\"systemctl is-active no-such-service\"]\n",
     )
     .unwrap();
-    let out = kiln(&imgs.out, &["build", recipe.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    let out = common::kiln_output(&imgs.out, &["build", recipe.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(3), "{}", common::describe(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("`systemctl is-active no-such-service` failed"), "{stderr}");
     assert!(imgs.out.join("broken-check.smoke.log").is_file());

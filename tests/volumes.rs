@@ -7,8 +7,8 @@
 mod common;
 
 use std::ffi::OsStr;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::PathBuf;
+use std::process::Output;
 use std::sync::{Mutex, OnceLock};
 
 /// One VM at a time: the machine has two cores.
@@ -30,48 +30,21 @@ fn db() -> &'static Db {
         common::require_tools(&[("qemu-system-x86_64", "qemu-system-x86"), ("debugfs", "e2fsprogs")]);
         let dir = tempfile::Builder::new().prefix("kiln-volumes-").tempdir().unwrap();
         let recipes = dir.path().join("recipes");
-        copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes"), &recipes);
+        common::copy_recipes(&recipes);
         let out = dir.path().join("out");
-        let build = kiln(&out, &["--json", "build", "--force-smoke", recipes.join("db.toml").to_str().unwrap()]);
+        let build = common::kiln_output(&out, &["--json", "build", "--force-smoke", recipes.join("db.toml").to_str().unwrap()]);
         Db { _dir: dir, recipes, out, build }
     })
 }
 
-fn kiln(out: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .arg("--cache")
-        .arg(common::shared_store())
-        .arg("--out")
-        .arg(out)
-        .args(args)
-        .env_remove("KILN_CACHE_DIR")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
 
-fn describe(out: &Output) -> String {
-    format!("status {:?}\nstdout:\n{}\nstderr:\n{}", out.status.code(), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else if entry.path().extension().is_none_or(|e| e != "lock") {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
-}
 
 #[test]
 fn db_passes_its_smoke_on_a_blank_volume() {
     let _vm = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
     let db = db();
-    assert_eq!(db.build.status.code(), Some(0), "{}", describe(&db.build));
+    assert_eq!(db.build.status.code(), Some(0), "{}", common::describe(&db.build));
     let summary: serde_json::Value = serde_json::from_slice(&db.build.stdout).unwrap();
     let smoke = &summary["smoke"];
     // The seed and every check ran (seed, golden's 3, db's 4) and passed.
@@ -85,7 +58,7 @@ fn db_passes_its_smoke_on_a_blank_volume() {
 #[test]
 fn the_disk_holds_nothing_under_the_volume_mount_point() {
     let db = db();
-    assert_eq!(db.build.status.code(), Some(0), "{}", describe(&db.build));
+    assert_eq!(db.build.status.code(), Some(0), "{}", common::describe(&db.build));
     let scratch = tempfile::tempdir().unwrap();
     let raw = scratch.path().join("db.raw");
     let (_, _) = common::tool("qemu-img", &[OsStr::new("convert"), OsStr::new("-O"), OsStr::new("raw"), db.out.join("db.qcow2").as_os_str(), raw.as_os_str()], &[]);
@@ -108,7 +81,7 @@ fn the_disk_holds_nothing_under_the_volume_mount_point() {
 fn rows_survive_an_upgrade_to_a_rebuilt_image() {
     let _vm = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
     let db = db();
-    assert_eq!(db.build.status.code(), Some(0), "{}", describe(&db.build));
+    assert_eq!(db.build.status.code(), Some(0), "{}", common::describe(&db.build));
     let old = db.out.join("db-old.qcow2");
     std::fs::copy(db.out.join("db.qcow2"), &old).unwrap();
     // A changed file in the app layer is a new image.
@@ -116,8 +89,8 @@ fn rows_survive_an_upgrade_to_a_rebuilt_image() {
     let mut text = std::fs::read_to_string(&script).unwrap();
     text.push_str(&format!("# rebuilt for the upgrade test {}\n", common::nonce()));
     std::fs::write(&script, text).unwrap();
-    let rebuilt = kiln(&db.out, &["--json", "build", "--no-smoke", db.recipes.join("db.toml").to_str().unwrap()]);
-    assert_eq!(rebuilt.status.code(), Some(0), "{}", describe(&rebuilt));
+    let rebuilt = common::kiln_output(&db.out, &["--json", "build", "--no-smoke", db.recipes.join("db.toml").to_str().unwrap()]);
+    assert_eq!(rebuilt.status.code(), Some(0), "{}", common::describe(&rebuilt));
     let summary: serde_json::Value = serde_json::from_slice(&rebuilt.stdout).unwrap();
     let row = |stage: &str| summary["rows"].as_array().unwrap().iter().find(|r| r["stage"] == stage).unwrap()["status"].clone();
     assert_eq!(row("db/files"), "built", "{summary:#}");
@@ -126,8 +99,8 @@ fn rows_survive_an_upgrade_to_a_rebuilt_image() {
     assert_ne!(std::fs::read(&old).unwrap().len(), 0);
 
     let volumes = db.out.join("volumes");
-    let upgrade = kiln(&db.out, &["smoke", "--keep-volumes", volumes.to_str().unwrap(), "--upgrade-from", old.to_str().unwrap(), new.to_str().unwrap()]);
-    assert_eq!(upgrade.status.code(), Some(0), "{}", describe(&upgrade));
+    let upgrade = common::kiln_output(&db.out, &["smoke", "--keep-volumes", volumes.to_str().unwrap(), "--upgrade-from", old.to_str().unwrap(), new.to_str().unwrap()]);
+    assert_eq!(upgrade.status.code(), Some(0), "{}", common::describe(&upgrade));
     let stderr = String::from_utf8_lossy(&upgrade.stderr);
     assert!(stderr.contains("seeded, shut down cleanly"), "{stderr}");
     assert!(volumes.join("pgdata.qcow2").is_file(), "--keep-volumes kept no disk");
@@ -137,9 +110,9 @@ fn rows_survive_an_upgrade_to_a_rebuilt_image() {
 fn a_missing_volume_still_boots_and_the_data_check_fails_clearly() {
     let _vm = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
     let db = db();
-    assert_eq!(db.build.status.code(), Some(0), "{}", describe(&db.build));
-    let out = kiln(&db.out, &["smoke", "--no-volumes", db.out.join("db.qcow2").to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert_eq!(db.build.status.code(), Some(0), "{}", common::describe(&db.build));
+    let out = common::kiln_output(&db.out, &["smoke", "--no-volumes", db.out.join("db.qcow2").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(3), "{}", common::describe(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
     // It booted (no boot failure) and a check that needs the database failed.
     for boot_failure in ["timed out", "emergency", "panicked", "nothing to boot", "root file system"] {

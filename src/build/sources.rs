@@ -33,19 +33,20 @@ pub fn mirrors(recipe_mirror: Option<&str>, apt_dir: &Path) -> Option<Mirrors> {
 }
 
 /// `(uri, suite)` of every `deb` source the host's apt is configured with.
+/// The files in an apt `sources.list.d`, in the order apt reads them (a
+/// missing folder has none).
+pub fn source_parts(apt_dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(apt_dir.join("sources.list.d")).into_iter().flatten().flatten().map(|e| e.path()).collect();
+    files.sort();
+    files
+}
+
 fn host_entries(apt_dir: &Path) -> Vec<(String, String)> {
     let mut out = Vec::new();
     if let Ok(text) = std::fs::read_to_string(apt_dir.join("sources.list")) {
         out.extend(parse_one_line(&text));
     }
-    let mut files: Vec<_> = std::fs::read_dir(apt_dir.join("sources.list.d"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    files.sort();
-    for file in files {
+    for file in source_parts(apt_dir) {
         let Ok(text) = std::fs::read_to_string(&file) else { continue };
         match file.extension().and_then(|e| e.to_str()) {
             Some("list") => out.extend(parse_one_line(&text)),

@@ -246,14 +246,7 @@ fn clean_up(root: &Path, scaffolding: Scaffolding) -> Result<()> {
 
 fn sources_digest(root: &Path) -> String {
     let mut text = std::fs::read(root.join("etc/apt/sources.list")).unwrap_or_default();
-    let mut files: Vec<PathBuf> = std::fs::read_dir(root.join("etc/apt/sources.list.d"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    files.sort();
-    for f in files {
+    for f in super::sources::source_parts(&root.join("etc/apt")) {
         text.extend(f.file_name().map(|n| n.as_encoded_bytes().to_vec()).unwrap_or_default());
         text.extend(std::fs::read(&f).unwrap_or_default());
     }

@@ -863,3 +863,44 @@ pub struct Stat {
     pub gid: u32,
     pub size: u64,
 }
+
+// ------------------------------------------------------ shipped recipes, VMs
+
+/// A copy of the shipped `recipes/` in `to`, without lock files, so a test
+/// builds them like a fresh checkout would and writes its locks there.
+pub fn copy_recipes(to: &Path) {
+    copy_tree(&Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes"), to);
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap_or_else(|e| panic!("creating {}: {e}", to.display()));
+    for entry in std::fs::read_dir(from).unwrap_or_else(|e| panic!("reading {}: {e}", from.display())) {
+        let entry = entry.expect("reading a recipe dir entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("file type").is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else if entry.path().extension().is_none_or(|e| e != "lock") {
+            std::fs::copy(entry.path(), &target).unwrap_or_else(|e| panic!("copying {}: {e}", entry.path().display()));
+        }
+    }
+}
+
+/// `kiln --cache SHARED --out OUT ARGS…`, whatever its exit code (for the
+/// tests that boot VMs and look at stderr themselves).
+pub fn kiln_output(out: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(Kiln::binary())
+        .arg("--cache")
+        .arg(shared_store())
+        .arg("--out")
+        .arg(out)
+        .args(args)
+        .env_remove("KILN_CACHE_DIR")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running kiln {args:?}: {e}"))
+}
+
+/// An output, for assertion messages.
+pub fn describe(out: &std::process::Output) -> String {
+    format!("status {:?}\nstdout:\n{}\nstderr:\n{}", out.status.code(), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
