@@ -328,7 +328,7 @@ fn sigint_mid_base_leaves_no_mount_or_temp_dir() {
     let n = nonce();
     let recipe = s.recipe("sigbase", &format!("[[layer]]\nname = \"x\"\nrun = [\"echo {n}\"]\n"));
     let mut child = s.spawn_build(&store, &recipe);
-    s.wait_for_log("sigbase", "$ mmdebstrap", &mut child);
+    s.wait_for_log("sigbase", "mmdebstrap --mode=root", &mut child);
     std::thread::sleep(Duration::from_secs(6));
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
