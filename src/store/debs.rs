@@ -56,7 +56,11 @@ impl Store {
         if !dest.exists() {
             std::fs::create_dir_all(self.debs_dir()).with_context(|| format!("creating {}", self.debs_dir().display()))?;
             let tmp = self.debs_dir().join(format!(".{sha}.{}.tmp", std::process::id()));
-            std::fs::copy(file, &tmp).with_context(|| format!("copying {} into the .deb cache", file.display()))?;
+            // The .debs apt left are in the store already: a hard link is
+            // enough (and the cache entry survives apt removing its copy).
+            if std::fs::hard_link(file, &tmp).is_err() {
+                std::fs::copy(file, &tmp).with_context(|| format!("copying {} into the .deb cache", file.display()))?;
+            }
             std::fs::rename(&tmp, &dest).with_context(|| format!("renaming into {}", dest.display()))?;
         }
         Ok(sha)
