@@ -55,7 +55,7 @@ impl Store {
         let dest = self.deb_path(&sha);
         if !dest.exists() {
             std::fs::create_dir_all(self.debs_dir()).with_context(|| format!("creating {}", self.debs_dir().display()))?;
-            let tmp = self.debs_dir().join(format!(".{sha}.{}.tmp", std::process::id()));
+            let tmp = self.debs_dir().join(format!(".{sha}.{}.tmp", unique()));
             // The .debs apt left are in the store already: a hard link is
             // enough (and the cache entry survives apt removing its copy).
             if std::fs::hard_link(file, &tmp).is_err() {
@@ -73,6 +73,12 @@ impl Store {
     /// picks the essential set by suite.
     pub fn serve_locked(&self, pkgs: &[LockedPackage], mirrors: Option<&Mirrors>, suite: &str, repo: &Path, lock_path: &Path, step: &str) -> Result<()> {
         std::fs::create_dir_all(repo).with_context(|| format!("creating {}", repo.display()))?;
+        // Everything the cache lacks, in one download (apt fetches in
+        // parallel); if that fails, one by one below, to name what failed.
+        let missing: Vec<&LockedPackage> = pkgs.iter().filter(|p| !self.deb_path(&p.sha256).exists()).collect();
+        if missing.len() > 1 && self.fetch_all(&missing, mirrors).is_err() {
+            crate::cmd::log_line("the batch download failed; fetching the missing .debs one by one");
+        }
         let mut unavailable = Vec::new();
         for p in pkgs {
             let cached = self.deb_path(&p.sha256);
@@ -124,13 +130,40 @@ impl Store {
         std::fs::write(repo.join("Release"), out.stdout).with_context(|| format!("writing {}/Release", repo.display()))
     }
 
+    /// Download several pinned .debs with one apt-helper, each verified by
+    /// apt against its sha256; each that arrived enters the cache.
+    fn fetch_all(&self, pkgs: &[&LockedPackage], mirrors: Option<&Mirrors>) -> Result<()> {
+        let mirrors = mirrors.context("no archive is configured")?;
+        std::fs::create_dir_all(self.debs_dir()).with_context(|| format!("creating {}", self.debs_dir().display()))?;
+        let downloads: Vec<(&LockedPackage, PathBuf)> = pkgs.iter().map(|p| (*p, self.debs_dir().join(format!(".{}.{}.download", p.sha256, unique())))).collect();
+        let mut cmd = Cmd::new("/usr/lib/apt/apt-helper").args(["-o", "Acquire::Retries=2", "download-file"]).timeout(std::time::Duration::from_secs(1800));
+        for (p, file) in &downloads {
+            let base = if p.archive == "security" { &mirrors.security } else { &mirrors.main };
+            cmd = cmd.arg(format!("{base}/{}", p.path)).arg(file).arg(format!("SHA256:{}", p.sha256));
+        }
+        let result = cmd.run();
+        for (p, file) in downloads {
+            if !file.exists() {
+                continue;
+            }
+            // apt checked the digest of what it kept; a failed batch may
+            // still leave a partial file, which is checked here too.
+            if result.is_ok() || file_digest(&file).is_ok_and(|d| d == p.sha256) {
+                std::fs::rename(&file, self.deb_path(&p.sha256)).with_context(|| format!("renaming {}", file.display()))?;
+            } else {
+                std::fs::remove_file(&file).with_context(|| format!("removing {}", file.display()))?;
+            }
+        }
+        result
+    }
+
     /// Download one pinned .deb, verified against its sha256 by apt.
     fn fetch(&self, p: &LockedPackage, mirrors: Option<&Mirrors>) -> Result<()> {
         let mirrors = mirrors.context("no archive is configured")?;
         let base = if p.archive == "security" { &mirrors.security } else { &mirrors.main };
         let url = format!("{base}/{}", p.path);
         std::fs::create_dir_all(self.debs_dir()).with_context(|| format!("creating {}", self.debs_dir().display()))?;
-        let tmp = self.debs_dir().join(format!(".{}.{}.download", p.sha256, std::process::id()));
+        let tmp = self.debs_dir().join(format!(".{}.{}.download", p.sha256, unique()));
         let result = Cmd::new("/usr/lib/apt/apt-helper")
             .args(["-o", "Acquire::Retries=2", "download-file"])
             .arg(&url)
@@ -147,6 +180,14 @@ impl Store {
         }
         std::fs::rename(&tmp, self.deb_path(&p.sha256)).with_context(|| format!("renaming {}", tmp.display()))
     }
+}
+
+/// A suffix no other kiln uses at the same time (every kiln is pid 1 of its
+/// own pid namespace, so the pid alone is not enough).
+fn unique() -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{nanos}-{}", COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
 }
 
 /// Find where each wanted `(name, version, arch)` lives, from the Packages
