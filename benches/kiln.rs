@@ -258,7 +258,8 @@ fn copy_dir(from: &Path, to: &Path) {
         let target = to.join(entry.file_name());
         if entry.file_type().unwrap().is_dir() {
             copy_dir(&entry.path(), &target);
-        } else {
+        } else if entry.path().extension().is_none_or(|e| e != "lock") {
+            // Like a fresh checkout: the shipped recipes carry no locks.
             std::fs::copy(entry.path(), &target).unwrap();
         }
     }
