@@ -21,37 +21,66 @@ fn main() {
     std::fs::create_dir_all(&work).expect("create /var/tmp/kiln-bench");
     let recipes = work.join("recipes");
     remove_if_there(&recipes);
-    copy_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes").as_path(), &recipes);
+    copy_dir(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("recipes")
+            .as_path(),
+        &recipes,
+    );
     let warm = work.join("warm-store");
     let out = work.join("out");
     let web = recipes.join("web.toml");
 
-    println!("kiln bench — medians of repeated runs, wall seconds ({} cores)\n", cores());
+    println!(
+        "kiln bench — medians of repeated runs, wall seconds ({} cores)\n",
+        cores()
+    );
     // Warm the store first (not measured). Builds are measured without the
     // smoke boot (the issues' targets are for the build; smoke has its own row).
     kiln(&warm, &out, &["build", "--no-smoke", web.to_str().unwrap()]);
 
     let mut rows: Vec<[String; 4]> = Vec::new();
 
-    let noop = median((0..NOOP_RUNS).map(|_| time(|| kiln(&warm, &out, &["build", "--no-smoke", web.to_str().unwrap()]))).collect());
-    rows.push(row("no-op rebuild of web.toml", noop, "< 1 s", "mkosi ≈ 22 s"));
+    let noop = median(
+        (0..NOOP_RUNS)
+            .map(|_| time(|| kiln(&warm, &out, &["build", "--no-smoke", web.to_str().unwrap()])))
+            .collect(),
+    );
+    rows.push(row(
+        "no-op rebuild of web.toml",
+        noop,
+        "< 1 s",
+        "mkosi ≈ 22 s",
+    ));
 
     let index = recipes.join("files/index.html");
     let original = std::fs::read_to_string(&index).unwrap();
     let file_change = median(
         (0..CHANGE_RUNS)
             .map(|i| {
-                std::fs::write(&index, format!("{original}<!-- bench {i} {} -->\n", now())).unwrap();
+                std::fs::write(&index, format!("{original}<!-- bench {i} {} -->\n", now()))
+                    .unwrap();
                 time(|| kiln(&warm, &out, &["build", "--no-smoke", web.to_str().unwrap()]))
             })
             .collect(),
     );
     std::fs::write(&index, &original).unwrap();
-    rows.push(row("web.toml after changing one copied file", file_change, "< 15 s", "—"));
+    rows.push(row(
+        "web.toml after changing one copied file",
+        file_change,
+        "< 15 s",
+        "—",
+    ));
 
     let text = std::fs::read_to_string(&web).unwrap();
-    let with_curl = text.replace("packages = [\"nginx-light\"]", "packages = [\"nginx-light\", \"curl\"]");
-    assert_ne!(text, with_curl, "web.toml no longer lists nginx-light as this bench expects");
+    let with_curl = text.replace(
+        "packages = [\"nginx-light\"]",
+        "packages = [\"nginx-light\", \"curl\"]",
+    );
+    assert_ne!(
+        text, with_curl,
+        "web.toml no longer lists nginx-light as this bench expects"
+    );
     let add_pkg = median(
         (0..CHANGE_RUNS)
             .map(|_| {
@@ -59,7 +88,10 @@ fn main() {
                 std::fs::write(&web, &text).unwrap();
                 let without = plan_keys(&warm, &web);
                 std::fs::write(&web, &with_curl).unwrap();
-                for key in plan_keys(&warm, &web).iter().filter(|k| !without.contains(k)) {
+                for key in plan_keys(&warm, &web)
+                    .iter()
+                    .filter(|k| !without.contains(k))
+                {
                     remove_entry(&warm, key);
                 }
                 time(|| kiln(&warm, &out, &["build", "--no-smoke", web.to_str().unwrap()]))
@@ -67,30 +99,69 @@ fn main() {
             .collect(),
     );
     std::fs::write(&web, &text).unwrap();
-    rows.push(row("web.toml after adding one package (curl)", add_pkg, "< 15 s", "mkosi ≈ 65 s"));
+    rows.push(row(
+        "web.toml after adding one package (curl)",
+        add_pkg,
+        "< 15 s",
+        "mkosi ≈ 65 s",
+    ));
 
     // Issue 3: smoke of golden under TCG, QEMU start to verdict.
     let golden = recipes.join("golden.toml");
-    kiln(&warm, &out, &["build", "--no-smoke", golden.to_str().unwrap()]);
+    kiln(
+        &warm,
+        &out,
+        &["build", "--no-smoke", golden.to_str().unwrap()],
+    );
     let mut boots = Vec::new();
     let smoke = median(
         (0..SMOKE_RUNS)
             .map(|_| {
                 let started = Instant::now();
-                let report = kiln_json(&warm, &out, &["--json", "smoke", "--accel", "tcg", out.join("golden.qcow2").to_str().unwrap()]);
+                let report = kiln_json(
+                    &warm,
+                    &out,
+                    &[
+                        "--json",
+                        "smoke",
+                        "--accel",
+                        "tcg",
+                        out.join("golden.qcow2").to_str().unwrap(),
+                    ],
+                );
                 boots.push(report["boot_secs"].as_f64().unwrap());
                 started.elapsed().as_secs_f64()
             })
             .collect(),
     );
     let boot = median(boots);
-    rows.push(row("smoke of golden.toml (TCG), whole command", smoke, "< 30 s", &format!("boot-to-ready {boot:.1} s")));
+    rows.push(row(
+        "smoke of golden.toml (TCG), whole command",
+        smoke,
+        "< 30 s",
+        &format!("boot-to-ready {boot:.1} s"),
+    ));
 
     // Issue 4: re-resolving the security layer when nothing changed.
     let lock_noop = median(
-        (0..CHANGE_RUNS).map(|_| time(|| kiln(&warm, &out, &["lock", "--update", "security", web.to_str().unwrap()]))).collect(),
+        (0..CHANGE_RUNS)
+            .map(|_| {
+                time(|| {
+                    kiln(
+                        &warm,
+                        &out,
+                        &["lock", "--update", "security", web.to_str().unwrap()],
+                    )
+                })
+            })
+            .collect(),
     );
-    rows.push(row("kiln lock --update security (no update)", lock_noop, "< 10 s", "—"));
+    rows.push(row(
+        "kiln lock --update security (no update)",
+        lock_noop,
+        "< 10 s",
+        "—",
+    ));
 
     // Issue 4: the rebuild after a one-package security update of web.toml:
     // yesterday's lock lacks one of today's security fixes.
@@ -107,7 +178,10 @@ fn main() {
             Some(median(
                 (0..CHANGE_RUNS)
                     .map(|_| {
-                        for key in plan_keys(&warm, &web).iter().filter(|k| !old_keys.contains(k)) {
+                        for key in plan_keys(&warm, &web)
+                            .iter()
+                            .filter(|k| !old_keys.contains(k))
+                        {
                             remove_entry(&warm, key);
                         }
                         // Start from yesterday's image each time.
@@ -123,13 +197,29 @@ fn main() {
     let cold_web = {
         let store = work.join("cold-web-store");
         remove_if_there(&store);
-        let secs = time(|| kiln(&store, &out, &["build", "--no-smoke", web.to_str().unwrap()]));
+        let secs = time(|| {
+            kiln(
+                &store,
+                &out,
+                &["build", "--no-smoke", web.to_str().unwrap()],
+            )
+        });
         std::fs::remove_dir_all(&store).unwrap();
         secs
     };
     match security_rebuild {
-        Some(secs) => rows.push(row("web.toml after a one-package security update", secs, "< 60 s", &format!("cold build of web.toml {cold_web:.1} s"))),
-        None => rows.push(row("web.toml after a one-package security update", f64::NAN, "< 60 s", "n/a: the archive has no security fix today")),
+        Some(secs) => rows.push(row(
+            "web.toml after a one-package security update",
+            secs,
+            "< 60 s",
+            &format!("cold build of web.toml {cold_web:.1} s"),
+        )),
+        None => rows.push(row(
+            "web.toml after a one-package security update",
+            f64::NAN,
+            "< 60 s",
+            "n/a: the archive has no security fix today",
+        )),
     }
 
     let cold = median(
@@ -137,7 +227,13 @@ fn main() {
             .map(|i| {
                 let store = work.join(format!("cold-store-{i}"));
                 remove_if_there(&store);
-                let secs = time(|| kiln(&store, &out, &["build", "--no-smoke", golden.to_str().unwrap()]));
+                let secs = time(|| {
+                    kiln(
+                        &store,
+                        &out,
+                        &["build", "--no-smoke", golden.to_str().unwrap()],
+                    )
+                });
                 std::fs::remove_dir_all(&store).unwrap();
                 secs
             })
@@ -161,9 +257,17 @@ fn main() {
             })
             .collect(),
     );
-    rows.push(row("cold build of golden.toml (no smoke)", cold, &format!("≤ 1.3 × bare + 10 = {:.1} s", 1.3 * bare + 10.0), &format!("bare mmdebstrap {bare:.1} s")));
+    rows.push(row(
+        "cold build of golden.toml (no smoke)",
+        cold,
+        &format!("≤ 1.3 × bare + 10 = {:.1} s", 1.3 * bare + 10.0),
+        &format!("bare mmdebstrap {bare:.1} s"),
+    ));
 
-    println!("{:<44} {:>9}  {:<24} baseline", "scenario", "median s", "target");
+    println!(
+        "{:<44} {:>9}  {:<24} baseline",
+        "scenario", "median s", "target"
+    );
     for [a, b, c, d] in rows {
         println!("{a:<44} {b:>9}  {c:<24} {d}");
     }
@@ -171,8 +275,19 @@ fn main() {
 
 /// `kiln ARGS` that prints JSON.
 fn kiln_json(store: &Path, out: &Path, args: &[&str]) -> serde_json::Value {
-    let output = Command::new(KILN).arg("--cache").arg(store).arg("--out").arg(out).args(args).output().unwrap();
-    assert!(output.status.success(), "kiln {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+    let output = Command::new(KILN)
+        .arg("--cache")
+        .arg(store)
+        .arg("--out")
+        .arg(out)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "kiln {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     serde_json::from_slice(&output.stdout).unwrap()
 }
 
@@ -180,8 +295,16 @@ fn kiln_json(store: &Path, out: &Path, args: &[&str]) -> serde_json::Value {
 /// that fix were not published yet), or None when it pins nothing.
 fn without_one_security_fix(lock: &str) -> Option<String> {
     let mut v: toml::Value = toml::from_str(lock).unwrap();
-    let in_base: Vec<String> = v["steps"]["base"]["packages"].as_array()?.iter().filter_map(|p| p["name"].as_str().map(str::to_owned)).collect();
-    let pins = v.get_mut("steps")?.get_mut("security/upgrade")?.get_mut("packages")?.as_array_mut()?;
+    let in_base: Vec<String> = v["steps"]["base"]["packages"]
+        .as_array()?
+        .iter()
+        .filter_map(|p| p["name"].as_str().map(str::to_owned))
+        .collect();
+    let pins = v
+        .get_mut("steps")?
+        .get_mut("security/upgrade")?
+        .get_mut("packages")?
+        .as_array_mut()?;
     // An upgrade of a package the base has, that is not the kernel (which
     // pulls in new packages): the one-package case.
     let i = pins.iter().position(|p| {
@@ -193,19 +316,30 @@ fn without_one_security_fix(lock: &str) -> Option<String> {
 }
 
 fn row(name: &str, secs: f64, target: &str, baseline: &str) -> [String; 4] {
-    [name.to_owned(), format!("{secs:.2}"), target.to_owned(), baseline.to_owned()]
+    [
+        name.to_owned(),
+        format!("{secs:.2}"),
+        target.to_owned(),
+        baseline.to_owned(),
+    ]
 }
 
 fn kiln(store: &Path, out: &Path, args: &[&str]) {
     let mut cmd = Command::new(KILN);
-    cmd.arg("--cache").arg(store).arg("--out").arg(out).args(args);
+    cmd.arg("--cache")
+        .arg(store)
+        .arg("--out")
+        .arg(out)
+        .args(args);
     cmd.stderr(std::process::Stdio::null());
     cmd.stdout(std::process::Stdio::null());
     run(&mut cmd);
 }
 
 fn run(cmd: &mut Command) {
-    let status = cmd.status().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let status = cmd
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(status.success(), "{cmd:?} failed: {status}");
 }
 
@@ -220,8 +354,18 @@ fn remove_entry(store: &Path, key: &str) {
 
 /// Every key (steps and image) in the plan of `recipe`.
 fn plan_keys(store: &Path, recipe: &Path) -> Vec<String> {
-    let out = Command::new(KILN).arg("--cache").arg(store).args(["--json", "plan"]).arg(recipe).output().unwrap();
-    assert!(out.status.success(), "kiln plan failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(KILN)
+        .arg("--cache")
+        .arg(store)
+        .args(["--json", "plan"])
+        .arg(recipe)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kiln plan failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     v["steps"]
         .as_array()
@@ -234,7 +378,9 @@ fn plan_keys(store: &Path, recipe: &Path) -> Vec<String> {
 /// Remove a directory tree a previous run may have left.
 fn remove_if_there(dir: &Path) {
     match std::fs::remove_dir_all(dir) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => panic!("removing {}: {e}", dir.display()),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            panic!("removing {}: {e}", dir.display())
+        }
         _ => {}
     }
 }
@@ -248,7 +394,11 @@ fn time(f: impl FnOnce()) -> f64 {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -266,9 +416,14 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 fn now() -> u128 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
 }
 
 fn cores() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }

@@ -8,7 +8,11 @@ use clap::{Args, Parser, Subcommand};
 use crate::recipe::DEFAULT_RECIPE;
 
 #[derive(Debug, Parser)]
-#[command(name = "kiln", version, about = "Bake immutable, layered, cached VM images from a TOML recipe")]
+#[command(
+    name = "kiln",
+    version,
+    about = "Bake immutable, layered, cached VM images from a TOML recipe"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,

@@ -46,7 +46,12 @@ struct LogSink {
 /// Set where tool output is logged (`out/NAME.build.log`) and whether it is
 /// also streamed to the terminal (`-v`).
 pub fn set_log(file: Option<std::fs::File>, verbose: bool) {
-    let sink = LOG.get_or_init(|| Mutex::new(LogSink { file: None, verbose }));
+    let sink = LOG.get_or_init(|| {
+        Mutex::new(LogSink {
+            file: None,
+            verbose,
+        })
+    });
     let mut sink = sink.lock().unwrap_or_else(|e| e.into_inner());
     sink.file = file;
     sink.verbose = verbose;
@@ -103,7 +108,8 @@ pub fn isolate_processes() -> Result<()> {
     // SAFETY: plain syscalls; fork with a single thread.
     unsafe {
         if libc::unshare(libc::CLONE_NEWPID) != 0 {
-            return Err(std::io::Error::last_os_error()).context("unshare(CLONE_NEWPID): kiln build must run as root");
+            return Err(std::io::Error::last_os_error())
+                .context("unshare(CLONE_NEWPID): kiln build must run as root");
         }
         // The parent holds the write end for as long as it lives, so the
         // child can tell whether it died before PR_SET_PDEATHSIG was set.
@@ -120,7 +126,11 @@ pub fn isolate_processes() -> Result<()> {
                 return Err(std::io::Error::last_os_error()).context("prctl(PR_SET_PDEATHSIG)");
             }
             libc::close(alive[1]);
-            let mut poll = libc::pollfd { fd: alive[0], events: libc::POLLIN, revents: 0 };
+            let mut poll = libc::pollfd {
+                fd: alive[0],
+                events: libc::POLLIN,
+                revents: 0,
+            };
             if libc::poll(&mut poll, 1, 0) != 0 {
                 // Hung up: the parent died before prctl took effect.
                 libc::_exit(error_exit::FAILURE);
@@ -129,12 +139,27 @@ pub fn isolate_processes() -> Result<()> {
             if libc::unshare(libc::CLONE_NEWNS) != 0 {
                 return Err(std::io::Error::last_os_error()).context("unshare(CLONE_NEWNS)");
             }
-            if libc::mount(std::ptr::null(), c"/".as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()) != 0 {
+            if libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) != 0
+            {
                 return Err(std::io::Error::last_os_error()).context("making / a private mount");
             }
             let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
-            if libc::mount(c"proc".as_ptr(), c"/proc".as_ptr(), c"proc".as_ptr(), flags, std::ptr::null()) != 0 {
-                return Err(std::io::Error::last_os_error()).context("mounting /proc for kiln's pid namespace");
+            if libc::mount(
+                c"proc".as_ptr(),
+                c"/proc".as_ptr(),
+                c"proc".as_ptr(),
+                flags,
+                std::ptr::null(),
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error())
+                    .context("mounting /proc for kiln's pid namespace");
             }
             return Ok(());
         }
@@ -187,7 +212,8 @@ pub fn check_interrupt() -> Result<()> {
 pub fn shell_quote(word: &OsStr) -> String {
     let s = word.to_string_lossy();
     let safe = !s.is_empty()
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%^".contains(c));
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%^".contains(c));
     if safe {
         s.into_owned()
     } else {
@@ -240,12 +266,14 @@ impl Cmd {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        self.args.extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self.args
+            .extend(args.into_iter().map(|a| a.as_ref().to_owned()));
         self
     }
 
     pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Cmd {
-        self.envs.push((key.as_ref().to_owned(), value.as_ref().to_owned()));
+        self.envs
+            .push((key.as_ref().to_owned(), value.as_ref().to_owned()));
         self
     }
 
@@ -304,7 +332,11 @@ impl Cmd {
         command
             .args(&self.args)
             .envs(self.envs.iter().map(|(k, v)| (k, v)))
-            .stdin(if self.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdin(if self.stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
@@ -373,7 +405,10 @@ impl Cmd {
         // Children of the child (e.g. gpg-agent started by apt) must not
         // outlive the step either.
         kill_group(child.id());
-        log_line(&format!("  ({status}, {:.1}s)", started.elapsed().as_secs_f64()));
+        log_line(&format!(
+            "  ({status}, {:.1}s)",
+            started.elapsed().as_secs_f64()
+        ));
         if !status.success() {
             let tail = tail.lock().unwrap_or_else(|e| e.into_inner());
             let tail: Vec<&str> = tail.iter().map(String::as_str).collect();
@@ -381,7 +416,10 @@ impl Cmd {
                 Some(code) => format!("exited with status {code}"),
                 None => format!("was killed ({status})"),
             };
-            bail!("command failed: {line}\n  it {what}; its last output:\n    {}", tail.join("\n    "));
+            bail!(
+                "command failed: {line}\n  it {what}; its last output:\n    {}",
+                tail.join("\n    ")
+            );
         }
         Ok(Output { stdout })
     }
@@ -436,13 +474,18 @@ mod tests {
 
     #[test]
     fn display_shows_env_and_args() {
-        let cmd = Cmd::new("mke2fs").env("E2FSPROGS_FAKE_TIME", "1").args(["-L", "root fs"]);
+        let cmd = Cmd::new("mke2fs")
+            .env("E2FSPROGS_FAKE_TIME", "1")
+            .args(["-L", "root fs"]);
         assert_eq!(cmd.display(), "E2FSPROGS_FAKE_TIME=1 mke2fs -L 'root fs'");
     }
 
     #[test]
     fn failure_names_the_command_and_its_stderr() {
-        let err = Cmd::new("sh").args(["-c", "echo oops >&2; exit 3"]).run().unwrap_err();
+        let err = Cmd::new("sh")
+            .args(["-c", "echo oops >&2; exit 3"])
+            .run()
+            .unwrap_err();
         let msg = format!("{err:#}");
         assert!(msg.contains("sh -c 'echo oops >&2; exit 3'"), "{msg}");
         assert!(msg.contains("status 3"), "{msg}");
@@ -464,7 +507,11 @@ mod tests {
     #[test]
     fn timeout_kills_the_child() {
         let started = Instant::now();
-        let err = Cmd::new("sleep").arg("30").timeout(Duration::from_millis(300)).run().unwrap_err();
+        let err = Cmd::new("sleep")
+            .arg("30")
+            .timeout(Duration::from_millis(300))
+            .run()
+            .unwrap_err();
         assert!(format!("{err:#}").contains("did not finish"), "{err:#}");
         assert!(started.elapsed() < Duration::from_secs(5));
     }

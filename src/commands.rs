@@ -5,16 +5,19 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use crate::build::{self, BuildOptions, Summary};
 use crate::build::Row;
-use crate::cli::{BuildArgs, CacheCommand, DiffArgs, Global, InspectArgs, LockArgs, LogArgs, PlanArgs, SmokeArgs, VerifyArgs};
+use crate::build::{self, BuildOptions, Summary};
+use crate::cli::{
+    BuildArgs, CacheCommand, DiffArgs, Global, InspectArgs, LockArgs, LogArgs, PlanArgs, SmokeArgs,
+    VerifyArgs,
+};
 use crate::error::{BadInput, Drift, SmokeFailed};
 use crate::lock::{Locks, StepLock};
-use crate::recipe::{Recipe, SmokeSpec};
-use crate::smoke::{SmokeOptions, SmokeReport};
 use crate::plan::{self, Freshness};
 use crate::recipe;
+use crate::recipe::{Recipe, SmokeSpec};
 use crate::record;
+use crate::smoke::{SmokeOptions, SmokeReport};
 use crate::store::Store;
 use crate::ui::{table, Ui};
 
@@ -53,21 +56,49 @@ fn prepare(global: &Global, recipe_path: &Path, what: &str) -> Result<Prepared> 
     let store = Store::open(&store_root(global))?;
     store.clean_stale_staging()?;
     let name = &recipe.image.name;
-    std::fs::create_dir_all(&global.out).with_context(|| format!("creating {}", global.out.display()))?;
+    std::fs::create_dir_all(&global.out)
+        .with_context(|| format!("creating {}", global.out.display()))?;
     let log_path = global.out.join(format!("{name}.{what}.log"));
-    let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
     crate::cmd::set_log(Some(log), global.verbose);
-    crate::cmd::log_line(&format!("kiln {} {what} {}", env!("CARGO_PKG_VERSION"), recipe_path.display()));
-    Ok(Prepared { recipe, locks, store, log_path })
+    crate::cmd::log_line(&format!(
+        "kiln {} {what} {}",
+        env!("CARGO_PKG_VERSION"),
+        recipe_path.display()
+    ));
+    Ok(Prepared {
+        recipe,
+        locks,
+        store,
+        log_path,
+    })
 }
 
 /// Forget the pins of `layer` (every layer when empty) so the build
 /// re-resolves them. Returns what was forgotten, to report changes.
-fn forget_pins(recipe: &Recipe, locks: &mut Locks, layer: &str) -> Result<Vec<(PathBuf, String, Option<StepLock>)>> {
+fn forget_pins(
+    recipe: &Recipe,
+    locks: &mut Locks,
+    layer: &str,
+) -> Result<Vec<(PathBuf, String, Option<StepLock>)>> {
     let plan = plan::make(recipe, locks)?;
     if !layer.is_empty() && !plan.steps.iter().any(|s| s.layer == layer) {
-        let names: Vec<&str> = plan.steps.iter().map(|s| s.layer.as_str()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
-        return Err(BadInput::arg(format!("--update {layer}: {} has no layer named `{layer}`", recipe.path.display()), format!("use one of: {}", names.join(", "))).into());
+        let names: Vec<&str> = plan
+            .steps
+            .iter()
+            .map(|s| s.layer.as_str())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        return Err(BadInput::arg(
+            format!(
+                "--update {layer}: {} has no layer named `{layer}`",
+                recipe.path.display()
+            ),
+            format!("use one of: {}", names.join(", ")),
+        )
+        .into());
     }
     Ok(plan
         .steps
@@ -78,7 +109,12 @@ fn forget_pins(recipe: &Recipe, locks: &mut Locks, layer: &str) -> Result<Vec<(P
 }
 
 /// Print `package old -> new` per re-resolved step.
-fn report_pin_changes(forgotten: &[(PathBuf, String, Option<StepLock>)], locks: &Locks, recipe: &Recipe, store: &Store) -> Vec<String> {
+fn report_pin_changes(
+    forgotten: &[(PathBuf, String, Option<StepLock>)],
+    locks: &Locks,
+    recipe: &Recipe,
+    store: &Store,
+) -> Vec<String> {
     let plan = plan::make(recipe, locks).ok();
     let mut lines = Vec::new();
     for (origin, id, old) in forgotten {
@@ -88,7 +124,12 @@ fn report_pin_changes(forgotten: &[(PathBuf, String, Option<StepLock>)], locks: 
             .and_then(|p| p.steps.iter().find(|s| s.id() == *id))
             .and_then(|s| s.inputs.parent)
             .and_then(|k| store.layer_entry(&k).ok())
-            .map(|e| e.packages.into_iter().map(|p| (p.name, p.version)).collect())
+            .map(|e| {
+                e.packages
+                    .into_iter()
+                    .map(|p| (p.name, p.version))
+                    .collect()
+            })
             .unwrap_or_default();
         let changes = crate::lock::changes_over(old.as_ref(), locks.get(origin, id), &below);
         if changes.is_empty() {
@@ -102,13 +143,23 @@ fn report_pin_changes(forgotten: &[(PathBuf, String, Option<StepLock>)], locks: 
 }
 
 pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
-    let Prepared { recipe, mut locks, store, log_path } = prepare(global, &args.recipe, "build")?;
+    let Prepared {
+        recipe,
+        mut locks,
+        store,
+        log_path,
+    } = prepare(global, &args.recipe, "build")?;
     let forgotten = match &args.update {
         Some(layer) => forget_pins(&recipe, &mut locks, layer)?,
         None => Vec::new(),
     };
     let ui = Ui::new(global.json);
-    let opts = BuildOptions { refresh: args.refresh, out_dir: global.out.clone(), layers_only: false, fresh_resolve: args.update.is_some() };
+    let opts = BuildOptions {
+        refresh: args.refresh,
+        out_dir: global.out.clone(),
+        layers_only: false,
+        fresh_resolve: args.update.is_some(),
+    };
     let (_, mut summary) = build::build(&recipe, &mut locks, &store, &opts, &ui).map_err(|e| {
         let e = if crate::store::is_disk_full(&e) {
             e.context(format!(
@@ -123,7 +174,11 @@ pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
     for written in locks.save_changed()? {
         eprintln!("wrote {}", written.display());
     }
-    let smoke = if args.no_smoke { Ok(()) } else { smoke_stage(global, args, &recipe, &store, &ui, &mut summary) };
+    let smoke = if args.no_smoke {
+        Ok(())
+    } else {
+        smoke_stage(global, args, &recipe, &store, &ui, &mut summary)
+    };
     let report = global.out.join(format!("{}.build.json", recipe.image.name));
     crate::store::write_json_atomic(&report, &summary)?;
     if global.json {
@@ -135,14 +190,22 @@ pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
         print_summary(&summary);
     }
     if args.check_repro {
-        let report = crate::record::repro::check(&recipe, &locks, &summary, &store, &ui).map_err(|e| e.context(format!("the full log is in {}", log_path.display())))?;
+        let report = crate::record::repro::check(&recipe, &locks, &summary, &store, &ui)
+            .map_err(|e| e.context(format!("the full log is in {}", log_path.display())))?;
         if global.json {
             print_json(&report)?;
         } else {
             print!("{}", report.text());
         }
         if !report.reproducible {
-            anyhow::bail!("{} is not reproducible: {}", args.recipe.display(), report.first_difference.as_deref().unwrap_or("unknown difference"));
+            anyhow::bail!(
+                "{} is not reproducible: {}",
+                args.recipe.display(),
+                report
+                    .first_difference
+                    .as_deref()
+                    .unwrap_or("unknown difference")
+            );
         }
     }
     smoke
@@ -150,17 +213,43 @@ pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
 
 /// Where a passing smoke of this image with these checks is remembered.
 fn smoke_cache(store: &Store, image_key: &str, spec: &SmokeSpec) -> PathBuf {
-    let http: Vec<String> = spec.http.iter().map(|h| format!("{} {} {} {:?}", h.port, h.path, h.status, h.contains)).collect();
-    let text = format!("{image_key}\n{}\n{}\n{}\n{}", spec.timeout.as_secs(), spec.checks.join("\n"), http.join("\n"), spec.seed.join("\n"));
-    store.state_dir("smoke").join(format!("{}.json", &crate::plan::key::bytes_digest(text.as_bytes())[..32]))
+    let http: Vec<String> = spec
+        .http
+        .iter()
+        .map(|h| format!("{} {} {} {:?}", h.port, h.path, h.status, h.contains))
+        .collect();
+    let text = format!(
+        "{image_key}\n{}\n{}\n{}\n{}",
+        spec.timeout.as_secs(),
+        spec.checks.join("\n"),
+        http.join("\n"),
+        spec.seed.join("\n")
+    );
+    store.state_dir("smoke").join(format!(
+        "{}.json",
+        &crate::plan::key::bytes_digest(text.as_bytes())[..32]
+    ))
 }
 
 /// Boot the built image, unless this image already passed these checks.
-fn smoke_stage(global: &Global, args: &BuildArgs, recipe: &Recipe, store: &Store, ui: &Ui, summary: &mut Summary) -> Result<()> {
+fn smoke_stage(
+    global: &Global,
+    args: &BuildArgs,
+    recipe: &Recipe,
+    store: &Store,
+    ui: &Ui,
+    summary: &mut Summary,
+) -> Result<()> {
     let cache = smoke_cache(store, &summary.image_key, &recipe.smoke);
     if !args.force_smoke {
         if let Ok(report) = crate::store::read_json::<SmokeReport>(&cache) {
-            summary.rows.push(Row { stage: "smoke".into(), key: summary.image_key[..12].to_owned(), status: "cached".into(), reason: Some("passed before".into()), seconds: 0.0 });
+            summary.rows.push(Row {
+                stage: "smoke".into(),
+                key: summary.image_key[..12].to_owned(),
+                status: "cached".into(),
+                reason: Some("passed before".into()),
+                seconds: 0.0,
+            });
             summary.smoke = Some(report);
             return Ok(());
         }
@@ -181,16 +270,36 @@ fn smoke_stage(global: &Global, args: &BuildArgs, recipe: &Recipe, store: &Store
     match outcome {
         Ok(Ok(report)) => {
             let seconds = stage.done("passed");
-            let why = format!("{} ready in {:.1}s, {}/{} checks", report.accel, report.boot_secs, report.checks_passed, report.checks_total);
-            summary.rows.push(Row { stage: "smoke".into(), key: summary.image_key[..12].to_owned(), status: "passed".into(), reason: Some(why), seconds });
+            let why = format!(
+                "{} ready in {:.1}s, {}/{} checks",
+                report.accel, report.boot_secs, report.checks_passed, report.checks_total
+            );
+            summary.rows.push(Row {
+                stage: "smoke".into(),
+                key: summary.image_key[..12].to_owned(),
+                status: "passed".into(),
+                reason: Some(why),
+                seconds,
+            });
             crate::store::write_json_atomic(&cache, &report)?;
             summary.smoke = Some(report);
             Ok(())
         }
         Ok(Err(failure)) => {
             let seconds = stage.failed();
-            summary.rows.push(Row { stage: "smoke".into(), key: summary.image_key[..12].to_owned(), status: "failed".into(), reason: Some(first_line(&failure.to_string())), seconds });
-            Err(SmokeFailed { image: summary.image.display().to_string(), failure: failure.to_string(), log: opts.log_path.display().to_string() }.into())
+            summary.rows.push(Row {
+                stage: "smoke".into(),
+                key: summary.image_key[..12].to_owned(),
+                status: "failed".into(),
+                reason: Some(first_line(&failure.to_string())),
+                seconds,
+            });
+            Err(SmokeFailed {
+                image: summary.image.display().to_string(),
+                failure: failure.to_string(),
+                log: opts.log_path.display().to_string(),
+            }
+            .into())
         }
         Err(e) => {
             stage.failed();
@@ -205,7 +314,10 @@ fn first_line(text: &str) -> String {
 
 /// A plain smoke writes the seed data and reads it back in one boot.
 fn seed_then_checks(spec: &SmokeSpec) -> SmokeSpec {
-    SmokeSpec { checks: spec.seed.iter().chain(&spec.checks).cloned().collect(), ..spec.clone() }
+    SmokeSpec {
+        checks: spec.seed.iter().chain(&spec.checks).cloned().collect(),
+        ..spec.clone()
+    }
 }
 
 /// Blank disks for a recipe's data volumes: in a temp dir removed on
@@ -218,15 +330,22 @@ struct VolumeDisks {
 impl VolumeDisks {
     fn new(specs: &[crate::recipe::VolumeSpec], keep: Option<&Path>) -> Result<VolumeDisks> {
         if specs.is_empty() {
-            return Ok(VolumeDisks { volumes: Vec::new(), _tmp: None });
+            return Ok(VolumeDisks {
+                volumes: Vec::new(),
+                _tmp: None,
+            });
         }
         let (dir, tmp) = match keep {
             Some(dir) => {
-                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
                 (dir.to_owned(), None)
             }
             None => {
-                let tmp = tempfile::Builder::new().prefix("kiln-volumes-").tempdir().context("creating a temp dir for volume disks")?;
+                let tmp = tempfile::Builder::new()
+                    .prefix("kiln-volumes-")
+                    .tempdir()
+                    .context("creating a temp dir for volume disks")?;
                 (tmp.path().to_owned(), Some(tmp))
             }
         };
@@ -234,9 +353,16 @@ impl VolumeDisks {
         for v in specs {
             let path = dir.join(format!("{}.qcow2", v.name));
             if !path.exists() {
-                crate::cmd::Cmd::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&path).arg(v.size.to_string()).run()?;
+                crate::cmd::Cmd::new("qemu-img")
+                    .args(["create", "-q", "-f", "qcow2"])
+                    .arg(&path)
+                    .arg(v.size.to_string())
+                    .run()?;
             }
-            volumes.push(crate::smoke::Volume { path, serial: crate::assemble::volume_serial(v) });
+            volumes.push(crate::smoke::Volume {
+                path,
+                serial: crate::assemble::volume_serial(v),
+            });
         }
         Ok(VolumeDisks { volumes, _tmp: tmp })
     }
@@ -253,19 +379,35 @@ pub fn smoke(global: &Global, args: &SmokeArgs) -> Result<()> {
     }
     for image in std::iter::once(&args.image).chain(args.upgrade_from.as_ref()) {
         if !image.is_file() {
-            return Err(BadInput::arg(format!("image {} does not exist", image.display()), "build it first with `kiln build`, or give the path of a .qcow2 or .raw disk").into());
+            return Err(BadInput::arg(
+                format!("image {} does not exist", image.display()),
+                "build it first with `kiln build`, or give the path of a .qcow2 or .raw disk",
+            )
+            .into());
         }
     }
-    let stem = args.image.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let stem = args
+        .image
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let dir = args.image.parent().unwrap_or(Path::new("."));
     let recipe_path = match &args.recipe {
         Some(r) => Some(r.clone()),
-        None => crate::store::read_json::<Summary>(&dir.join(format!("{stem}.build.json"))).ok().map(|s| PathBuf::from(s.recipe)).filter(|p| p.is_file()),
+        None => crate::store::read_json::<Summary>(&dir.join(format!("{stem}.build.json")))
+            .ok()
+            .map(|s| PathBuf::from(s.recipe))
+            .filter(|p| p.is_file()),
     };
     let recipe = recipe_path.as_deref().map(recipe::load).transpose()?;
     let mut spec = match &recipe {
         Some(r) => r.smoke.clone(),
-        None => SmokeSpec { timeout: std::time::Duration::from_secs(180), checks: vec![], http: vec![], seed: vec![] },
+        None => SmokeSpec {
+            timeout: std::time::Duration::from_secs(180),
+            checks: vec![],
+            http: vec![],
+            seed: vec![],
+        },
     };
     spec.checks.extend(args.checks.iter().cloned());
     for h in &args.http {
@@ -279,8 +421,14 @@ pub fn smoke(global: &Global, args: &SmokeArgs) -> Result<()> {
         _ => Vec::new(),
     };
     let disks = VolumeDisks::new(&volume_specs, args.keep_volumes.as_deref())?;
-    let state_dir = args.state_dir.clone().unwrap_or_else(|| store_root(global).join("state-v1/host"));
-    let log_path = args.log.clone().unwrap_or_else(|| dir.join(format!("{stem}.smoke.log")));
+    let state_dir = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| store_root(global).join("state-v1/host"));
+    let log_path = args
+        .log
+        .clone()
+        .unwrap_or_else(|| dir.join(format!("{stem}.smoke.log")));
     let opts = SmokeOptions {
         accel: args.vm.accel,
         firmware: args.vm.firmware.clone(),
@@ -301,16 +449,33 @@ pub fn smoke(global: &Global, args: &SmokeArgs) -> Result<()> {
             )
             .into());
         }
-        let seed_spec = SmokeSpec { timeout: spec.timeout, checks: spec.seed.clone(), http: Vec::new(), seed: Vec::new() };
-        let seed_opts = SmokeOptions { log_path: log_path.with_extension("seed.log"), wait_poweroff: true, ..opts.clone() };
-        let stage = ui.stage("smoke (old)", &format!("booting {} and seeding its volumes", old.display()));
+        let seed_spec = SmokeSpec {
+            timeout: spec.timeout,
+            checks: spec.seed.clone(),
+            http: Vec::new(),
+            seed: Vec::new(),
+        };
+        let seed_opts = SmokeOptions {
+            log_path: log_path.with_extension("seed.log"),
+            wait_poweroff: true,
+            ..opts.clone()
+        };
+        let stage = ui.stage(
+            "smoke (old)",
+            &format!("booting {} and seeding its volumes", old.display()),
+        );
         match crate::smoke::run(old, &seed_spec, &seed_opts) {
             Ok(Ok(_)) => {
                 stage.done("seeded, shut down cleanly");
             }
             Ok(Err(failure)) => {
                 stage.failed();
-                return Err(SmokeFailed { image: old.display().to_string(), failure: format!("boot 1 of 2 (the old image), seeding: {failure}"), log: seed_opts.log_path.display().to_string() }.into());
+                return Err(SmokeFailed {
+                    image: old.display().to_string(),
+                    failure: format!("boot 1 of 2 (the old image), seeding: {failure}"),
+                    log: seed_opts.log_path.display().to_string(),
+                }
+                .into());
             }
             Err(e) => {
                 stage.failed();
@@ -319,9 +484,20 @@ pub fn smoke(global: &Global, args: &SmokeArgs) -> Result<()> {
         }
     }
 
-    let what = if args.upgrade_from.is_some() { "boot 2 of 2 (the new image, on the old image's volumes), checks: " } else { "" };
-    let spec = if args.upgrade_from.is_some() { spec } else { seed_then_checks(&spec) };
-    let opts = SmokeOptions { keep_overlay: args.keep_overlay.clone(), ..opts };
+    let what = if args.upgrade_from.is_some() {
+        "boot 2 of 2 (the new image, on the old image's volumes), checks: "
+    } else {
+        ""
+    };
+    let spec = if args.upgrade_from.is_some() {
+        spec
+    } else {
+        seed_then_checks(&spec)
+    };
+    let opts = SmokeOptions {
+        keep_overlay: args.keep_overlay.clone(),
+        ..opts
+    };
     let stage = ui.stage("smoke", &format!("booting {}", args.image.display()));
     match crate::smoke::run(&args.image, &spec, &opts) {
         Ok(Ok(report)) => {
@@ -347,7 +523,12 @@ pub fn smoke(global: &Global, args: &SmokeArgs) -> Result<()> {
         }
         Ok(Err(failure)) => {
             stage.failed();
-            Err(SmokeFailed { image: args.image.display().to_string(), failure: format!("{what}{failure}"), log: opts.log_path.display().to_string() }.into())
+            Err(SmokeFailed {
+                image: args.image.display().to_string(),
+                failure: format!("{what}{failure}"),
+                log: opts.log_path.display().to_string(),
+            }
+            .into())
         }
         Err(e) => {
             stage.failed();
@@ -358,13 +539,31 @@ pub fn smoke(global: &Global, args: &SmokeArgs) -> Result<()> {
 
 /// `PORT:PATH:STATUS[:CONTAINS]`.
 fn parse_http_arg(h: &str) -> Result<crate::recipe::HttpCheck> {
-    let bad = || BadInput::arg(format!("--http {h} is not PORT:PATH:STATUS[:CONTAINS]"), "write e.g. --http 80:/:200:hello");
+    let bad = || {
+        BadInput::arg(
+            format!("--http {h} is not PORT:PATH:STATUS[:CONTAINS]"),
+            "write e.g. --http 80:/:200:hello",
+        )
+    };
     let mut parts = h.splitn(4, ':');
-    let port = parts.next().and_then(|p| p.parse().ok()).filter(|p| *p != 0).ok_or_else(bad)?;
-    let path = parts.next().filter(|p| p.starts_with('/')).ok_or_else(bad)?.to_owned();
+    let port = parts
+        .next()
+        .and_then(|p| p.parse().ok())
+        .filter(|p| *p != 0)
+        .ok_or_else(bad)?;
+    let path = parts
+        .next()
+        .filter(|p| p.starts_with('/'))
+        .ok_or_else(bad)?
+        .to_owned();
     let status = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
     let contains = parts.next().map(str::to_owned);
-    Ok(crate::recipe::HttpCheck { port, path, status, contains })
+    Ok(crate::recipe::HttpCheck {
+        port,
+        path,
+        status,
+        contains,
+    })
 }
 
 #[derive(Serialize)]
@@ -377,22 +576,44 @@ struct LockReport {
 }
 
 pub fn lock(global: &Global, args: &LockArgs) -> Result<()> {
-    let Prepared { recipe, mut locks, store, log_path } = prepare(global, &args.recipe, "lock")?;
+    let Prepared {
+        recipe,
+        mut locks,
+        store,
+        log_path,
+    } = prepare(global, &args.recipe, "lock")?;
     let forgotten = match &args.update {
         Some(layer) => forget_pins(&recipe, &mut locks, layer)?,
         None => Vec::new(),
     };
     let ui = Ui::new(global.json);
-    let opts = BuildOptions { refresh: false, out_dir: global.out.clone(), layers_only: true, fresh_resolve: args.update.is_some() };
-    build::build(&recipe, &mut locks, &store, &opts, &ui).map_err(|e| e.context(format!("the full log is in {}", log_path.display())))?;
+    let opts = BuildOptions {
+        refresh: false,
+        out_dir: global.out.clone(),
+        layers_only: true,
+        fresh_resolve: args.update.is_some(),
+    };
+    build::build(&recipe, &mut locks, &store, &opts, &ui)
+        .map_err(|e| e.context(format!("the full log is in {}", log_path.display())))?;
     let written = locks.save_changed()?;
     let plan = plan::make(&recipe, &locks)?;
     let (steps, image) = build::freshness(&plan, &store, false);
-    let mut next_build: Vec<String> = plan.steps.iter().zip(&steps).filter(|(_, f)| **f != Freshness::Cached).map(|(s, _)| s.id()).collect();
+    let mut next_build: Vec<String> = plan
+        .steps
+        .iter()
+        .zip(&steps)
+        .filter(|(_, f)| **f != Freshness::Cached)
+        .map(|(s, _)| s.id())
+        .collect();
     if image != Freshness::Cached {
         next_build.push("image".into());
     }
-    let report = LockReport { recipe: args.recipe.display().to_string(), written, changes: report_pin_changes(&forgotten, &locks, &recipe, &store), next_build };
+    let report = LockReport {
+        recipe: args.recipe.display().to_string(),
+        written,
+        changes: report_pin_changes(&forgotten, &locks, &recipe, &store),
+        next_build,
+    };
     if global.json {
         return print_json(&report);
     }
@@ -406,7 +627,10 @@ pub fn lock(global: &Global, args: &LockArgs) -> Result<()> {
     if report.next_build.is_empty() {
         println!("the next build is all cache hits");
     } else {
-        println!("the next build will build: {}", report.next_build.join(", "));
+        println!(
+            "the next build will build: {}",
+            report.next_build.join(", ")
+        );
     }
     Ok(())
 }
@@ -415,10 +639,27 @@ fn print_summary(s: &Summary) {
     let rows: Vec<Vec<String>> = s
         .rows
         .iter()
-        .map(|r| vec![r.stage.clone(), r.key.clone(), r.status.clone(), format!("{:.1}", r.seconds), r.reason.clone().unwrap_or_default()])
+        .map(|r| {
+            vec![
+                r.stage.clone(),
+                r.key.clone(),
+                r.status.clone(),
+                format!("{:.1}", r.seconds),
+                r.reason.clone().unwrap_or_default(),
+            ]
+        })
         .collect();
-    print!("{}", table(&["STAGE", "KEY", "RESULT", "SECONDS", "WHY"], &rows));
-    println!("{} ({}, kernel {}) in {:.1}s", s.image.display(), &s.sha256[..12], s.kernel, s.seconds);
+    print!(
+        "{}",
+        table(&["STAGE", "KEY", "RESULT", "SECONDS", "WHY"], &rows)
+    );
+    println!(
+        "{} ({}, kernel {}) in {:.1}s",
+        s.image.display(),
+        &s.sha256[..12],
+        s.kernel,
+        s.seconds
+    );
 }
 
 #[derive(Serialize)]
@@ -442,17 +683,41 @@ pub fn plan(global: &Global, args: &PlanArgs) -> Result<()> {
     let plan = plan::make(&recipe, &locks)?;
     let root = store_root(global);
     // Planning never creates a store; a missing one just means nothing is cached.
-    let store = if root.is_dir() { Some(Store::open(&root)?) } else { None };
+    let store = if root.is_dir() {
+        Some(Store::open(&root)?)
+    } else {
+        None
+    };
     let (steps, image) = match &store {
         Some(store) => build::freshness(&plan, store, false),
         None => (
-            plan.steps.iter().map(|_| Freshness::Build(plan::Reason::NotInStore)).collect(),
+            plan.steps
+                .iter()
+                .map(|_| Freshness::Build(plan::Reason::NotInStore))
+                .collect(),
             Freshness::Build(plan::Reason::NotInStore),
         ),
     };
-    let mut rows: Vec<PlanRow> = plan.steps.iter().zip(steps).map(|(s, f)| PlanRow { stage: s.id(), key: s.key.hex(), freshness: f }).collect();
-    rows.push(PlanRow { stage: "image".into(), key: plan.image.key.hex(), freshness: image });
-    let report = PlanReport { recipe: args.recipe.display().to_string(), image: recipe.image.name.clone(), steps: rows };
+    let mut rows: Vec<PlanRow> = plan
+        .steps
+        .iter()
+        .zip(steps)
+        .map(|(s, f)| PlanRow {
+            stage: s.id(),
+            key: s.key.hex(),
+            freshness: f,
+        })
+        .collect();
+    rows.push(PlanRow {
+        stage: "image".into(),
+        key: plan.image.key.hex(),
+        freshness: image,
+    });
+    let report = PlanReport {
+        recipe: args.recipe.display().to_string(),
+        image: recipe.image.name.clone(),
+        steps: rows,
+    };
     if global.json {
         return print_json(&report);
     }
@@ -472,7 +737,10 @@ pub fn plan(global: &Global, args: &PlanArgs) -> Result<()> {
 }
 
 fn print_json<T: Serialize>(value: &T) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(value).context("serialising JSON")?);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).context("serialising JSON")?
+    );
     Ok(())
 }
 
@@ -481,7 +749,10 @@ pub fn cache(global: &Global, command: &CacheCommand) -> Result<()> {
     use crate::store::gc::{self, human};
     let root = store_root(global);
     if !root.is_dir() {
-        anyhow::bail!("there is no store at {} (nothing built yet, or see --cache / KILN_CACHE_DIR)", root.display());
+        anyhow::bail!(
+            "there is no store at {} (nothing built yet, or see --cache / KILN_CACHE_DIR)",
+            root.display()
+        );
     }
     let store = Store::open(&root)?;
     match command {
@@ -494,47 +765,126 @@ pub fn cache(global: &Global, command: &CacheCommand) -> Result<()> {
             let table_rows: Vec<Vec<String>> = rows
                 .iter()
                 .map(|r| {
-                    let users = r.recipes.join(",") + &if r.images.is_empty() { String::new() } else { format!(" ({} image{})", r.images.len(), if r.images.len() == 1 { "" } else { "s" }) };
-                    vec![r.kind.to_owned(), r.key[..12].to_owned(), r.what.clone(), human(r.bytes), age(now.saturating_sub(r.created)), if users.is_empty() { "-".into() } else { users }]
+                    let users = r.recipes.join(",")
+                        + &if r.images.is_empty() {
+                            String::new()
+                        } else {
+                            format!(
+                                " ({} image{})",
+                                r.images.len(),
+                                if r.images.len() == 1 { "" } else { "s" }
+                            )
+                        };
+                    vec![
+                        r.kind.to_owned(),
+                        r.key[..12].to_owned(),
+                        r.what.clone(),
+                        human(r.bytes),
+                        age(now.saturating_sub(r.created)),
+                        if users.is_empty() { "-".into() } else { users },
+                    ]
                 })
                 .collect();
-            print!("{}", table(&["KIND", "KEY", "WHAT", "SIZE", "AGE", "USED BY"], &table_rows));
-            println!("{} entries, {} in {}", rows.len(), human(rows.iter().map(|r| r.bytes).sum()), root.display());
+            print!(
+                "{}",
+                table(
+                    &["KIND", "KEY", "WHAT", "SIZE", "AGE", "USED BY"],
+                    &table_rows
+                )
+            );
+            println!(
+                "{} entries, {} in {}",
+                rows.len(),
+                human(rows.iter().map(|r| r.bytes).sum()),
+                root.display()
+            );
         }
         CacheCommand::Du => {
             let rows = gc::usage(&store)?;
             if global.json {
                 return print_json(&rows);
             }
-            let table_rows: Vec<Vec<String>> = rows.iter().map(|r| vec![r.section.clone(), r.entries.to_string(), human(r.bytes)]).collect();
+            let table_rows: Vec<Vec<String>> = rows
+                .iter()
+                .map(|r| vec![r.section.clone(), r.entries.to_string(), human(r.bytes)])
+                .collect();
             print!("{}", table(&["PART", "ENTRIES", "SIZE"], &table_rows));
         }
         CacheCommand::Verify(args) => {
-            let _lock = crate::store::lock::lock(&store.lock_path("store"), crate::store::lock::Mode::Exclusive, "running builds to finish", || eprintln!("waiting for running builds to finish…"))?;
-            let rows = crate::store::verify_all(&store, if args.quick { crate::store::integrity::Depth::Meta } else { crate::store::integrity::Depth::Content })?;
+            let _lock = crate::store::lock::lock(
+                &store.lock_path("store"),
+                crate::store::lock::Mode::Exclusive,
+                "running builds to finish",
+                || eprintln!("waiting for running builds to finish…"),
+            )?;
+            let rows = crate::store::verify_all(
+                &store,
+                if args.quick {
+                    crate::store::integrity::Depth::Meta
+                } else {
+                    crate::store::integrity::Depth::Content
+                },
+            )?;
             if global.json {
                 print_json(&rows)?;
             } else {
-                let table_rows: Vec<Vec<String>> = rows.iter().map(|r| vec![r.kind.to_owned(), r.key[..12].to_owned(), r.what.clone(), r.result.clone(), format!("{:.2}", r.seconds)]).collect();
-                print!("{}", table(&["KIND", "KEY", "WHAT", "RESULT", "SECONDS"], &table_rows));
+                let table_rows: Vec<Vec<String>> = rows
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            r.kind.to_owned(),
+                            r.key[..12].to_owned(),
+                            r.what.clone(),
+                            r.result.clone(),
+                            format!("{:.2}", r.seconds),
+                        ]
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    table(&["KIND", "KEY", "WHAT", "RESULT", "SECONDS"], &table_rows)
+                );
             }
-            let corrupt = rows.iter().filter(|r| r.result.starts_with("corrupt")).count();
+            let corrupt = rows
+                .iter()
+                .filter(|r| r.result.starts_with("corrupt"))
+                .count();
             if corrupt > 0 {
-                anyhow::bail!("{corrupt} corrupt entr{} moved to {}; the next build rebuilds {}", if corrupt == 1 { "y" } else { "ies" }, root.join(crate::store::CORRUPT).display(), if corrupt == 1 { "it" } else { "them" });
+                anyhow::bail!(
+                    "{corrupt} corrupt entr{} moved to {}; the next build rebuilds {}",
+                    if corrupt == 1 { "y" } else { "ies" },
+                    root.join(crate::store::CORRUPT).display(),
+                    if corrupt == 1 { "it" } else { "them" }
+                );
             }
             if !global.json {
                 println!("{} entries intact", rows.len());
             }
         }
         CacheCommand::Gc(args) => {
-            let _lock = crate::store::lock::lock(&store.lock_path("store"), crate::store::lock::Mode::Exclusive, "running builds to finish", || eprintln!("waiting for running builds to finish…"))?;
+            let _lock = crate::store::lock::lock(
+                &store.lock_path("store"),
+                crate::store::lock::Mode::Exclusive,
+                "running builds to finish",
+                || eprintln!("waiting for running builds to finish…"),
+            )?;
             let done = gc::collect(&store, args.keep, args.dry_run)?;
             if global.json {
                 return print_json(&done);
             }
-            let verb = if done.dry_run { "would remove" } else { "removed" };
+            let verb = if done.dry_run {
+                "would remove"
+            } else {
+                "removed"
+            };
             for r in &done.removed {
-                println!("{verb} {} {} {} ({})", r.kind, &r.name[..r.name.len().min(12)], r.what, human(r.bytes));
+                println!(
+                    "{verb} {} {} {} ({})",
+                    r.kind,
+                    &r.name[..r.name.len().min(12)],
+                    r.what,
+                    human(r.bytes)
+                );
             }
             println!(
                 "kept {} image{} and {} layer{}; {} {} entr{}, {} {}",
@@ -599,28 +949,64 @@ pub fn verify(global: &Global, args: &VerifyArgs) -> Result<()> {
         return Ok(());
     }
     let d = &report.differences;
-    Err(Drift(format!("{} modified, {} added, {} removed{}", d.modified.len(), d.added.len(), d.removed.len(), if report.disk_digest.is_some() { ", disk digest differs" } else { "" })).into())
+    Err(Drift(format!(
+        "{} modified, {} added, {} removed{}",
+        d.modified.len(),
+        d.added.len(),
+        d.removed.len(),
+        if report.disk_digest.is_some() {
+            ", disk digest differs"
+        } else {
+            ""
+        }
+    ))
+    .into())
 }
 
 pub fn log(global: &Global, args: &LogArgs) -> Result<()> {
     let root = store_root(global);
     let name = match &args.recipe {
-        Some(r) if r.extension().is_some_and(|e| e == "toml") || r.is_file() => Some(recipe::load(r)?.image.name),
+        Some(r) if r.extension().is_some_and(|e| e == "toml") || r.is_file() => {
+            Some(recipe::load(r)?.image.name)
+        }
         Some(r) => Some(r.display().to_string()),
         None => None,
     };
-    let records = if root.is_dir() { record::history::read(&Store::open(&root)?, name.as_deref())? } else { Vec::new() };
+    let records = if root.is_dir() {
+        record::history::read(&Store::open(&root)?, name.as_deref())?
+    } else {
+        Vec::new()
+    };
     if global.json {
         return print_json(&records);
     }
     let rows: Vec<Vec<String>> = records
         .iter()
         .map(|r| {
-            let changes = if r.first { "first build".to_owned() } else if r.changes.is_empty() { "no package changes".to_owned() } else { record::history::show_changes(&r.changes) };
-            vec![r.time.clone(), r.name.clone(), r.sudo_user.clone().unwrap_or_else(|| r.user.clone()), r.host.clone(), r.image_sha256[..12].to_owned(), changes]
+            let changes = if r.first {
+                "first build".to_owned()
+            } else if r.changes.is_empty() {
+                "no package changes".to_owned()
+            } else {
+                record::history::show_changes(&r.changes)
+            };
+            vec![
+                r.time.clone(),
+                r.name.clone(),
+                r.sudo_user.clone().unwrap_or_else(|| r.user.clone()),
+                r.host.clone(),
+                r.image_sha256[..12].to_owned(),
+                changes,
+            ]
         })
         .collect();
-    print!("{}", table(&["TIME", "IMAGE", "USER", "HOST", "SHA256", "PACKAGES"], &rows));
+    print!(
+        "{}",
+        table(
+            &["TIME", "IMAGE", "USER", "HOST", "SHA256", "PACKAGES"],
+            &rows
+        )
+    );
     Ok(())
 }
 

@@ -25,7 +25,12 @@ pub struct BadInput {
 }
 
 impl BadInput {
-    pub fn new(file: &Path, key: impl Into<String>, problem: impl Into<String>, fix: impl Into<String>) -> BadInput {
+    pub fn new(
+        file: &Path,
+        key: impl Into<String>,
+        problem: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> BadInput {
         BadInput {
             file: Some(file.to_owned()),
             key: Some(key.into()),
@@ -36,7 +41,12 @@ impl BadInput {
 
     /// Bad input that is not in a file (a command-line argument).
     pub fn arg(problem: impl Into<String>, fix: impl Into<String>) -> BadInput {
-        BadInput { file: None, key: None, problem: problem.into(), fix: fix.into() }
+        BadInput {
+            file: None,
+            key: None,
+            problem: problem.into(),
+            fix: fix.into(),
+        }
     }
 }
 

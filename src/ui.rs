@@ -22,7 +22,10 @@ pub struct Stage {
 impl Ui {
     /// `quiet` (for `--json`) keeps stderr to errors and one-line notices.
     pub fn new(quiet: bool) -> Ui {
-        Ui { tty: std::io::stderr().is_terminal(), quiet }
+        Ui {
+            tty: std::io::stderr().is_terminal(),
+            quiet,
+        }
     }
 
     pub fn stage(&self, name: &str, what: &str) -> Stage {
@@ -43,7 +46,12 @@ impl Ui {
             }
             None
         };
-        Stage { name: name.to_owned(), bar, started: Instant::now(), quiet: self.quiet }
+        Stage {
+            name: name.to_owned(),
+            bar,
+            started: Instant::now(),
+            quiet: self.quiet,
+        }
     }
 }
 
@@ -107,7 +115,10 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 mod tests {
     #[test]
     fn table_aligns_columns() {
-        let t = super::table(&["a", "bb"], &[vec!["xxx".into(), "y".into()], vec!["z".into(), "".into()]]);
+        let t = super::table(
+            &["a", "bb"],
+            &[vec!["xxx".into(), "y".into()], vec!["z".into(), "".into()]],
+        );
         assert_eq!(t, "a    bb\nxxx  y\nz\n");
     }
 }

@@ -45,7 +45,14 @@ struct Case {
 }
 
 fn case(name: &'static str, recipe: String, exit: i32, says: &[&'static str]) -> Case {
-    Case { name, files: vec![("main.toml", recipe)], store: StoreKind::Seeded, env: vec![], exit, says: says.to_vec() }
+    Case {
+        name,
+        files: vec![("main.toml", recipe)],
+        store: StoreKind::Seeded,
+        env: vec![],
+        exit,
+        says: says.to_vec(),
+    }
 }
 
 fn with_base(rest: &str) -> String {
@@ -142,20 +149,54 @@ fn catalog() -> Vec<Case> {
         exit: BAD_INPUT,
         says: says.to_vec(),
     };
-    cases.push(lock_case("lock is not TOML", "version = 1\n[steps\n".into(), &["main.lock", "the lock file is damaged", "fix:"]));
-    cases.push(lock_case("lock with an unknown key", "version = 1\nbogus = 2\n".into(), &["main.lock", "bogus", "fix:"]));
-    cases.push(lock_case("lock of a future version", "version = 99\n".into(), &["main.lock", "lock version 99", "kiln lock --update"]));
-    cases.push(lock_case("lock pin with a damaged digest", pin("not-a-digest", "pool/main/a/apt/apt_3.0.4_amd64.deb"), &["main.lock", "`apt` is not a valid locked package", "fix:"]));
-    cases.push(lock_case("lock pin outside the pool", pin(&"a".repeat(64), "pool/../../etc/passwd"), &["main.lock", "`apt` is not a valid locked package"]));
+    cases.push(lock_case(
+        "lock is not TOML",
+        "version = 1\n[steps\n".into(),
+        &["main.lock", "the lock file is damaged", "fix:"],
+    ));
+    cases.push(lock_case(
+        "lock with an unknown key",
+        "version = 1\nbogus = 2\n".into(),
+        &["main.lock", "bogus", "fix:"],
+    ));
+    cases.push(lock_case(
+        "lock of a future version",
+        "version = 99\n".into(),
+        &["main.lock", "lock version 99", "kiln lock --update"],
+    ));
+    cases.push(lock_case(
+        "lock pin with a damaged digest",
+        pin("not-a-digest", "pool/main/a/apt/apt_3.0.4_amd64.deb"),
+        &["main.lock", "`apt` is not a valid locked package", "fix:"],
+    ));
+    cases.push(lock_case(
+        "lock pin outside the pool",
+        pin(&"a".repeat(64), "pool/../../etc/passwd"),
+        &["main.lock", "`apt` is not a valid locked package"],
+    ));
     // A recipe file that is not there at all.
-    cases.push(Case { name: "recipe path missing", files: vec![("other.toml", with_base(""))], store: StoreKind::Empty, env: vec![], exit: BAD_INPUT, says: vec!["main.toml", "cannot read the recipe"] });
+    cases.push(Case {
+        name: "recipe path missing",
+        files: vec![("other.toml", with_base(""))],
+        store: StoreKind::Empty,
+        env: vec![],
+        exit: BAD_INPUT,
+        says: vec!["main.toml", "cannot read the recipe"],
+    });
     cases
 }
 
 /// Everything in the store and in out/ that a failed run might touch.
 fn snapshot(store: &Path, out: &Path) -> Vec<String> {
     let mut seen = Vec::new();
-    for dir in ["layers-v1", "images-v1", "tmp", "corrupt-v1", "state-v1/recipes", "state-v1/roots"] {
+    for dir in [
+        "layers-v1",
+        "images-v1",
+        "tmp",
+        "corrupt-v1",
+        "state-v1/recipes",
+        "state-v1/roots",
+    ] {
         for name in names(&store.join(dir)) {
             seen.push(format!("store/{dir}/{name}"));
         }
@@ -170,13 +211,21 @@ fn snapshot(store: &Path, out: &Path) -> Vec<String> {
 }
 
 fn names(dir: &Path) -> Vec<String> {
-    let mut n: Vec<String> = std::fs::read_dir(dir).map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default();
+    let mut n: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
     n.sort();
     n
 }
 
 fn warm_store() -> PathBuf {
-    std::env::var_os("KILN_TEST_STORE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/tmp/kiln-test-store"))
+    std::env::var_os("KILN_TEST_STORE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/kiln-test-store"))
 }
 
 /// The tests' shared lock of golden's base (see common::base_lock).
@@ -186,28 +235,57 @@ fn base_lock() -> String {
 
 fn warm_base_layer() -> PathBuf {
     let store = warm_store();
-    let scratch = tempfile::Builder::new().prefix("kiln-bad-").tempdir_in("/var/tmp").unwrap();
+    let scratch = tempfile::Builder::new()
+        .prefix("kiln-bad-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
     std::fs::write(scratch.path().join("golden-base.toml"), with_base("")).unwrap();
     std::fs::write(scratch.path().join("golden-base.lock"), base_lock()).unwrap();
-    let kiln = |args: &[&str]| Command::new(KILN).arg("--cache").arg(&store).arg("--out").arg(scratch.path().join("out")).args(args).arg(scratch.path().join("golden-base.toml")).output().unwrap();
+    let kiln = |args: &[&str]| {
+        Command::new(KILN)
+            .arg("--cache")
+            .arg(&store)
+            .arg("--out")
+            .arg(scratch.path().join("out"))
+            .args(args)
+            .arg(scratch.path().join("golden-base.toml"))
+            .output()
+            .unwrap()
+    };
     let plan = kiln(&["--json", "plan"]);
-    assert!(plan.status.success(), "{}", String::from_utf8_lossy(&plan.stderr));
+    assert!(
+        plan.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plan.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
     let key = v["steps"][0]["key"].as_str().unwrap().to_owned();
     let dir = store.join("layers-v1").join(&key);
     if !dir.join("entry.json").is_file() {
         let out = kiln(&["build", "--no-smoke"]);
-        assert!(out.status.success(), "building the warm base: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "building the warm base: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     dir
 }
 
 #[test]
 fn every_bad_input_fails_cleanly_and_changes_nothing() {
-    let work = tempfile::Builder::new().prefix("kiln-bad-").tempdir_in("/var/tmp").unwrap();
+    let work = tempfile::Builder::new()
+        .prefix("kiln-bad-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
     let seeded = work.path().join("seeded-store");
     std::fs::create_dir_all(seeded.join("layers-v1")).unwrap();
-    let cp = Command::new("cp").args(["-a", "--reflink=auto"]).arg(warm_base_layer()).arg(seeded.join("layers-v1")).status().unwrap();
+    let cp = Command::new("cp")
+        .args(["-a", "--reflink=auto"])
+        .arg(warm_base_layer())
+        .arg(seeded.join("layers-v1"))
+        .status()
+        .unwrap();
     assert!(cp.success());
     let cases = catalog();
     assert!(cases.len() >= 25, "the catalog has {} cases", cases.len());
@@ -228,7 +306,13 @@ fn every_bad_input_fails_cleanly_and_changes_nothing() {
         let out_dir = dir.join("out");
         let before = snapshot(&store, &out_dir);
         let mut cmd = Command::new(KILN);
-        cmd.arg("--cache").arg(&store).arg("--out").arg(&out_dir).args(["build", "--no-smoke"]).arg(dir.join("main.toml")).current_dir(&dir);
+        cmd.arg("--cache")
+            .arg(&store)
+            .arg("--out")
+            .arg(&out_dir)
+            .args(["build", "--no-smoke"])
+            .arg(dir.join("main.toml"))
+            .current_dir(&dir);
         for (k, v) in &c.env {
             cmd.env(k, v);
         }
@@ -244,25 +328,52 @@ fn every_bad_input_fails_cleanly_and_changes_nothing() {
             }
         }
         // out/ may gain the build log (it says why it failed); nothing else.
-        let after: Vec<String> = snapshot(&store, &out_dir).into_iter().filter(|n| !n.ends_with(".build.log")).collect();
-        let before: Vec<String> = before.into_iter().filter(|n| !n.ends_with(".build.log")).collect();
-        let normalise = |v: Vec<String>| -> Vec<String> { v.into_iter().filter(|n| n != "(no store)").collect() };
+        let after: Vec<String> = snapshot(&store, &out_dir)
+            .into_iter()
+            .filter(|n| !n.ends_with(".build.log"))
+            .collect();
+        let before: Vec<String> = before
+            .into_iter()
+            .filter(|n| !n.ends_with(".build.log"))
+            .collect();
+        let normalise = |v: Vec<String>| -> Vec<String> {
+            v.into_iter().filter(|n| n != "(no store)").collect()
+        };
         if normalise(before.clone()) != normalise(after.clone()) {
             problems.push(format!("store or out/ changed: {before:?} -> {after:?}"));
         }
         if !problems.is_empty() {
-            failures.push(format!("case {i} `{}`: {}\n  stderr: {}", c.name, problems.join("; "), err.trim().replace('\n', "\n          ")));
+            failures.push(format!(
+                "case {i} `{}`: {}\n  stderr: {}",
+                c.name,
+                problems.join("; "),
+                err.trim().replace('\n', "\n          ")
+            ));
         }
     }
-    assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
 fn a_files_copy_never_follows_a_symlink_out_of_the_image() {
-    let work = tempfile::Builder::new().prefix("kiln-bad-").tempdir_in("/var/tmp").unwrap();
+    let work = tempfile::Builder::new()
+        .prefix("kiln-bad-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
     let store = work.path().join("store");
     std::fs::create_dir_all(store.join("layers-v1")).unwrap();
-    let cp = Command::new("cp").args(["-a", "--reflink=auto"]).arg(warm_base_layer()).arg(store.join("layers-v1")).status().unwrap();
+    let cp = Command::new("cp")
+        .args(["-a", "--reflink=auto"])
+        .arg(warm_base_layer())
+        .arg(store.join("layers-v1"))
+        .status()
+        .unwrap();
     assert!(cp.success());
     let target = format!("kiln-escape-{}", std::process::id());
     let host_victim = Path::new("/tmp").join(&target);
@@ -273,10 +384,27 @@ fn a_files_copy_never_follows_a_symlink_out_of_the_image() {
     for name in ["setup.lock", "main.lock"] {
         std::fs::write(work.path().join(name), base_lock()).unwrap();
     }
-    let kiln = |recipe: &str| Command::new(KILN).arg("--cache").arg(&store).arg("--out").arg(work.path().join("out")).args(["build", "--no-smoke"]).arg(work.path().join(recipe)).output().unwrap();
+    let kiln = |recipe: &str| {
+        Command::new(KILN)
+            .arg("--cache")
+            .arg(&store)
+            .arg("--out")
+            .arg(work.path().join("out"))
+            .args(["build", "--no-smoke"])
+            .arg(work.path().join(recipe))
+            .output()
+            .unwrap()
+    };
     let setup = kiln("setup.toml");
-    assert!(setup.status.success(), "{}", String::from_utf8_lossy(&setup.stderr));
-    for dest in [format!("/opt/escape/{target}"), format!("/opt/escape/../{target}")] {
+    assert!(
+        setup.status.success(),
+        "{}",
+        String::from_utf8_lossy(&setup.stderr)
+    );
+    for dest in [
+        format!("/opt/escape/{target}"),
+        format!("/opt/escape/../{target}"),
+    ] {
         let files = format!("{escape}[[layer]]\nname = \"copy\"\nfiles = [{{ src = \"payload\", dest = \"{dest}\" }}]\n");
         std::fs::write(work.path().join("main.toml"), with_base(&files)).unwrap();
         let before = snapshot(&store, &work.path().join("out"));
@@ -287,16 +415,37 @@ fn a_files_copy_never_follows_a_symlink_out_of_the_image() {
             assert!(err.contains("contains `..`"), "{err}");
         } else {
             assert_eq!(out.status.code(), Some(BAD_INPUT), "{err}");
-            assert!(err.contains("points out of the image") && err.contains("layer.copy.files[0].dest"), "{err}");
+            assert!(
+                err.contains("points out of the image") && err.contains("layer.copy.files[0].dest"),
+                "{err}"
+            );
         }
-        assert!(!host_victim.exists(), "a files copy wrote {} on the host", host_victim.display());
+        assert!(
+            !host_victim.exists(),
+            "a files copy wrote {} on the host",
+            host_victim.display()
+        );
         let after = snapshot(&store, &work.path().join("out"));
-        assert_eq!(before.into_iter().filter(|n| !n.ends_with(".build.log")).collect::<Vec<_>>(), after.into_iter().filter(|n| !n.ends_with(".build.log")).collect::<Vec<_>>());
+        assert_eq!(
+            before
+                .into_iter()
+                .filter(|n| !n.ends_with(".build.log"))
+                .collect::<Vec<_>>(),
+            after
+                .into_iter()
+                .filter(|n| !n.ends_with(".build.log"))
+                .collect::<Vec<_>>()
+        );
     }
     // An absolute link is followed inside the image root, never on the host.
     let files = format!("{escape}[[layer]]\nname = \"copy\"\nfiles = [{{ src = \"payload\", dest = \"/opt/abs/{target}\" }}]\n");
     std::fs::write(work.path().join("main.toml"), with_base(&files)).unwrap();
     let out = kiln("main.toml");
-    assert_eq!(out.status.code(), Some(BAD_INPUT), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(BAD_INPUT),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!host_victim.exists());
 }

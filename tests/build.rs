@@ -16,11 +16,17 @@ use sha2::{Digest, Sha256};
 
 fn sha256_file(path: &Path) -> String {
     let data = std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    Sha256::digest(&data).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(&data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn statuses(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
 }
 
 #[test]
@@ -37,52 +43,102 @@ files = [{ src = "files/hello.txt", dest = "/opt/kiln-test/hello.txt", mode = "0
 run = ["echo ran > /opt/kiln-test/run-marker"]
 "#;
     let kiln = Kiln::shared();
-    let recipe = d.write_recipe("disk.toml", recipe("kt-disk", layers).replace("hostname = \"kt-disk\"", "hostname = \"kt-disk-host\""), &kiln);
+    let recipe = d.write_recipe(
+        "disk.toml",
+        recipe("kt-disk", layers).replace("hostname = \"kt-disk\"", "hostname = \"kt-disk-host\""),
+        &kiln,
+    );
     let plan = kiln.plan(&recipe);
     let mut cleanup = ForgetOnDrop::new(&kiln.store);
     cleanup.add(&plan, &["tools/files", "tools/run", "image"]);
 
     let report = kiln.build(&recipe, &[]);
-    assert_eq!(report.stages(), ["base", "tools/files", "tools/run", "image"]);
+    assert_eq!(
+        report.stages(),
+        ["base", "tools/files", "tools/run", "image"]
+    );
     for stage in ["tools/files", "tools/run", "image"] {
-        assert_eq!(report.row(stage).status, "built", "{stage} has content new to this run");
+        assert_eq!(
+            report.row(stage).status,
+            "built",
+            "{stage} has content new to this run"
+        );
     }
     assert_eq!(report.image, kiln.out.join("kt-disk.qcow2"));
-    assert_eq!(sha256_file(&report.image), report.sha256, "the exported image is the one the summary names");
+    assert_eq!(
+        sha256_file(&report.image),
+        report.sha256,
+        "the exported image is the one the summary names"
+    );
     assert_eq!(report.image_key, plan.image_key());
 
     let disk = Disk::open(&report.image);
     assert_eq!(disk.table.label, "gpt");
     assert_eq!(disk.table.partitions.len(), 2, "{:#?}", disk.table);
     let (esp, root) = (disk.esp(), disk.root());
-    assert!(esp.start >= 2048 && esp.start + esp.size <= root.start, "ESP first, then root: {:#?}", disk.table);
-    assert_eq!(root.size * disk.sector(), 2 << 30, "the root partition has the recipe's size");
+    assert!(
+        esp.start >= 2048 && esp.start + esp.size <= root.start,
+        "ESP first, then root: {:#?}",
+        disk.table
+    );
+    assert_eq!(
+        root.size * disk.sector(),
+        2 << 30,
+        "the root partition has the recipe's size"
+    );
 
-    let uki = disk.esp_file("::/EFI/BOOT/BOOTX64.EFI").expect("the ESP holds /EFI/BOOT/BOOTX64.EFI");
+    let uki = disk
+        .esp_file("::/EFI/BOOT/BOOTX64.EFI")
+        .expect("the ESP holds /EFI/BOOT/BOOTX64.EFI");
     assert!(uki.starts_with(b"MZ"), "BOOTX64.EFI is not a PE binary");
     let has = |needle: &[u8]| uki.windows(needle.len()).any(|w| w == needle);
     for section in [&b".linux"[..], b".initrd", b".cmdline", b".osrel"] {
-        assert!(has(section), "the UKI has no {} section", String::from_utf8_lossy(section));
+        assert!(
+            has(section),
+            "the UKI has no {} section",
+            String::from_utf8_lossy(section)
+        );
     }
-    assert!(has(b"root=LABEL=root"), "the UKI's cmdline does not find the root by label");
+    assert!(
+        has(b"root=LABEL=root"),
+        "the UKI's cmdline does not find the root by label"
+    );
 
     assert_eq!(disk.root_label(), "root");
     assert_eq!(disk.root_text("/opt/kiln-test/hello.txt"), hello);
     let stat = disk.root_stat("/opt/kiln-test/hello.txt");
-    assert_eq!((stat.kind.as_str(), stat.mode, stat.uid, stat.gid), ("regular", 0o640, 0, 0), "{stat:?}");
+    assert_eq!(
+        (stat.kind.as_str(), stat.mode, stat.uid, stat.gid),
+        ("regular", 0o640, 0, 0),
+        "{stat:?}"
+    );
     assert_eq!(disk.root_text("/opt/kiln-test/run-marker"), "ran\n");
     assert_eq!(disk.root_text("/etc/hostname"), "kt-disk-host\n");
     let fstab = disk.root_text("/etc/fstab");
     assert!(
-        fstab.lines().any(|l| l.split_whitespace().take(3).collect::<Vec<_>>() == ["LABEL=root", "/", "ext4"]),
+        fstab.lines().any(
+            |l| l.split_whitespace().take(3).collect::<Vec<_>>() == ["LABEL=root", "/", "ext4"]
+        ),
         "fstab does not mount LABEL=root on /:\n{fstab}"
     );
     let machine_id = disk.root_stat("/etc/machine-id");
-    assert_eq!((machine_id.kind.as_str(), machine_id.size), ("regular", 0), "machine-id must exist and be empty: {machine_id:?}");
+    assert_eq!(
+        (machine_id.kind.as_str(), machine_id.size),
+        ("regular", 0),
+        "machine-id must exist and be empty: {machine_id:?}"
+    );
     assert!(!report.kernel.is_empty());
-    assert_eq!(disk.root_stat(&format!("/boot/vmlinuz-{}", report.kernel)).kind, "regular", "the kernel the summary names is in the image");
+    assert_eq!(
+        disk.root_stat(&format!("/boot/vmlinuz-{}", report.kernel))
+            .kind,
+        "regular",
+        "the kernel the summary names is in the image"
+    );
     // Build-time scaffolding never reaches the image.
-    assert!(disk.root_file("/usr/sbin/policy-rc.d").is_none(), "policy-rc.d was left in the image");
+    assert!(
+        disk.root_file("/usr/sbin/policy-rc.d").is_none(),
+        "policy-rc.d was left in the image"
+    );
 }
 
 #[test]
@@ -102,15 +158,33 @@ run = ["echo ran > /opt/kiln-test/again-marker"]
     let second = kiln.build(&recipe, &[]);
     assert_eq!(
         second.statuses(),
-        statuses(&[("base", "cached"), ("tools/files", "cached"), ("tools/run", "cached"), ("image", "cached")]),
+        statuses(&[
+            ("base", "cached"),
+            ("tools/files", "cached"),
+            ("tools/run", "cached"),
+            ("image", "cached")
+        ]),
         "{:#?}",
         second.rows
     );
-    assert!(second.rows.iter().all(|r| r.reason.is_none()), "a cache hit has no reason: {:#?}", second.rows);
-    assert_eq!((&second.image_key, &second.sha256), (&first.image_key, &first.sha256));
+    assert!(
+        second.rows.iter().all(|r| r.reason.is_none()),
+        "a cache hit has no reason: {:#?}",
+        second.rows
+    );
+    assert_eq!(
+        (&second.image_key, &second.sha256),
+        (&first.image_key, &first.sha256)
+    );
     assert_eq!(sha256_file(&second.image), second.sha256);
     let plan = kiln.plan(&recipe);
-    assert!(plan.steps.iter().all(|s| s.state == "cached" && s.reason.is_none()), "plan after a build: {:#?}", plan.steps);
+    assert!(
+        plan.steps
+            .iter()
+            .all(|s| s.state == "cached" && s.reason.is_none()),
+        "plan after a build: {:#?}",
+        plan.steps
+    );
 }
 
 #[test]
@@ -152,7 +226,11 @@ run = ["echo top > /opt/kiln-test/top"]
         [
             want("base", "cached", ""),
             want("tools/run", "cached", ""),
-            want("app/files", "build", r#"{"file_changed":["files/page.txt"]}"#),
+            want(
+                "app/files",
+                "build",
+                r#"{"file_changed":["files/page.txt"]}"#
+            ),
             want("app/run", "build", r#""parent_changed""#),
             want("top/run", "build", r#""parent_changed""#),
             want("image", "build", r#""parent_changed""#),
@@ -160,22 +238,47 @@ run = ["echo top > /opt/kiln-test/top"]
         "plan after changing one byte"
     );
     for (b, a) in before.steps.iter().zip(&plan.steps) {
-        assert_eq!(b.key == a.key, ["base", "tools/run"].contains(&b.stage.as_str()), "key of {}", b.stage);
+        assert_eq!(
+            b.key == a.key,
+            ["base", "tools/run"].contains(&b.stage.as_str()),
+            "key of {}",
+            b.stage
+        );
     }
 
     let second = kiln.build(&recipe, &[]);
     assert_eq!(
         second.statuses(),
-        statuses(&[("base", "cached"), ("tools/run", "cached"), ("app/files", "built"), ("app/run", "built"), ("top/run", "built"), ("image", "built")]),
+        statuses(&[
+            ("base", "cached"),
+            ("tools/run", "cached"),
+            ("app/files", "built"),
+            ("app/run", "built"),
+            ("top/run", "built"),
+            ("image", "built")
+        ]),
         "{:#?}",
         second.rows
     );
-    assert_eq!(second.row("app/files").reason.as_deref(), Some("file changed: files/page.txt"));
-    assert_eq!(second.row("app/run").reason.as_deref(), Some("parent changed"));
-    assert_eq!(second.row("image").reason.as_deref(), Some("parent changed"));
+    assert_eq!(
+        second.row("app/files").reason.as_deref(),
+        Some("file changed: files/page.txt")
+    );
+    assert_eq!(
+        second.row("app/run").reason.as_deref(),
+        Some("parent changed")
+    );
+    assert_eq!(
+        second.row("image").reason.as_deref(),
+        Some("parent changed")
+    );
 
     let disk = Disk::open(&second.image);
-    assert_eq!(disk.root_text("/opt/kiln-test/page.copy"), page.replace("version A", "version B"), "the rebuilt run step saw the new file");
+    assert_eq!(
+        disk.root_text("/opt/kiln-test/page.copy"),
+        page.replace("version A", "version B"),
+        "the rebuilt run step saw the new file"
+    );
     assert_eq!(disk.root_text("/opt/kiln-test/top"), "top\n");
 }
 
@@ -192,7 +295,11 @@ files = [{ src = "files/hello.txt", dest = "/opt/kiln-test/parent.txt" }]
 run = ["echo parent > /opt/kiln-test/parent-marker"]
 "#;
     let kiln = Kiln::shared();
-    let parent = d.write_recipe("golden/golden.toml", recipe("kt-parent", parent_layers), &kiln);
+    let parent = d.write_recipe(
+        "golden/golden.toml",
+        recipe("kt-parent", parent_layers),
+        &kiln,
+    );
     d.write("files/app.txt", "from the child\n");
     let child = d.write(
         "app.toml",
@@ -210,20 +317,39 @@ files = [{ src = "files/app.txt", dest = "/opt/kiln-test/child.txt" }]
     let parent_report = kiln.build(&parent, &[]);
     let plan = kiln.plan(&child);
     for stage in ["base", "tools/files", "tools/run"] {
-        assert_eq!(plan.step(stage).state, "cached", "{stage} comes from the parent's build: {:#?}", plan.steps);
+        assert_eq!(
+            plan.step(stage).state,
+            "cached",
+            "{stage} comes from the parent's build: {:#?}",
+            plan.steps
+        );
     }
     let child_report = kiln.build(&child, &[]);
-    assert_eq!(child_report.stages(), ["base", "tools/files", "tools/run", "app/files", "image"]);
+    assert_eq!(
+        child_report.stages(),
+        ["base", "tools/files", "tools/run", "app/files", "image"]
+    );
     for stage in ["base", "tools/files", "tools/run"] {
         let (p, c) = (parent_report.row(stage), child_report.row(stage));
-        assert_eq!((c.status.as_str(), &c.key), ("cached", &p.key), "{stage} is the parent's layer, reused");
+        assert_eq!(
+            (c.status.as_str(), &c.key),
+            ("cached", &p.key),
+            "{stage} is the parent's layer, reused"
+        );
     }
     assert_ne!(child_report.image_key, parent_report.image_key);
 
     let disk = Disk::open(&child_report.image);
-    assert_eq!(disk.root_text("/opt/kiln-test/parent.txt"), "from the parent\n", "the parent's file, relative to the parent's folder");
+    assert_eq!(
+        disk.root_text("/opt/kiln-test/parent.txt"),
+        "from the parent\n",
+        "the parent's file, relative to the parent's folder"
+    );
     assert_eq!(disk.root_text("/opt/kiln-test/parent-marker"), "parent\n");
-    assert_eq!(disk.root_text("/opt/kiln-test/child.txt"), "from the child\n");
+    assert_eq!(
+        disk.root_text("/opt/kiln-test/child.txt"),
+        "from the child\n"
+    );
     assert_eq!(disk.root_text("/etc/hostname"), "kt-child\n");
 }
 
@@ -242,27 +368,91 @@ fn bad_recipes_exit_2_and_leave_nothing_behind() {
         says: &'static str,
     }
     let cases = [
-        Case { what: "malformed TOML", files: None, text: "[image\nname = \"kt-bad\"\n", key: "(syntax)", says: "line 1" },
-        Case { what: "unknown key", files: None, text: "[image]\nname = \"kt-bad\"\ncolour = \"red\"\n", key: "colour", says: "unknown field" },
-        Case { what: "missing src", files: Some(r#"{ src = "files/nope.txt", dest = "/opt/x" }"#), text: "", key: "files[0].src", says: "files/nope.txt" },
-        Case { what: "src outside the folder", files: Some(r#"{ src = "../outside.txt", dest = "/opt/x" }"#), text: "", key: "files[0].src", says: "outside the recipe's folder" },
-        Case { what: "src through a symlink out of the folder", files: Some(r#"{ src = "files/link.txt", dest = "/opt/x" }"#), text: "", key: "files[0].src", says: "outside the recipe's folder" },
-        Case { what: "absolute src", files: Some(r#"{ src = "/etc/hostname", dest = "/opt/x" }"#), text: "", key: "files[0].src", says: "absolute" },
-        Case { what: "dest with ..", files: Some(r#"{ src = "files/ok.txt", dest = "/opt/../../etc/shadow" }"#), text: "", key: "files[0].dest", says: ".." },
-        Case { what: "relative dest", files: Some(r#"{ src = "files/ok.txt", dest = "opt/x" }"#), text: "", key: "files[0].dest", says: "absolute" },
-        Case { what: "size zero", files: None, text: "[image]\nname = \"kt-bad\"\nsize = \"0GiB\"\n", key: "image.size", says: "zero" },
-        Case { what: "size unparseable", files: None, text: "[image]\nname = \"kt-bad\"\nsize = \"big\"\n", key: "image.size", says: "not a size" },
+        Case {
+            what: "malformed TOML",
+            files: None,
+            text: "[image\nname = \"kt-bad\"\n",
+            key: "(syntax)",
+            says: "line 1",
+        },
+        Case {
+            what: "unknown key",
+            files: None,
+            text: "[image]\nname = \"kt-bad\"\ncolour = \"red\"\n",
+            key: "colour",
+            says: "unknown field",
+        },
+        Case {
+            what: "missing src",
+            files: Some(r#"{ src = "files/nope.txt", dest = "/opt/x" }"#),
+            text: "",
+            key: "files[0].src",
+            says: "files/nope.txt",
+        },
+        Case {
+            what: "src outside the folder",
+            files: Some(r#"{ src = "../outside.txt", dest = "/opt/x" }"#),
+            text: "",
+            key: "files[0].src",
+            says: "outside the recipe's folder",
+        },
+        Case {
+            what: "src through a symlink out of the folder",
+            files: Some(r#"{ src = "files/link.txt", dest = "/opt/x" }"#),
+            text: "",
+            key: "files[0].src",
+            says: "outside the recipe's folder",
+        },
+        Case {
+            what: "absolute src",
+            files: Some(r#"{ src = "/etc/hostname", dest = "/opt/x" }"#),
+            text: "",
+            key: "files[0].src",
+            says: "absolute",
+        },
+        Case {
+            what: "dest with ..",
+            files: Some(r#"{ src = "files/ok.txt", dest = "/opt/../../etc/shadow" }"#),
+            text: "",
+            key: "files[0].dest",
+            says: "..",
+        },
+        Case {
+            what: "relative dest",
+            files: Some(r#"{ src = "files/ok.txt", dest = "opt/x" }"#),
+            text: "",
+            key: "files[0].dest",
+            says: "absolute",
+        },
+        Case {
+            what: "size zero",
+            files: None,
+            text: "[image]\nname = \"kt-bad\"\nsize = \"0GiB\"\n",
+            key: "image.size",
+            says: "zero",
+        },
+        Case {
+            what: "size unparseable",
+            files: None,
+            text: "[image]\nname = \"kt-bad\"\nsize = \"big\"\n",
+            key: "image.size",
+            says: "not a size",
+        },
     ];
     let d = RecipeDir::new();
     d.write("outside.txt", "not the recipe's\n");
     d.write("recipe/files/ok.txt", "ok\n");
-    std::os::unix::fs::symlink("../../outside.txt", d.path("recipe/files/link.txt")).expect("symlink");
+    std::os::unix::fs::symlink("../../outside.txt", d.path("recipe/files/link.txt"))
+        .expect("symlink");
     let path = d.path("recipe/bad.toml");
     let store = tempfile::tempdir().expect("temp dir");
     let kiln = Kiln::with_store(&store.path().join("store"));
     for case in cases {
         let text = match case.files {
-            Some(files) => recipe("kt-bad", &format!("[[layer]]\nname = \"app\"\nfiles = [{files}]\n")),
+            Some(files) => recipe(
+                "kt-bad",
+                &format!("[[layer]]\nname = \"app\"\nfiles = [{files}]\n"),
+            ),
             None => format!("{}\n{BASE}", case.text),
         };
         d.write("recipe/bad.toml", text);
@@ -270,11 +460,21 @@ fn bad_recipes_exit_2_and_leave_nothing_behind() {
         let build = kiln.run(&[OsStr::new("build"), path.as_os_str()]);
         build.assert_bad_input(&path, case.key, case.says);
         for dir in [&kiln.store, &kiln.out] {
-            assert!(!dir.exists(), "{}: refused input created {}", case.what, dir.display());
+            assert!(
+                !dir.exists(),
+                "{}: refused input created {}",
+                case.what,
+                dir.display()
+            );
         }
         let plan = kiln.run(&[OsStr::new("--json"), OsStr::new("plan"), path.as_os_str()]);
         plan.assert_bad_input(&path, case.key, case.says);
-        assert!(plan.stdout.is_empty(), "{}: plan printed a result for a bad recipe:\n{}", case.what, plan.show());
+        assert!(
+            plan.stdout.is_empty(),
+            "{}: plan printed a result for a bad recipe:\n{}",
+            case.what,
+            plan.show()
+        );
     }
 }
 
@@ -303,10 +503,21 @@ files = [{{ src = "files/x", dest = "/opt/out/{escape}" }}]
     run.assert_bad_input(&recipe, "layer.app.files[0].dest", "out of the image");
     // The steps below the refused one succeeded and may be published.
     before.assert_not_published(&kiln.store, &plan.keys_from("app/files"));
-    assert!(kiln.store.join(LAYERS).join(&plan.step("links/run").key).join("entry.json").is_file(), "the step below the failure is kept");
+    assert!(
+        kiln.store
+            .join(LAYERS)
+            .join(&plan.step("links/run").key)
+            .join("entry.json")
+            .is_file(),
+        "the step below the failure is kept"
+    );
     for host in ["/tmp", "/var/tmp"] {
         let leaked = Path::new(host).join(&escape);
-        assert!(!leaked.exists(), "the file escaped the image to {}", leaked.display());
+        assert!(
+            !leaked.exists(),
+            "the file escaped the image to {}",
+            leaked.display()
+        );
     }
 }
 
@@ -339,20 +550,60 @@ fn refresh_rebuilds_every_step() {
     let plan = shared.plan(&recipe);
     let private = temp_dir("kiln-store-");
     let store = private.path().join("store");
-    copy_entries(&shared.store, &store, &plan.layer_keys().into_iter().map(|(_, k)| k).collect::<Vec<_>>());
+    copy_entries(
+        &shared.store,
+        &store,
+        &plan
+            .layer_keys()
+            .into_iter()
+            .map(|(_, k)| k)
+            .collect::<Vec<_>>(),
+    );
     // The pinned .debs too: --refresh rebuilds the layers, it need not
     // download what the store already holds (checked by sha256 on use).
     copy_store_dir(&shared.store, &store, "debs-v1");
 
     let kiln = Kiln::with_store(&store);
     let warm = kiln.build(&recipe, &[]);
-    assert_eq!(warm.statuses(), statuses(&[("base", "cached"), ("tools/files", "cached"), ("image", "built")]), "{:#?}", warm.rows);
+    assert_eq!(
+        warm.statuses(),
+        statuses(&[
+            ("base", "cached"),
+            ("tools/files", "cached"),
+            ("image", "built")
+        ]),
+        "{:#?}",
+        warm.rows
+    );
     let refreshed = kiln.build(&recipe, &["--refresh"]);
-    assert_eq!(refreshed.statuses(), statuses(&[("base", "built"), ("tools/files", "built"), ("image", "built")]), "{:#?}", refreshed.rows);
-    assert!(refreshed.rows.iter().all(|r| r.reason.as_deref() == Some("--refresh")), "{:#?}", refreshed.rows);
-    assert_eq!(refreshed.image_key, warm.image_key, "the same inputs give the same key");
+    assert_eq!(
+        refreshed.statuses(),
+        statuses(&[
+            ("base", "built"),
+            ("tools/files", "built"),
+            ("image", "built")
+        ]),
+        "{:#?}",
+        refreshed.rows
+    );
+    assert!(
+        refreshed
+            .rows
+            .iter()
+            .all(|r| r.reason.as_deref() == Some("--refresh")),
+        "{:#?}",
+        refreshed.rows
+    );
+    assert_eq!(
+        refreshed.image_key, warm.image_key,
+        "the same inputs give the same key"
+    );
     let again = kiln.build(&recipe, &[]);
-    assert!(again.rows.iter().all(|r| r.status == "cached"), "after --refresh: {:#?}", again.rows);
+    assert!(
+        again.rows.iter().all(|r| r.status == "cached"),
+        "after --refresh: {:#?}",
+        again.rows
+    );
 }
 
 #[test]
@@ -366,7 +617,10 @@ fn a_missing_recipe_file_is_bad_input() {
         let run = kiln.run(&[OsStr::new(command), path.as_os_str()]);
         run.assert_bad_input(&path, "(file)", "cannot read the recipe");
     }
-    assert!(!kiln.store.exists() && !kiln.out.exists(), "a missing recipe created the store or out/");
+    assert!(
+        !kiln.store.exists() && !kiln.out.exists(),
+        "a missing recipe created the store or out/"
+    );
 }
 
 #[test]
@@ -380,8 +634,18 @@ fn plan_with_an_empty_store_builds_everything_and_creates_nothing() {
     let plan = kiln.plan(&recipe);
     let stages: Vec<&str> = plan.steps.iter().map(|s| s.stage.as_str()).collect();
     assert_eq!(stages, ["base", "tools/files", "tools/run", "image"]);
-    assert!(plan.steps.iter().all(|s| s.state == "build" && s.reason == Some(serde_json::json!("not_in_store"))), "{:#?}", plan.steps);
-    assert!(plan.steps.iter().all(|s| s.key.len() == 64), "full keys: {:#?}", plan.steps);
+    assert!(
+        plan.steps
+            .iter()
+            .all(|s| s.state == "build" && s.reason == Some(serde_json::json!("not_in_store"))),
+        "{:#?}",
+        plan.steps
+    );
+    assert!(
+        plan.steps.iter().all(|s| s.key.len() == 64),
+        "full keys: {:#?}",
+        plan.steps
+    );
     assert_eq!(plan.image, "kt-empty");
     assert!(!kiln.store.exists(), "kiln plan created the store");
     assert!(!kiln.out.exists(), "kiln plan created out/");

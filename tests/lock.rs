@@ -40,7 +40,12 @@ fn pins(lock: &toml::Value, step: &str) -> BTreeSet<(String, String)> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| (p["name"].as_str().unwrap().to_owned(), p["version"].as_str().unwrap().to_owned()))
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_owned(),
+                p["version"].as_str().unwrap().to_owned(),
+            )
+        })
         .collect()
 }
 
@@ -49,7 +54,11 @@ fn locked_app(kiln: &Kiln, name: &str) -> (RecipeDir, PathBuf) {
     common::require_build();
     let d = RecipeDir::new();
     d.write("motd", format!("kiln lock test {name}\n"));
-    let recipe = d.write_recipe(&format!("{name}.toml"), app_recipe(name, "", "\"hello\""), kiln);
+    let recipe = d.write_recipe(
+        &format!("{name}.toml"),
+        app_recipe(name, "", "\"hello\""),
+        kiln,
+    );
     kiln.run(&["lock", recipe.to_str().unwrap()]).assert_code(0);
     kiln.build(&recipe, &[]);
     (d, recipe)
@@ -62,15 +71,35 @@ fn lock_then_build_twice_is_all_cache_hits_and_the_lock_does_not_move() {
     let lock_path = recipe.with_extension("lock");
     let before = std::fs::read(&lock_path).unwrap();
     let lock = lock_toml(&lock_path);
-    assert!(lock["steps"].get("security/upgrade").is_some(), "no security pins in\n{}", String::from_utf8_lossy(&before));
-    assert!(pins(&lock, "app/packages").iter().any(|(n, _)| n == "hello"), "hello is not pinned");
-    for p in lock["steps"]["app/packages"]["packages"].as_array().unwrap() {
+    assert!(
+        lock["steps"].get("security/upgrade").is_some(),
+        "no security pins in\n{}",
+        String::from_utf8_lossy(&before)
+    );
+    assert!(
+        pins(&lock, "app/packages")
+            .iter()
+            .any(|(n, _)| n == "hello"),
+        "hello is not pinned"
+    );
+    for p in lock["steps"]["app/packages"]["packages"]
+        .as_array()
+        .unwrap()
+    {
         assert_eq!(p["sha256"].as_str().unwrap().len(), 64, "{p}");
         assert!(p["path"].as_str().unwrap().starts_with("pool/"), "{p}");
     }
     let report = kiln.build(&recipe, &[]);
-    assert!(report.rows.iter().all(|r| r.status == "cached"), "not all cache hits: {:?}", report.statuses());
-    assert_eq!(std::fs::read(&lock_path).unwrap(), before, "the lock changed on a rebuild");
+    assert!(
+        report.rows.iter().all(|r| r.status == "cached"),
+        "not all cache hits: {:?}",
+        report.statuses()
+    );
+    assert_eq!(
+        std::fs::read(&lock_path).unwrap(),
+        before,
+        "the lock changed on a rebuild"
+    );
 }
 
 #[test]
@@ -97,11 +126,25 @@ fn a_security_update_rebuilds_only_the_security_layer_and_above() {
     let printed = &update.stdout;
     assert!(printed.contains("security/upgrade"), "{}", update.show());
     let relocked = lock_toml(&lock_path);
-    assert_eq!(pins(&relocked, "security/upgrade"), fixes, "re-resolving gave other pins than today's");
-    assert_eq!(relocked["steps"]["base"], today["steps"]["base"], "the base's pins moved");
-    assert_eq!(relocked["steps"]["app/packages"]["packages"], today["steps"]["app/packages"]["packages"], "the app's pins moved");
+    assert_eq!(
+        pins(&relocked, "security/upgrade"),
+        fixes,
+        "re-resolving gave other pins than today's"
+    );
+    assert_eq!(
+        relocked["steps"]["base"], today["steps"]["base"],
+        "the base's pins moved"
+    );
+    assert_eq!(
+        relocked["steps"]["app/packages"]["packages"], today["steps"]["app/packages"]["packages"],
+        "the app's pins moved"
+    );
     for (name, version) in &fixes {
-        assert!(printed.contains(&format!("{name} ")) && printed.contains(&format!("-> {version}")), "`{name} … -> {version}` not printed:\n{}", update.show());
+        assert!(
+            printed.contains(&format!("{name} ")) && printed.contains(&format!("-> {version}")),
+            "`{name} … -> {version}` not printed:\n{}",
+            update.show()
+        );
     }
 
     // Only the security layer and what is above it change: the base keeps
@@ -113,11 +156,21 @@ fn a_security_update_rebuilds_only_the_security_layer_and_above() {
     assert_eq!(new.row("base").key, old.row("base").key);
     if !fixes.is_empty() {
         for row in new.rows.iter().filter(|r| r.stage != "base") {
-            assert_ne!(row.key, old.row(&row.stage).key, "{} kept its key across the security update", row.stage);
+            assert_ne!(
+                row.key,
+                old.row(&row.stage).key,
+                "{} kept its key across the security update",
+                row.stage
+            );
         }
     }
 
-    let diff = kiln.run(&["--json", "diff", old_manifest.to_str().unwrap(), kiln.out.join("lk-sec.manifest.json").to_str().unwrap()]);
+    let diff = kiln.run(&[
+        "--json",
+        "diff",
+        old_manifest.to_str().unwrap(),
+        kiln.out.join("lk-sec.manifest.json").to_str().unwrap(),
+    ]);
     diff.assert_code(0);
     let d: serde_json::Value = diff.json();
     let moved: BTreeSet<(String, String)> = d["packages"]
@@ -125,16 +178,50 @@ fn a_security_update_rebuilds_only_the_security_layer_and_above() {
         .unwrap()
         .iter()
         .filter(|p| !p["new"].is_null())
-        .map(|p| (p["name"].as_str().unwrap().to_owned(), p["new"].as_str().unwrap().to_owned()))
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_owned(),
+                p["new"].as_str().unwrap().to_owned(),
+            )
+        })
         .collect();
-    assert_eq!(moved, fixes, "kiln diff does not show exactly the security fixes:\n{}", diff.show());
+    assert_eq!(
+        moved,
+        fixes,
+        "kiln diff does not show exactly the security fixes:\n{}",
+        diff.show()
+    );
     // Anything it removed is a kernel the upgrade replaced.
-    for p in d["packages"].as_array().unwrap().iter().filter(|p| p["new"].is_null()) {
-        assert!(p["name"].as_str().unwrap().starts_with("linux-image-"), "unexpected removal {p}");
+    for p in d["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["new"].is_null())
+    {
+        assert!(
+            p["name"].as_str().unwrap().starts_with("linux-image-"),
+            "unexpected removal {p}"
+        );
     }
     if !fixes.is_empty() {
-        assert!(d["layers"].as_array().unwrap().iter().any(|l| l["step"] == "security/upgrade"), "{}", diff.show());
-        assert!(!d["layers"].as_array().unwrap().iter().any(|l| l["step"] == "base"), "{}", diff.show());
+        assert!(
+            d["layers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|l| l["step"] == "security/upgrade"),
+            "{}",
+            diff.show()
+        );
+        assert!(
+            !d["layers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|l| l["step"] == "base"),
+            "{}",
+            diff.show()
+        );
     }
 }
 
@@ -144,7 +231,13 @@ fn a_deb_that_does_not_match_its_pin_is_refused_and_nothing_is_stored() {
     let (d, recipe) = locked_app(&kiln, "lk-bad");
     let lock_path = recipe.with_extension("lock");
     let lock = lock_toml(&lock_path);
-    let hello = lock["steps"]["app/packages"]["packages"].as_array().unwrap().iter().find(|p| p["name"].as_str() == Some("hello")).unwrap().clone();
+    let hello = lock["steps"]["app/packages"]["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"].as_str() == Some("hello"))
+        .unwrap()
+        .clone();
     let sha = hello["sha256"].as_str().unwrap();
 
     // 1. The cached .deb was damaged: a new step that needs it refuses it.
@@ -156,26 +249,41 @@ fn a_deb_that_does_not_match_its_pin_is_refused_and_nothing_is_stored() {
     // A new layer below the app gives its packages step a new parent, so it
     // must be built again from its pins.
     d.write("pre.txt", common::nonce());
-    let pre = "[[layer]]\nname = \"pre\"\nfiles = [{ src = \"pre.txt\", dest = \"/etc/kiln-pre\" }]\n\n";
+    let pre =
+        "[[layer]]\nname = \"pre\"\nfiles = [{ src = \"pre.txt\", dest = \"/etc/kiln-pre\" }]\n\n";
     std::fs::write(&recipe, app_recipe_with("lk-bad", "", pre, "\"hello\"")).unwrap();
     let plan = kiln.plan(&recipe);
     let before = common::StoreSnapshot::of(&kiln.store);
     let run = kiln.run(&["--json", "build", "--no-smoke", recipe.to_str().unwrap()]);
     std::fs::write(&cached, &good).unwrap();
     assert_eq!(run.code, Some(1), "{}", run.show());
-    assert!(run.stderr.contains("hello") && run.stderr.contains("does not match its lock"), "{}", run.show());
+    assert!(
+        run.stderr.contains("hello") && run.stderr.contains("does not match its lock"),
+        "{}",
+        run.show()
+    );
     before.assert_not_published(&kiln.store, &plan.keys_from("app/packages"));
 
     // 2. The lock names content the archive does not have: the download is
     //    refused by its digest, and nothing enters the store.
-    let text = std::fs::read_to_string(&lock_path).unwrap().replace(sha, &"0".repeat(64));
+    let text = std::fs::read_to_string(&lock_path)
+        .unwrap()
+        .replace(sha, &"0".repeat(64));
     std::fs::write(&lock_path, text).unwrap();
     let plan = kiln.plan(&recipe);
     let run = kiln.run(&["--json", "build", "--no-smoke", recipe.to_str().unwrap()]);
     assert_ne!(run.code, Some(0), "{}", run.show());
     assert!(run.stderr.contains("hello"), "{}", run.show());
-    assert!(!kiln.store.join("debs-v1").join(format!("{}.deb", "0".repeat(64))).exists(), "a mismatching .deb entered the cache");
-    common::StoreSnapshot::of(&kiln.store).assert_not_published(&kiln.store, &plan.keys_from("app/packages"));
+    assert!(
+        !kiln
+            .store
+            .join("debs-v1")
+            .join(format!("{}.deb", "0".repeat(64)))
+            .exists(),
+        "a mismatching .deb entered the cache"
+    );
+    common::StoreSnapshot::of(&kiln.store)
+        .assert_not_published(&kiln.store, &plan.keys_from("app/packages"));
 }
 
 #[test]
@@ -184,15 +292,43 @@ fn with_the_archive_unreachable_a_locked_rebuild_comes_from_the_cache() {
     let (d, recipe) = locked_app(&kiln, "lk-offline");
     // Same recipe, but its archive is a closed port on loopback.
     let offline = d.path("lk-offline-2.toml");
-    std::fs::write(&offline, app_recipe("lk-offline-2", "mirror = \"http://127.0.0.1:9/debian\"\n", "\"hello\"")).unwrap();
-    std::fs::copy(recipe.with_extension("lock"), offline.with_extension("lock")).unwrap();
+    std::fs::write(
+        &offline,
+        app_recipe(
+            "lk-offline-2",
+            "mirror = \"http://127.0.0.1:9/debian\"\n",
+            "\"hello\"",
+        ),
+    )
+    .unwrap();
+    std::fs::copy(
+        recipe.with_extension("lock"),
+        offline.with_extension("lock"),
+    )
+    .unwrap();
     let rebuilt = kiln.build(&offline, &["--refresh"]);
-    assert!(rebuilt.rows.iter().all(|r| r.status == "built"), "{:?}", rebuilt.statuses());
+    assert!(
+        rebuilt.rows.iter().all(|r| r.status == "built"),
+        "{:?}",
+        rebuilt.statuses()
+    );
 
     // A package nobody pinned has to come from the archive: a clear error.
-    std::fs::write(&offline, app_recipe("lk-offline-2", "mirror = \"http://127.0.0.1:9/debian\"\n", "\"hello\", \"cowsay\"")).unwrap();
+    std::fs::write(
+        &offline,
+        app_recipe(
+            "lk-offline-2",
+            "mirror = \"http://127.0.0.1:9/debian\"\n",
+            "\"hello\", \"cowsay\"",
+        ),
+    )
+    .unwrap();
     let run = kiln.run(&["--json", "build", "--no-smoke", offline.to_str().unwrap()]);
     assert_ne!(run.code, Some(0), "{}", run.show());
-    assert!(run.stderr.contains("could not reach the package archive"), "{}", run.show());
+    assert!(
+        run.stderr.contains("could not reach the package archive"),
+        "{}",
+        run.show()
+    );
     assert!(run.stderr.contains("127.0.0.1:9"), "{}", run.show());
 }

@@ -29,84 +29,175 @@ fn recipe(dir: &Path) -> PathBuf {
 }
 
 fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    eprintln!("$ {cmd:?} -> {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    eprintln!(
+        "$ {cmd:?} -> {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     out
 }
 
 fn kiln(out_dir: &Path, args: &[&str]) -> Output {
-    run(Command::new(KILN).arg("--cache").arg(STORE).arg("--out").arg(out_dir).args(args))
+    run(Command::new(KILN)
+        .arg("--cache")
+        .arg(STORE)
+        .arg("--out")
+        .arg(out_dir)
+        .args(args))
 }
 
 fn json(out: &Output) -> Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 fn require_tools(tools: &[&str]) {
     for t in tools {
-        let found = Command::new("sh").args(["-c", &format!("command -v {t}")]).output().is_ok_and(|o| o.status.success());
-        assert!(found, "`{t}` is not installed: run `make deps` (this test never skips)");
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(
+            found,
+            "`{t}` is not installed: run `make deps` (this test never skips)"
+        );
     }
     // SAFETY: geteuid has no preconditions.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "the record tests build images and must run as root");
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the record tests build images and must run as root"
+    );
 }
 
 fn sha256(path: &Path) -> String {
     let data = std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    Sha256::digest(&data).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(&data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn pyspdxtools() -> PathBuf {
     let bin = Path::new(VENV).join("bin/pyspdxtools");
     if !bin.is_file() {
-        assert!(run(Command::new("python3").args(["-m", "venv", VENV])).status.success(), "python3 -m venv failed");
+        assert!(
+            run(Command::new("python3").args(["-m", "venv", VENV]))
+                .status
+                .success(),
+            "python3 -m venv failed"
+        );
         let pip = Path::new(VENV).join("bin/pip");
-        assert!(run(Command::new(pip).args(["install", "-q", "spdx-tools"])).status.success(), "pip install spdx-tools failed");
+        assert!(
+            run(Command::new(pip).args(["install", "-q", "spdx-tools"]))
+                .status
+                .success(),
+            "pip install spdx-tools failed"
+        );
     }
     bin
 }
 
 #[test]
 fn cold_builds_are_identical_and_records_hold() {
-    require_tools(&["mmdebstrap", "mke2fs", "debugfs", "sfdisk", "mcopy", "mkfs.fat", "objcopy", "qemu-img", "python3"]);
+    require_tools(&[
+        "mmdebstrap",
+        "mke2fs",
+        "debugfs",
+        "sfdisk",
+        "mcopy",
+        "mkfs.fat",
+        "objcopy",
+        "qemu-img",
+        "python3",
+    ]);
     if Path::new(STORE).exists() {
         std::fs::remove_dir_all(STORE).unwrap();
     }
-    let out = tempfile::Builder::new().prefix("kiln-record-out-").tempdir_in("/var/tmp").unwrap();
-    let recipes = tempfile::Builder::new().prefix("kiln-record-recipe-").tempdir_in("/var/tmp").unwrap();
+    let out = tempfile::Builder::new()
+        .prefix("kiln-record-out-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let recipes = tempfile::Builder::new()
+        .prefix("kiln-record-recipe-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
     let recipe = recipe(recipes.path());
     let recipe_arg = recipe.to_str().unwrap();
 
     // Build, then build again into an empty temporary store and compare.
-    let built = kiln(out.path(), &["--json", "build", "--check-repro", recipe_arg]);
+    let built = kiln(
+        out.path(),
+        &["--json", "build", "--check-repro", recipe_arg],
+    );
     let stdout = String::from_utf8_lossy(&built.stdout).into_owned();
-    assert!(built.status.success(), "build --check-repro failed:\n{stdout}");
-    let docs: Vec<Value> = serde_json::Deserializer::from_str(&stdout).into_iter::<Value>().map(Result::unwrap).collect();
-    assert_eq!(docs.len(), 2, "a build summary and a repro report: {stdout}");
+    assert!(
+        built.status.success(),
+        "build --check-repro failed:\n{stdout}"
+    );
+    let docs: Vec<Value> = serde_json::Deserializer::from_str(&stdout)
+        .into_iter::<Value>()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        docs.len(),
+        2,
+        "a build summary and a repro report: {stdout}"
+    );
     let image = out.path().join("repro.qcow2");
     let digest = sha256(&image);
     let report = &docs[1];
     assert_eq!(report["reproducible"], true, "{report}");
     assert_eq!(report["first_sha256"], digest.as_str());
-    assert_eq!(report["second_sha256"], digest.as_str(), "two cold builds in two empty stores differ: {report}");
+    assert_eq!(
+        report["second_sha256"],
+        digest.as_str(),
+        "two cold builds in two empty stores differ: {report}"
+    );
 
     // The SBOM passes the reference SPDX validator.
     let sbom = out.path().join("repro.spdx.json");
     let valid = run(Command::new(pyspdxtools()).arg("-i").arg(&sbom));
-    assert!(valid.status.success(), "pyspdxtools rejected {}: {}", sbom.display(), String::from_utf8_lossy(&valid.stdout));
+    assert!(
+        valid.status.success(),
+        "pyspdxtools rejected {}: {}",
+        sbom.display(),
+        String::from_utf8_lossy(&valid.stdout)
+    );
     let sbom: Value = serde_json::from_slice(&std::fs::read(&sbom).unwrap()).unwrap();
-    let purls: Vec<&str> = sbom["packages"].as_array().unwrap().iter().filter_map(|p| p["externalRefs"][0]["referenceLocator"].as_str()).collect();
-    assert!(purls.iter().any(|p| p.starts_with("pkg:deb/debian/systemd@") && p.contains("arch=amd64")), "{purls:?}");
+    let purls: Vec<&str> = sbom["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["externalRefs"][0]["referenceLocator"].as_str())
+        .collect();
+    assert!(
+        purls
+            .iter()
+            .any(|p| p.starts_with("pkg:deb/debian/systemd@") && p.contains("arch=amd64")),
+        "{purls:?}"
+    );
 
     // The provenance names the disk by its digest.
-    let prov: Value = serde_json::from_slice(&std::fs::read(out.path().join("repro.provenance.json")).unwrap()).unwrap();
+    let prov: Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("repro.provenance.json")).unwrap())
+            .unwrap();
     assert_eq!(prov["_type"], "https://in-toto.io/Statement/v1");
     assert_eq!(prov["predicateType"], "https://slsa.dev/provenance/v1");
     assert_eq!(prov["subject"][0]["name"], "repro.qcow2");
     assert_eq!(prov["subject"][0]["digest"]["sha256"], digest.as_str());
-    let deps = prov["predicate"]["buildDefinition"]["resolvedDependencies"].as_array().unwrap();
-    assert!(deps.iter().any(|d| d["name"].as_str().unwrap().starts_with("recipe:")));
-    assert!(deps.iter().any(|d| d["name"].as_str().unwrap().contains("files/motd")));
+    let deps = prov["predicate"]["buildDefinition"]["resolvedDependencies"]
+        .as_array()
+        .unwrap();
+    assert!(deps
+        .iter()
+        .any(|d| d["name"].as_str().unwrap().starts_with("recipe:")));
+    assert!(deps
+        .iter()
+        .any(|d| d["name"].as_str().unwrap().contains("files/motd")));
 
     // The manifest lists the copied file with its digest, and packages.
     let manifest_path = out.path().join("repro.manifest.json");
@@ -114,10 +205,17 @@ fn cold_builds_are_identical_and_records_hold() {
     assert_eq!(manifest["image"]["sha256"], digest.as_str());
     let motd_sha = sha256(&recipe.parent().unwrap().join("files/motd"));
     let files = manifest["files"].as_array().unwrap();
-    let motd = files.iter().find(|f| f["path"] == "/etc/motd").expect("/etc/motd in the manifest");
+    let motd = files
+        .iter()
+        .find(|f| f["path"] == "/etc/motd")
+        .expect("/etc/motd in the manifest");
     assert_eq!(motd["sha256"], motd_sha.as_str());
     assert_eq!(motd["mode"], "0644");
-    assert!(manifest["packages"].as_array().unwrap().iter().any(|p| p["name"] == "systemd"));
+    assert!(manifest["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["name"] == "systemd"));
 
     let inspect = kiln(out.path(), &["inspect", image.to_str().unwrap()]);
     assert!(inspect.status.success());
@@ -127,10 +225,32 @@ fn cold_builds_are_identical_and_records_hold() {
 
     // A fresh disk is clean; its root tree, dumped, is clean too.
     let root = out.path().join("root");
-    let verified = kiln(out.path(), &["verify", image.to_str().unwrap(), "--extract", root.to_str().unwrap()]);
-    assert!(verified.status.success(), "{}", String::from_utf8_lossy(&verified.stdout));
+    let verified = kiln(
+        out.path(),
+        &[
+            "verify",
+            image.to_str().unwrap(),
+            "--extract",
+            root.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        verified.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verified.stdout)
+    );
     let verify_root = || {
-        let o = kiln(out.path(), &["--json", "verify", "--root", root.to_str().unwrap(), "--manifest", manifest_path.to_str().unwrap()]);
+        let o = kiln(
+            out.path(),
+            &[
+                "--json",
+                "verify",
+                "--root",
+                root.to_str().unwrap(),
+                "--manifest",
+                manifest_path.to_str().unwrap(),
+            ],
+        );
         (o.status.code(), json(&o))
     };
     let (code, report) = verify_root();
@@ -156,11 +276,19 @@ fn cold_builds_are_identical_and_records_hold() {
     std::fs::write(root.join("var/kiln-test-state"), "state\n").unwrap();
     let (code, report) = verify_root();
     assert_eq!(code, Some(DRIFT), "{report}");
-    assert_eq!(report["added"], serde_json::json!(["/usr/bin/kiln-test-added"]), "{report}");
+    assert_eq!(
+        report["added"],
+        serde_json::json!(["/usr/bin/kiln-test-added"]),
+        "{report}"
+    );
     assert_eq!(report["modified"], serde_json::json!([]), "{report}");
     std::fs::remove_file(root.join("usr/bin/kiln-test-added")).unwrap();
     let (code, report) = verify_root();
-    assert_eq!(code, Some(0), "a change under /var must be ignored: {report}");
+    assert_eq!(
+        code,
+        Some(0),
+        "a change under /var must be ignored: {report}"
+    );
 
     std::fs::remove_dir_all(STORE).unwrap();
 }

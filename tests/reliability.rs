@@ -25,13 +25,18 @@ const LOG_WAIT: Duration = Duration::from_secs(240);
 const EXIT_WAIT: Duration = Duration::from_secs(30);
 
 fn warm_store() -> PathBuf {
-    let store = std::env::var_os("KILN_TEST_STORE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/tmp/kiln-test-store"));
+    let store = std::env::var_os("KILN_TEST_STORE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/kiln-test-store"));
     std::fs::create_dir_all(&store).unwrap();
     store
 }
 
 fn nonce() -> String {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
     format!("n{}x{t}", std::process::id())
 }
 
@@ -43,7 +48,12 @@ struct Scratch {
 
 impl Scratch {
     fn new() -> Scratch {
-        Scratch { dir: tempfile::Builder::new().prefix("kiln-rel-").tempdir_in("/var/tmp").unwrap() }
+        Scratch {
+            dir: tempfile::Builder::new()
+                .prefix("kiln-rel-")
+                .tempdir_in("/var/tmp")
+                .unwrap(),
+        }
     }
 
     fn path(&self) -> &Path {
@@ -60,23 +70,45 @@ impl Scratch {
         let dir = self.path().join("recipes");
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(format!("{name}.toml"));
-        std::fs::write(&path, format!("[image]\nname = \"{name}\"\nsize = \"2GiB\"\n{BASE}\n{rest}\n")).unwrap();
-        std::fs::write(path.with_extension("lock"), common::base_lock(&warm_store())).unwrap();
+        std::fs::write(
+            &path,
+            format!("[image]\nname = \"{name}\"\nsize = \"2GiB\"\n{BASE}\n{rest}\n"),
+        )
+        .unwrap();
+        std::fs::write(
+            path.with_extension("lock"),
+            common::base_lock(&warm_store()),
+        )
+        .unwrap();
         path
     }
 
     fn kiln(&self, store: &Path) -> Command {
         let mut cmd = Command::new(KILN);
-        cmd.arg("--cache").arg(store).arg("--out").arg(self.out()).current_dir(self.path());
+        cmd.arg("--cache")
+            .arg(store)
+            .arg("--out")
+            .arg(self.out())
+            .current_dir(self.path());
         cmd
     }
 
     fn build(&self, store: &Path, recipe: &Path) -> Output {
-        self.kiln(store).args(["build", "--no-smoke"]).arg(recipe).output().unwrap()
+        self.kiln(store)
+            .args(["build", "--no-smoke"])
+            .arg(recipe)
+            .output()
+            .unwrap()
     }
 
     fn spawn_build(&self, store: &Path, recipe: &Path) -> Child {
-        self.kiln(store).args(["build", "--no-smoke"]).arg(recipe).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+        self.kiln(store)
+            .args(["build", "--no-smoke"])
+            .arg(recipe)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
     }
 
     fn log(&self, name: &str) -> String {
@@ -88,9 +120,16 @@ impl Scratch {
         let started = Instant::now();
         while !self.log(name).contains(needle) {
             if let Some(status) = child.try_wait().unwrap() {
-                panic!("kiln exited ({status}) before its log showed `{needle}`:\n{}", self.log(name));
+                panic!(
+                    "kiln exited ({status}) before its log showed `{needle}`:\n{}",
+                    self.log(name)
+                );
             }
-            assert!(started.elapsed() < LOG_WAIT, "the log never showed `{needle}`:\n{}", self.log(name));
+            assert!(
+                started.elapsed() < LOG_WAIT,
+                "the log never showed `{needle}`:\n{}",
+                self.log(name)
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -103,17 +142,33 @@ impl Scratch {
             .as_array()
             .unwrap()
             .iter()
-            .map(|r| (r["stage"].as_str().unwrap().to_owned(), r["status"].as_str().unwrap().to_owned(), r["reason"].as_str().unwrap_or("").to_owned()))
+            .map(|r| {
+                (
+                    r["stage"].as_str().unwrap().to_owned(),
+                    r["status"].as_str().unwrap().to_owned(),
+                    r["reason"].as_str().unwrap_or("").to_owned(),
+                )
+            })
             .collect()
     }
 
     fn status_of(&self, name: &str, stage: &str) -> String {
-        self.rows(name).into_iter().find(|r| r.0 == stage).unwrap_or_else(|| panic!("no row {stage} in {name}")).1
+        self.rows(name)
+            .into_iter()
+            .find(|r| r.0 == stage)
+            .unwrap_or_else(|| panic!("no row {stage} in {name}"))
+            .1
     }
 }
 
 fn ok(out: &Output, what: &str) {
-    assert!(out.status.success(), "{what} failed ({}):\nstdout:\n{}\nstderr:\n{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn stderr(out: &Output) -> String {
@@ -126,7 +181,10 @@ fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
         if let Some(status) = child.try_wait().unwrap() {
             return status;
         }
-        assert!(started.elapsed() < EXIT_WAIT, "kiln did not exit within {EXIT_WAIT:?}");
+        assert!(
+            started.elapsed() < EXIT_WAIT,
+            "kiln did not exit within {EXIT_WAIT:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -134,8 +192,18 @@ fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
 fn child_output(mut child: Child) -> (std::process::ExitStatus, String, String) {
     let mut out = String::new();
     let mut err = String::new();
-    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     (child.wait().unwrap(), out, err)
 }
 
@@ -147,9 +215,12 @@ fn processes_with(needle: &str) -> Vec<String> {
     loop {
         let mut found = Vec::new();
         for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
             let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if text.contains(needle) && entry.file_name() != std::process::id().to_string().as_str() {
+            if text.contains(needle) && entry.file_name() != std::process::id().to_string().as_str()
+            {
                 found.push(format!("{}: {text}", entry.file_name().to_string_lossy()));
             }
         }
@@ -163,7 +234,12 @@ fn processes_with(needle: &str) -> Vec<String> {
 /// Mounts in the host's (this test's) namespace whose line mentions `path`.
 fn host_mounts_under(path: &Path) -> Vec<String> {
     let needle = path.to_string_lossy().into_owned();
-    std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().filter(|l| l.contains(&needle)).map(str::to_owned).collect()
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&needle))
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Loop devices whose backing file is under `path`.
@@ -180,21 +256,44 @@ fn loops_under(path: &Path) -> Vec<String> {
 }
 
 fn listing(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir).map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default();
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
     names.sort();
     names
 }
 
 fn new_entries(before: &[String], dir: &Path) -> Vec<String> {
-    listing(dir).into_iter().filter(|n| !before.contains(n)).collect()
+    listing(dir)
+        .into_iter()
+        .filter(|n| !before.contains(n))
+        .collect()
 }
 
 /// The key (hex) of a step of the last build of `name` (from `kiln plan --json`).
 fn step_key(scratch: &Scratch, store: &Path, recipe: &Path, stage: &str) -> String {
-    let out = scratch.kiln(store).arg("--json").arg("plan").arg(recipe).output().unwrap();
+    let out = scratch
+        .kiln(store)
+        .arg("--json")
+        .arg("plan")
+        .arg(recipe)
+        .output()
+        .unwrap();
     ok(&out, "kiln plan");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["steps"].as_array().unwrap().iter().find(|s| s["stage"] == stage).unwrap_or_else(|| panic!("no stage {stage}"))["key"].as_str().unwrap().to_owned()
+    v["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stage"] == stage)
+        .unwrap_or_else(|| panic!("no stage {stage}"))["key"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }
 
 /// The key of golden's base layer, built into the warm store if needed.
@@ -216,8 +315,17 @@ fn seeded_store(at: &Path) -> PathBuf {
     let base = warm_base();
     let store = at.to_owned();
     std::fs::create_dir_all(store.join("layers-v1")).unwrap();
-    let status = Command::new("cp").args(["-a", "--reflink=auto"]).arg(&base).arg(store.join("layers-v1")).status().unwrap();
-    assert!(status.success(), "copying the base layer into {}", store.display());
+    let status = Command::new("cp")
+        .args(["-a", "--reflink=auto"])
+        .arg(&base)
+        .arg(store.join("layers-v1"))
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "copying the base layer into {}",
+        store.display()
+    );
     store
 }
 
@@ -226,9 +334,16 @@ fn two_concurrent_builds_build_a_shared_layer_once() {
     let store = warm_store();
     let s = Scratch::new();
     let n = nonce();
-    let shared = format!("[[layer]]\nname = \"shared\"\nrun = [\"echo {n} > /etc/kiln-shared; sleep 4\"]\n");
-    let a = s.recipe("conc-a", &format!("{shared}\n[[layer]]\nname = \"a\"\nrun = [\"echo a{n} > /etc/a\"]\n"));
-    let b = s.recipe("conc-b", &format!("{shared}\n[[layer]]\nname = \"b\"\nrun = [\"echo b{n} > /etc/b\"]\n"));
+    let shared =
+        format!("[[layer]]\nname = \"shared\"\nrun = [\"echo {n} > /etc/kiln-shared; sleep 4\"]\n");
+    let a = s.recipe(
+        "conc-a",
+        &format!("{shared}\n[[layer]]\nname = \"a\"\nrun = [\"echo a{n} > /etc/a\"]\n"),
+    );
+    let b = s.recipe(
+        "conc-b",
+        &format!("{shared}\n[[layer]]\nname = \"b\"\nrun = [\"echo b{n} > /etc/b\"]\n"),
+    );
     let first = s.spawn_build(&store, &a);
     std::thread::sleep(Duration::from_millis(1500));
     let second = s.spawn_build(&store, &b);
@@ -237,16 +352,31 @@ fn two_concurrent_builds_build_a_shared_layer_once() {
     assert!(sa.success(), "first build failed:\n{oa}\n{ea}");
     assert!(sb.success(), "second build failed:\n{ob}\n{eb}");
     assert_eq!(s.status_of("conc-a", "shared/run"), "built");
-    let row = s.rows("conc-b").into_iter().find(|r| r.0 == "shared/run").unwrap();
-    assert_eq!((row.1.as_str(), row.2.as_str()), ("cached", "built by another kiln meanwhile"), "{eb}");
-    let waits: Vec<&str> = eb.lines().filter(|l| l.contains("another kiln is building it")).collect();
+    let row = s
+        .rows("conc-b")
+        .into_iter()
+        .find(|r| r.0 == "shared/run")
+        .unwrap();
+    assert_eq!(
+        (row.1.as_str(), row.2.as_str()),
+        ("cached", "built by another kiln meanwhile"),
+        "{eb}"
+    );
+    let waits: Vec<&str> = eb
+        .lines()
+        .filter(|l| l.contains("another kiln is building it"))
+        .collect();
     assert_eq!(waits.len(), 1, "the waiting run says so in one line:\n{eb}");
     // Nothing corrupted: both images and the shared layer pass their checks
     // when used again.
     for (r, name) in [(&a, "conc-a"), (&b, "conc-b")] {
         let again = s.build(&store, r);
         ok(&again, "rebuild");
-        assert!(s.rows(name).iter().all(|r| r.1 == "cached"), "{:?}", s.rows(name));
+        assert!(
+            s.rows(name).iter().all(|r| r.1 == "cached"),
+            "{:?}",
+            s.rows(name)
+        );
         assert!(!stderr(&again).contains("corrupt"), "{}", stderr(&again));
     }
 }
@@ -256,7 +386,10 @@ fn kill_9_mid_layer_and_mid_image_then_the_next_run_succeeds() {
     let store = warm_store();
     let s = Scratch::new();
     let n = nonce();
-    let recipe = s.recipe("kill9", &format!("[[layer]]\nname = \"slow\"\nrun = [\"echo {n} > /etc/kiln-k9; sleep 6\"]\n"));
+    let recipe = s.recipe(
+        "kill9",
+        &format!("[[layer]]\nname = \"slow\"\nrun = [\"echo {n} > /etc/kiln-k9; sleep 6\"]\n"),
+    );
     let tmp_before = listing(&store.join("tmp"));
 
     // Killed in the middle of a chrooted `run` (overlay mounted, apt-less chroot).
@@ -266,17 +399,34 @@ fn kill_9_mid_layer_and_mid_image_then_the_next_run_succeeds() {
     child.kill().unwrap(); // SIGKILL
     wait_exit(&mut child);
     let left = processes_with(&n);
-    assert!(left.is_empty(), "processes outlived a kill -9 of kiln: {left:?}");
-    assert!(host_mounts_under(&store).is_empty(), "{:?}", host_mounts_under(&store));
+    assert!(
+        left.is_empty(),
+        "processes outlived a kill -9 of kiln: {left:?}"
+    );
+    assert!(
+        host_mounts_under(&store).is_empty(),
+        "{:?}",
+        host_mounts_under(&store)
+    );
     let debris = new_entries(&tmp_before, &store.join("tmp"));
-    assert!(!debris.is_empty(), "expected the killed run's staging dir in tmp/");
+    assert!(
+        !debris.is_empty(),
+        "expected the killed run's staging dir in tmp/"
+    );
 
     // The next run cleans up and builds.
     let out = s.build(&store, &recipe);
     ok(&out, "the build after kill -9 mid-layer");
     assert_eq!(s.status_of("kill9", "slow/run"), "built");
-    let still: Vec<String> = debris.iter().filter(|d| store.join("tmp").join(d).exists()).cloned().collect();
-    assert!(still.is_empty(), "the dead run's staging dirs were not removed: {still:?}");
+    let still: Vec<String> = debris
+        .iter()
+        .filter(|d| store.join("tmp").join(d).exists())
+        .cloned()
+        .collect();
+    assert!(
+        still.is_empty(),
+        "the dead run's staging dirs were not removed: {still:?}"
+    );
 
     // Killed while assembling the image (between sfdisk and qemu-img).
     let recipe2 = s.recipe("kill9", &format!("[[layer]]\nname = \"slow\"\nrun = [\"echo {n} > /etc/kiln-k9; sleep 6\"]\n[[layer]]\nname = \"more\"\nrun = [\"echo more{n} > /etc/more\"]\n"));
@@ -290,8 +440,15 @@ fn kill_9_mid_layer_and_mid_image_then_the_next_run_succeeds() {
     let out = s.build(&store, &recipe2);
     ok(&out, "the build after kill -9 mid-image");
     assert_eq!(s.status_of("kill9", "image"), "built");
-    assert!(debris.iter().all(|d| !store.join("tmp").join(d).exists()), "{debris:?}");
-    assert!(listing(&s.out()).iter().all(|f| !f.ends_with(".tmp")), "{:?}", listing(&s.out()));
+    assert!(
+        debris.iter().all(|d| !store.join("tmp").join(d).exists()),
+        "{debris:?}"
+    );
+    assert!(
+        listing(&s.out()).iter().all(|f| !f.ends_with(".tmp")),
+        "{:?}",
+        listing(&s.out())
+    );
 }
 
 #[test]
@@ -299,7 +456,10 @@ fn sigint_mid_layer_undoes_everything_and_exits_130() {
     let store = warm_store();
     let s = Scratch::new();
     let n = nonce();
-    let recipe = s.recipe("sigint", &format!("[[layer]]\nname = \"slow\"\nrun = [\"echo {n} > /etc/kiln-int; sleep 60\"]\n"));
+    let recipe = s.recipe(
+        "sigint",
+        &format!("[[layer]]\nname = \"slow\"\nrun = [\"echo {n} > /etc/kiln-int; sleep 60\"]\n"),
+    );
     let tmp_before = listing(&store.join("tmp"));
     let mut child = s.spawn_build(&store, &recipe);
     s.wait_for_log("sigint", &format!("echo {n}"), &mut child);
@@ -315,7 +475,12 @@ fn sigint_mid_layer_undoes_everything_and_exits_130() {
     assert!(left.is_empty(), "temp dirs left in the store: {left:?}");
     assert!(listing(&s.out()).iter().all(|f| !f.ends_with(".tmp")));
     let mut err = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     assert!(err.contains("interrupted"), "{err}");
 }
 
@@ -326,7 +491,10 @@ fn sigint_mid_base_leaves_no_mount_or_temp_dir() {
     let s = Scratch::new();
     let store = s.path().join("cold-store");
     let n = nonce();
-    let recipe = s.recipe("sigbase", &format!("[[layer]]\nname = \"x\"\nrun = [\"echo {n}\"]\n"));
+    let recipe = s.recipe(
+        "sigbase",
+        &format!("[[layer]]\nname = \"x\"\nrun = [\"echo {n}\"]\n"),
+    );
     let mut child = s.spawn_build(&store, &recipe);
     s.wait_for_log("sigbase", "mmdebstrap --mode=root", &mut child);
     std::thread::sleep(Duration::from_secs(6));
@@ -335,7 +503,11 @@ fn sigint_mid_base_leaves_no_mount_or_temp_dir() {
     let status = wait_exit(&mut child);
     assert_eq!(status.code(), Some(130), "{}", s.log("sigbase"));
     assert!(host_mounts_under(&store).is_empty());
-    assert_eq!(listing(&store.join("tmp")), Vec::<String>::new(), "temp dirs left");
+    assert_eq!(
+        listing(&store.join("tmp")),
+        Vec::<String>::new(),
+        "temp dirs left"
+    );
     assert_eq!(listing(&store.join("layers-v1")), Vec::<String>::new());
     let left = processes_with(&store.to_string_lossy());
     assert!(left.is_empty(), "{left:?}");
@@ -360,17 +532,37 @@ fn a_corrupted_layer_is_detected_moved_aside_and_rebuilt() {
     ok(&out, "build over a damaged layer");
     assert!(stderr(&out).contains("is corrupt"), "{}", stderr(&out));
     assert_eq!(s.status_of("corrupt", "app/files"), "built");
-    assert_eq!(std::fs::read_to_string(layer.join("tree/etc/motd")).unwrap(), format!("hello {n}\n"));
-    assert_eq!(listing(&corrupt_dir).len(), 1, "{:?}", listing(&corrupt_dir));
+    assert_eq!(
+        std::fs::read_to_string(layer.join("tree/etc/motd")).unwrap(),
+        format!("hello {n}\n")
+    );
+    assert_eq!(
+        listing(&corrupt_dir).len(),
+        1,
+        "{:?}",
+        listing(&corrupt_dir)
+    );
 
     // 2. The same number of bytes changed: the quick check cannot see it,
     //    `kiln cache verify` does, moves it aside, and the build rebuilds it.
     std::fs::write(layer.join("tree/etc/motd"), format!("HELLO {n}\n")).unwrap();
     let verify = s.kiln(&store).args(["cache", "verify"]).output().unwrap();
-    assert_eq!(verify.status.code(), Some(1), "{}", String::from_utf8_lossy(&verify.stdout));
+    assert_eq!(
+        verify.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
     let table = String::from_utf8_lossy(&verify.stdout);
-    assert!(table.contains("corrupt: a file's content changed"), "{table}");
-    assert!(stderr(&verify).contains("1 corrupt entry moved to"), "{}", stderr(&verify));
+    assert!(
+        table.contains("corrupt: a file's content changed"),
+        "{table}"
+    );
+    assert!(
+        stderr(&verify).contains("1 corrupt entry moved to"),
+        "{}",
+        stderr(&verify)
+    );
     assert!(!layer.exists());
     ok(&s.build(&store, &recipe), "build after verify");
     assert_eq!(s.status_of("corrupt", "app/files"), "built");
@@ -403,19 +595,42 @@ impl SmallFs {
             ok(&out, &format!("{cmd:?}"));
         };
         run(Command::new("truncate").arg("-s").arg(size).arg(&image));
-        run(Command::new("mkfs.ext4").args(["-q", "-F", "-m", "0"]).arg(&image));
-        run(Command::new("mount").args(["-o", "loop"]).arg(&image).arg(&mount));
+        run(Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-m", "0"])
+            .arg(&image));
+        run(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&image)
+            .arg(&mount));
         SmallFs { mount }
     }
 
     /// Fill the filesystem up to `free_mb` MiB of free space with a
     /// ballast file; [`SmallFs::unfill`] frees it again.
     fn fill(&self, free_mb: u64) {
-        let out = Command::new("df").args(["--output=avail", "-B1M"]).arg(&self.mount).output().unwrap();
+        let out = Command::new("df")
+            .args(["--output=avail", "-B1M"])
+            .arg(&self.mount)
+            .output()
+            .unwrap();
         ok(&out, "df");
-        let avail: u64 = String::from_utf8_lossy(&out.stdout).lines().nth(1).unwrap().trim().parse().unwrap();
-        assert!(avail > free_mb + 16, "the small fs has only {avail} MiB free");
-        let out = Command::new("fallocate").arg("-l").arg(format!("{}M", avail - free_mb)).arg(self.mount.join("ballast")).output().unwrap();
+        let avail: u64 = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(
+            avail > free_mb + 16,
+            "the small fs has only {avail} MiB free"
+        );
+        let out = Command::new("fallocate")
+            .arg("-l")
+            .arg(format!("{}M", avail - free_mb))
+            .arg(self.mount.join("ballast"))
+            .output()
+            .unwrap();
         ok(&out, "fallocate");
     }
 
@@ -428,7 +643,11 @@ impl Drop for SmallFs {
     fn drop(&mut self) {
         let out = Command::new("umount").arg(&self.mount).output().unwrap();
         if !out.status.success() {
-            eprintln!("warning: umount {}: {}", self.mount.display(), String::from_utf8_lossy(&out.stderr));
+            eprintln!(
+                "warning: umount {}: {}",
+                self.mount.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
     }
 }
@@ -443,13 +662,25 @@ fn disk_full_while_storing_a_layer_leaves_the_store_unchanged() {
     fs.fill(100);
     let n = nonce();
     let recipe = s.recipe("full", &format!("[[layer]]\nname = \"big\"\nrun = [\"echo {n} > /etc/big; head -c 200M /dev/zero > /var/big\"]\n"));
-    ok(&s.kiln(&store).args(["cache", "ls"]).output().unwrap(), "cache ls");
-    let before: Vec<Vec<String>> = ["layers-v1", "images-v1", "tmp"].iter().map(|d| listing(&store.join(d))).collect();
+    ok(
+        &s.kiln(&store).args(["cache", "ls"]).output().unwrap(),
+        "cache ls",
+    );
+    let before: Vec<Vec<String>> = ["layers-v1", "images-v1", "tmp"]
+        .iter()
+        .map(|d| listing(&store.join(d)))
+        .collect();
     let out = s.build(&store, &recipe);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let err = stderr(&out);
-    assert!(err.contains("is full") && err.contains("No space left on device"), "{err}");
-    let after: Vec<Vec<String>> = ["layers-v1", "images-v1", "tmp"].iter().map(|d| listing(&store.join(d))).collect();
+    assert!(
+        err.contains("is full") && err.contains("No space left on device"),
+        "{err}"
+    );
+    let after: Vec<Vec<String>> = ["layers-v1", "images-v1", "tmp"]
+        .iter()
+        .map(|d| listing(&store.join(d)))
+        .collect();
     assert_eq!(before, after, "the store changed");
     assert!(host_mounts_under(&store).is_empty());
 
@@ -458,7 +689,10 @@ fn disk_full_while_storing_a_layer_leaves_the_store_unchanged() {
     ok(&out, "the build with space");
     assert_eq!(s.status_of("full", "big/run"), "built");
     assert_eq!(listing(&store.join("tmp")), Vec::<String>::new());
-    ok(&s.kiln(&store).args(["cache", "verify"]).output().unwrap(), "verify after a full disk");
+    ok(
+        &s.kiln(&store).args(["cache", "verify"]).output().unwrap(),
+        "verify after a full disk",
+    );
     drop(fs);
 }
 
@@ -468,42 +702,82 @@ fn gc_keeps_the_newest_images_and_their_layers() {
     let store = seeded_store(&s.path().join("store"));
     std::fs::create_dir_all(s.path().join("recipes/files")).unwrap();
     let version = |name: &str, v: &str| {
-        std::fs::write(s.path().join("recipes/files").join(format!("{name}.txt")), format!("{name} version {v}\n")).unwrap();
+        std::fs::write(
+            s.path().join("recipes/files").join(format!("{name}.txt")),
+            format!("{name} version {v}\n"),
+        )
+        .unwrap();
         s.recipe(name, &format!("[[layer]]\nname = \"app\"\nfiles = [{{ src = \"files/{name}.txt\", dest = \"/etc/{name}.txt\", mode = \"0644\" }}]\n"))
     };
     let mut keys = Vec::new();
     for v in ["1", "2", "3"] {
         let r = version("web", v);
         ok(&s.build(&store, &r), "build web");
-        keys.push((step_key(&s, &store, &r, "image"), step_key(&s, &store, &r, "app/files")));
+        keys.push((
+            step_key(&s, &store, &r, "image"),
+            step_key(&s, &store, &r, "app/files"),
+        ));
     }
     let r = version("db", "1");
     ok(&s.build(&store, &r), "build db");
-    let db = (step_key(&s, &store, &r, "image"), step_key(&s, &store, &r, "app/files"));
+    let db = (
+        step_key(&s, &store, &r, "image"),
+        step_key(&s, &store, &r, "app/files"),
+    );
     let base = step_key(&s, &store, &r, "base");
 
     let ls = s.kiln(&store).args(["cache", "ls"]).output().unwrap();
     ok(&ls, "cache ls");
     let table = String::from_utf8_lossy(&ls.stdout);
-    assert!(table.lines().any(|l| l.contains(&base[..12]) && l.contains("db,web") && l.contains("4 images")), "{table}");
-    ok(&s.kiln(&store).args(["cache", "du"]).output().unwrap(), "cache du");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains(&base[..12]) && l.contains("db,web") && l.contains("4 images")),
+        "{table}"
+    );
+    ok(
+        &s.kiln(&store).args(["cache", "du"]).output().unwrap(),
+        "cache du",
+    );
 
     let listed = |d: &str| listing(&store.join(d));
     let before = (listed("layers-v1"), listed("images-v1"));
-    let dry = s.kiln(&store).args(["cache", "gc", "--keep", "2", "--dry-run"]).output().unwrap();
+    let dry = s
+        .kiln(&store)
+        .args(["cache", "gc", "--keep", "2", "--dry-run"])
+        .output()
+        .unwrap();
     ok(&dry, "gc --dry-run");
     let text = String::from_utf8_lossy(&dry.stdout);
-    assert!(text.contains(&format!("would remove image {}", &keys[0].0[..12])) && text.contains(&format!("would remove layer {}", &keys[0].1[..12])), "{text}");
-    assert_eq!(before, (listed("layers-v1"), listed("images-v1")), "--dry-run removed something");
+    assert!(
+        text.contains(&format!("would remove image {}", &keys[0].0[..12]))
+            && text.contains(&format!("would remove layer {}", &keys[0].1[..12])),
+        "{text}"
+    );
+    assert_eq!(
+        before,
+        (listed("layers-v1"), listed("images-v1")),
+        "--dry-run removed something"
+    );
 
-    let gc = s.kiln(&store).args(["cache", "gc", "--keep", "2"]).output().unwrap();
+    let gc = s
+        .kiln(&store)
+        .args(["cache", "gc", "--keep", "2"])
+        .output()
+        .unwrap();
     ok(&gc, "gc");
     let text = String::from_utf8_lossy(&gc.stdout);
     assert!(text.contains("removed 2 entries, freed"), "{text}");
     let (layers, images) = (listed("layers-v1"), listed("images-v1"));
-    assert!(!images.contains(&keys[0].0) && !layers.contains(&keys[0].1), "web v1 was kept");
+    assert!(
+        !images.contains(&keys[0].0) && !layers.contains(&keys[0].1),
+        "web v1 was kept"
+    );
     for (image, layer) in [&keys[1], &keys[2], &db] {
-        assert!(images.contains(image) && layers.contains(layer), "a kept image or its layer was removed");
+        assert!(
+            images.contains(image) && layers.contains(layer),
+            "a kept image or its layer was removed"
+        );
     }
     assert!(layers.contains(&base));
 
@@ -511,7 +785,11 @@ fn gc_keeps_the_newest_images_and_their_layers() {
     for (name, v) in [("web", "2"), ("web", "3"), ("db", "1")] {
         let r = version(name, v);
         ok(&s.build(&store, &r), "rebuild of a kept image");
-        assert!(s.rows(name).iter().all(|r| r.1 == "cached"), "{name} v{v}: {:?}", s.rows(name));
+        assert!(
+            s.rows(name).iter().all(|r| r.1 == "cached"),
+            "{name} v{v}: {:?}",
+            s.rows(name)
+        );
     }
 }
 
@@ -525,8 +803,16 @@ fn host_secrets_never_reach_the_disk() {
     let marker = format!("KILNMARKER{}", nonce().to_uppercase());
     let home = s.path().join("home");
     std::fs::create_dir_all(home.join(".ssh")).unwrap();
-    std::fs::write(home.join(".ssh/id_canary"), format!("-----BEGIN OPENSSH PRIVATE KEY-----\n{canary}\n")).unwrap();
-    std::fs::write(home.join(".netrc"), format!("machine deb.example login u password {canary}\n")).unwrap();
+    std::fs::write(
+        home.join(".ssh/id_canary"),
+        format!("-----BEGIN OPENSSH PRIVATE KEY-----\n{canary}\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        home.join(".netrc"),
+        format!("machine deb.example login u password {canary}\n"),
+    )
+    .unwrap();
     // A run step that dumps what it can see of its environment into the image,
     // and a marker proving that the search below finds what is on the disk.
     let recipe = s.recipe("canary", &format!("[[layer]]\nname = \"dump\"\nrun = [\"env > /etc/kiln-env; ls -la /root > /etc/kiln-home; echo {marker} > /etc/kiln-marker\"]\n"));
@@ -542,15 +828,39 @@ fn host_secrets_never_reach_the_disk() {
         .unwrap();
     ok(&out, "the canary build");
     let raw = s.path().join("disk.raw");
-    let conv = Command::new("qemu-img").args(["convert", "-O", "raw"]).arg(s.out().join("canary.qcow2")).arg(&raw).output().unwrap();
+    let conv = Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(s.out().join("canary.qcow2"))
+        .arg(&raw)
+        .output()
+        .unwrap();
     ok(&conv, "qemu-img convert");
     let count = |needle: &str| -> u64 {
-        let out = Command::new("sh").arg("-c").arg("tr '\\0' '\\n' < \"$1\" | grep -a -c -F -e \"$2\" || true").arg("sh").arg(&raw).arg(needle).output().unwrap();
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg("tr '\\0' '\\n' < \"$1\" | grep -a -c -F -e \"$2\" || true")
+            .arg("sh")
+            .arg(&raw)
+            .arg(needle)
+            .output()
+            .unwrap();
         String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
     };
-    assert!(count(&marker) > 0, "the search does not see the image's own files");
+    assert!(
+        count(&marker) > 0,
+        "the search does not see the image's own files"
+    );
     assert_eq!(count(&canary), 0, "a host secret is on the disk");
     // Nor in any layer the build stored.
-    let grep = Command::new("grep").args(["-r", "-l", "-a", "-F"]).arg(&canary).arg(store.join("layers-v1")).output().unwrap();
-    assert_eq!(String::from_utf8_lossy(&grep.stdout), "", "a host secret is in a stored layer");
+    let grep = Command::new("grep")
+        .args(["-r", "-l", "-a", "-F"])
+        .arg(&canary)
+        .arg(store.join("layers-v1"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&grep.stdout),
+        "",
+        "a host secret is in a stored layer"
+    );
 }

@@ -103,7 +103,14 @@ pub struct Assembled {
 /// Assemble `lowers` (topmost first) into `staging/disk.{qcow2,raw}` and
 /// `staging/files.json`. `epoch` is the build's SOURCE_DATE_EPOCH: no
 /// timestamp in the disk is later than it.
-pub fn assemble(image: &ImagePlan, vols: &[VolumeSpec], lowers: &[PathBuf], staging: &Path, recipe_path: &Path, epoch: u64) -> Result<Assembled> {
+pub fn assemble(
+    image: &ImagePlan,
+    vols: &[VolumeSpec],
+    lowers: &[PathBuf],
+    staging: &Path,
+    recipe_path: &Path,
+    epoch: u64,
+) -> Result<Assembled> {
     let spec = &image.spec;
     let key = image.key;
     let upper = staging.join("upper");
@@ -116,10 +123,17 @@ pub fn assemble(image: &ImagePlan, vols: &[VolumeSpec], lowers: &[PathBuf], stag
     mounts.overlay(lowers, Some((&upper, &work)), &merged)?;
 
     // The image's own files go into a throwaway upper dir, never a layer.
-    let fstab = format!("# Written by kiln.\nLABEL={ROOT_LABEL} / ext4 defaults 0 1\n{}", volumes::fstab(vols));
+    let fstab = format!(
+        "# Written by kiln.\nLABEL={ROOT_LABEL} / ext4 defaults 0 1\n{}",
+        volumes::fstab(vols)
+    );
     write_file(&merged.join("etc/fstab"), fstab.as_bytes(), 0o644)?;
     volumes::prepare(&merged, vols, recipe_path)?;
-    write_file(&merged.join("etc/hostname"), format!("{}\n", spec.hostname).as_bytes(), 0o644)?;
+    write_file(
+        &merged.join("etc/hostname"),
+        format!("{}\n", spec.hostname).as_bytes(),
+        0o644,
+    )?;
     write_file(&merged.join("etc/machine-id"), b"", 0o444)?;
     remove_debris(&merged)?;
 
@@ -133,13 +147,19 @@ pub fn assemble(image: &ImagePlan, vols: &[VolumeSpec], lowers: &[PathBuf], stag
         return Err(BadInput::new(
             recipe_path,
             "image.size",
-            format!("the root filesystem needs about {} but image.size is {}", show_size(round_up(needed + needed / 8 + 32 * MIB, MIB)), show_size(spec.size)),
+            format!(
+                "the root filesystem needs about {} but image.size is {}",
+                show_size(round_up(needed + needed / 8 + 32 * MIB, MIB)),
+                show_size(spec.size)
+            ),
             "raise [image] size",
         )
         .into());
     }
 
-    let uki_len = std::fs::metadata(&uki).with_context(|| format!("reading {}", uki.display()))?.len();
+    let uki_len = std::fs::metadata(&uki)
+        .with_context(|| format!("reading {}", uki.display()))?
+        .len();
     let esp_size = round_up((uki_len + ESP_SLACK).max(ESP_MIN), MIB);
     let root_size = round_up(spec.size, MIB);
     let esp_start = GPT_GAP;
@@ -147,8 +167,10 @@ pub fn assemble(image: &ImagePlan, vols: &[VolumeSpec], lowers: &[PathBuf], stag
     let total = root_start + root_size + GPT_GAP;
 
     let raw = staging.join("disk.raw");
-    let file = std::fs::File::create(&raw).with_context(|| format!("creating {}", raw.display()))?;
-    file.set_len(total).with_context(|| format!("sizing {}", raw.display()))?;
+    let file =
+        std::fs::File::create(&raw).with_context(|| format!("creating {}", raw.display()))?;
+    file.set_len(total)
+        .with_context(|| format!("sizing {}", raw.display()))?;
     drop(file);
 
     let table = format!(
@@ -163,7 +185,11 @@ pub fn assemble(image: &ImagePlan, vols: &[VolumeSpec], lowers: &[PathBuf], stag
         root_size / SECTOR,
         key.derive_uuid("root-partition"),
     );
-    Cmd::new("sfdisk").args(["--quiet", "--no-reread", "--no-tell-kernel"]).arg(&raw).stdin_bytes(table).run()?;
+    Cmd::new("sfdisk")
+        .args(["--quiet", "--no-reread", "--no-tell-kernel"])
+        .arg(&raw)
+        .stdin_bytes(table)
+        .run()?;
 
     make_esp(&raw, esp_start, esp_size, &uki, key, epoch)?;
 
@@ -176,9 +202,14 @@ pub fn assemble(image: &ImagePlan, vols: &[VolumeSpec], lowers: &[PathBuf], stag
     let uuid = key.derive_uuid("root-fs");
     Cmd::new("mke2fs")
         .env("E2FSPROGS_FAKE_TIME", epoch.to_string())
-        .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-L", ROOT_LABEL, "-U", &uuid])
+        .args([
+            "-q", "-F", "-t", "ext4", "-b", "4096", "-L", ROOT_LABEL, "-U", &uuid,
+        ])
         .arg("-E")
-        .arg(format!("offset={root_start},hash_seed={},root_owner=0:0,nodiscard", key.derive_uuid("root-hash-seed")))
+        .arg(format!(
+            "offset={root_start},hash_seed={},root_owner=0:0,nodiscard",
+            key.derive_uuid("root-hash-seed")
+        ))
         .arg("-d")
         .arg(&merged)
         .arg(&raw)
@@ -196,7 +227,11 @@ pub fn assemble(image: &ImagePlan, vols: &[VolumeSpec], lowers: &[PathBuf], stag
         Format::Raw => raw,
         Format::Qcow2 => {
             let qcow = staging.join("disk.qcow2");
-            Cmd::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&qcow).run()?;
+            Cmd::new("qemu-img")
+                .args(["convert", "-f", "raw", "-O", "qcow2"])
+                .arg(&raw)
+                .arg(&qcow)
+                .run()?;
             std::fs::remove_file(&raw).with_context(|| format!("removing {}", raw.display()))?;
             qcow
         }
@@ -210,20 +245,28 @@ fn remove_debris(merged: &Path) -> Result<()> {
     for rel in IMAGE_DEBRIS {
         if let Some(dir) = rel.strip_suffix('/') {
             let dir = merged.join(dir);
-            let Ok(listing) = std::fs::read_dir(&dir) else { continue };
+            let Ok(listing) = std::fs::read_dir(&dir) else {
+                continue;
+            };
             for item in listing {
-                let path = item.with_context(|| format!("listing {}", dir.display()))?.path();
-                let meta = std::fs::symlink_metadata(&path).with_context(|| format!("reading {}", path.display()))?;
+                let path = item
+                    .with_context(|| format!("listing {}", dir.display()))?
+                    .path();
+                let meta = std::fs::symlink_metadata(&path)
+                    .with_context(|| format!("reading {}", path.display()))?;
                 if meta.is_dir() {
-                    std::fs::remove_dir_all(&path).with_context(|| format!("removing {}", path.display()))?;
+                    std::fs::remove_dir_all(&path)
+                        .with_context(|| format!("removing {}", path.display()))?;
                 } else {
-                    std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+                    std::fs::remove_file(&path)
+                        .with_context(|| format!("removing {}", path.display()))?;
                 }
             }
         } else {
             let path = merged.join(rel);
             if std::fs::symlink_metadata(&path).is_ok_and(|m| !m.is_dir()) {
-                std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing {}", path.display()))?;
             }
         }
     }
@@ -233,11 +276,20 @@ fn remove_debris(merged: &Path) -> Result<()> {
 /// Give every inode of the root filesystem (at `offset` in `raw`) the
 /// clamped mtime of its entry as mtime, atime and ctime, in one debugfs run
 /// (mke2fs copied the tree's real atimes and ctimes: see the module docs).
-fn set_times(raw: &Path, offset: u64, files: &[FileEntry], epoch: u64, scratch: &Path) -> Result<()> {
+fn set_times(
+    raw: &Path,
+    offset: u64,
+    files: &[FileEntry],
+    epoch: u64,
+    scratch: &Path,
+) -> Result<()> {
     let mut script = String::new();
     for f in files {
         if f.path.contains('\n') {
-            anyhow::bail!("the image holds a path with a newline, which debugfs cannot address: {:?}", f.path);
+            anyhow::bail!(
+                "the image holds a path with a newline, which debugfs cannot address: {:?}",
+                f.path
+            );
         }
         let quoted = debugfs_quote(&f.path);
         let t = f.mtime.min(epoch as i64);
@@ -246,7 +298,8 @@ fn set_times(raw: &Path, offset: u64, files: &[FileEntry], epoch: u64, scratch: 
         }
     }
     let script_path = scratch.join("times.debugfs");
-    std::fs::write(&script_path, script).with_context(|| format!("writing {}", script_path.display()))?;
+    std::fs::write(&script_path, script)
+        .with_context(|| format!("writing {}", script_path.display()))?;
     // debugfs reports a failed command on stderr and still exits 0; merge
     // the streams so that anything but its echo of each command is an error.
     let out = Cmd::new("sh")
@@ -257,11 +310,19 @@ fn set_times(raw: &Path, offset: u64, files: &[FileEntry], epoch: u64, scratch: 
         .output()
         .context("setting the root filesystem's timestamps")?;
     let text = out.stdout_str();
-    let errors: Vec<&str> = text.lines().filter(|l| !l.starts_with("debugfs")).take(5).collect();
+    let errors: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with("debugfs"))
+        .take(5)
+        .collect();
     if !errors.is_empty() {
-        anyhow::bail!("debugfs failed to set timestamps:\n  {}", errors.join("\n  "));
+        anyhow::bail!(
+            "debugfs failed to set timestamps:\n  {}",
+            errors.join("\n  ")
+        );
     }
-    std::fs::remove_file(&script_path).with_context(|| format!("removing {}", script_path.display()))
+    std::fs::remove_file(&script_path)
+        .with_context(|| format!("removing {}", script_path.display()))
 }
 
 /// Quote a path for debugfs's command parser (a doubled quote is a quote).
@@ -275,15 +336,26 @@ fn round_up(n: u64, to: u64) -> u64 {
 
 /// Bytes of file data in the tree (as du counts them).
 fn tree_bytes(root: &Path) -> Result<u64> {
-    let out = Cmd::new("du").args(["-s", "-x", "--block-size=1"]).arg(root).output()?;
-    out.stdout_str().split_whitespace().next().and_then(|n| n.parse().ok()).context("parsing du's output")
+    let out = Cmd::new("du")
+        .args(["-s", "-x", "--block-size=1"])
+        .arg(root)
+        .output()?;
+    out.stdout_str()
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .context("parsing du's output")
 }
 
 /// The kernel version to boot: the one `/vmlinuz` points to (Debian keeps it
 /// on the newest installed kernel), else the highest version in /boot.
 pub fn pick_kernel(root: &Path) -> Result<String> {
     if let Ok(target) = std::fs::read_link(root.join("vmlinuz")) {
-        if let Some(v) = target.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("vmlinuz-")) {
+        if let Some(v) = target
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("vmlinuz-"))
+        {
             if root.join("boot").join(format!("vmlinuz-{v}")).is_file() {
                 return Ok(v.to_owned());
             }
@@ -293,7 +365,12 @@ pub fn pick_kernel(root: &Path) -> Result<String> {
         .into_iter()
         .flatten()
         .flatten()
-        .filter_map(|e| e.file_name().to_str()?.strip_prefix("vmlinuz-").map(str::to_owned))
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_prefix("vmlinuz-")
+                .map(str::to_owned)
+        })
         .collect();
     if versions.is_empty() {
         anyhow::bail!("the image has no kernel in /boot: add a kernel package (e.g. linux-image-cloud-amd64) to [base] packages");
@@ -319,7 +396,11 @@ fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
     let (ca, cb) = (chunks(a), chunks(b));
     for (x, y) in ca.iter().zip(&cb) {
         let ord = match (x.0, y.0) {
-            (true, true) => x.1.parse::<u128>().unwrap_or(0).cmp(&y.1.parse::<u128>().unwrap_or(0)),
+            (true, true) => {
+                x.1.parse::<u128>()
+                    .unwrap_or(0)
+                    .cmp(&y.1.parse::<u128>().unwrap_or(0))
+            }
             _ => x.1.cmp(&y.1),
         };
         if ord.is_ne() {
@@ -331,30 +412,56 @@ fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
 
 /// A Unified Kernel Image: systemd's EFI stub with the kernel, initrd,
 /// os-release and command line added as PE sections after the stub's own.
-fn make_uki(root: &Path, kernel: &str, cmdline: &str, out: &Path, scratch: &Path, epoch: u64) -> Result<()> {
+fn make_uki(
+    root: &Path,
+    kernel: &str,
+    cmdline: &str,
+    out: &Path,
+    scratch: &Path,
+    epoch: u64,
+) -> Result<()> {
     let stub = Path::new(STUB);
     if !stub.is_file() {
-        anyhow::bail!("{STUB} is missing: install the Debian package systemd-boot-efi (make deps does)");
+        anyhow::bail!(
+            "{STUB} is missing: install the Debian package systemd-boot-efi (make deps does)"
+        );
     }
     let linux = root.join("boot").join(format!("vmlinuz-{kernel}"));
     let initrd = root.join("boot").join(format!("initrd.img-{kernel}"));
     if !initrd.is_file() {
-        anyhow::bail!("the image has no initrd for kernel {kernel}: install initramfs-tools in the image");
+        anyhow::bail!(
+            "the image has no initrd for kernel {kernel}: install initramfs-tools in the image"
+        );
     }
-    let osrel = resolve_in_root(root, "/etc/os-release").map_err(|e| anyhow::anyhow!("/etc/os-release {e}"))?;
+    let osrel = resolve_in_root(root, "/etc/os-release")
+        .map_err(|e| anyhow::anyhow!("/etc/os-release {e}"))?;
     let osrel = if std::fs::symlink_metadata(&osrel).is_ok_and(|m| m.file_type().is_symlink()) {
-        resolve_in_root(root, "/usr/lib/os-release").map_err(|e| anyhow::anyhow!("/usr/lib/os-release {e}"))?
+        resolve_in_root(root, "/usr/lib/os-release")
+            .map_err(|e| anyhow::anyhow!("/usr/lib/os-release {e}"))?
     } else {
         osrel
     };
     let cmdline_file = scratch.join("cmdline.txt");
-    std::fs::write(&cmdline_file, format!("root=LABEL={ROOT_LABEL} ro {cmdline}")).with_context(|| format!("writing {}", cmdline_file.display()))?;
+    std::fs::write(
+        &cmdline_file,
+        format!("root=LABEL={ROOT_LABEL} ro {cmdline}"),
+    )
+    .with_context(|| format!("writing {}", cmdline_file.display()))?;
 
     let stub_end = stub_end(stub)?;
-    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).with_context(|| format!("reading {}", p.display()));
+    let size = |p: &Path| {
+        std::fs::metadata(p)
+            .map(|m| m.len())
+            .with_context(|| format!("reading {}", p.display()))
+    };
     let mut vma = round_up(stub_end, 0x10000);
     let mut cmd = Cmd::new("objcopy");
-    for (name, file) in [(".osrel", &osrel), (".cmdline", &cmdline_file), (".linux", &linux), (".initrd", &initrd)] {
+    for (name, file) in [
+        (".osrel", &osrel),
+        (".cmdline", &cmdline_file),
+        (".linux", &linux),
+        (".initrd", &initrd),
+    ] {
         cmd = cmd
             .arg("--add-section")
             .arg(format!("{name}={}", file.display()))
@@ -371,7 +478,10 @@ fn make_uki(root: &Path, kernel: &str, cmdline: &str, out: &Path, scratch: &Path
 /// recompute the optional header's checksum to match.
 fn pin_pe_timestamp(path: &Path, epoch: u64) -> Result<()> {
     let mut data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let word = |d: &[u8], at: usize| d.get(at..at + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    let word = |d: &[u8], at: usize| {
+        d.get(at..at + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
     let pe = word(&data, 0x3c).context("the UKI has no DOS header")? as usize;
     if data.get(pe..pe + 4) != Some(b"PE\0\0".as_slice()) || data.len() < pe + 92 {
         anyhow::bail!("{} is not a PE file", path.display());
@@ -471,7 +581,11 @@ mod tests {
 
     #[test]
     fn kernel_versions_sort_numerically() {
-        let mut v = ["6.12.9+deb13-cloud-amd64".to_string(), "6.12.117+deb13-cloud-amd64".into(), "6.12.38+deb13-cloud-amd64".into()];
+        let mut v = [
+            "6.12.9+deb13-cloud-amd64".to_string(),
+            "6.12.117+deb13-cloud-amd64".into(),
+            "6.12.38+deb13-cloud-amd64".into(),
+        ];
         v.sort_by(|a, b| compare_versions(a, b));
         assert_eq!(v.last().unwrap(), "6.12.117+deb13-cloud-amd64");
     }
@@ -485,7 +599,11 @@ mod tests {
             std::fs::write(boot.join(format!("vmlinuz-{v}")), "").unwrap();
         }
         assert_eq!(pick_kernel(dir.path()).unwrap(), "6.1.0-9-cloud-amd64");
-        std::os::unix::fs::symlink("boot/vmlinuz-6.1.0-1-cloud-amd64", dir.path().join("vmlinuz")).unwrap();
+        std::os::unix::fs::symlink(
+            "boot/vmlinuz-6.1.0-1-cloud-amd64",
+            dir.path().join("vmlinuz"),
+        )
+        .unwrap();
         assert_eq!(pick_kernel(dir.path()).unwrap(), "6.1.0-1-cloud-amd64");
     }
 }

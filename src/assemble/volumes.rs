@@ -58,10 +58,14 @@ pub fn prepare(root: &Path, volumes: &[VolumeSpec], recipe: &Path) -> Result<()>
     if volumes.is_empty() {
         return Ok(());
     }
-    let mut tmpfiles = String::from("# Written by kiln: owners of the data volumes' mount points.\n");
+    let mut tmpfiles =
+        String::from("# Written by kiln: owners of the data volumes' mount points.\n");
     for (i, v) in volumes.iter().enumerate() {
         let tool = mkfs(&v.filesystem);
-        if resolve_in_root(root, &tool).map(|p| !p.exists()).unwrap_or(true) {
+        if resolve_in_root(root, &tool)
+            .map(|p| !p.exists())
+            .unwrap_or(true)
+        {
             return Err(BadInput::new(
                 recipe,
                 format!("volume[{i}].filesystem"),
@@ -71,7 +75,12 @@ pub fn prepare(root: &Path, volumes: &[VolumeSpec], recipe: &Path) -> Result<()>
             .into());
         }
         let dir = resolve_in_root(root, &v.mount).map_err(|why| {
-            BadInput::new(recipe, format!("volume[{i}].mount"), format!("`{}` {why}", v.mount), "mount volumes on a path whose directories are real directories")
+            BadInput::new(
+                recipe,
+                format!("volume[{i}].mount"),
+                format!("`{}` {why}", v.mount),
+                "mount volumes on a path whose directories are real directories",
+            )
         })?;
         if dir.exists() {
             let left_out: Vec<String> = std::fs::read_dir(&dir)
@@ -80,15 +89,28 @@ pub fn prepare(root: &Path, volumes: &[VolumeSpec], recipe: &Path) -> Result<()>
                 .map(|e| e.file_name().to_string_lossy().into_owned())
                 .collect();
             if !left_out.is_empty() {
-                log_line(&format!("volume {}: leaving out of the image what the layers put under {}: {}", v.name, v.mount, left_out.join(", ")));
-                crate::store::remove_tree(&dir).with_context(|| format!("emptying {}", dir.display()))?;
+                log_line(&format!(
+                    "volume {}: leaving out of the image what the layers put under {}: {}",
+                    v.name,
+                    v.mount,
+                    left_out.join(", ")
+                ));
+                crate::store::remove_tree(&dir)
+                    .with_context(|| format!("emptying {}", dir.display()))?;
             }
         }
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let (user, group) = v.owner.split_once(':').expect("owner was validated as user:group");
+        let (user, group) = v
+            .owner
+            .split_once(':')
+            .expect("owner was validated as user:group");
         tmpfiles.push_str(&format!("d {} 0755 {user} {group} -\n", v.mount));
     }
-    write_file(&root.join("etc/tmpfiles.d/kiln-volumes.conf"), tmpfiles.as_bytes(), 0o644)
+    write_file(
+        &root.join("etc/tmpfiles.d/kiln-volumes.conf"),
+        tmpfiles.as_bytes(),
+        0o644,
+    )
 }
 
 #[cfg(test)]
@@ -96,7 +118,13 @@ mod tests {
     use super::*;
 
     fn vol(name: &str, mount: &str) -> VolumeSpec {
-        VolumeSpec { name: name.into(), mount: mount.into(), size: 1 << 30, filesystem: "ext4".into(), owner: "postgres:postgres".into() }
+        VolumeSpec {
+            name: name.into(),
+            mount: mount.into(),
+            size: 1 << 30,
+            filesystem: "ext4".into(),
+            owner: "postgres:postgres".into(),
+        }
     }
 
     #[test]
@@ -124,7 +152,8 @@ mod tests {
     #[test]
     fn a_missing_mkfs_is_bad_input() {
         let dir = tempfile::tempdir().unwrap();
-        let err = prepare(dir.path(), &[vol("data", "/srv/data")], Path::new("r.toml")).unwrap_err();
+        let err =
+            prepare(dir.path(), &[vol("data", "/srv/data")], Path::new("r.toml")).unwrap_err();
         assert!(err.is::<BadInput>());
         assert!(err.to_string().contains("e2fsprogs"), "{err}");
     }

@@ -83,7 +83,13 @@ pub fn freshness(plan: &Plan, store: &Store, refresh: bool) -> (Vec<Freshness>, 
     (steps, image)
 }
 
-fn step_freshness(step: &Step, store: &Store, refresh: bool, state: &RecipeState, after_unlocked: bool) -> Freshness {
+fn step_freshness(
+    step: &Step,
+    store: &Store,
+    refresh: bool,
+    state: &RecipeState,
+    after_unlocked: bool,
+) -> Freshness {
     if refresh {
         Freshness::Build(Reason::Refresh)
     } else if step.unlocked() {
@@ -101,10 +107,18 @@ fn step_freshness(step: &Step, store: &Store, refresh: bool, state: &RecipeState
 /// Build the recipe's steps that the store lacks, resolving unlocked steps
 /// into `locks` on the way, then (unless `layers_only`) the image.
 /// Returns the final plan (keys as locked) and the summary.
-pub fn build(recipe: &Recipe, locks: &mut Locks, store: &Store, opts: &BuildOptions, ui: &Ui) -> Result<(Plan, Summary)> {
+pub fn build(
+    recipe: &Recipe,
+    locks: &mut Locks,
+    store: &Store,
+    opts: &BuildOptions,
+    ui: &Ui,
+) -> Result<(Plan, Summary)> {
     let started = Instant::now();
     // Shared with other builds; `kiln cache gc` takes it exclusively.
-    let _store_lock = store.lock_for_build(|| eprintln!("waiting for `kiln cache gc` or `kiln cache verify` to finish…"))?;
+    let _store_lock = store.lock_for_build(|| {
+        eprintln!("waiting for `kiln cache gc` or `kiln cache verify` to finish…")
+    })?;
     let started_unix = store::now();
     // Layers see a fixed clock (their keys do not cover one); the image is
     // clamped to its lock's time at assembly.
@@ -149,14 +163,25 @@ pub fn build(recipe: &Recipe, locks: &mut Locks, store: &Store, opts: &BuildOpti
         // finds it in the store. The lock also covers the integrity check
         // and a corrupt entry's repair (see store::lock).
         let (_key_lock, waited) = lock_key(store, &step.key, &step.id())?;
-        if waited && step.unlocked() && !opts.fresh_resolve && !opts.refresh && store.recent_resolution(&step.key).is_some() {
+        if waited
+            && step.unlocked()
+            && !opts.fresh_resolve
+            && !opts.refresh
+            && store.recent_resolution(&step.key).is_some()
+        {
             // The other run resolved this step meanwhile: start the step
             // again, with its pins.
             continue;
         }
         let fresh = step_freshness(&step, store, opts.refresh, &state, false);
         let row = match usable(store, &step.key, &store.layer_dir(&step.key), fresh)? {
-            None => Row { stage: step.id(), key: step.key.short(), status: "cached".into(), reason: waited.then(|| "built by another kiln meanwhile".into()), seconds: 0.0 },
+            None => Row {
+                stage: step.id(),
+                key: step.key.short(),
+                status: "cached".into(),
+                reason: waited.then(|| "built by another kiln meanwhile".into()),
+                seconds: 0.0,
+            },
             Some(reason) => {
                 let stage = ui.stage(&step.id(), &format!("building ({reason})"));
                 let result = build_step(&ctx, &step, &lowers).and_then(|built| {
@@ -175,11 +200,21 @@ pub fn build(recipe: &Recipe, locks: &mut Locks, store: &Store, opts: &BuildOpti
                 match result {
                     Ok(key) => {
                         let seconds = stage.done("built");
-                        Row { stage: step.id(), key: key.short(), status: "built".into(), reason: Some(reason.to_string()), seconds }
+                        Row {
+                            stage: step.id(),
+                            key: key.short(),
+                            status: "built".into(),
+                            reason: Some(reason.to_string()),
+                            seconds,
+                        }
                     }
                     Err(e) => {
                         stage.failed();
-                        return Err(e.context(format!("building step {} of recipe {}", step.id(), recipe.path.display())));
+                        return Err(e.context(format!(
+                            "building step {} of recipe {}",
+                            step.id(),
+                            recipe.path.display()
+                        )));
                     }
                 }
             }
@@ -215,7 +250,13 @@ pub fn build(recipe: &Recipe, locks: &mut Locks, store: &Store, opts: &BuildOpti
     let (_image_lock, waited) = lock_key(store, &image_key, "the image")?;
     let entry = match usable(store, &image_key, &store.image_dir(&image_key), image_fresh)? {
         None => {
-            rows.push(Row { stage: "image".into(), key: image_key.short(), status: "cached".into(), reason: waited.then(|| "built by another kiln meanwhile".into()), seconds: 0.0 });
+            rows.push(Row {
+                stage: "image".into(),
+                key: image_key.short(),
+                status: "cached".into(),
+                reason: waited.then(|| "built by another kiln meanwhile".into()),
+                seconds: 0.0,
+            });
             store.image_entry(&image_key)?
         }
         Some(reason) => {
@@ -223,12 +264,20 @@ pub fn build(recipe: &Recipe, locks: &mut Locks, store: &Store, opts: &BuildOpti
             match build_image(&plan, store, &lowers, opts.refresh) {
                 Ok(entry) => {
                     let seconds = stage.done("built");
-                    rows.push(Row { stage: "image".into(), key: image_key.short(), status: "built".into(), reason: Some(reason.to_string()), seconds });
+                    rows.push(Row {
+                        stage: "image".into(),
+                        key: image_key.short(),
+                        status: "built".into(),
+                        reason: Some(reason.to_string()),
+                        seconds,
+                    });
                     entry
                 }
                 Err(e) => {
                     stage.failed();
-                    return Err(e.context(format!("assembling the image of {}", recipe.path.display())));
+                    return Err(
+                        e.context(format!("assembling the image of {}", recipe.path.display()))
+                    );
                 }
             }
         }
@@ -236,12 +285,18 @@ pub fn build(recipe: &Recipe, locks: &mut Locks, store: &Store, opts: &BuildOpti
 
     let image = export(store, &entry, &recipe.image.name, &opts.out_dir)?;
     let new_state = RecipeState {
-        steps: plan.steps.iter().map(|s| (s.id(), s.inputs.clone())).collect(),
+        steps: plan
+            .steps
+            .iter()
+            .map(|s| (s.id(), s.inputs.clone()))
+            .collect(),
         image: Some(plan.image.inputs.clone()),
     };
     store.save_recipe_state(&recipe.image.name, &new_state)?;
     store.add_root(&recipe.image.name, &recipe.path, &image_key)?;
-    let lock_path = crate::lock::path_for(&std::fs::canonicalize(&recipe.path).unwrap_or_else(|_| recipe.path.clone()));
+    let lock_path = crate::lock::path_for(
+        &std::fs::canonicalize(&recipe.path).unwrap_or_else(|_| recipe.path.clone()),
+    );
     crate::record::write_all(&crate::record::BuildFacts {
         plan: &plan,
         store,
@@ -254,7 +309,10 @@ pub fn build(recipe: &Recipe, locks: &mut Locks, store: &Store, opts: &BuildOpti
     })
     .context("writing the manifest, SBOM, provenance and history")?;
     let summary = Summary {
-        recipe: std::fs::canonicalize(&recipe.path).unwrap_or_else(|_| recipe.path.clone()).display().to_string(),
+        recipe: std::fs::canonicalize(&recipe.path)
+            .unwrap_or_else(|_| recipe.path.clone())
+            .display()
+            .to_string(),
         image,
         image_key: image_key.hex(),
         sha256: entry.sha256,
@@ -272,7 +330,10 @@ fn lock_key(store: &Store, key: &plan::Key, what: &str) -> Result<(store::lock::
     let mut waited = false;
     let lock = store.lock_key(key, what, || {
         waited = true;
-        eprintln!("{what}: another kiln is building it ({}); waiting for it", key.short());
+        eprintln!(
+            "{what}: another kiln is building it ({}); waiting for it",
+            key.short()
+        );
     })?;
     Ok((lock, waited))
 }
@@ -313,7 +374,13 @@ fn build_step(ctx: &Ctx, step: &Step, lowers: &[PathBuf]) -> Result<Built> {
     // Declared before the mounts so it is dropped (removed) after them.
     let staging = ctx.store.staging()?;
     match stage_step(ctx, step, lowers, staging.path()) {
-        Ok((packages, changes, lock)) => Ok(Built { staging, packages, changes, lock, seconds: started.elapsed().as_secs_f64() }),
+        Ok((packages, changes, lock)) => Ok(Built {
+            staging,
+            packages,
+            changes,
+            lock,
+            seconds: started.elapsed().as_secs_f64(),
+        }),
         Err(e) => {
             // A killed tool can leave its own mounts inside the tree.
             if let Err(u) = store::unmount_under(staging.path()) {
@@ -324,7 +391,11 @@ fn build_step(ctx: &Ctx, step: &Step, lowers: &[PathBuf]) -> Result<Built> {
     }
 }
 
-type Staged = (Vec<store::Package>, Vec<store::PackageChange>, Option<StepLock>);
+type Staged = (
+    Vec<store::Package>,
+    Vec<store::PackageChange>,
+    Option<StepLock>,
+);
 
 fn stage_step(ctx: &Ctx, step: &Step, lowers: &[PathBuf], staging: &Path) -> Result<Staged> {
     // A resolution is dated by its start: every file this build creates is
@@ -338,13 +409,29 @@ fn stage_step(ctx: &Ctx, step: &Step, lowers: &[PathBuf], staging: &Path) -> Res
     if let Some(pins) = &step.lock {
         let lock_path = crate::lock::path_for(&step.origin);
         let suite = &plan_suite(step);
-        store.serve_locked(&pins.packages, ctx.mirrors.as_ref(), suite, &repo, &lock_path, &step.id())?;
+        store.serve_locked(
+            &pins.packages,
+            ctx.mirrors.as_ref(),
+            suite,
+            &repo,
+            &lock_path,
+            &step.id(),
+        )?;
     }
-    let source = if step.lock.is_some() { Source::Locked(&repo) } else { Source::Archive };
+    let source = if step.lock.is_some() {
+        Source::Locked(&repo)
+    } else {
+        Source::Archive
+    };
     let (before, after, debs_dir, lists) = match &step.action {
         Action::Base(spec) => {
             steps::base(ctx, spec, &step.origin, &tree, &scratch, source)?;
-            (Vec::new(), steps::installed(&tree)?, scratch.join("debs"), vec![scratch.join("lists")])
+            (
+                Vec::new(),
+                steps::installed(&tree)?,
+                scratch.join("debs"),
+                vec![scratch.join("lists")],
+            )
         }
         action => {
             let parent = step.inputs.parent.expect("only the base has no parent");
@@ -362,20 +449,49 @@ fn stage_step(ctx: &Ctx, step: &Step, lowers: &[PathBuf], staging: &Path) -> Res
                     steps::copy_files(&merged, files, origin, &step.layer)?;
                     Vec::new()
                 }
-                Action::Upgrade { suite } => steps::chrooted(ctx, &merged, ChrootWork::Upgrade { suite: suite.clone() }, source)?,
+                Action::Upgrade { suite } => steps::chrooted(
+                    ctx,
+                    &merged,
+                    ChrootWork::Upgrade {
+                        suite: suite.clone(),
+                    },
+                    source,
+                )?,
                 Action::Packages(pkgs) => {
                     let work = match &step.lock {
-                        None => ChrootWork::Packages { install: pkgs.clone(), auto: Vec::new(), origin: step.origin.clone(), layer: step.layer.clone() },
+                        None => ChrootWork::Packages {
+                            install: pkgs.clone(),
+                            auto: Vec::new(),
+                            origin: step.origin.clone(),
+                            layer: step.layer.clone(),
+                        },
                         Some(pins) => ChrootWork::Packages {
-                            install: pins.packages.iter().map(|p| format!("{}={}", p.name, p.version)).collect(),
-                            auto: pins.packages.iter().map(|p| p.name.clone()).filter(|n| !pkgs.contains(n)).collect(),
+                            install: pins
+                                .packages
+                                .iter()
+                                .map(|p| format!("{}={}", p.name, p.version))
+                                .collect(),
+                            auto: pins
+                                .packages
+                                .iter()
+                                .map(|p| p.name.clone())
+                                .filter(|n| !pkgs.contains(n))
+                                .collect(),
                             origin: step.origin.clone(),
                             layer: step.layer.clone(),
                         },
                     };
                     steps::chrooted(ctx, &merged, work, source)?
                 }
-                Action::Run(commands) => steps::chrooted(ctx, &merged, ChrootWork::Run { commands: commands.clone(), layer: step.layer.clone() }, source)?,
+                Action::Run(commands) => steps::chrooted(
+                    ctx,
+                    &merged,
+                    ChrootWork::Run {
+                        commands: commands.clone(),
+                        layer: step.layer.clone(),
+                    },
+                    source,
+                )?,
             };
             let after = steps::installed(&merged)?;
             mounts.unmount_all()?;
@@ -391,7 +507,14 @@ fn stage_step(ctx: &Ctx, step: &Step, lowers: &[PathBuf], staging: &Path) -> Res
             resolve::check(&step.id(), pins, &changes)?;
             None
         }
-        None if step.is_locked_kind() => Some(resolve::pin(store, &step.inputs.spec, started_unix, &changes, &debs_dir, &lists)?),
+        None if step.is_locked_kind() => Some(resolve::pin(
+            store,
+            &step.inputs.spec,
+            started_unix,
+            &changes,
+            &debs_dir,
+            &lists,
+        )?),
         None => None,
     };
     store::remove_tree(&scratch).with_context(|| format!("removing {}", scratch.display()))?;
@@ -409,21 +532,53 @@ fn plan_suite(step: &Step) -> String {
 
 /// Write a built step's entry.json and publish it under its (final) key.
 fn publish_step(store: &Store, built: Built, step: &Step, replace: bool) -> Result<()> {
-    let Built { staging, packages, changes, lock: _, seconds } = built;
-    let entry = LayerEntry { key: step.key, id: step.id(), inputs: step.inputs.clone(), changes, packages, seconds, created: store::now() };
+    let Built {
+        staging,
+        packages,
+        changes,
+        lock: _,
+        seconds,
+    } = built;
+    let entry = LayerEntry {
+        key: step.key,
+        id: step.id(),
+        inputs: step.inputs.clone(),
+        changes,
+        packages,
+        seconds,
+        created: store::now(),
+    };
     store::write_json_atomic(&staging.path().join("entry.json"), &entry)?;
     store.publish(staging, &store.layer_dir(&step.key), replace)
 }
 
-fn build_image(plan: &Plan, store: &Store, lowers: &[PathBuf], replace: bool) -> Result<ImageEntry> {
+fn build_image(
+    plan: &Plan,
+    store: &Store,
+    lowers: &[PathBuf],
+    replace: bool,
+) -> Result<ImageEntry> {
     let started = Instant::now();
     let staging = store.staging()?;
-    let assembled = assemble::assemble(&plan.image, &plan.recipe.volumes, lowers, staging.path(), &plan.recipe.path, plan.image.inputs.epoch)?;
-    let sha256 = plan::key::file_digest(&assembled.disk).with_context(|| format!("hashing {}", assembled.disk.display()))?;
+    let assembled = assemble::assemble(
+        &plan.image,
+        &plan.recipe.volumes,
+        lowers,
+        staging.path(),
+        &plan.recipe.path,
+        plan.image.inputs.epoch,
+    )?;
+    let sha256 = plan::key::file_digest(&assembled.disk)
+        .with_context(|| format!("hashing {}", assembled.disk.display()))?;
     let entry = ImageEntry {
         key: plan.image.key,
         inputs: plan.image.inputs.clone(),
-        file: assembled.disk.file_name().expect("disk has a name").to_string_lossy().into_owned(),
+        file: assembled
+            .disk
+            .file_name()
+            .expect("disk has a name")
+            .to_string_lossy()
+            .into_owned(),
         sha256,
         kernel: assembled.kernel,
         seconds: started.elapsed().as_secs_f64(),
@@ -438,27 +593,42 @@ fn build_image(plan: &Plan, store: &Store, lowers: &[PathBuf], replace: bool) ->
 /// image (same size and mtime as when kiln wrote it).
 fn export(store: &Store, entry: &ImageEntry, name: &str, out_dir: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let ext = Path::new(&entry.file).extension().and_then(|e| e.to_str()).unwrap_or("img");
+    let ext = Path::new(&entry.file)
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("img");
     let dest = out_dir.join(format!("{name}.{ext}"));
     let stamp_path = out_dir.join(format!(".{name}.stamp"));
     let stamp = |p: &Path| -> Option<String> {
         let m = std::fs::metadata(p).ok()?;
         use std::os::unix::fs::MetadataExt;
-        Some(format!("{} {} {}.{}", entry.sha256, m.len(), m.mtime(), m.mtime_nsec()))
+        Some(format!(
+            "{} {} {}.{}",
+            entry.sha256,
+            m.len(),
+            m.mtime(),
+            m.mtime_nsec()
+        ))
     };
     if stamp(&dest).is_some_and(|s| std::fs::read_to_string(&stamp_path).is_ok_and(|t| t == s)) {
         return Ok(dest);
     }
     let src = store.image_dir(&entry.key).join(&entry.file);
     let tmp = out_dir.join(format!(".{name}.{ext}.tmp"));
-    if let Err(e) = crate::cmd::Cmd::new("cp").args(["--sparse=always", "--reflink=auto"]).arg(&src).arg(&tmp).run() {
+    if let Err(e) = crate::cmd::Cmd::new("cp")
+        .args(["--sparse=always", "--reflink=auto"])
+        .arg(&src)
+        .arg(&tmp)
+        .run()
+    {
         // Interrupted or out of space: leave no half copy in out/.
         if let Err(r) = std::fs::remove_file(&tmp) {
             crate::cmd::log_line(&format!("warning: removing {}: {r}", tmp.display()));
         }
         return Err(e);
     }
-    std::fs::rename(&tmp, &dest).with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
+    std::fs::rename(&tmp, &dest)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
     let s = stamp(&dest).context("stat of the exported image")?;
     std::fs::write(&stamp_path, s).with_context(|| format!("writing {}", stamp_path.display()))?;
     Ok(dest)

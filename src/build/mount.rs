@@ -23,10 +23,18 @@ pub fn enter_private_namespace() -> Result<()> {
     // SAFETY: plain syscalls with valid arguments.
     unsafe {
         if libc::unshare(libc::CLONE_NEWNS) != 0 {
-            return Err(std::io::Error::last_os_error()).context("unshare(CLONE_NEWNS): kiln build must run as root");
+            return Err(std::io::Error::last_os_error())
+                .context("unshare(CLONE_NEWNS): kiln build must run as root");
         }
         let root = c"/";
-        if libc::mount(std::ptr::null(), root.as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()) != 0 {
+        if libc::mount(
+            std::ptr::null(),
+            root.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
             return Err(std::io::Error::last_os_error()).context("making / a private mount");
         }
     }
@@ -34,7 +42,8 @@ pub fn enter_private_namespace() -> Result<()> {
 }
 
 fn cstr(path: &Path) -> Result<CString> {
-    CString::new(path.as_os_str().as_bytes()).with_context(|| format!("path {} contains a NUL byte", path.display()))
+    CString::new(path.as_os_str().as_bytes())
+        .with_context(|| format!("path {} contains a NUL byte", path.display()))
 }
 
 /// A stack of mounts, undone in reverse order on drop.
@@ -48,7 +57,14 @@ impl Mounts {
         Mounts::default()
     }
 
-    fn mount(&mut self, source: &str, target: &Path, fstype: Option<&str>, flags: libc::c_ulong, data: Option<&str>) -> Result<()> {
+    fn mount(
+        &mut self,
+        source: &str,
+        target: &Path,
+        fstype: Option<&str>,
+        flags: libc::c_ulong,
+        data: Option<&str>,
+    ) -> Result<()> {
         let shown = format!(
             "mount {}{}{} {}",
             fstype.map(|t| format!("-t {t} ")).unwrap_or_default(),
@@ -68,7 +84,9 @@ impl Mounts {
                 c_target.as_ptr(),
                 c_type.as_ref().map_or(std::ptr::null(), |t| t.as_ptr()),
                 flags,
-                c_data.as_ref().map_or(std::ptr::null(), |d| d.as_ptr().cast()),
+                c_data
+                    .as_ref()
+                    .map_or(std::ptr::null(), |d| d.as_ptr().cast()),
             )
         };
         if rc != 0 {
@@ -82,27 +100,56 @@ impl Mounts {
     /// overlayfs: `lowers` topmost first. Options are explicit so a stored
     /// upper dir is a self-contained diff: no metacopy (an upper file always
     /// holds its data), no redirects, no index.
-    pub fn overlay(&mut self, lowers: &[PathBuf], upper: Option<(&Path, &Path)>, target: &Path) -> Result<()> {
-        let lowerdir = lowers.iter().map(|p| escape_overlay(p)).collect::<Vec<_>>().join(":");
-        let mut data = format!("lowerdir={lowerdir},redirect_dir=off,index=off,metacopy=off,xino=off");
+    pub fn overlay(
+        &mut self,
+        lowers: &[PathBuf],
+        upper: Option<(&Path, &Path)>,
+        target: &Path,
+    ) -> Result<()> {
+        let lowerdir = lowers
+            .iter()
+            .map(|p| escape_overlay(p))
+            .collect::<Vec<_>>()
+            .join(":");
+        let mut data =
+            format!("lowerdir={lowerdir},redirect_dir=off,index=off,metacopy=off,xino=off");
         if let Some((upper, work)) = upper {
-            data.push_str(&format!(",upperdir={},workdir={}", escape_overlay(upper), escape_overlay(work)));
+            data.push_str(&format!(
+                ",upperdir={},workdir={}",
+                escape_overlay(upper),
+                escape_overlay(work)
+            ));
         }
         let flags = if upper.is_none() { libc::MS_RDONLY } else { 0 };
         self.mount("overlay", target, Some("overlay"), flags, Some(&data))
     }
 
     pub fn bind(&mut self, source: &Path, target: &Path) -> Result<()> {
-        let src = source.to_str().with_context(|| format!("{} is not UTF-8", source.display()))?.to_owned();
+        let src = source
+            .to_str()
+            .with_context(|| format!("{} is not UTF-8", source.display()))?
+            .to_owned();
         self.mount(&src, target, None, libc::MS_BIND, None)
     }
 
     pub fn tmpfs(&mut self, target: &Path) -> Result<()> {
-        self.mount("tmpfs", target, Some("tmpfs"), libc::MS_NOSUID | libc::MS_NODEV, Some("mode=0755"))
+        self.mount(
+            "tmpfs",
+            target,
+            Some("tmpfs"),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            Some("mode=0755"),
+        )
     }
 
     pub fn fs(&mut self, fstype: &str, target: &Path) -> Result<()> {
-        self.mount(fstype, target, Some(fstype), libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, None)
+        self.mount(
+            fstype,
+            target,
+            Some(fstype),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            None,
+        )
     }
 
     /// Undo every mount now, reporting the first failure.
@@ -145,5 +192,8 @@ fn unmount(target: &Path) -> Result<()> {
 
 /// overlayfs separates options with ',' and layers with ':'.
 fn escape_overlay(path: &Path) -> String {
-    path.to_string_lossy().replace('\\', "\\\\").replace(':', "\\:").replace(',', "\\,")
+    path.to_string_lossy()
+        .replace('\\', "\\\\")
+        .replace(':', "\\:")
+        .replace(',', "\\,")
 }

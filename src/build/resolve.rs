@@ -12,10 +12,21 @@ use crate::store::{PackageChange, Store};
 /// Pin every package a step installed or upgraded: its .deb (found in
 /// `debs_dir`, where apt left it) goes into the .deb cache, its pool path
 /// comes from the apt lists the step read.
-pub fn pin(store: &Store, spec: &[String], started: u64, changes: &[PackageChange], debs_dir: &Path, lists: &[PathBuf]) -> Result<StepLock> {
+pub fn pin(
+    store: &Store,
+    spec: &[String],
+    started: u64,
+    changes: &[PackageChange],
+    debs_dir: &Path,
+    lists: &[PathBuf],
+) -> Result<StepLock> {
     let wanted: Vec<(String, String, String)> = changes
         .iter()
-        .filter_map(|c| c.new.as_ref().map(|v| (c.name.clone(), v.clone(), c.arch.clone())))
+        .filter_map(|c| {
+            c.new
+                .as_ref()
+                .map(|v| (c.name.clone(), v.clone(), c.arch.clone()))
+        })
         .collect();
     let pool = pool_entries(lists, &wanted)?;
     let mut packages = Vec::new();
@@ -23,23 +34,49 @@ pub fn pin(store: &Store, spec: &[String], started: u64, changes: &[PackageChang
         let (name, version, arch) = key;
         let deb = debs_dir.join(deb_file_name(name, version, arch));
         if !deb.is_file() {
-            bail!("apt installed {name} {version} but its .deb is not in {} to pin", debs_dir.display());
+            bail!(
+                "apt installed {name} {version} but its .deb is not in {} to pin",
+                debs_dir.display()
+            );
         }
         let sha256 = store.import_deb(&deb)?;
         let entry = pool.get(key).with_context(|| format!("{name} {version} ({arch}) is not in the archive's package lists; cannot record where it comes from"))?;
         if entry.sha256 != sha256 {
-            bail!("{} has sha256 {sha256} but the archive lists {}: the download is damaged", deb.display(), entry.sha256);
+            bail!(
+                "{} has sha256 {sha256} but the archive lists {}: the download is damaged",
+                deb.display(),
+                entry.sha256
+            );
         }
-        packages.push(LockedPackage { name: name.clone(), version: version.clone(), arch: arch.clone(), sha256, archive: entry.archive.clone(), path: entry.path.clone() });
+        packages.push(LockedPackage {
+            name: name.clone(),
+            version: version.clone(),
+            arch: arch.clone(),
+            sha256,
+            archive: entry.archive.clone(),
+            path: entry.path.clone(),
+        });
     }
     packages.sort();
-    Ok(StepLock { spec: spec.to_vec(), resolved: started, archive: archive_state(lists), packages })
+    Ok(StepLock {
+        spec: spec.to_vec(),
+        resolved: started,
+        archive: archive_state(lists),
+        packages,
+    })
 }
 
 /// A locked step must have installed exactly its pins.
 pub fn check(step: &str, lock: &StepLock, changes: &[PackageChange]) -> Result<()> {
-    let mut installed: Vec<String> = changes.iter().filter_map(|c| c.new.as_ref().map(|v| format!("{} {v}", c.name))).collect();
-    let mut pinned: Vec<String> = lock.packages.iter().map(|p| format!("{} {}", p.name, p.version)).collect();
+    let mut installed: Vec<String> = changes
+        .iter()
+        .filter_map(|c| c.new.as_ref().map(|v| format!("{} {v}", c.name)))
+        .collect();
+    let mut pinned: Vec<String> = lock
+        .packages
+        .iter()
+        .map(|p| format!("{} {}", p.name, p.version))
+        .collect();
     installed.sort();
     pinned.sort();
     if installed == pinned {

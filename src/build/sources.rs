@@ -20,10 +20,18 @@ pub struct Mirrors {
 pub fn mirrors(recipe_mirror: Option<&str>, apt_dir: &Path) -> Option<Mirrors> {
     if let Some(m) = recipe_mirror {
         let m = m.trim_end_matches('/').to_owned();
-        return Some(Mirrors { security: format!("{m}-security"), main: m });
+        return Some(Mirrors {
+            security: format!("{m}-security"),
+            main: m,
+        });
     }
     let entries = host_entries(apt_dir);
-    let main = entries.iter().find(|(_, suite)| !suite.contains('-')).or_else(|| entries.first())?.0.clone();
+    let main = entries
+        .iter()
+        .find(|(_, suite)| !suite.contains('-'))
+        .or_else(|| entries.first())?
+        .0
+        .clone();
     let security = entries
         .iter()
         .find(|(_, suite)| suite.ends_with("-security") || suite.ends_with("/updates"))
@@ -36,7 +44,12 @@ pub fn mirrors(recipe_mirror: Option<&str>, apt_dir: &Path) -> Option<Mirrors> {
 /// The files in an apt `sources.list.d`, in the order apt reads them (a
 /// missing folder has none).
 pub fn source_parts(apt_dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut files: Vec<_> = std::fs::read_dir(apt_dir.join("sources.list.d")).into_iter().flatten().flatten().map(|e| e.path()).collect();
+    let mut files: Vec<_> = std::fs::read_dir(apt_dir.join("sources.list.d"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     files.sort();
     files
 }
@@ -47,14 +60,19 @@ fn host_entries(apt_dir: &Path) -> Vec<(String, String)> {
         out.extend(parse_one_line(&text));
     }
     for file in source_parts(apt_dir) {
-        let Ok(text) = std::fs::read_to_string(&file) else { continue };
+        let Ok(text) = std::fs::read_to_string(&file) else {
+            continue;
+        };
         match file.extension().and_then(|e| e.to_str()) {
             Some("list") => out.extend(parse_one_line(&text)),
             Some("sources") => out.extend(parse_deb822(&text)),
             _ => {}
         }
     }
-    out.into_iter().filter(|(uri, _)| !uri.is_empty()).map(|(u, s)| (u.trim_end_matches('/').to_owned(), s)).collect()
+    out.into_iter()
+        .filter(|(uri, _)| !uri.is_empty())
+        .map(|(u, s)| (u.trim_end_matches('/').to_owned(), s))
+        .collect()
 }
 
 fn parse_one_line(text: &str) -> Vec<(String, String)> {
@@ -62,7 +80,11 @@ fn parse_one_line(text: &str) -> Vec<(String, String)> {
         .filter_map(|line| {
             let line = line.split('#').next()?.trim();
             let rest = line.strip_prefix("deb ")?.trim_start();
-            let rest = if rest.starts_with('[') { rest.split_once(']')?.1.trim_start() } else { rest };
+            let rest = if rest.starts_with('[') {
+                rest.split_once(']')?.1.trim_start()
+            } else {
+                rest
+            };
             let mut words = rest.split_whitespace();
             Some((words.next()?.to_owned(), words.next()?.to_owned()))
         })
@@ -77,7 +99,9 @@ fn parse_deb822(text: &str) -> Vec<(String, String)> {
         let mut suites = Vec::new();
         let mut enabled = true;
         for line in stanza.lines().filter(|l| !l.starts_with('#')) {
-            let Some((k, v)) = line.split_once(':') else { continue };
+            let Some((k, v)) = line.split_once(':') else {
+                continue;
+            };
             match k.trim().to_ascii_lowercase().as_str() {
                 "types" => types = v.trim(),
                 "uris" => uris = v.split_whitespace().collect(),
@@ -104,7 +128,11 @@ mod tests {
     #[test]
     fn reads_both_formats_and_finds_security() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("sources.list"), "# comment\ndeb-src http://m.example/debian x main\n").unwrap();
+        std::fs::write(
+            dir.path().join("sources.list"),
+            "# comment\ndeb-src http://m.example/debian x main\n",
+        )
+        .unwrap();
         std::fs::create_dir(dir.path().join("sources.list.d")).unwrap();
         std::fs::write(
             dir.path().join("sources.list.d/debian.sources"),
@@ -112,15 +140,32 @@ mod tests {
              Types: deb\nURIs: http://s.example/debian-security\nSuites: bookworm-security\nComponents: main\n",
         )
         .unwrap();
-        std::fs::write(dir.path().join("sources.list.d/off.list.disabled"), "deb http://no/ x main\n").unwrap();
+        std::fs::write(
+            dir.path().join("sources.list.d/off.list.disabled"),
+            "deb http://no/ x main\n",
+        )
+        .unwrap();
         let m = mirrors(None, dir.path()).unwrap();
-        assert_eq!(m, Mirrors { main: "http://m.example/debian".into(), security: "http://s.example/debian-security".into() });
+        assert_eq!(
+            m,
+            Mirrors {
+                main: "http://m.example/debian".into(),
+                security: "http://s.example/debian-security".into()
+            }
+        );
     }
 
     #[test]
     fn recipe_mirror_wins_and_one_line_options_are_skipped() {
-        assert_eq!(parse_one_line("deb [arch=amd64 signed-by=/k.gpg] http://a/debian trixie main\n"), vec![("http://a/debian".into(), "trixie".into())]);
-        let m = mirrors(Some("http://127.0.0.1:9/debian/"), Path::new("/nonexistent")).unwrap();
+        assert_eq!(
+            parse_one_line("deb [arch=amd64 signed-by=/k.gpg] http://a/debian trixie main\n"),
+            vec![("http://a/debian".into(), "trixie".into())]
+        );
+        let m = mirrors(
+            Some("http://127.0.0.1:9/debian/"),
+            Path::new("/nonexistent"),
+        )
+        .unwrap();
         assert_eq!(m.main, "http://127.0.0.1:9/debian");
         assert_eq!(m.security, "http://127.0.0.1:9/debian-security");
         assert_eq!(mirrors(None, Path::new("/nonexistent")), None);

@@ -27,7 +27,10 @@ use crate::store::{Package, PackageChange, Store};
 
 /// The environment of every program run inside an image.
 const CHROOT_ENV: &[(&str, &str)] = &[
-    ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+    (
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    ),
     ("HOME", "/root"),
     ("LANG", "C.UTF-8"),
     ("DEBIAN_FRONTEND", "noninteractive"),
@@ -36,16 +39,20 @@ const CHROOT_ENV: &[(&str, &str)] = &[
 /// The build's SOURCE_DATE_EPOCH (see `record`): set once per build, passed
 /// to mmdebstrap and to every program run in the image, so that what they
 /// write (initramfs, shadow's password dates, …) does not depend on when.
-static SOURCE_DATE_EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(crate::record::DEFAULT_SOURCE_DATE_EPOCH);
+static SOURCE_DATE_EPOCH: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(crate::record::DEFAULT_SOURCE_DATE_EPOCH);
 
 pub fn set_source_date_epoch(epoch: u64) {
     SOURCE_DATE_EPOCH.store(epoch, std::sync::atomic::Ordering::SeqCst);
 }
 
 fn source_date_epoch() -> String {
-    SOURCE_DATE_EPOCH.load(std::sync::atomic::Ordering::SeqCst).to_string()
+    SOURCE_DATE_EPOCH
+        .load(std::sync::atomic::Ordering::SeqCst)
+        .to_string()
 }
-const POLICY_RC_D: &str = "#!/bin/sh\n# kiln: no service starts while an image is being built\nexit 101\n";
+const POLICY_RC_D: &str =
+    "#!/bin/sh\n# kiln: no service starts while an image is being built\nexit 101\n";
 /// Files apt and dpkg leave that say when, not what: never part of a layer.
 const BUILD_DEBRIS: &[&str] = &[
     "var/cache/apt/pkgcache.bin",
@@ -87,7 +94,14 @@ pub enum Source<'a> {
 /// Make the base tree with mmdebstrap into `tree` (which must not exist).
 /// Resolving keeps mmdebstrap's downloaded .debs in `scratch/debs` and its
 /// package lists in `scratch/lists`.
-pub fn base(ctx: &Ctx, spec: &BaseSpec, origin: &Path, tree: &Path, scratch: &Path, source: Source) -> Result<()> {
+pub fn base(
+    ctx: &Ctx,
+    spec: &BaseSpec,
+    origin: &Path,
+    tree: &Path,
+    scratch: &Path,
+    source: Source,
+) -> Result<()> {
     let mirrors = ctx.mirrors()?;
     let mut cmd = Cmd::new("mmdebstrap")
         .env("SOURCE_DATE_EPOCH", source_date_epoch())
@@ -111,8 +125,14 @@ pub fn base(ctx: &Ctx, spec: &BaseSpec, origin: &Path, tree: &Path, scratch: &Pa
             }
             cmd = cmd
                 .arg("--skip=essential/unlink")
-                .arg(format!("--customize-hook=sync-out /var/cache/apt/archives {}", crate::cmd::shell_quote(debs.as_os_str())))
-                .arg(format!("--customize-hook=sync-out /var/lib/apt/lists {}", crate::cmd::shell_quote(lists.as_os_str())));
+                .arg(format!(
+                    "--customize-hook=sync-out /var/cache/apt/archives {}",
+                    crate::cmd::shell_quote(debs.as_os_str())
+                ))
+                .arg(format!(
+                    "--customize-hook=sync-out /var/lib/apt/lists {}",
+                    crate::cmd::shell_quote(lists.as_os_str())
+                ));
             real_source.clone()
         }
         Source::Locked(repo) => {
@@ -121,13 +141,21 @@ pub fn base(ctx: &Ctx, spec: &BaseSpec, origin: &Path, tree: &Path, scratch: &Pa
             format!("deb [trusted=yes] file://{} ./", repo.display())
         }
     };
-    cmd.arg(&spec.suite).arg(tree).arg(source_line).run().map_err(|e| explain_apt_failure(e, origin, "base.packages"))?;
+    cmd.arg(&spec.suite)
+        .arg(tree)
+        .arg(source_line)
+        .run()
+        .map_err(|e| explain_apt_failure(e, origin, "base.packages"))?;
     if let Source::Locked(repo) = source {
         remove_mount_point_trail(tree, repo)?;
     }
     // A locked base was installed from a local repository; the image's own
     // sources are the real archive either way.
-    write_file(&tree.join("etc/apt/sources.list"), format!("{real_source}\n").as_bytes(), 0o644)?;
+    write_file(
+        &tree.join("etc/apt/sources.list"),
+        format!("{real_source}\n").as_bytes(),
+        0o644,
+    )?;
     for rel in BUILD_DEBRIS {
         let path = tree.join(rel);
         if path.is_file() {
@@ -150,14 +178,22 @@ fn remove_mount_point_trail(tree: &Path, repo: &Path) -> Result<()> {
             return Ok(());
         }
         let owned = Cmd::new("dpkg-query")
-            .arg(format!("--admindir={}", tree.join("var/lib/dpkg").display()))
+            .arg(format!(
+                "--admindir={}",
+                tree.join("var/lib/dpkg").display()
+            ))
             .arg("--search")
             .arg(&inside)
             .output()
             .is_ok();
         if !owned {
             // Only empty directories: anything else is not the hook's.
-            return remove_empty_dirs(&path).with_context(|| format!("removing the repository mount point {} from the base", inside.display()));
+            return remove_empty_dirs(&path).with_context(|| {
+                format!(
+                    "removing the repository mount point {} from the base",
+                    inside.display()
+                )
+            });
         }
     }
     Ok(())
@@ -184,7 +220,12 @@ const LOCKED_APT_DIR: &str = "run/kiln";
 
 /// Mount what a chroot needs and put the scaffolding in place; returns the
 /// host paths of the apt list directories the step will use.
-fn enter_chroot(ctx: &Ctx, mounts: &mut Mounts, root: &Path, apt: Option<&Source>) -> Result<(Scaffolding, Vec<PathBuf>)> {
+fn enter_chroot(
+    ctx: &Ctx,
+    mounts: &mut Mounts,
+    root: &Path,
+    apt: Option<&Source>,
+) -> Result<(Scaffolding, Vec<PathBuf>)> {
     let mut created = Vec::new();
     mounts.fs("proc", &root.join("proc"))?;
     mounts.fs("sysfs", &root.join("sys"))?;
@@ -213,7 +254,10 @@ fn enter_chroot(ctx: &Ctx, mounts: &mut Mounts, root: &Path, apt: Option<&Source
     match apt {
         None => {}
         Some(Source::Archive) => {
-            mounts.bind(&ctx.store.apt_archives(), &root.join("var/cache/apt/archives"))?;
+            mounts.bind(
+                &ctx.store.apt_archives(),
+                &root.join("var/cache/apt/archives"),
+            )?;
             let lists = ctx.store.apt_lists(&sources_digest(root))?;
             mounts.bind(&lists, &root.join("var/lib/apt/lists"))?;
             lists_used.push(lists);
@@ -222,10 +266,15 @@ fn enter_chroot(ctx: &Ctx, mounts: &mut Mounts, root: &Path, apt: Option<&Source
             mounts.tmpfs(&root.join("run"))?;
             let dir = root.join(LOCKED_APT_DIR);
             for sub in ["repo", "lists/partial", "empty", "archives/partial"] {
-                std::fs::create_dir_all(dir.join(sub)).with_context(|| format!("creating {}", dir.join(sub).display()))?;
+                std::fs::create_dir_all(dir.join(sub))
+                    .with_context(|| format!("creating {}", dir.join(sub).display()))?;
             }
             mounts.bind(repo, &dir.join("repo"))?;
-            std::fs::write(dir.join("sources.list"), format!("deb [trusted=yes] file:/{LOCKED_APT_DIR}/repo ./\n")).with_context(|| format!("writing {}", dir.display()))?;
+            std::fs::write(
+                dir.join("sources.list"),
+                format!("deb [trusted=yes] file:/{LOCKED_APT_DIR}/repo ./\n"),
+            )
+            .with_context(|| format!("writing {}", dir.display()))?;
         }
     }
     Ok((Scaffolding { created }, lists_used))
@@ -235,7 +284,12 @@ fn enter_chroot(ctx: &Ctx, mounts: &mut Mounts, root: &Path, apt: Option<&Source
 /// debris that says when rather than what, through the overlay (so a file
 /// only the build created simply disappears from the upper dir).
 fn clean_up(root: &Path, scaffolding: Scaffolding) -> Result<()> {
-    for rel in scaffolding.created.iter().map(PathBuf::as_path).chain(BUILD_DEBRIS.iter().map(Path::new)) {
+    for rel in scaffolding
+        .created
+        .iter()
+        .map(PathBuf::as_path)
+        .chain(BUILD_DEBRIS.iter().map(Path::new))
+    {
         let path = root.join(rel);
         if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_file()) {
             std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
@@ -247,7 +301,11 @@ fn clean_up(root: &Path, scaffolding: Scaffolding) -> Result<()> {
 fn sources_digest(root: &Path) -> String {
     let mut text = std::fs::read(root.join("etc/apt/sources.list")).unwrap_or_default();
     for f in super::sources::source_parts(&root.join("etc/apt")) {
-        text.extend(f.file_name().map(|n| n.as_encoded_bytes().to_vec()).unwrap_or_default());
+        text.extend(
+            f.file_name()
+                .map(|n| n.as_encoded_bytes().to_vec())
+                .unwrap_or_default(),
+        );
         text.extend(std::fs::read(&f).unwrap_or_default());
     }
     bytes_digest(&text)[..16].to_owned()
@@ -320,9 +378,18 @@ fn explain_apt_failure(err: anyhow::Error, origin: &Path, key: &str) -> anyhow::
     let missing: Vec<&str> = text
         .lines()
         .filter_map(|l| {
-            l.split("Unable to locate package ").nth(1).or_else(|| l.split("Package '").nth(1).and_then(|r| r.split('\'').next()).filter(|_| l.contains("has no installation candidate")))
+            l.split("Unable to locate package ").nth(1).or_else(|| {
+                l.split("Package '")
+                    .nth(1)
+                    .and_then(|r| r.split('\'').next())
+                    .filter(|_| l.contains("has no installation candidate"))
+            })
         })
-        .chain(text.lines().filter_map(|l| l.split("Couldn't find any package by").nth(1).map(|r| r.trim().trim_matches(|c| c == '\'' || c == '"' ))))
+        .chain(text.lines().filter_map(|l| {
+            l.split("Couldn't find any package by")
+                .nth(1)
+                .map(|r| r.trim().trim_matches(|c| c == '\'' || c == '"'))
+        }))
         .map(str::trim)
         .collect();
     if missing.is_empty() {
@@ -331,7 +398,11 @@ fn explain_apt_failure(err: anyhow::Error, origin: &Path, key: &str) -> anyhow::
     BadInput::new(
         origin,
         key,
-        format!("the archive has no package named {} ({})", missing.join(", "), text.lines().next().unwrap_or("")),
+        format!(
+            "the archive has no package named {} ({})",
+            missing.join(", "),
+            text.lines().next().unwrap_or("")
+        ),
         "check the spelling (apt-cache search NAME on a machine with the same suite) or remove it",
     )
     .into()
@@ -341,13 +412,24 @@ fn explain_apt_failure(err: anyhow::Error, origin: &Path, key: &str) -> anyhow::
 /// for it is undone before this returns. Returns the apt list directories
 /// the step read (to resolve its lock from).
 pub fn chrooted(ctx: &Ctx, root: &Path, work: ChrootWork, source: Source) -> Result<Vec<PathBuf>> {
-    let apt = if matches!(work, ChrootWork::Run { .. }) { None } else { Some(&source) };
+    let apt = if matches!(work, ChrootWork::Run { .. }) {
+        None
+    } else {
+        Some(&source)
+    };
     let locked = matches!(source, Source::Locked(_));
     let mut mounts = Mounts::new();
     let (scaffolding, mut lists) = enter_chroot(ctx, &mut mounts, root, apt)?;
     let result = match work {
-        ChrootWork::Upgrade { suite } => upgrade(ctx, &mut mounts, root, &suite, locked).map(|l| lists.extend(l)),
-        ChrootWork::Packages { install, auto, origin, layer } => apt_update(root, locked).and_then(|()| {
+        ChrootWork::Upgrade { suite } => {
+            upgrade(ctx, &mut mounts, root, &suite, locked).map(|l| lists.extend(l))
+        }
+        ChrootWork::Packages {
+            install,
+            auto,
+            origin,
+            layer,
+        } => apt_update(root, locked).and_then(|()| {
             apt_get(root, locked)
                 .args(["install", "--no-install-recommends"])
                 .args(&install)
@@ -360,9 +442,16 @@ pub fn chrooted(ctx: &Ctx, root: &Path, work: ChrootWork, source: Source) -> Res
             // otherwise be marked as wanted for themselves.
             chroot(root).args(["apt-mark", "auto"]).args(&auto).run()
         }),
-        ChrootWork::Run { commands, layer } => commands.iter().enumerate().try_for_each(|(i, c)| {
-            chroot(root).args(["/bin/sh", "-ec", c]).run().with_context(|| format!("layer `{layer}`, run[{i}]: `{c}` failed inside the image"))
-        }),
+        ChrootWork::Run { commands, layer } => {
+            commands.iter().enumerate().try_for_each(|(i, c)| {
+                chroot(root)
+                    .args(["/bin/sh", "-ec", c])
+                    .run()
+                    .with_context(|| {
+                        format!("layer `{layer}`, run[{i}]: `{c}` failed inside the image")
+                    })
+            })
+        }
     };
     mounts.unmount_all()?;
     result?;
@@ -371,22 +460,42 @@ pub fn chrooted(ctx: &Ctx, root: &Path, work: ChrootWork, source: Source) -> Res
 }
 
 pub enum ChrootWork {
-    Upgrade { suite: String },
+    Upgrade {
+        suite: String,
+    },
     /// Package names, or `name=version` for a locked step (which then
     /// marks the pins the recipe did not ask for as automatically installed).
-    Packages { install: Vec<String>, auto: Vec<String>, origin: PathBuf, layer: String },
-    Run { commands: Vec<String>, layer: String },
+    Packages {
+        install: Vec<String>,
+        auto: Vec<String>,
+        origin: PathBuf,
+        layer: String,
+    },
+    Run {
+        commands: Vec<String>,
+        layer: String,
+    },
 }
 
 /// Returns the lists directory it switched to.
-fn upgrade(ctx: &Ctx, mounts: &mut Mounts, root: &Path, suite: &str, locked: bool) -> Result<Vec<PathBuf>> {
+fn upgrade(
+    ctx: &Ctx,
+    mounts: &mut Mounts,
+    root: &Path,
+    suite: &str,
+    locked: bool,
+) -> Result<Vec<PathBuf>> {
     let mirrors = ctx.mirrors()?;
     let list = format!(
         "# Added by kiln's upgrade layer: the suite's updates and security fixes.\n\
          deb {} {suite}-updates main\ndeb {} {suite}-security main\n",
         mirrors.main, mirrors.security
     );
-    write_file(&root.join("etc/apt/sources.list.d/kiln-updates.list"), list.as_bytes(), 0o644)?;
+    write_file(
+        &root.join("etc/apt/sources.list.d/kiln-updates.list"),
+        list.as_bytes(),
+        0o644,
+    )?;
     let mut lists_used = Vec::new();
     if !locked {
         // The lists bind mount was chosen for the base's sources; rebind it
@@ -404,16 +513,26 @@ fn upgrade(ctx: &Ctx, mounts: &mut Mounts, root: &Path, suite: &str, locked: boo
 /// After an upgrade two kernels can be installed; the image boots the one
 /// `/vmlinuz` points to (the metapackage's, the newest), so the others go.
 fn purge_old_kernels(root: &Path, locked: bool) -> Result<()> {
-    let Ok(target) = std::fs::read_link(root.join("vmlinuz")) else { return Ok(()) };
-    let Some(keep) = target.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("vmlinuz-")).map(str::to_owned) else {
+    let Ok(target) = std::fs::read_link(root.join("vmlinuz")) else {
+        return Ok(());
+    };
+    let Some(keep) = target
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("vmlinuz-"))
+        .map(str::to_owned)
+    else {
         return Ok(());
     };
     let old: Vec<String> = installed(root)?
         .into_iter()
         .map(|p| p.name)
         .filter(|n| {
-            n.strip_prefix("linux-image-")
-                .is_some_and(|v| v.starts_with(|c: char| c.is_ascii_digit()) && !v.ends_with("-dbg") && v.trim_end_matches("-unsigned") != keep)
+            n.strip_prefix("linux-image-").is_some_and(|v| {
+                v.starts_with(|c: char| c.is_ascii_digit())
+                    && !v.ends_with("-dbg")
+                    && v.trim_end_matches("-unsigned") != keep
+            })
         })
         .collect();
     if old.is_empty() {
@@ -429,20 +548,45 @@ pub fn copy_files(root: &Path, files: &[FileSpec], origin: &Path, layer: &str) -
     for (i, f) in files.iter().enumerate() {
         let key = format!("layer.{layer}.files[{i}]");
         let target = resolve_in_root(root, &f.dest).map_err(|why| {
-            BadInput::new(origin, format!("{key}.dest"), format!("`{}`: {why}", f.dest), "copy to a path whose directories are real directories inside the image")
+            BadInput::new(
+                origin,
+                format!("{key}.dest"),
+                format!("`{}`: {why}", f.dest),
+                "copy to a path whose directories are real directories inside the image",
+            )
         })?;
-        let (user, grp) = f.owner.split_once(':').expect("owner was validated as user:group");
-        let uid = lookup(&passwd, user).ok_or_else(|| BadInput::new(origin, format!("{key}.owner"), format!("no user `{user}` in the image's /etc/passwd at this layer"), "use an existing user, or create it in an earlier layer"))?;
-        let gid = lookup(&group, grp).ok_or_else(|| BadInput::new(origin, format!("{key}.owner"), format!("no group `{grp}` in the image's /etc/group at this layer"), "use an existing group, or create it in an earlier layer"))?;
+        let (user, grp) = f
+            .owner
+            .split_once(':')
+            .expect("owner was validated as user:group");
+        let uid = lookup(&passwd, user).ok_or_else(|| {
+            BadInput::new(
+                origin,
+                format!("{key}.owner"),
+                format!("no user `{user}` in the image's /etc/passwd at this layer"),
+                "use an existing user, or create it in an earlier layer",
+            )
+        })?;
+        let gid = lookup(&group, grp).ok_or_else(|| {
+            BadInput::new(
+                origin,
+                format!("{key}.owner"),
+                format!("no group `{grp}` in the image's /etc/group at this layer"),
+                "use an existing group, or create it in an earlier layer",
+            )
+        })?;
         if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
         }
         if std::fs::symlink_metadata(&target).is_ok_and(|m| !m.is_dir()) {
-            std::fs::remove_file(&target).with_context(|| format!("replacing {}", target.display()))?;
+            std::fs::remove_file(&target)
+                .with_context(|| format!("replacing {}", target.display()))?;
         }
         let data = std::fs::read(&f.src).with_context(|| format!("reading {}", f.src.display()))?;
         write_file(&target, &data, f.mode)?;
-        std::os::unix::fs::chown(&target, Some(uid), Some(gid)).with_context(|| format!("chown {}", target.display()))?;
+        std::os::unix::fs::chown(&target, Some(uid), Some(gid))
+            .with_context(|| format!("chown {}", target.display()))?;
         // chown clears setuid/setgid bits: set the mode last.
         set_mode(&target, f.mode)?;
     }
@@ -455,8 +599,14 @@ pub fn copy_files(root: &Path, files: &[FileSpec], origin: &Path, layer: &str) -
 /// root is refused, as is a directory component that is not a directory.
 pub fn resolve_in_root(root: &Path, dest: &str) -> Result<PathBuf, String> {
     const MAX_LINKS: usize = 40;
-    let mut parts: Vec<String> = dest.split('/').filter(|p| !p.is_empty()).map(str::to_owned).collect();
-    let Some(last) = parts.pop() else { return Err("is the image root".into()) };
+    let mut parts: Vec<String> = dest
+        .split('/')
+        .filter(|p| !p.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let Some(last) = parts.pop() else {
+        return Err("is the image root".into());
+    };
     let mut resolved: Vec<String> = Vec::new();
     let mut queue: std::collections::VecDeque<String> = parts.into();
     let mut links = 0;
@@ -487,7 +637,17 @@ pub fn resolve_in_root(root: &Path, dest: &str) -> Result<PathBuf, String> {
                     queue.push_front(p.to_owned());
                 }
             }
-            Ok(m) if !m.is_dir() => return Err(format!("/{} is not a directory", resolved.iter().chain([&part]).cloned().collect::<Vec<_>>().join("/"))),
+            Ok(m) if !m.is_dir() => {
+                return Err(format!(
+                    "/{} is not a directory",
+                    resolved
+                        .iter()
+                        .chain([&part])
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join("/")
+                ))
+            }
             _ => resolved.push(part),
         }
     }
@@ -518,7 +678,8 @@ fn lookup(ids: &BTreeMap<String, u32>, name: &str) -> Option<u32> {
 
 pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
     }
     std::fs::write(path, data).with_context(|| format!("writing {}", path.display()))?;
     set_mode(path, mode)
@@ -526,7 +687,8 @@ pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<()> {
 
 fn set_mode(path: &Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).with_context(|| format!("chmod {mode:o} {}", path.display()))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {mode:o} {}", path.display()))
 }
 
 /// The packages installed in a root, from its dpkg database.
@@ -537,7 +699,11 @@ pub fn installed(root: &Path) -> Result<Vec<Package>> {
     }
     let out = Cmd::new("dpkg-query")
         .arg(format!("--admindir={}", admin.display()))
-        .args(["-W", "-f", "${db:Status-Abbrev}\t${Package}\t${Version}\t${Architecture}\t${source:Package}\n"])
+        .args([
+            "-W",
+            "-f",
+            "${db:Status-Abbrev}\t${Package}\t${Version}\t${Architecture}\t${source:Package}\n",
+        ])
         .output()?;
     let mut pkgs: Vec<Package> = out
         .stdout_str()
@@ -548,7 +714,12 @@ pub fn installed(root: &Path) -> Result<Vec<Package>> {
             if !status.starts_with("ii") {
                 return None;
             }
-            Some(Package { name: f.next()?.into(), version: f.next()?.into(), arch: f.next()?.into(), source: f.next().unwrap_or("").into() })
+            Some(Package {
+                name: f.next()?.into(),
+                version: f.next()?.into(),
+                arch: f.next()?.into(),
+                source: f.next().unwrap_or("").into(),
+            })
         })
         .collect();
     pkgs.sort();
@@ -557,18 +728,34 @@ pub fn installed(root: &Path) -> Result<Vec<Package>> {
 
 /// What changed between two package sets.
 pub fn package_changes(before: &[Package], after: &[Package]) -> Vec<PackageChange> {
-    let old: BTreeMap<(&str, &str), &str> = before.iter().map(|p| ((p.name.as_str(), p.arch.as_str()), p.version.as_str())).collect();
-    let new: BTreeMap<(&str, &str), &str> = after.iter().map(|p| ((p.name.as_str(), p.arch.as_str()), p.version.as_str())).collect();
+    let old: BTreeMap<(&str, &str), &str> = before
+        .iter()
+        .map(|p| ((p.name.as_str(), p.arch.as_str()), p.version.as_str()))
+        .collect();
+    let new: BTreeMap<(&str, &str), &str> = after
+        .iter()
+        .map(|p| ((p.name.as_str(), p.arch.as_str()), p.version.as_str()))
+        .collect();
     let mut changes = Vec::new();
     for (&(name, arch), &v) in &new {
         match old.get(&(name, arch)) {
             Some(&o) if o == v => {}
-            o => changes.push(PackageChange { name: name.into(), arch: arch.into(), old: o.map(|s| s.to_string()), new: Some(v.into()) }),
+            o => changes.push(PackageChange {
+                name: name.into(),
+                arch: arch.into(),
+                old: o.map(|s| s.to_string()),
+                new: Some(v.into()),
+            }),
         }
     }
     for (&(name, arch), &o) in &old {
         if !new.contains_key(&(name, arch)) {
-            changes.push(PackageChange { name: name.into(), arch: arch.into(), old: Some(o.into()), new: None });
+            changes.push(PackageChange {
+                name: name.into(),
+                arch: arch.into(),
+                old: Some(o.into()),
+                new: None,
+            });
         }
     }
     changes.sort_by(|a, b| a.name.cmp(&b.name));
@@ -589,24 +776,57 @@ mod tests {
         std::os::unix::fs::symlink("/etc", root.join("opt/abs")).unwrap();
         std::os::unix::fs::symlink("../../../../tmp", root.join("opt/out")).unwrap();
         std::fs::write(root.join("opt/file"), "").unwrap();
-        assert_eq!(resolve_in_root(root, "/lib/x.service").unwrap(), root.join("usr/lib/x.service"));
-        assert_eq!(resolve_in_root(root, "/opt/abs/motd").unwrap(), root.join("etc/motd"));
-        assert_eq!(resolve_in_root(root, "/new/dir/f").unwrap(), root.join("new/dir/f"));
-        assert!(resolve_in_root(root, "/opt/out/x").unwrap_err().contains("points out of the image"));
-        assert!(resolve_in_root(root, "/opt/file/x").unwrap_err().contains("not a directory"));
+        assert_eq!(
+            resolve_in_root(root, "/lib/x.service").unwrap(),
+            root.join("usr/lib/x.service")
+        );
+        assert_eq!(
+            resolve_in_root(root, "/opt/abs/motd").unwrap(),
+            root.join("etc/motd")
+        );
+        assert_eq!(
+            resolve_in_root(root, "/new/dir/f").unwrap(),
+            root.join("new/dir/f")
+        );
+        assert!(resolve_in_root(root, "/opt/out/x")
+            .unwrap_err()
+            .contains("points out of the image"));
+        assert!(resolve_in_root(root, "/opt/file/x")
+            .unwrap_err()
+            .contains("not a directory"));
     }
 
     #[test]
     fn package_changes_lists_installs_upgrades_and_removals() {
-        let p = |n: &str, v: &str| Package { name: n.into(), version: v.into(), arch: "amd64".into(), source: String::new() };
-        let changes = package_changes(&[p("a", "1"), p("b", "1"), p("c", "1")], &[p("a", "1"), p("b", "2"), p("d", "1")]);
-        let shown: Vec<String> = changes.iter().map(|c| format!("{} {:?} {:?}", c.name, c.old, c.new)).collect();
-        assert_eq!(shown, ["b Some(\"1\") Some(\"2\")", "c Some(\"1\") None", "d None Some(\"1\")"]);
+        let p = |n: &str, v: &str| Package {
+            name: n.into(),
+            version: v.into(),
+            arch: "amd64".into(),
+            source: String::new(),
+        };
+        let changes = package_changes(
+            &[p("a", "1"), p("b", "1"), p("c", "1")],
+            &[p("a", "1"), p("b", "2"), p("d", "1")],
+        );
+        let shown: Vec<String> = changes
+            .iter()
+            .map(|c| format!("{} {:?} {:?}", c.name, c.old, c.new))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                "b Some(\"1\") Some(\"2\")",
+                "c Some(\"1\") None",
+                "d None Some(\"1\")"
+            ]
+        );
     }
 
     #[test]
     fn apt_name_errors_become_bad_input() {
-        let err = anyhow::anyhow!("command failed: apt-get install\n    E: Unable to locate package no-such-pkg");
+        let err = anyhow::anyhow!(
+            "command failed: apt-get install\n    E: Unable to locate package no-such-pkg"
+        );
         let err = explain_apt_failure(err, Path::new("r.toml"), "layer.app.packages");
         assert!(err.is::<BadInput>());
         assert!(err.to_string().contains("no-such-pkg"), "{err}");

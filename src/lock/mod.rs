@@ -71,7 +71,11 @@ impl StepLock {
     /// What the step key covers: the package set, not when or against
     /// which archive state it was resolved.
     pub fn digest(&self) -> String {
-        let mut lines: Vec<String> = self.packages.iter().map(|p| format!("{} {} {} {}", p.name, p.version, p.arch, p.sha256)).collect();
+        let mut lines: Vec<String> = self
+            .packages
+            .iter()
+            .map(|p| format!("{} {} {} {}", p.name, p.version, p.arch, p.sha256))
+            .collect();
         lines.sort();
         bytes_digest(lines.join("\n").as_bytes())
     }
@@ -87,7 +91,12 @@ impl LockFile {
     pub fn load(path: &Path) -> Result<LockFile> {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(LockFile { version: LOCK_VERSION, steps: BTreeMap::new() }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(LockFile {
+                    version: LOCK_VERSION,
+                    steps: BTreeMap::new(),
+                })
+            }
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
         let lock: LockFile = toml::from_str(&text).map_err(|e| {
@@ -95,15 +104,37 @@ impl LockFile {
             BadInput::new(path, key, format!("the lock file is damaged: {}", e.message().trim()), "restore it from version control, or delete it and run `kiln lock` to resolve it again")
         })?;
         if lock.version != LOCK_VERSION {
-            return Err(BadInput::new(path, "version", format!("lock version {} is not supported (this kiln writes {LOCK_VERSION})", lock.version), "re-resolve it with `kiln lock --update`").into());
+            return Err(BadInput::new(
+                path,
+                "version",
+                format!(
+                    "lock version {} is not supported (this kiln writes {LOCK_VERSION})",
+                    lock.version
+                ),
+                "re-resolve it with `kiln lock --update`",
+            )
+            .into());
         }
         for (id, step) in &lock.steps {
             for (i, p) in step.packages.iter().enumerate() {
-                let hex_ok = p.sha256.len() == 64 && p.sha256.chars().all(|c| c.is_ascii_hexdigit());
-                let path_ok = p.path.starts_with("pool/") && !p.path.split('/').any(|c| c == ".." || c.is_empty());
-                let name_ok = !p.name.is_empty() && p.name.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
-                let ver_ok = !p.version.is_empty() && p.version.chars().all(|c| c.is_ascii_alphanumeric() || "+-.:~".contains(c));
-                if !(hex_ok && path_ok && name_ok && ver_ok && ["main", "security"].contains(&p.archive.as_str())) {
+                let hex_ok =
+                    p.sha256.len() == 64 && p.sha256.chars().all(|c| c.is_ascii_hexdigit());
+                let path_ok = p.path.starts_with("pool/")
+                    && !p.path.split('/').any(|c| c == ".." || c.is_empty());
+                let name_ok = !p.name.is_empty()
+                    && p.name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+                let ver_ok = !p.version.is_empty()
+                    && p.version
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "+-.:~".contains(c));
+                if !(hex_ok
+                    && path_ok
+                    && name_ok
+                    && ver_ok
+                    && ["main", "security"].contains(&p.archive.as_str()))
+                {
                     return Err(BadInput::new(
                         path,
                         format!("steps.\"{id}\".packages[{i}]"),
@@ -126,10 +157,13 @@ impl LockFile {
              # installs exactly these versions and checks every .deb against its sha256.\n\n{body}"
         );
         let dir = path.parent().unwrap_or(Path::new("."));
-        let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("creating a temp file in {}", dir.display()))?;
+        let mut tmp = tempfile::NamedTempFile::new_in(dir)
+            .with_context(|| format!("creating a temp file in {}", dir.display()))?;
         use std::io::Write;
-        tmp.write_all(text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
-        tmp.persist(path).with_context(|| format!("writing {}", path.display()))?;
+        tmp.write_all(text.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
+        tmp.persist(path)
+            .with_context(|| format!("writing {}", path.display()))?;
         Ok(())
     }
 }
@@ -155,7 +189,14 @@ impl Locks {
     }
 
     pub fn set(&mut self, recipe: &Path, step: &str, lock: StepLock) {
-        self.files.entry(recipe.to_owned()).or_insert_with(|| LockFile { version: LOCK_VERSION, steps: BTreeMap::new() }).steps.insert(step.to_owned(), lock);
+        self.files
+            .entry(recipe.to_owned())
+            .or_insert_with(|| LockFile {
+                version: LOCK_VERSION,
+                steps: BTreeMap::new(),
+            })
+            .steps
+            .insert(step.to_owned(), lock);
     }
 
     pub fn remove(&mut self, recipe: &Path, step: &str) -> Option<StepLock> {
@@ -167,7 +208,11 @@ impl Locks {
     /// build creates is older than this: clamping every timestamp to it
     /// makes two builds of the same locks agree, whenever they run.
     pub fn source_date_epoch(&self) -> Option<u64> {
-        self.files.values().flat_map(|f| f.steps.values()).map(|s| s.resolved).min()
+        self.files
+            .values()
+            .flat_map(|f| f.steps.values())
+            .map(|s| s.resolved)
+            .min()
     }
 
     /// Write every lock file whose content differs from what is on disk.
@@ -175,11 +220,18 @@ impl Locks {
         let mut written = Vec::new();
         for (recipe, lock) in &self.files {
             let path = path_for(recipe);
-            let unchanged = if path.exists() { LockFile::load(&path).ok().as_ref() == Some(lock) } else { lock.steps.is_empty() };
+            let unchanged = if path.exists() {
+                LockFile::load(&path).ok().as_ref() == Some(lock)
+            } else {
+                lock.steps.is_empty()
+            };
             if unchanged {
                 continue;
             }
-            let name = recipe.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = recipe
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             lock.save(&path, &name)?;
             written.push(path);
         }
@@ -190,7 +242,11 @@ impl Locks {
 /// `package old -> new` lines between two pins of one step. A package the
 /// old pins did not list shows the version `below` had (what the layer
 /// under the step installed), so an upgrade reads as one.
-pub fn changes_over(old: Option<&StepLock>, new: Option<&StepLock>, below: &BTreeMap<String, String>) -> Vec<String> {
+pub fn changes_over(
+    old: Option<&StepLock>,
+    new: Option<&StepLock>,
+    below: &BTreeMap<String, String>,
+) -> Vec<String> {
     changes(old, new)
         .into_iter()
         .map(|line| match line.split_once(" (none) -> ") {
@@ -206,7 +262,13 @@ pub fn changes_over(old: Option<&StepLock>, new: Option<&StepLock>, below: &BTre
 /// `package old -> new` lines between two pins of one step.
 pub fn changes(old: Option<&StepLock>, new: Option<&StepLock>) -> Vec<String> {
     let map = |s: Option<&StepLock>| -> BTreeMap<(String, String), String> {
-        s.map(|s| s.packages.iter().map(|p| ((p.name.clone(), p.arch.clone()), p.version.clone())).collect()).unwrap_or_default()
+        s.map(|s| {
+            s.packages
+                .iter()
+                .map(|p| ((p.name.clone(), p.arch.clone()), p.version.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
     };
     let (a, b) = (map(old), map(new));
     let mut out = Vec::new();
@@ -231,15 +293,35 @@ mod tests {
     use super::*;
 
     fn pkg(name: &str, version: &str) -> LockedPackage {
-        LockedPackage { name: name.into(), version: version.into(), arch: "amd64".into(), sha256: "a".repeat(64), archive: "main".into(), path: format!("pool/main/x/{name}.deb") }
+        LockedPackage {
+            name: name.into(),
+            version: version.into(),
+            arch: "amd64".into(),
+            sha256: "a".repeat(64),
+            archive: "main".into(),
+            path: format!("pool/main/x/{name}.deb"),
+        }
     }
 
     #[test]
     fn digest_ignores_order_and_resolution_time() {
-        let a = StepLock { spec: vec![], resolved: 1, archive: vec!["trixie x".into()], packages: vec![pkg("a", "1"), pkg("b", "1")] };
-        let b = StepLock { spec: vec![], resolved: 2, archive: vec![], packages: vec![pkg("b", "1"), pkg("a", "1")] };
+        let a = StepLock {
+            spec: vec![],
+            resolved: 1,
+            archive: vec!["trixie x".into()],
+            packages: vec![pkg("a", "1"), pkg("b", "1")],
+        };
+        let b = StepLock {
+            spec: vec![],
+            resolved: 2,
+            archive: vec![],
+            packages: vec![pkg("b", "1"), pkg("a", "1")],
+        };
         assert_eq!(a.digest(), b.digest());
-        let c = StepLock { packages: vec![pkg("a", "2"), pkg("b", "1")], ..a.clone() };
+        let c = StepLock {
+            packages: vec![pkg("a", "2"), pkg("b", "1")],
+            ..a.clone()
+        };
         assert_ne!(a.digest(), c.digest());
     }
 
@@ -247,25 +329,56 @@ mod tests {
     fn round_trips_and_rejects_damage() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.lock");
-        let mut lock = LockFile { version: LOCK_VERSION, steps: BTreeMap::new() };
-        lock.steps.insert("app/packages".into(), StepLock { spec: vec!["p".into()], resolved: 5, archive: vec![], packages: vec![pkg("curl", "8.1")] });
+        let mut lock = LockFile {
+            version: LOCK_VERSION,
+            steps: BTreeMap::new(),
+        };
+        lock.steps.insert(
+            "app/packages".into(),
+            StepLock {
+                spec: vec!["p".into()],
+                resolved: 5,
+                archive: vec![],
+                packages: vec![pkg("curl", "8.1")],
+            },
+        );
         lock.save(&path, "x.toml").unwrap();
         assert_eq!(LockFile::load(&path).unwrap(), lock);
-        let text = std::fs::read_to_string(&path).unwrap().replace(&"a".repeat(64), "nothex");
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace(&"a".repeat(64), "nothex");
         std::fs::write(&path, text).unwrap();
         let err = LockFile::load(&path).unwrap_err();
         assert!(err.is::<BadInput>(), "{err:#}");
         assert!(err.to_string().contains("curl"), "{err:#}");
         std::fs::write(&path, "version = 1\n[steps.x]\nresolved = 1\nbogus = 2\n").unwrap();
-        assert!(LockFile::load(&path).unwrap_err().to_string().contains("bogus"));
-        assert_eq!(LockFile::load(&dir.path().join("missing.lock")).unwrap().steps.len(), 0);
+        assert!(LockFile::load(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("bogus"));
+        assert_eq!(
+            LockFile::load(&dir.path().join("missing.lock"))
+                .unwrap()
+                .steps
+                .len(),
+            0
+        );
     }
 
     #[test]
     fn changes_read_like_a_changelog() {
-        let old = StepLock { packages: vec![pkg("a", "1"), pkg("gone", "1")], ..Default::default() };
-        let new = StepLock { packages: vec![pkg("a", "2"), pkg("new", "3")], ..Default::default() };
-        assert_eq!(changes(Some(&old), Some(&new)), ["a 1 -> 2", "gone 1 -> (none)", "new (none) -> 3"]);
+        let old = StepLock {
+            packages: vec![pkg("a", "1"), pkg("gone", "1")],
+            ..Default::default()
+        };
+        let new = StepLock {
+            packages: vec![pkg("a", "2"), pkg("new", "3")],
+            ..Default::default()
+        };
+        assert_eq!(
+            changes(Some(&old), Some(&new)),
+            ["a 1 -> 2", "gone 1 -> (none)", "new (none) -> 3"]
+        );
         assert!(changes(Some(&old), Some(&old)).is_empty());
     }
 }

@@ -66,7 +66,14 @@ impl Key {
         b[6] = (b[6] & 0x0f) | 0x40; // version 4 layout, as tools expect
         b[8] = (b[8] & 0x3f) | 0x80; // RFC 4122 variant
         let x = hex(&b);
-        format!("{}-{}-{}-{}-{}", &x[0..8], &x[8..12], &x[12..16], &x[16..20], &x[20..32])
+        format!(
+            "{}-{}-{}-{}-{}",
+            &x[0..8],
+            &x[8..12],
+            &x[12..16],
+            &x[16..20],
+            &x[20..32]
+        )
     }
 }
 
@@ -97,11 +104,13 @@ impl<'de> Deserialize<'de> for Key {
 
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        // Writing to a String cannot fail.
-        write!(s, "{b:02x}").expect("write to String");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            // Writing to a String cannot fail.
+            write!(s, "{b:02x}").expect("write to String");
+            s
+        })
 }
 
 /// sha256 of a file's content, streaming.
@@ -218,7 +227,14 @@ pub struct StepInputs {
 
 impl StepInputs {
     pub fn key(&self) -> Key {
-        let StepInputs { parent, kind, spec, files, lock, archive } = self;
+        let StepInputs {
+            parent,
+            kind,
+            spec,
+            files,
+            lock,
+            archive,
+        } = self;
         let mut h = KeyHasher::new(LAYER_DOMAIN);
         h.opt_key("parent", *parent);
         h.str("kind", kind.as_str());
@@ -227,7 +243,13 @@ impl StepInputs {
         for f in files {
             // `src` is deliberately left out: renaming the file on the host
             // without changing its content changes nothing in the image.
-            let FileInput { src: _, dest, mode, owner, sha256 } = f;
+            let FileInput {
+                src: _,
+                dest,
+                mode,
+                owner,
+                sha256,
+            } = f;
             h.str("dest", dest);
             h.bytes("mode", &mode.to_le_bytes());
             h.str("owner", owner);
@@ -255,7 +277,15 @@ pub struct ImageInputs {
 
 impl ImageInputs {
     pub fn key(&self) -> Key {
-        let ImageInputs { top, size, format, hostname, cmdline, volumes, epoch } = self;
+        let ImageInputs {
+            top,
+            size,
+            format,
+            hostname,
+            cmdline,
+            volumes,
+            epoch,
+        } = self;
         let mut h = KeyHasher::new(ASSEMBLY_VERSION);
         h.opt_key("top", Some(*top));
         h.bytes("size", &size.to_le_bytes());
@@ -296,7 +326,13 @@ mod tests {
             parent: None,
             kind: StepKind::Files,
             spec: vec![],
-            files: vec![FileInput { src: "a".into(), dest: "/a".into(), mode: 0o644, owner: "root:root".into(), sha256: "00".into() }],
+            files: vec![FileInput {
+                src: "a".into(),
+                dest: "/a".into(),
+                mode: 0o644,
+                owner: "root:root".into(),
+                sha256: "00".into(),
+            }],
             lock: None,
             archive: vec![],
         };
@@ -331,7 +367,10 @@ mod tests {
     #[test]
     fn key_is_stable_across_releases() {
         // A changed encoding silently invalidates every store: this pins it.
-        assert_eq!(inputs(&["echo hi"]).key().hex(), "16e5863776226e552c048c1a8bd4bfe38e87b7b18d3cc6dd58827e0c316015d4");
+        assert_eq!(
+            inputs(&["echo hi"]).key().hex(),
+            "16e5863776226e552c048c1a8bd4bfe38e87b7b18d3cc6dd58827e0c316015d4"
+        );
     }
 
     #[test]

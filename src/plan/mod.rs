@@ -42,7 +42,10 @@ pub struct Step {
 impl Step {
     /// Whether this step installs packages, and so is pinned by a lock.
     pub fn is_locked_kind(&self) -> bool {
-        matches!(self.inputs.kind, StepKind::Base | StepKind::Upgrade | StepKind::Packages)
+        matches!(
+            self.inputs.kind,
+            StepKind::Base | StepKind::Upgrade | StepKind::Packages
+        )
     }
 
     /// A step that installs packages but has no pins yet: the build will
@@ -66,9 +69,14 @@ impl Step {
 pub enum Action {
     Base(BaseSpec),
     /// Add the suite's updates and security sources, then upgrade.
-    Upgrade { suite: String },
+    Upgrade {
+        suite: String,
+    },
     Packages(Vec<String>),
-    Files { files: Vec<FileSpec>, origin: std::path::PathBuf },
+    Files {
+        files: Vec<FileSpec>,
+        origin: std::path::PathBuf,
+    },
     Run(Vec<String>),
 }
 
@@ -85,26 +93,62 @@ pub fn make(recipe: &Recipe, locks: &Locks) -> Result<Plan> {
     let mut steps = Vec::new();
     // The archive the image's apt sources will name: the recipe's mirror or
     // the host's (read now, as the build will).
-    let archive: Vec<String> = match crate::build::sources::mirrors(recipe.base.mirror.as_deref(), Path::new("/etc/apt")) {
+    let archive: Vec<String> = match crate::build::sources::mirrors(
+        recipe.base.mirror.as_deref(),
+        Path::new("/etc/apt"),
+    ) {
         Some(m) => vec![m.main, m.security],
         None => Vec::new(),
     };
     let push = |steps: &mut Vec<Step>, layer: &str, origin: &Path, kind, spec, files, action| {
-        push(steps, locks, &archive, layer, origin, kind, spec, files, action)
+        push(
+            steps, locks, &archive, layer, origin, kind, spec, files, action,
+        )
     };
-    let BaseSpec { suite, variant, packages, mirror: _ } = &recipe.base;
+    let BaseSpec {
+        suite,
+        variant,
+        packages,
+        mirror: _,
+    } = &recipe.base;
     let mut base_spec = vec![format!("suite={suite}"), format!("variant={variant}")];
     base_spec.extend(sorted(packages).into_iter().map(|p| format!("package={p}")));
-    push(&mut steps, "base", &recipe.base_defined_in, StepKind::Base, base_spec, vec![], Action::Base(recipe.base.clone()));
+    push(
+        &mut steps,
+        "base",
+        &recipe.base_defined_in,
+        StepKind::Base,
+        base_spec,
+        vec![],
+        Action::Base(recipe.base.clone()),
+    );
 
     for layer in &recipe.layers {
         if layer.upgrade {
-            let action = Action::Upgrade { suite: suite.clone() };
-            push(&mut steps, &layer.name, &layer.defined_in, StepKind::Upgrade, vec![format!("suite={suite}")], vec![], action);
+            let action = Action::Upgrade {
+                suite: suite.clone(),
+            };
+            push(
+                &mut steps,
+                &layer.name,
+                &layer.defined_in,
+                StepKind::Upgrade,
+                vec![format!("suite={suite}")],
+                vec![],
+                action,
+            );
         }
         if !layer.packages.is_empty() {
             let pkgs = sorted(&layer.packages);
-            push(&mut steps, &layer.name, &layer.defined_in, StepKind::Packages, pkgs.clone(), vec![], Action::Packages(pkgs));
+            push(
+                &mut steps,
+                &layer.name,
+                &layer.defined_in,
+                StepKind::Packages,
+                pkgs.clone(),
+                vec![],
+                Action::Packages(pkgs),
+            );
         }
         if !layer.files.is_empty() {
             let files = layer
@@ -112,15 +156,45 @@ pub fn make(recipe: &Recipe, locks: &Locks) -> Result<Plan> {
                 .iter()
                 .map(|f| {
                     let sha256 = key::file_digest(&f.src).map_err(|e| {
-                        BadInput::new(&layer.defined_in, format!("layer.{}.files", layer.name), format!("cannot read `{}`: {e}", f.src_name), "make the file readable")
+                        BadInput::new(
+                            &layer.defined_in,
+                            format!("layer.{}.files", layer.name),
+                            format!("cannot read `{}`: {e}", f.src_name),
+                            "make the file readable",
+                        )
                     })?;
-                    Ok(FileInput { src: f.src_name.clone(), dest: f.dest.clone(), mode: f.mode, owner: f.owner.clone(), sha256 })
+                    Ok(FileInput {
+                        src: f.src_name.clone(),
+                        dest: f.dest.clone(),
+                        mode: f.mode,
+                        owner: f.owner.clone(),
+                        sha256,
+                    })
                 })
                 .collect::<Result<Vec<_>>>()?;
-            push(&mut steps, &layer.name, &layer.defined_in, StepKind::Files, vec![], files, Action::Files { files: layer.files.clone(), origin: layer.defined_in.clone() });
+            push(
+                &mut steps,
+                &layer.name,
+                &layer.defined_in,
+                StepKind::Files,
+                vec![],
+                files,
+                Action::Files {
+                    files: layer.files.clone(),
+                    origin: layer.defined_in.clone(),
+                },
+            );
         }
         if !layer.run.is_empty() {
-            push(&mut steps, &layer.name, &layer.defined_in, StepKind::Run, layer.run.clone(), vec![], Action::Run(layer.run.clone()));
+            push(
+                &mut steps,
+                &layer.name,
+                &layer.defined_in,
+                StepKind::Run,
+                layer.run.clone(),
+                vec![],
+                Action::Run(layer.run.clone()),
+            );
         }
     }
 
@@ -135,32 +209,83 @@ pub fn make(recipe: &Recipe, locks: &Locks) -> Result<Plan> {
         volumes: recipe
             .volumes
             .iter()
-            .map(|v| format!("{} {} {} {} {}", v.name, v.mount, v.size, v.filesystem, v.owner))
+            .map(|v| {
+                format!(
+                    "{} {} {} {} {}",
+                    v.name, v.mount, v.size, v.filesystem, v.owner
+                )
+            })
             .collect(),
-        epoch: locks.source_date_epoch().unwrap_or(crate::record::DEFAULT_SOURCE_DATE_EPOCH),
+        epoch: locks
+            .source_date_epoch()
+            .unwrap_or(crate::record::DEFAULT_SOURCE_DATE_EPOCH),
     };
     let key = inputs.key();
-    Ok(Plan { recipe: recipe.clone(), steps, image: ImagePlan { inputs, key, spec } })
+    Ok(Plan {
+        recipe: recipe.clone(),
+        steps,
+        image: ImagePlan { inputs, key, spec },
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
-fn push(steps: &mut Vec<Step>, locks: &Locks, archive: &[String], layer: &str, origin: &Path, kind: StepKind, spec: Vec<String>, files: Vec<FileInput>, action: Action) {
+fn push(
+    steps: &mut Vec<Step>,
+    locks: &Locks,
+    archive: &[String],
+    layer: &str,
+    origin: &Path,
+    kind: StepKind,
+    spec: Vec<String>,
+    files: Vec<FileInput>,
+    action: Action,
+) {
     // Only the steps that write apt sources into the image depend on them.
-    let archive: &[String] = if matches!(kind, StepKind::Base | StepKind::Upgrade) { archive } else { &[] };
+    let archive: &[String] = if matches!(kind, StepKind::Base | StepKind::Upgrade) {
+        archive
+    } else {
+        &[]
+    };
     let parent = steps.last().map(|s: &Step| s.key);
-    let id = if kind == StepKind::Base { "base".to_owned() } else { format!("{layer}/{}", kind.as_str()) };
-    let lock = if matches!(kind, StepKind::Base | StepKind::Upgrade | StepKind::Packages) {
+    let id = if kind == StepKind::Base {
+        "base".to_owned()
+    } else {
+        format!("{layer}/{}", kind.as_str())
+    };
+    let lock = if matches!(
+        kind,
+        StepKind::Base | StepKind::Upgrade | StepKind::Packages
+    ) {
         locks.get(origin, &id).filter(|l| l.spec == spec).cloned()
     } else {
         None
     };
-    let inputs = StepInputs { parent, kind, spec, files, lock: lock.as_ref().map(StepLock::digest), archive: archive.to_vec() };
+    let inputs = StepInputs {
+        parent,
+        kind,
+        spec,
+        files,
+        lock: lock.as_ref().map(StepLock::digest),
+        archive: archive.to_vec(),
+    };
     let key = inputs.key();
-    steps.push(Step { layer: layer.to_owned(), origin: origin.to_owned(), lock, inputs, key, action });
+    steps.push(Step {
+        layer: layer.to_owned(),
+        origin: origin.to_owned(),
+        lock,
+        inputs,
+        key,
+        action,
+    });
 }
 
 fn sorted(items: &[String]) -> Vec<String> {
-    items.iter().cloned().collect::<BTreeSet<_>>().into_iter().collect()
+    items
+        .iter()
+        .cloned()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect()
 }
 
 /// Whether a step (or the image) must be built, and why: the answer to
@@ -208,7 +333,9 @@ impl std::fmt::Display for Reason {
 /// Why a step whose key is not in the store must be built, given the inputs
 /// of the last build of the same step of the same recipe.
 pub fn reason(current: &StepInputs, last: Option<&StepInputs>) -> Reason {
-    let Some(last) = last else { return Reason::NotInStore };
+    let Some(last) = last else {
+        return Reason::NotInStore;
+    };
     if current.parent != last.parent {
         return Reason::ParentChanged;
     }
@@ -222,7 +349,12 @@ pub fn reason(current: &StepInputs, last: Option<&StepInputs>) -> Reason {
             .filter(|f| !last.files.contains(f))
             .map(|f| f.src.clone())
             .collect();
-        changed.extend(last.files.iter().filter(|f| !current.files.iter().any(|c| c.src == f.src)).map(|f| f.src.clone()));
+        changed.extend(
+            last.files
+                .iter()
+                .filter(|f| !current.files.iter().any(|c| c.src == f.src))
+                .map(|f| f.src.clone()),
+        );
         return Reason::FileChanged(changed);
     }
     if current.lock != last.lock {

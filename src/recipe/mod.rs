@@ -32,8 +32,16 @@ const MAX_NAME: usize = 63;
 /// A volume's disk carries the virtio serial `vol-NAME`, at most 20 bytes.
 const VOLUME_NAME_MAX: usize = 16;
 const VARIANTS: &[&str] = &[
-    "extract", "custom", "essential", "apt", "required", "minbase", "buildd", "important",
-    "debootstrap", "standard",
+    "extract",
+    "custom",
+    "essential",
+    "apt",
+    "required",
+    "minbase",
+    "buildd",
+    "important",
+    "debootstrap",
+    "standard",
 ];
 const REFERENCE: &str = "see \"Recipe reference\" in README.md";
 
@@ -169,7 +177,9 @@ fn read_raw(path: &Path) -> Result<RawRecipe> {
 /// Parse recipe text; `path` is only used in messages.
 pub fn parse(path: &Path, text: &str) -> Result<RawRecipe> {
     toml::from_str::<RawRecipe>(text).map_err(|e| {
-        let line = e.span().map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+        let line = e
+            .span()
+            .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
         let message = e.message().trim().to_owned();
         // The table the error is in: the last `[table]` header above it.
         let table = e.span().and_then(|sp| {
@@ -190,12 +200,18 @@ pub fn parse(path: &Path, text: &str) -> Result<RawRecipe> {
         };
         let (key, fix) = if let Some(rest) = message.strip_prefix("unknown field `") {
             let name = qualify(rest.split('`').next().unwrap_or("?"));
-            (name, format!("remove or rename it; {REFERENCE} for the keys each table takes"))
+            (
+                name,
+                format!("remove or rename it; {REFERENCE} for the keys each table takes"),
+            )
         } else if message.starts_with("missing field `") {
             let name = qualify(message.split('`').nth(1).unwrap_or("?"));
             (name, format!("add it; {REFERENCE}"))
         } else {
-            ("(syntax)".to_owned(), "fix the TOML syntax at that line".to_owned())
+            (
+                "(syntax)".to_owned(),
+                "fix the TOML syntax at that line".to_owned(),
+            )
         };
         let problem = match line {
             Some(line) => format!("line {line}: {message}"),
@@ -207,14 +223,23 @@ pub fn parse(path: &Path, text: &str) -> Result<RawRecipe> {
 
 fn load_chain(path: &Path, chain: &mut Vec<PathBuf>) -> Result<Merged> {
     let canonical = std::fs::canonicalize(path).map_err(|e| {
-        BadInput::new(path, "(file)", format!("cannot read the recipe: {e}"), "check the path")
+        BadInput::new(
+            path,
+            "(file)",
+            format!("cannot read the recipe: {e}"),
+            "check the path",
+        )
     })?;
     if chain.contains(&canonical) {
         let cycle: Vec<String> = chain.iter().map(|p| p.display().to_string()).collect();
         return Err(BadInput::new(
             path,
             "extends",
-            format!("recipes extend each other in a cycle: {} -> {}", cycle.join(" -> "), canonical.display()),
+            format!(
+                "recipes extend each other in a cycle: {} -> {}",
+                cycle.join(" -> "),
+                canonical.display()
+            ),
             "break the cycle: a recipe may extend only one that does not extend it back",
         )
         .into());
@@ -224,7 +249,11 @@ fn load_chain(path: &Path, chain: &mut Vec<PathBuf>) -> Result<Merged> {
     let Some(parent_name) = raw.extends.clone() else {
         let n = raw.layers.len();
         let base_origin = raw.base.as_ref().map(|_| canonical.clone());
-        return Ok(Merged { raw, layer_origins: vec![canonical; n], base_origin });
+        return Ok(Merged {
+            raw,
+            layer_origins: vec![canonical; n],
+            base_origin,
+        });
     };
     let dir = canonical.parent().unwrap_or(Path::new("/"));
     let parent_path = dir.join(&parent_name);
@@ -232,7 +261,10 @@ fn load_chain(path: &Path, chain: &mut Vec<PathBuf>) -> Result<Merged> {
         return Err(BadInput::new(
             path,
             "extends",
-            format!("`{parent_name}` does not exist (looked for {})", parent_path.display()),
+            format!(
+                "`{parent_name}` does not exist (looked for {})",
+                parent_path.display()
+            ),
             "name a recipe file relative to this one, e.g. extends = \"golden.toml\"",
         )
         .into());
@@ -245,7 +277,11 @@ fn load_chain(path: &Path, chain: &mut Vec<PathBuf>) -> Result<Merged> {
 /// one, `[base]` replaces, layers and volumes are appended, smoke checks are
 /// appended and the timeout overrides.
 fn merge(parent: Merged, child: RawRecipe, child_path: &Path) -> Merged {
-    let Merged { raw: p, mut layer_origins, base_origin } = parent;
+    let Merged {
+        raw: p,
+        mut layer_origins,
+        base_origin,
+    } = parent;
     let image = match (p.image, child.image) {
         (Some(pi), Some(ci)) => Some(raw::RawImage {
             name: ci.name.or(pi.name),
@@ -256,9 +292,16 @@ fn merge(parent: Merged, child: RawRecipe, child_path: &Path) -> Merged {
         }),
         (pi, ci) => ci.or(pi),
     };
-    let base_origin = if child.base.is_some() { Some(child_path.to_owned()) } else { base_origin };
+    let base_origin = if child.base.is_some() {
+        Some(child_path.to_owned())
+    } else {
+        base_origin
+    };
     let mut layers = p.layers;
-    layer_origins.extend(std::iter::repeat_n(child_path.to_owned(), child.layers.len()));
+    layer_origins.extend(std::iter::repeat_n(
+        child_path.to_owned(),
+        child.layers.len(),
+    ));
     layers.extend(child.layers);
     let mut volumes = p.volumes;
     volumes.extend(child.volumes);
@@ -286,64 +329,142 @@ fn merge(parent: Merged, child: RawRecipe, child_path: &Path) -> Merged {
 }
 
 fn resolve(path: &Path, merged: Merged, sources: Vec<PathBuf>) -> Result<Recipe> {
-    let Merged { raw, layer_origins, base_origin } = merged;
+    let Merged {
+        raw,
+        layer_origins,
+        base_origin,
+    } = merged;
     let bad = |key: &str, problem: String, fix: &str| -> anyhow::Error {
         BadInput::new(path, key, problem, fix).into()
     };
 
     let raw_image = raw.image.unwrap_or_default();
-    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let name = raw_image.name.unwrap_or(stem);
-    check_name(&name).map_err(|why| bad("image.name", why, "use 1-63 of a-z, 0-9, '.', '_' and '-', starting with a letter or digit"))?;
+    check_name(&name).map_err(|why| {
+        bad(
+            "image.name",
+            why,
+            "use 1-63 of a-z, 0-9, '.', '_' and '-', starting with a letter or digit",
+        )
+    })?;
     let size_text = raw_image.size.unwrap_or_else(|| DEFAULT_SIZE.to_owned());
-    let size = units::parse_size(&size_text)
-        .map_err(|why| bad("image.size", why, "write a size such as \"2GiB\" or \"512MiB\""))?;
+    let size = units::parse_size(&size_text).map_err(|why| {
+        bad(
+            "image.size",
+            why,
+            "write a size such as \"2GiB\" or \"512MiB\"",
+        )
+    })?;
     if !(MIN_SIZE..=MAX_SIZE).contains(&size) {
         return Err(bad(
             "image.size",
-            format!("{size_text} is outside the range kiln supports ({} to {})", units::show_size(MIN_SIZE), units::show_size(MAX_SIZE)),
+            format!(
+                "{size_text} is outside the range kiln supports ({} to {})",
+                units::show_size(MIN_SIZE),
+                units::show_size(MAX_SIZE)
+            ),
             "pick a root filesystem size in that range, e.g. \"2GiB\"",
         ));
     }
     let format = match raw_image.format.as_deref().unwrap_or("qcow2") {
         "qcow2" => Format::Qcow2,
         "raw" => Format::Raw,
-        other => return Err(bad("image.format", format!("unknown format `{other}`"), "use \"qcow2\" or \"raw\"")),
+        other => {
+            return Err(bad(
+                "image.format",
+                format!("unknown format `{other}`"),
+                "use \"qcow2\" or \"raw\"",
+            ))
+        }
     };
     let hostname = raw_image.hostname.unwrap_or_else(|| name.clone());
-    check_hostname(&hostname).map_err(|why| bad("image.hostname", why, "use letters, digits and '-' in dot-separated labels of at most 63 characters"))?;
-    let cmdline = raw_image.cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.to_owned());
+    check_hostname(&hostname).map_err(|why| {
+        bad(
+            "image.hostname",
+            why,
+            "use letters, digits and '-' in dot-separated labels of at most 63 characters",
+        )
+    })?;
+    let cmdline = raw_image
+        .cmdline
+        .unwrap_or_else(|| DEFAULT_CMDLINE.to_owned());
     if let Some(c) = cmdline.chars().find(|c| !(' '..='~').contains(c)) {
-        return Err(bad("image.cmdline", format!("contains the character {c:?}"), "use printable ASCII on one line"));
+        return Err(bad(
+            "image.cmdline",
+            format!("contains the character {c:?}"),
+            "use printable ASCII on one line",
+        ));
     }
     if cmdline.split_whitespace().any(|w| w.starts_with("root=")) {
-        return Err(bad("image.cmdline", "sets root=, which kiln sets itself (root=LABEL=root)".into(), "remove root= from cmdline"));
+        return Err(bad(
+            "image.cmdline",
+            "sets root=, which kiln sets itself (root=LABEL=root)".into(),
+            "remove root= from cmdline",
+        ));
     }
 
     let Some(raw_base) = raw.base else {
-        return Err(bad("base", "the recipe has no [base] table (directly or through extends)".into(), "add [base] with at least suite = \"trixie\", or extends = \"golden.toml\""));
+        return Err(bad(
+            "base",
+            "the recipe has no [base] table (directly or through extends)".into(),
+            "add [base] with at least suite = \"trixie\", or extends = \"golden.toml\"",
+        ));
     };
-    let base_file = base_origin.unwrap_or_else(|| std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned()));
+    let base_file = base_origin
+        .unwrap_or_else(|| std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned()));
     let base_bad = |key: &str, problem: String, fix: &str| -> anyhow::Error {
         BadInput::new(&base_file, key, problem, fix).into()
     };
-    if raw_base.suite.is_empty() || !raw_base.suite.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-') {
-        return Err(base_bad("base.suite", format!("`{}` is not a suite name", raw_base.suite), "use a Debian suite such as \"trixie\""));
+    if raw_base.suite.is_empty()
+        || !raw_base
+            .suite
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    {
+        return Err(base_bad(
+            "base.suite",
+            format!("`{}` is not a suite name", raw_base.suite),
+            "use a Debian suite such as \"trixie\"",
+        ));
     }
-    let variant = raw_base.variant.unwrap_or_else(|| DEFAULT_VARIANT.to_owned());
+    let variant = raw_base
+        .variant
+        .unwrap_or_else(|| DEFAULT_VARIANT.to_owned());
     if !VARIANTS.contains(&variant.as_str()) {
-        return Err(base_bad("base.variant", format!("unknown variant `{variant}`"), &format!("use one of {}", VARIANTS.join(", "))));
+        return Err(base_bad(
+            "base.variant",
+            format!("unknown variant `{variant}`"),
+            &format!("use one of {}", VARIANTS.join(", ")),
+        ));
     }
     for (i, p) in raw_base.packages.iter().enumerate() {
-        check_package(p).map_err(|why| base_bad(&format!("base.packages[{i}]"), why, "use a Debian package name such as \"systemd-sysv\""))?;
+        check_package(p).map_err(|why| {
+            base_bad(
+                &format!("base.packages[{i}]"),
+                why,
+                "use a Debian package name such as \"systemd-sysv\"",
+            )
+        })?;
     }
     if let Some(m) = &raw_base.mirror {
-        let ok = ["http://", "https://", "file:/"].iter().any(|s| m.starts_with(s)) && !m.chars().any(char::is_whitespace);
+        let ok = ["http://", "https://", "file:/"]
+            .iter()
+            .any(|s| m.starts_with(s))
+            && !m.chars().any(char::is_whitespace);
         if !ok {
             return Err(base_bad("base.mirror", format!("`{m}` is not an archive URL"), "use an http://, https:// or file:/ URL, or remove mirror to use the host's apt mirror"));
         }
     }
-    let base = BaseSpec { suite: raw_base.suite, variant, packages: raw_base.packages, mirror: raw_base.mirror };
+    let base = BaseSpec {
+        suite: raw_base.suite,
+        variant,
+        packages: raw_base.packages,
+        mirror: raw_base.mirror,
+    };
 
     let mut layers = Vec::new();
     let mut seen = BTreeSet::new();
@@ -358,31 +479,79 @@ fn resolve(path: &Path, merged: Merged, sources: Vec<PathBuf>) -> Result<Recipe>
     let mut volumes = Vec::new();
     for (i, v) in raw.volumes.into_iter().enumerate() {
         let vol = resolve_volume(path, i, v)?;
-        if volumes.iter().any(|o: &VolumeSpec| o.name == vol.name || o.mount == vol.mount) {
-            return Err(bad(&format!("volume[{i}]"), format!("volume `{}` repeats another volume's name or mount point", vol.name), "give each volume its own name and mount point"));
+        if volumes
+            .iter()
+            .any(|o: &VolumeSpec| o.name == vol.name || o.mount == vol.mount)
+        {
+            return Err(bad(
+                &format!("volume[{i}]"),
+                format!(
+                    "volume `{}` repeats another volume's name or mount point",
+                    vol.name
+                ),
+                "give each volume its own name and mount point",
+            ));
         }
         volumes.push(vol);
     }
 
     let smoke = resolve_smoke(path, raw.smoke.unwrap_or_default())?;
-    Ok(Recipe { path: path.to_owned(), sources, image: ImageSpec { name, size, format, hostname, cmdline }, base, base_defined_in: base_file, layers, volumes, smoke })
+    Ok(Recipe {
+        path: path.to_owned(),
+        sources,
+        image: ImageSpec {
+            name,
+            size,
+            format,
+            hostname,
+            cmdline,
+        },
+        base,
+        base_defined_in: base_file,
+        layers,
+        volumes,
+        smoke,
+    })
 }
 
 fn resolve_layer(i: usize, layer: RawLayer, origin: &Path) -> Result<LayerSpec> {
-    let RawLayer { name, upgrade, packages, files, run } = layer;
+    let RawLayer {
+        name,
+        upgrade,
+        packages,
+        files,
+        run,
+    } = layer;
     let key = |k: &str| format!("layer[{i}].{k}");
-    let bad = |k: String, problem: String, fix: &str| -> anyhow::Error { BadInput::new(origin, k, problem, fix).into() };
-    check_name(&name).map_err(|why| bad(key("name"), why, "use 1-63 of a-z, 0-9, '.', '_' and '-'"))?;
+    let bad = |k: String, problem: String, fix: &str| -> anyhow::Error {
+        BadInput::new(origin, k, problem, fix).into()
+    };
+    check_name(&name)
+        .map_err(|why| bad(key("name"), why, "use 1-63 of a-z, 0-9, '.', '_' and '-'"))?;
     let ctx = format!("layer.{name}");
     if !upgrade && packages.is_empty() && files.is_empty() && run.is_empty() {
-        return Err(bad(ctx, "the layer does nothing".into(), "give it upgrade = true, packages, files or run, or remove it"));
+        return Err(bad(
+            ctx,
+            "the layer does nothing".into(),
+            "give it upgrade = true, packages, files or run, or remove it",
+        ));
     }
     for (j, p) in packages.iter().enumerate() {
-        check_package(p).map_err(|why| bad(format!("{ctx}.packages[{j}]"), why, "use a Debian package name such as \"nginx-light\""))?;
+        check_package(p).map_err(|why| {
+            bad(
+                format!("{ctx}.packages[{j}]"),
+                why,
+                "use a Debian package name such as \"nginx-light\"",
+            )
+        })?;
     }
     for (j, cmd) in run.iter().enumerate() {
         if cmd.trim().is_empty() {
-            return Err(bad(format!("{ctx}.run[{j}]"), "is empty".into(), "remove it or write a shell command"));
+            return Err(bad(
+                format!("{ctx}.run[{j}]"),
+                "is empty".into(),
+                "remove it or write a shell command",
+            ));
         }
     }
     let dir = origin.parent().unwrap_or(Path::new("/"));
@@ -391,73 +560,180 @@ fn resolve_layer(i: usize, layer: RawLayer, origin: &Path) -> Result<LayerSpec> 
         .enumerate()
         .map(|(j, f)| resolve_file(origin, dir, &format!("{ctx}.files[{j}]"), f))
         .collect::<Result<Vec<_>>>()?;
-    Ok(LayerSpec { name, upgrade, packages, files, run, defined_in: origin.to_owned() })
+    Ok(LayerSpec {
+        name,
+        upgrade,
+        packages,
+        files,
+        run,
+        defined_in: origin.to_owned(),
+    })
 }
 
 fn resolve_file(origin: &Path, dir: &Path, key: &str, file: RawFile) -> Result<FileSpec> {
-    let RawFile { src, dest, mode, owner } = file;
-    let bad = |k: &str, problem: String, fix: &str| -> anyhow::Error { BadInput::new(origin, format!("{key}.{k}"), problem, fix).into() };
+    let RawFile {
+        src,
+        dest,
+        mode,
+        owner,
+    } = file;
+    let bad = |k: &str, problem: String, fix: &str| -> anyhow::Error {
+        BadInput::new(origin, format!("{key}.{k}"), problem, fix).into()
+    };
     if Path::new(&src).is_absolute() {
-        return Err(bad("src", format!("`{src}` is an absolute path"), "write src relative to the recipe's folder, e.g. \"files/index.html\""));
+        return Err(bad(
+            "src",
+            format!("`{src}` is an absolute path"),
+            "write src relative to the recipe's folder, e.g. \"files/index.html\"",
+        ));
     }
     let joined = dir.join(&src);
-    let canonical = std::fs::canonicalize(&joined)
-        .map_err(|e| bad("src", format!("`{src}` cannot be read ({}: {e})", joined.display()), "create the file or correct the path (it is relative to the recipe's folder)"))?;
+    let canonical = std::fs::canonicalize(&joined).map_err(|e| {
+        bad(
+            "src",
+            format!("`{src}` cannot be read ({}: {e})", joined.display()),
+            "create the file or correct the path (it is relative to the recipe's folder)",
+        )
+    })?;
     let root = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
     if !canonical.starts_with(&root) {
         return Err(bad("src", format!("`{src}` is outside the recipe's folder {}", root.display()), "move the file under the recipe's folder; kiln only copies files that live beside the recipe"));
     }
     if !canonical.is_file() {
-        return Err(bad("src", format!("`{src}` is not a regular file"), "list each file to copy by itself"));
+        return Err(bad(
+            "src",
+            format!("`{src}` is not a regular file"),
+            "list each file to copy by itself",
+        ));
     }
-    let dest = normalize_dest(&dest).map_err(|why| bad("dest", why, "write an absolute path inside the image without `..`, e.g. \"/etc/motd\""))?;
+    let dest = normalize_dest(&dest).map_err(|why| {
+        bad(
+            "dest",
+            why,
+            "write an absolute path inside the image without `..`, e.g. \"/etc/motd\"",
+        )
+    })?;
     let mode_text = mode.unwrap_or_else(|| "0644".to_owned());
     let mode = u32::from_str_radix(&mode_text, 8)
         .ok()
         .filter(|m| *m <= 0o7777)
-        .ok_or_else(|| bad("mode", format!("`{mode_text}` is not an octal file mode"), "write it as a string of octal digits, e.g. \"0644\""))?;
+        .ok_or_else(|| {
+            bad(
+                "mode",
+                format!("`{mode_text}` is not an octal file mode"),
+                "write it as a string of octal digits, e.g. \"0644\"",
+            )
+        })?;
     let owner = owner.unwrap_or_else(|| "root:root".to_owned());
-    check_owner(&owner).map_err(|why| bad("owner", why, "write \"user:group\" with names or numbers, e.g. \"root:root\" or \"33:33\""))?;
-    Ok(FileSpec { src_name: src, src: canonical, dest, mode, owner })
+    check_owner(&owner).map_err(|why| {
+        bad(
+            "owner",
+            why,
+            "write \"user:group\" with names or numbers, e.g. \"root:root\" or \"33:33\"",
+        )
+    })?;
+    Ok(FileSpec {
+        src_name: src,
+        src: canonical,
+        dest,
+        mode,
+        owner,
+    })
 }
 
 fn resolve_volume(path: &Path, i: usize, v: RawVolume) -> Result<VolumeSpec> {
-    let RawVolume { name, mount, size, filesystem, owner } = v;
-    let bad = |k: &str, problem: String, fix: &str| -> anyhow::Error { BadInput::new(path, format!("volume[{i}].{k}"), problem, fix).into() };
+    let RawVolume {
+        name,
+        mount,
+        size,
+        filesystem,
+        owner,
+    } = v;
+    let bad = |k: &str, problem: String, fix: &str| -> anyhow::Error {
+        BadInput::new(path, format!("volume[{i}].{k}"), problem, fix).into()
+    };
     check_name(&name).map_err(|why| bad("name", why, "use 1-16 of a-z, 0-9, '.', '_' and '-'"))?;
     if name.len() > VOLUME_NAME_MAX {
         return Err(bad("name", format!("`{name}` is longer than {VOLUME_NAME_MAX} characters"), "use a shorter name: the volume's disk is found by the serial `vol-NAME`, which holds 20 characters"));
     }
-    let mount = normalize_dest(&mount).map_err(|why| bad("mount", why, "write an absolute path such as \"/srv/data\""))?;
-    const SYSTEM: &[&str] = &["/", "/usr", "/etc", "/boot", "/bin", "/sbin", "/lib", "/lib64", "/proc", "/sys", "/dev", "/run", "/tmp"];
+    let mount = normalize_dest(&mount)
+        .map_err(|why| bad("mount", why, "write an absolute path such as \"/srv/data\""))?;
+    const SYSTEM: &[&str] = &[
+        "/", "/usr", "/etc", "/boot", "/bin", "/sbin", "/lib", "/lib64", "/proc", "/sys", "/dev",
+        "/run", "/tmp",
+    ];
     if SYSTEM.contains(&mount.as_str()) || mount.starts_with("/usr/") {
-        return Err(bad("mount", format!("`{mount}` is part of the operating system"), "mount data volumes somewhere like /srv/NAME or /var/lib/NAME"));
+        return Err(bad(
+            "mount",
+            format!("`{mount}` is part of the operating system"),
+            "mount data volumes somewhere like /srv/NAME or /var/lib/NAME",
+        ));
     }
-    let size_v = units::parse_size(&size).map_err(|why| bad("size", why, "write a size such as \"1GiB\""))?;
+    let size_v = units::parse_size(&size)
+        .map_err(|why| bad("size", why, "write a size such as \"1GiB\""))?;
     if size_v < (16 << 20) {
-        return Err(bad("size", format!("{size} is too small for a filesystem"), "use at least 16MiB"));
+        return Err(bad(
+            "size",
+            format!("{size} is too small for a filesystem"),
+            "use at least 16MiB",
+        ));
     }
     let filesystem = filesystem.unwrap_or_else(|| "ext4".to_owned());
     if !["ext4", "xfs", "btrfs"].contains(&filesystem.as_str()) {
-        return Err(bad("filesystem", format!("unknown filesystem `{filesystem}`"), "use ext4, xfs or btrfs"));
+        return Err(bad(
+            "filesystem",
+            format!("unknown filesystem `{filesystem}`"),
+            "use ext4, xfs or btrfs",
+        ));
     }
     let owner = owner.unwrap_or_else(|| "root:root".to_owned());
-    check_owner(&owner).map_err(|why| bad("owner", why, "write \"user:group\", e.g. \"postgres:postgres\""))?;
-    Ok(VolumeSpec { name, mount, size: size_v, filesystem, owner })
+    check_owner(&owner).map_err(|why| {
+        bad(
+            "owner",
+            why,
+            "write \"user:group\", e.g. \"postgres:postgres\"",
+        )
+    })?;
+    Ok(VolumeSpec {
+        name,
+        mount,
+        size: size_v,
+        filesystem,
+        owner,
+    })
 }
 
 fn resolve_smoke(path: &Path, s: RawSmoke) -> Result<SmokeSpec> {
-    let bad = |k: String, problem: String, fix: &str| -> anyhow::Error { BadInput::new(path, k, problem, fix).into() };
+    let bad = |k: String, problem: String, fix: &str| -> anyhow::Error {
+        BadInput::new(path, k, problem, fix).into()
+    };
     let timeout = match &s.timeout {
         None => DEFAULT_SMOKE_TIMEOUT,
-        Some(t) => units::parse_duration(t).map_err(|why| bad("smoke.timeout".into(), why, "write a duration such as \"180s\" or \"5m\""))?,
+        Some(t) => units::parse_duration(t).map_err(|why| {
+            bad(
+                "smoke.timeout".into(),
+                why,
+                "write a duration such as \"180s\" or \"5m\"",
+            )
+        })?,
     };
     if timeout.is_zero() {
-        return Err(bad("smoke.timeout".into(), "is zero".into(), "give the boot time to happen, e.g. \"180s\""));
+        return Err(bad(
+            "smoke.timeout".into(),
+            "is zero".into(),
+            "give the boot time to happen, e.g. \"180s\"",
+        ));
     }
     for (key, list) in [("checks", &s.checks), ("seed", &s.seed)] {
-        if let Some(j) = list.iter().position(|c| c.trim().is_empty() || c.contains('\n')) {
-            return Err(bad(format!("smoke.{key}[{j}]"), "is empty or spans lines".into(), "write one shell command per entry"));
+        if let Some(j) = list
+            .iter()
+            .position(|c| c.trim().is_empty() || c.contains('\n'))
+        {
+            return Err(bad(
+                format!("smoke.{key}[{j}]"),
+                "is empty or spans lines".into(),
+                "write one shell command per entry",
+            ));
         }
     }
     let http = s
@@ -465,39 +741,83 @@ fn resolve_smoke(path: &Path, s: RawSmoke) -> Result<SmokeSpec> {
         .into_iter()
         .enumerate()
         .map(|(j, h)| {
-            let RawHttp { port, path: p, status, contains } = h;
+            let RawHttp {
+                port,
+                path: p,
+                status,
+                contains,
+            } = h;
             let p = p.unwrap_or_else(|| "/".to_owned());
             if !p.starts_with('/') || p.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                return Err(bad(format!("smoke.http[{j}].path"), format!("`{p}` is not a URL path"), "write a path such as \"/\" or \"/health\""));
+                return Err(bad(
+                    format!("smoke.http[{j}].path"),
+                    format!("`{p}` is not a URL path"),
+                    "write a path such as \"/\" or \"/health\"",
+                ));
             }
             let status = status.unwrap_or(200);
             if !(100..=599).contains(&status) {
-                return Err(bad(format!("smoke.http[{j}].status"), format!("{status} is not an HTTP status"), "use a status such as 200"));
+                return Err(bad(
+                    format!("smoke.http[{j}].status"),
+                    format!("{status} is not an HTTP status"),
+                    "use a status such as 200",
+                ));
             }
             if port == 0 {
-                return Err(bad(format!("smoke.http[{j}].port"), "port 0".into(), "use the port the service listens on, e.g. 80"));
+                return Err(bad(
+                    format!("smoke.http[{j}].port"),
+                    "port 0".into(),
+                    "use the port the service listens on, e.g. 80",
+                ));
             }
-            Ok(HttpCheck { port, path: p, status, contains })
+            Ok(HttpCheck {
+                port,
+                path: p,
+                status,
+                contains,
+            })
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok(SmokeSpec { timeout, checks: s.checks, http, seed: s.seed })
+    Ok(SmokeSpec {
+        timeout,
+        checks: s.checks,
+        http,
+        seed: s.seed,
+    })
 }
 
 fn check_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= MAX_NAME
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c))
-        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
-    if ok { Ok(()) } else { Err(format!("`{}` is not a valid name", truncate(name))) }
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c))
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("`{}` is not a valid name", truncate(name)))
+    }
 }
 
 fn check_hostname(h: &str) -> Result<(), String> {
     let ok = !h.is_empty()
         && h.len() <= 253
         && h.split('.').all(|l| {
-            !l.is_empty() && l.len() <= 63 && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') && !l.starts_with('-') && !l.ends_with('-')
+            !l.is_empty()
+                && l.len() <= 63
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
         });
-    if ok { Ok(()) } else { Err(format!("`{}` is not a valid hostname", truncate(h))) }
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("`{}` is not a valid hostname", truncate(h)))
+    }
 }
 
 /// Debian policy 5.6.1: lowercase letters, digits, `+ - .`, at least two
@@ -505,13 +825,23 @@ fn check_hostname(h: &str) -> Result<(), String> {
 fn check_package(p: &str) -> Result<(), String> {
     let ok = p.len() >= 2
         && p.len() <= 128
-        && p.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c))
+        && p.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c))
         && p.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
-    if ok { Ok(()) } else { Err(format!("`{}` is not a Debian package name", truncate(p))) }
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("`{}` is not a Debian package name", truncate(p)))
+    }
 }
 
 fn check_owner(owner: &str) -> Result<(), String> {
-    let part_ok = |s: &str| !s.is_empty() && s.len() <= 32 && s.chars().all(|c| c.is_ascii_alphanumeric() || "_-".contains(c));
+    let part_ok = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 32
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_-".contains(c))
+    };
     match owner.split_once(':') {
         Some((u, g)) if part_ok(u) && part_ok(g) => Ok(()),
         _ => Err(format!("`{}` is not user:group", truncate(owner))),

@@ -28,7 +28,8 @@ impl Dir {
 
     fn write(&self, rel: &str, content: impl AsRef<[u8]>) -> PathBuf {
         let path = self.path(rel);
-        std::fs::create_dir_all(path.parent().expect("a file has a parent")).expect("creating a folder");
+        std::fs::create_dir_all(path.parent().expect("a file has a parent"))
+            .expect("creating a folder");
         std::fs::write(&path, content).expect("writing a test file");
         path
     }
@@ -75,8 +76,12 @@ run = ["true"]
 /// Every step's id and key, then the image key.
 fn keys(recipe: &Path) -> (Vec<(String, Key)>, Key) {
     let recipe = load(recipe).unwrap_or_else(|e| panic!("loading {}: {e:#}", recipe.display()));
-    let plan = plan::make(&recipe, &crate::lock::Locks::default()).unwrap_or_else(|e| panic!("planning: {e:#}"));
-    (plan.steps.iter().map(|s| (s.id(), s.key)).collect(), plan.image.key)
+    let plan = plan::make(&recipe, &crate::lock::Locks::default())
+        .unwrap_or_else(|e| panic!("planning: {e:#}"));
+    (
+        plan.steps.iter().map(|s| (s.id(), s.key)).collect(),
+        plan.image.key,
+    )
 }
 
 fn layered_dir() -> (Dir, PathBuf) {
@@ -92,7 +97,17 @@ fn plan_has_the_expected_steps() {
     let (_d, recipe) = layered_dir();
     let (steps, _) = keys(&recipe);
     let ids: Vec<&str> = steps.iter().map(|(id, _)| id.as_str()).collect();
-    assert_eq!(ids, ["base", "sec/upgrade", "app/packages", "app/files", "app/run", "top/run"]);
+    assert_eq!(
+        ids,
+        [
+            "base",
+            "sec/upgrade",
+            "app/packages",
+            "app/files",
+            "app/run",
+            "top/run"
+        ]
+    );
 }
 
 #[test]
@@ -148,7 +163,10 @@ run = ["true"]
 fn a_new_mtime_on_a_copied_file_changes_no_key() {
     let (d, recipe) = layered_dir();
     let before = keys(&recipe);
-    let file = std::fs::File::options().write(true).open(d.path("files/index.html")).expect("opening the copied file");
+    let file = std::fs::File::options()
+        .write(true)
+        .open(d.path("files/index.html"))
+        .expect("opening the copied file");
     let later = std::time::SystemTime::now() + std::time::Duration::from_secs(3600);
     file.set_modified(later).expect("setting the mtime");
     drop(file);
@@ -163,8 +181,17 @@ fn one_changed_byte_rebuilds_that_files_step_and_everything_above_only() {
     let (before, image_before) = keys(&recipe);
     d.write("files/index.html", "<h1>jello</h1>\n");
     let (after, image_after) = keys(&recipe);
-    let changed: Vec<&str> = before.iter().zip(&after).filter(|(b, a)| b.1 != a.1).map(|(b, _)| b.0.as_str()).collect();
-    assert_eq!(changed, ["app/files", "app/run", "top/run"], "steps whose key changed");
+    let changed: Vec<&str> = before
+        .iter()
+        .zip(&after)
+        .filter(|(b, a)| b.1 != a.1)
+        .map(|(b, _)| b.0.as_str())
+        .collect();
+    assert_eq!(
+        changed,
+        ["app/files", "app/run", "top/run"],
+        "steps whose key changed"
+    );
     assert_ne!(image_before, image_after, "the image key must change too");
 }
 
@@ -181,14 +208,24 @@ fn a_file_in_a_lower_layer_does_not_change_the_layers_below_it() {
     d.write("files/a", "b\n");
     let (after, _) = keys(&recipe);
     let same: Vec<bool> = before.iter().zip(&after).map(|(b, a)| b == a).collect();
-    assert_eq!(same, [true, false, false, false], "base, one/files, one/run, two/packages");
+    assert_eq!(
+        same,
+        [true, false, false, false],
+        "base, one/files, one/run, two/packages"
+    );
 }
 
 #[test]
 fn mode_owner_and_dest_of_a_copied_file_are_inputs() {
     let (d, recipe) = layered_dir();
     let (before, _) = keys(&recipe);
-    let files_key = |steps: &[(String, Key)]| steps.iter().find(|(id, _)| id == "app/files").expect("app/files step").1;
+    let files_key = |steps: &[(String, Key)]| {
+        steps
+            .iter()
+            .find(|(id, _)| id == "app/files")
+            .expect("app/files step")
+            .1
+    };
     for (from, to) in [
         (r#"mode = "0644" }"#, r#"mode = "0600" }"#),
         (r#"mode = "0644" }"#, r#"mode = "0644", owner = "33:33" }"#),
@@ -208,7 +245,10 @@ fn package_order_does_not_change_the_key() {
     let before = keys(&recipe);
     let text = layered_recipe()
         .replace(r#"["nginx-light", "curl"]"#, r#"["curl", "nginx-light"]"#)
-        .replace(r#"["linux-image-cloud-amd64", "systemd-sysv", "udev"]"#, r#"["udev", "linux-image-cloud-amd64", "systemd-sysv"]"#);
+        .replace(
+            r#"["linux-image-cloud-amd64", "systemd-sysv", "udev"]"#,
+            r#"["udev", "linux-image-cloud-amd64", "systemd-sysv"]"#,
+        );
     assert_ne!(text, layered_recipe(), "the replacements must apply");
     d.write("web.toml", text);
     assert_eq!(keys(&recipe), before);
@@ -218,10 +258,23 @@ fn package_order_does_not_change_the_key() {
 fn a_package_or_command_change_does_change_the_key() {
     let (d, recipe) = layered_dir();
     let (before, _) = keys(&recipe);
-    d.write("web.toml", layered_recipe().replace(r#"["nginx-light", "curl"]"#, r#"["nginx-light", "curl", "jq"]"#));
+    d.write(
+        "web.toml",
+        layered_recipe().replace(
+            r#"["nginx-light", "curl"]"#,
+            r#"["nginx-light", "curl", "jq"]"#,
+        ),
+    );
     let (after, _) = keys(&recipe);
-    assert_eq!(before[..2], after[..2], "base and sec/upgrade are below the change");
-    assert!(before[2..].iter().zip(&after[2..]).all(|(b, a)| b.1 != a.1), "app/packages and above must change");
+    assert_eq!(
+        before[..2],
+        after[..2],
+        "base and sec/upgrade are below the change"
+    );
+    assert!(
+        before[2..].iter().zip(&after[2..]).all(|(b, a)| b.1 != a.1),
+        "app/packages and above must change"
+    );
 }
 
 // ---------------------------------------------------------------- extends
@@ -310,9 +363,19 @@ fn extends_appends_layers_and_overrides_image_fields_one_by_one() {
 
     let volumes: Vec<&str> = child.volumes.iter().map(|v| v.name.as_str()).collect();
     assert_eq!(volumes, ["logs", "data"]);
-    assert_eq!(child.smoke.checks, ["systemctl is-system-running --wait", "systemctl is-active app"]);
+    assert_eq!(
+        child.smoke.checks,
+        [
+            "systemctl is-system-running --wait",
+            "systemctl is-active app"
+        ]
+    );
     assert_eq!(child.smoke.http.len(), 1, "the parent's http check is kept");
-    assert_eq!(child.smoke.timeout, std::time::Duration::from_secs(200), "the child's timeout overrides");
+    assert_eq!(
+        child.smoke.timeout,
+        std::time::Duration::from_secs(200),
+        "the child's timeout overrides"
+    );
 
     assert_eq!(child.path, child_path);
     assert_eq!(child.sources, [child_path.clone(), parent_path.clone()]);
@@ -331,14 +394,25 @@ fn an_extending_recipe_shares_its_parents_keys() {
     let (_d, parent_path, child_path) = extends_dirs();
     let (parent_steps, _) = keys(&parent_path);
     let (child_steps, _) = keys(&child_path);
-    assert_eq!(child_steps[..parent_steps.len()], parent_steps[..], "inherited steps have the parent's keys");
-    assert_eq!(child_steps.len(), parent_steps.len() + 2, "app/files and app/run on top");
+    assert_eq!(
+        child_steps[..parent_steps.len()],
+        parent_steps[..],
+        "inherited steps have the parent's keys"
+    );
+    assert_eq!(
+        child_steps.len(),
+        parent_steps.len() + 2,
+        "app/files and app/run on top"
+    );
 }
 
 #[test]
 fn extends_without_an_image_table_keeps_the_parents() {
     let (d, _parent, _) = extends_dirs();
-    let child = d.write("bare.toml", "extends = \"parent/golden.toml\"\n[[layer]]\nname = \"x\"\nrun = [\"true\"]\n");
+    let child = d.write(
+        "bare.toml",
+        "extends = \"parent/golden.toml\"\n[[layer]]\nname = \"x\"\nrun = [\"true\"]\n",
+    );
     let recipe = load(&child).expect("loads");
     assert_eq!(recipe.image.name, "golden");
     assert_eq!(recipe.image.hostname, "golden");
@@ -370,20 +444,34 @@ fn a_missing_parent_is_bad_input() {
 #[test]
 fn reusing_a_parents_layer_name_is_bad_input_in_the_child() {
     let (d, _, _) = extends_dirs();
-    let child = d.write("dup.toml", "extends = \"parent/golden.toml\"\n[[layer]]\nname = \"tools\"\nrun = [\"true\"]\n");
+    let child = d.write(
+        "dup.toml",
+        "extends = \"parent/golden.toml\"\n[[layer]]\nname = \"tools\"\nrun = [\"true\"]\n",
+    );
     let err = load(&child).expect_err("a duplicate layer name must be refused");
     let text = assert_bad_input(&err, "layer[2].name");
-    assert!(text.contains(&child.display().to_string()), "the child's file is named: {text}");
+    assert!(
+        text.contains(&child.display().to_string()),
+        "the child's file is named: {text}"
+    );
 }
 
 #[test]
 fn an_error_in_a_parents_layer_names_the_parent() {
     let d = Dir::new();
-    let parent = d.write("parent/p.toml", format!("{BASE}\n[[layer]]\nname = \"p\"\nfiles = [{{ src = \"missing\", dest = \"/x\" }}]\n"));
+    let parent = d.write(
+        "parent/p.toml",
+        format!(
+            "{BASE}\n[[layer]]\nname = \"p\"\nfiles = [{{ src = \"missing\", dest = \"/x\" }}]\n"
+        ),
+    );
     let child = d.write("c.toml", "extends = \"parent/p.toml\"\n");
     let err = load(&child).expect_err("the parent's missing file must be refused");
     let text = assert_bad_input(&err, "layer.p.files[0].src");
-    assert!(text.contains(&parent.display().to_string()), "the parent is named: {text}");
+    assert!(
+        text.contains(&parent.display().to_string()),
+        "the parent is named: {text}"
+    );
 }
 
 // ------------------------------------------------------------- validation
@@ -393,9 +481,14 @@ fn an_error_in_a_parents_layer_names_the_parent() {
 #[track_caller]
 fn assert_bad_input(err: &anyhow::Error, key: &str) -> String {
     let text = format!("{err:#}");
-    let bad = err.downcast_ref::<BadInput>().unwrap_or_else(|| panic!("not a BadInput: {text}"));
+    let bad = err
+        .downcast_ref::<BadInput>()
+        .unwrap_or_else(|| panic!("not a BadInput: {text}"));
     assert!(bad.file.is_some(), "no file in {text}");
-    assert!(text.contains(&format!("key `{key}`")), "expected key `{key}` in: {text}");
+    assert!(
+        text.contains(&format!("key `{key}`")),
+        "expected key `{key}` in: {text}"
+    );
     assert!(text.contains("\n  fix: "), "no fix in: {text}");
     let fix = &bad.fix;
     assert!(!fix.trim().is_empty(), "empty fix in: {text}");
@@ -440,40 +533,213 @@ fn cases() -> Vec<Case> {
     let file = r#"{ src = "files/f", dest = "/opt/f", mode = "0644", owner = "root:root" }"#;
     let with_file = |f: &'static str| Replace(file, f);
     vec![
-        Case { what: "malformed TOML", edit: Replace("[image]", "[image"), key: "(syntax)", says: "line 1" },
-        Case { what: "unterminated string", edit: Replace(r#"name = "t""#, r#"name = "t"#), key: "(syntax)", says: "line 2" },
-        Case { what: "unknown top-level key", edit: Replace("[image]", "colour = \"red\"\n[image]"), key: "colour", says: "unknown field" },
-        Case { what: "unknown key in [image]", edit: Replace(r#"hostname = "t""#, r#"hostnam = "t""#), key: "image.hostnam", says: "unknown field" },
-        Case { what: "unknown key in [base]", edit: Replace(r#"variant = "minbase""#, r#"varient = "minbase""#), key: "base.varient", says: "unknown field" },
-        Case { what: "unknown key in [[layer]]", edit: Replace(r#"packages = ["curl"]"#, r#"packges = ["curl"]"#), key: "layer.packges", says: "unknown field" },
-        Case { what: "unknown key in files", edit: Replace(r#"mode = "0644""#, r#"mod = "0644""#), key: "layer.mod", says: "unknown field" },
-        Case { what: "missing src", edit: with_file(r#"{ src = "files/nope", dest = "/opt/f" }"#), key: "layer.app.files[0].src", says: "files/nope" },
-        Case { what: "src key missing", edit: with_file(r#"{ dest = "/opt/f" }"#), key: "layer.src", says: "missing field" },
-        Case { what: "src outside the folder", edit: with_file(r#"{ src = "../outside", dest = "/opt/f" }"#), key: "layer.app.files[0].src", says: "outside the recipe's folder" },
-        Case { what: "src outside through a symlink", edit: with_file(r#"{ src = "files/link", dest = "/opt/f" }"#), key: "layer.app.files[0].src", says: "outside the recipe's folder" },
-        Case { what: "src outside through a symlinked folder", edit: with_file(r#"{ src = "linkdir/outside", dest = "/opt/f" }"#), key: "layer.app.files[0].src", says: "outside the recipe's folder" },
-        Case { what: "absolute src", edit: with_file(r#"{ src = "/etc/hostname", dest = "/opt/f" }"#), key: "layer.app.files[0].src", says: "absolute" },
-        Case { what: "src is a folder", edit: with_file(r#"{ src = "files", dest = "/opt/f" }"#), key: "layer.app.files[0].src", says: "not a regular file" },
-        Case { what: "relative dest", edit: with_file(r#"{ src = "files/f", dest = "opt/f" }"#), key: "layer.app.files[0].dest", says: "not an absolute path" },
-        Case { what: "dest with ..", edit: with_file(r#"{ src = "files/f", dest = "/opt/../../etc/shadow" }"#), key: "layer.app.files[0].dest", says: ".." },
-        Case { what: "dest is /", edit: with_file(r#"{ src = "files/f", dest = "/" }"#), key: "layer.app.files[0].dest", says: "root" },
-        Case { what: "size zero", edit: Replace(r#"size = "2GiB""#, r#"size = "0""#), key: "image.size", says: "zero" },
-        Case { what: "size zero GiB", edit: Replace(r#"size = "2GiB""#, r#"size = "0GiB""#), key: "image.size", says: "zero" },
-        Case { what: "size unparseable", edit: Replace(r#"size = "2GiB""#, r#"size = "two gigs""#), key: "image.size", says: "not a size" },
-        Case { what: "size with a decimal", edit: Replace(r#"size = "2GiB""#, r#"size = "1.5GiB""#), key: "image.size", says: "not a size" },
-        Case { what: "size too small", edit: Replace(r#"size = "2GiB""#, r#"size = "1MiB""#), key: "image.size", says: "outside the range" },
-        Case { what: "size as a number", edit: Replace(r#"size = "2GiB""#, "size = 2"), key: "(syntax)", says: "string" },
-        Case { what: "bad format", edit: Replace(r#"format = "qcow2""#, r#"format = "vmdk""#), key: "image.format", says: "vmdk" },
-        Case { what: "bad mode (not octal)", edit: with_file(r#"{ src = "files/f", dest = "/opt/f", mode = "0999" }"#), key: "layer.app.files[0].mode", says: "0999" },
-        Case { what: "bad mode (symbolic)", edit: with_file(r#"{ src = "files/f", dest = "/opt/f", mode = "rw-r--r--" }"#), key: "layer.app.files[0].mode", says: "octal" },
-        Case { what: "bad mode (too large)", edit: with_file(r#"{ src = "files/f", dest = "/opt/f", mode = "17777" }"#), key: "layer.app.files[0].mode", says: "octal" },
-        Case { what: "owner without group", edit: with_file(r#"{ src = "files/f", dest = "/opt/f", owner = "root" }"#), key: "layer.app.files[0].owner", says: "user:group" },
-        Case { what: "owner with a space", edit: with_file(r#"{ src = "files/f", dest = "/opt/f", owner = "ro ot:root" }"#), key: "layer.app.files[0].owner", says: "user:group" },
-        Case { what: "bad package name", edit: Replace(r#"packages = ["curl"]"#, r#"packages = ["Curl"]"#), key: "layer.app.packages[0]", says: "Curl" },
-        Case { what: "package name with a space", edit: Replace(r#"packages = ["curl"]"#, r#"packages = ["curl", "nginx light"]"#), key: "layer.app.packages[1]", says: "nginx light" },
-        Case { what: "bad base package name", edit: Replace(r#""udev"]"#, r#""udev", "-x"]"#), key: "base.packages[3]", says: "-x" },
-        Case { what: "bad suite", edit: Replace(r#"suite = "trixie""#, r#"suite = "Trixie""#), key: "base.suite", says: "Trixie" },
-        Case { what: "bad variant", edit: Replace(r#"variant = "minbase""#, r#"variant = "tiny""#), key: "base.variant", says: "tiny" },
+        Case {
+            what: "malformed TOML",
+            edit: Replace("[image]", "[image"),
+            key: "(syntax)",
+            says: "line 1",
+        },
+        Case {
+            what: "unterminated string",
+            edit: Replace(r#"name = "t""#, r#"name = "t"#),
+            key: "(syntax)",
+            says: "line 2",
+        },
+        Case {
+            what: "unknown top-level key",
+            edit: Replace("[image]", "colour = \"red\"\n[image]"),
+            key: "colour",
+            says: "unknown field",
+        },
+        Case {
+            what: "unknown key in [image]",
+            edit: Replace(r#"hostname = "t""#, r#"hostnam = "t""#),
+            key: "image.hostnam",
+            says: "unknown field",
+        },
+        Case {
+            what: "unknown key in [base]",
+            edit: Replace(r#"variant = "minbase""#, r#"varient = "minbase""#),
+            key: "base.varient",
+            says: "unknown field",
+        },
+        Case {
+            what: "unknown key in [[layer]]",
+            edit: Replace(r#"packages = ["curl"]"#, r#"packges = ["curl"]"#),
+            key: "layer.packges",
+            says: "unknown field",
+        },
+        Case {
+            what: "unknown key in files",
+            edit: Replace(r#"mode = "0644""#, r#"mod = "0644""#),
+            key: "layer.mod",
+            says: "unknown field",
+        },
+        Case {
+            what: "missing src",
+            edit: with_file(r#"{ src = "files/nope", dest = "/opt/f" }"#),
+            key: "layer.app.files[0].src",
+            says: "files/nope",
+        },
+        Case {
+            what: "src key missing",
+            edit: with_file(r#"{ dest = "/opt/f" }"#),
+            key: "layer.src",
+            says: "missing field",
+        },
+        Case {
+            what: "src outside the folder",
+            edit: with_file(r#"{ src = "../outside", dest = "/opt/f" }"#),
+            key: "layer.app.files[0].src",
+            says: "outside the recipe's folder",
+        },
+        Case {
+            what: "src outside through a symlink",
+            edit: with_file(r#"{ src = "files/link", dest = "/opt/f" }"#),
+            key: "layer.app.files[0].src",
+            says: "outside the recipe's folder",
+        },
+        Case {
+            what: "src outside through a symlinked folder",
+            edit: with_file(r#"{ src = "linkdir/outside", dest = "/opt/f" }"#),
+            key: "layer.app.files[0].src",
+            says: "outside the recipe's folder",
+        },
+        Case {
+            what: "absolute src",
+            edit: with_file(r#"{ src = "/etc/hostname", dest = "/opt/f" }"#),
+            key: "layer.app.files[0].src",
+            says: "absolute",
+        },
+        Case {
+            what: "src is a folder",
+            edit: with_file(r#"{ src = "files", dest = "/opt/f" }"#),
+            key: "layer.app.files[0].src",
+            says: "not a regular file",
+        },
+        Case {
+            what: "relative dest",
+            edit: with_file(r#"{ src = "files/f", dest = "opt/f" }"#),
+            key: "layer.app.files[0].dest",
+            says: "not an absolute path",
+        },
+        Case {
+            what: "dest with ..",
+            edit: with_file(r#"{ src = "files/f", dest = "/opt/../../etc/shadow" }"#),
+            key: "layer.app.files[0].dest",
+            says: "..",
+        },
+        Case {
+            what: "dest is /",
+            edit: with_file(r#"{ src = "files/f", dest = "/" }"#),
+            key: "layer.app.files[0].dest",
+            says: "root",
+        },
+        Case {
+            what: "size zero",
+            edit: Replace(r#"size = "2GiB""#, r#"size = "0""#),
+            key: "image.size",
+            says: "zero",
+        },
+        Case {
+            what: "size zero GiB",
+            edit: Replace(r#"size = "2GiB""#, r#"size = "0GiB""#),
+            key: "image.size",
+            says: "zero",
+        },
+        Case {
+            what: "size unparseable",
+            edit: Replace(r#"size = "2GiB""#, r#"size = "two gigs""#),
+            key: "image.size",
+            says: "not a size",
+        },
+        Case {
+            what: "size with a decimal",
+            edit: Replace(r#"size = "2GiB""#, r#"size = "1.5GiB""#),
+            key: "image.size",
+            says: "not a size",
+        },
+        Case {
+            what: "size too small",
+            edit: Replace(r#"size = "2GiB""#, r#"size = "1MiB""#),
+            key: "image.size",
+            says: "outside the range",
+        },
+        Case {
+            what: "size as a number",
+            edit: Replace(r#"size = "2GiB""#, "size = 2"),
+            key: "(syntax)",
+            says: "string",
+        },
+        Case {
+            what: "bad format",
+            edit: Replace(r#"format = "qcow2""#, r#"format = "vmdk""#),
+            key: "image.format",
+            says: "vmdk",
+        },
+        Case {
+            what: "bad mode (not octal)",
+            edit: with_file(r#"{ src = "files/f", dest = "/opt/f", mode = "0999" }"#),
+            key: "layer.app.files[0].mode",
+            says: "0999",
+        },
+        Case {
+            what: "bad mode (symbolic)",
+            edit: with_file(r#"{ src = "files/f", dest = "/opt/f", mode = "rw-r--r--" }"#),
+            key: "layer.app.files[0].mode",
+            says: "octal",
+        },
+        Case {
+            what: "bad mode (too large)",
+            edit: with_file(r#"{ src = "files/f", dest = "/opt/f", mode = "17777" }"#),
+            key: "layer.app.files[0].mode",
+            says: "octal",
+        },
+        Case {
+            what: "owner without group",
+            edit: with_file(r#"{ src = "files/f", dest = "/opt/f", owner = "root" }"#),
+            key: "layer.app.files[0].owner",
+            says: "user:group",
+        },
+        Case {
+            what: "owner with a space",
+            edit: with_file(r#"{ src = "files/f", dest = "/opt/f", owner = "ro ot:root" }"#),
+            key: "layer.app.files[0].owner",
+            says: "user:group",
+        },
+        Case {
+            what: "bad package name",
+            edit: Replace(r#"packages = ["curl"]"#, r#"packages = ["Curl"]"#),
+            key: "layer.app.packages[0]",
+            says: "Curl",
+        },
+        Case {
+            what: "package name with a space",
+            edit: Replace(
+                r#"packages = ["curl"]"#,
+                r#"packages = ["curl", "nginx light"]"#,
+            ),
+            key: "layer.app.packages[1]",
+            says: "nginx light",
+        },
+        Case {
+            what: "bad base package name",
+            edit: Replace(r#""udev"]"#, r#""udev", "-x"]"#),
+            key: "base.packages[3]",
+            says: "-x",
+        },
+        Case {
+            what: "bad suite",
+            edit: Replace(r#"suite = "trixie""#, r#"suite = "Trixie""#),
+            key: "base.suite",
+            says: "Trixie",
+        },
+        Case {
+            what: "bad variant",
+            edit: Replace(r#"variant = "minbase""#, r#"variant = "tiny""#),
+            key: "base.variant",
+            says: "tiny",
+        },
         Case {
             what: "empty layer",
             edit: Replace(
@@ -485,15 +751,63 @@ run = ["true"]"#,
             key: "layer.app",
             says: "does nothing",
         },
-        Case { what: "empty run command", edit: Replace(r#"run = ["true"]"#, r#"run = ["  "]"#), key: "layer.app.run[0]", says: "empty" },
-        Case { what: "bad layer name", edit: Replace(r#"name = "app""#, r#"name = "App Layer""#), key: "layer[0].name", says: "App Layer" },
-        Case { what: "layer without a name", edit: Replace(r#"name = "app""#, ""), key: "layer.name", says: "missing field" },
-        Case { what: "root= in cmdline", edit: Replace(r#"cmdline = "console=ttyS0""#, r#"cmdline = "console=ttyS0 root=/dev/vda2""#), key: "image.cmdline", says: "root=" },
-        Case { what: "bad hostname (leading dash)", edit: Replace(r#"hostname = "t""#, r#"hostname = "-web""#), key: "image.hostname", says: "-web" },
-        Case { what: "bad hostname (underscore)", edit: Replace(r#"hostname = "t""#, r#"hostname = "web_1""#), key: "image.hostname", says: "web_1" },
-        Case { what: "bad image name", edit: Replace(r#"name = "t""#, r#"name = "../t""#), key: "image.name", says: "../t" },
-        Case { what: "missing [base]", edit: Text("[image]\nname = \"t\"\n[[layer]]\nname = \"app\"\nrun = [\"true\"]\n"), key: "base", says: "no [base]" },
-        Case { what: "missing suite", edit: Replace(r#"suite = "trixie""#, ""), key: "base.suite", says: "missing field" },
+        Case {
+            what: "empty run command",
+            edit: Replace(r#"run = ["true"]"#, r#"run = ["  "]"#),
+            key: "layer.app.run[0]",
+            says: "empty",
+        },
+        Case {
+            what: "bad layer name",
+            edit: Replace(r#"name = "app""#, r#"name = "App Layer""#),
+            key: "layer[0].name",
+            says: "App Layer",
+        },
+        Case {
+            what: "layer without a name",
+            edit: Replace(r#"name = "app""#, ""),
+            key: "layer.name",
+            says: "missing field",
+        },
+        Case {
+            what: "root= in cmdline",
+            edit: Replace(
+                r#"cmdline = "console=ttyS0""#,
+                r#"cmdline = "console=ttyS0 root=/dev/vda2""#,
+            ),
+            key: "image.cmdline",
+            says: "root=",
+        },
+        Case {
+            what: "bad hostname (leading dash)",
+            edit: Replace(r#"hostname = "t""#, r#"hostname = "-web""#),
+            key: "image.hostname",
+            says: "-web",
+        },
+        Case {
+            what: "bad hostname (underscore)",
+            edit: Replace(r#"hostname = "t""#, r#"hostname = "web_1""#),
+            key: "image.hostname",
+            says: "web_1",
+        },
+        Case {
+            what: "bad image name",
+            edit: Replace(r#"name = "t""#, r#"name = "../t""#),
+            key: "image.name",
+            says: "../t",
+        },
+        Case {
+            what: "missing [base]",
+            edit: Text("[image]\nname = \"t\"\n[[layer]]\nname = \"app\"\nrun = [\"true\"]\n"),
+            key: "base",
+            says: "no [base]",
+        },
+        Case {
+            what: "missing suite",
+            edit: Replace(r#"suite = "trixie""#, ""),
+            key: "base.suite",
+            says: "missing field",
+        },
     ]
 }
 
@@ -516,7 +830,11 @@ fn every_validation_error_is_bad_input_naming_file_key_and_fix() {
     for case in cases() {
         let text = match case.edit {
             Edit::Replace(from, to) => {
-                assert!(valid_recipe().contains(from), "{}: `{from}` is not in the valid recipe", case.what);
+                assert!(
+                    valid_recipe().contains(from),
+                    "{}: `{from}` is not in the valid recipe",
+                    case.what
+                );
                 valid_recipe().replacen(from, to, 1)
             }
             Edit::Text(t) => t.to_owned(),
@@ -535,7 +853,9 @@ fn every_validation_error_is_bad_input_naming_file_key_and_fix() {
             continue;
         };
         let mut wrong = Vec::new();
-        if bad.file.as_deref() != Some(path.as_path()) || !shown.contains(&path.display().to_string()) {
+        if bad.file.as_deref() != Some(path.as_path())
+            || !shown.contains(&path.display().to_string())
+        {
             wrong.push(format!("file {:?}", bad.file));
         }
         if !shown.contains(&format!("key `{}`", case.key)) {
@@ -548,10 +868,20 @@ fn every_validation_error_is_bad_input_naming_file_key_and_fix() {
             wrong.push(format!("problem (want it to mention `{}`)", case.says));
         }
         if !wrong.is_empty() {
-            failures.push(format!("{}: wrong {}:\n{shown}", case.what, wrong.join(", ")));
+            failures.push(format!(
+                "{}: wrong {}:\n{shown}",
+                case.what,
+                wrong.join(", ")
+            ));
         }
     }
-    assert!(failures.is_empty(), "{} of {} cases failed:\n\n{}", failures.len(), cases().len(), failures.join("\n\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n\n{}",
+        failures.len(),
+        cases().len(),
+        failures.join("\n\n")
+    );
 }
 
 #[test]
@@ -568,13 +898,17 @@ fn the_shipped_recipes_load() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes");
     for name in ["golden.toml", "web.toml"] {
         let recipe = load(&root.join(name)).unwrap_or_else(|e| panic!("{name}: {e:#}"));
-        plan::make(&recipe, &crate::lock::Locks::default()).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        plan::make(&recipe, &crate::lock::Locks::default())
+            .unwrap_or_else(|e| panic!("{name}: {e:#}"));
     }
 }
 
 #[test]
 fn dest_is_normalised() {
-    assert_eq!(normalize_dest("/etc//nginx/./nginx.conf").as_deref(), Ok("/etc/nginx/nginx.conf"));
+    assert_eq!(
+        normalize_dest("/etc//nginx/./nginx.conf").as_deref(),
+        Ok("/etc/nginx/nginx.conf")
+    );
     for bad in ["etc/motd", "/etc/../shadow", "/", "//", "/etc/\nx"] {
         assert!(normalize_dest(bad).is_err(), "{bad:?} must be refused");
     }

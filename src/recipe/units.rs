@@ -17,7 +17,9 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "T" | "TiB" => 40,
         _ => return Err(bad()),
     };
-    let bytes = n.checked_mul(1u64 << shift).ok_or_else(|| format!("`{text}` is too large"))?;
+    let bytes = n
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("`{text}` is too large"))?;
     if bytes == 0 {
         return Err(format!("`{text}` is zero"));
     }
@@ -56,11 +58,26 @@ mod tests {
 
     #[test]
     fn sizes() {
-        let good = [("2GiB", 2 << 30), ("512MiB", 512 << 20), ("1G", 1 << 30), ("4096", 4096), ("1TiB", 1 << 40)];
+        let good = [
+            ("2GiB", 2 << 30),
+            ("512MiB", 512 << 20),
+            ("1G", 1 << 30),
+            ("4096", 4096),
+            ("1TiB", 1 << 40),
+        ];
         for (text, want) in good {
             assert_eq!(parse_size(text), Ok(want), "{text}");
         }
-        for text in ["", "0", "0GiB", "2 GB", "GiB", "-1G", "1.5G", "99999999999999999999T"] {
+        for text in [
+            "",
+            "0",
+            "0GiB",
+            "2 GB",
+            "GiB",
+            "-1G",
+            "1.5G",
+            "99999999999999999999T",
+        ] {
             assert!(parse_size(text).is_err(), "{text} should be refused");
         }
         assert_eq!(show_size(2 << 30), "2GiB");

@@ -49,18 +49,33 @@ impl ImageDiff {
 }
 
 pub fn diff(a: &Manifest, b: &Manifest) -> ImageDiff {
-    let pkgs = |m: &Manifest| -> BTreeMap<(String, String), String> { m.packages.iter().map(|p| ((p.name.clone(), p.arch.clone()), p.version.clone())).collect() };
+    let pkgs = |m: &Manifest| -> BTreeMap<(String, String), String> {
+        m.packages
+            .iter()
+            .map(|p| ((p.name.clone(), p.arch.clone()), p.version.clone()))
+            .collect()
+    };
     let (pa, pb) = (pkgs(a), pkgs(b));
     let mut packages = Vec::new();
     for ((name, arch), v) in &pb {
         match pa.get(&(name.clone(), arch.clone())) {
             Some(o) if o == v => {}
-            o => packages.push(PackageChange { name: name.clone(), arch: arch.clone(), old: o.cloned(), new: Some(v.clone()) }),
+            o => packages.push(PackageChange {
+                name: name.clone(),
+                arch: arch.clone(),
+                old: o.cloned(),
+                new: Some(v.clone()),
+            }),
         }
     }
     for ((name, arch), o) in &pa {
         if !pb.contains_key(&(name.clone(), arch.clone())) {
-            packages.push(PackageChange { name: name.clone(), arch: arch.clone(), old: Some(o.clone()), new: None });
+            packages.push(PackageChange {
+                name: name.clone(),
+                arch: arch.clone(),
+                old: Some(o.clone()),
+                new: None,
+            });
         }
     }
     packages.sort_by(|x, y| x.name.cmp(&y.name));
@@ -68,48 +83,93 @@ pub fn diff(a: &Manifest, b: &Manifest) -> ImageDiff {
     let mut files = Vec::new();
     let files_compared = a.files.is_some() && b.files.is_some();
     if let (Some(fa), Some(fb)) = (&a.files, &b.files) {
-        let size = |list: &[FileEntry], path: &str| list.iter().find(|e| e.path == path).map(|e| e.size);
+        let size =
+            |list: &[FileEntry], path: &str| list.iter().find(|e| e.path == path).map(|e| e.size);
         let d = tree::compare(fa, fb, &|_| false, false);
         for m in d.modified {
-            files.push(FileChange { old_size: size(fa, &m.path), new_size: size(fb, &m.path), change: m.changes.join(", "), path: m.path });
+            files.push(FileChange {
+                old_size: size(fa, &m.path),
+                new_size: size(fb, &m.path),
+                change: m.changes.join(", "),
+                path: m.path,
+            });
         }
         for p in d.added {
-            files.push(FileChange { new_size: size(fb, &p), old_size: None, change: "added".into(), path: p });
+            files.push(FileChange {
+                new_size: size(fb, &p),
+                old_size: None,
+                change: "added".into(),
+                path: p,
+            });
         }
         for p in d.removed {
-            files.push(FileChange { old_size: size(fa, &p), new_size: None, change: "removed".into(), path: p });
+            files.push(FileChange {
+                old_size: size(fa, &p),
+                new_size: None,
+                change: "removed".into(),
+                path: p,
+            });
         }
         files.sort_by(|x, y| x.path.cmp(&y.path));
     }
 
-    let keys = |m: &Manifest| -> BTreeMap<String, String> { m.steps.iter().map(|s| (s.id.clone(), s.key.hex())).collect() };
+    let keys = |m: &Manifest| -> BTreeMap<String, String> {
+        m.steps
+            .iter()
+            .map(|s| (s.id.clone(), s.key.hex()))
+            .collect()
+    };
     let (ka, kb) = (keys(a), keys(b));
     let mut layers: Vec<LayerChange> = Vec::new();
-    for step in a.steps.iter().map(|s| &s.id).chain(b.steps.iter().map(|s| &s.id)) {
+    for step in a
+        .steps
+        .iter()
+        .map(|s| &s.id)
+        .chain(b.steps.iter().map(|s| &s.id))
+    {
         if layers.iter().any(|l| &l.step == step) {
             continue;
         }
         let (o, n) = (ka.get(step).cloned(), kb.get(step).cloned());
         if o != n {
-            layers.push(LayerChange { step: step.clone(), old: o, new: n });
+            layers.push(LayerChange {
+                step: step.clone(),
+                old: o,
+                new: n,
+            });
         }
     }
-    ImageDiff { packages, files, layers, files_compared }
+    ImageDiff {
+        packages,
+        files,
+        layers,
+        files_compared,
+    }
 }
 
 /// The readable report.
 pub fn text(d: &ImageDiff) -> String {
     let mut s = String::new();
     let none = || "-".to_owned();
-    let short = |k: &Option<String>| k.as_ref().map_or_else(none, |k| k[..12.min(k.len())].to_owned());
+    let short = |k: &Option<String>| {
+        k.as_ref()
+            .map_or_else(none, |k| k[..12.min(k.len())].to_owned())
+    };
     if d.is_empty() {
         s.push_str("the images are the same (packages, files and layer keys)\n");
         return s;
     }
     if !d.layers.is_empty() {
         s.push_str("layers whose key differs:\n");
-        let rows: Vec<Vec<String>> = d.layers.iter().map(|l| vec![l.step.clone(), short(&l.old), short(&l.new)]).collect();
-        s.push_str(&indent(&crate::ui::table(&["STEP", "OLD KEY", "NEW KEY"], &rows)));
+        let rows: Vec<Vec<String>> = d
+            .layers
+            .iter()
+            .map(|l| vec![l.step.clone(), short(&l.old), short(&l.new)])
+            .collect();
+        s.push_str(&indent(&crate::ui::table(
+            &["STEP", "OLD KEY", "NEW KEY"],
+            &rows,
+        )));
     }
     if !d.packages.is_empty() {
         s.push_str(&format!("packages ({} changed):\n", d.packages.len()));
@@ -122,18 +182,40 @@ pub fn text(d: &ImageDiff) -> String {
                     (Some(_), None) => "removed",
                     _ => "changed",
                 };
-                vec![p.name.clone(), what.to_owned(), p.old.clone().unwrap_or_else(none), p.new.clone().unwrap_or_else(none)]
+                vec![
+                    p.name.clone(),
+                    what.to_owned(),
+                    p.old.clone().unwrap_or_else(none),
+                    p.new.clone().unwrap_or_else(none),
+                ]
             })
             .collect();
-        s.push_str(&indent(&crate::ui::table(&["PACKAGE", "CHANGE", "OLD", "NEW"], &rows)));
+        s.push_str(&indent(&crate::ui::table(
+            &["PACKAGE", "CHANGE", "OLD", "NEW"],
+            &rows,
+        )));
     }
     if !d.files_compared {
         s.push_str("files: not compared (a manifest has no file list; rebuild that image with --refresh)\n");
     } else if !d.files.is_empty() {
         s.push_str(&format!("files ({} changed):\n", d.files.len()));
         let size = |v: Option<u64>| v.map_or_else(none, |n| n.to_string());
-        let rows: Vec<Vec<String>> = d.files.iter().map(|f| vec![f.path.clone(), f.change.clone(), size(f.old_size), size(f.new_size)]).collect();
-        s.push_str(&indent(&crate::ui::table(&["PATH", "CHANGE", "OLD SIZE", "NEW SIZE"], &rows)));
+        let rows: Vec<Vec<String>> = d
+            .files
+            .iter()
+            .map(|f| {
+                vec![
+                    f.path.clone(),
+                    f.change.clone(),
+                    size(f.old_size),
+                    size(f.new_size),
+                ]
+            })
+            .collect();
+        s.push_str(&indent(&crate::ui::table(
+            &["PATH", "CHANGE", "OLD SIZE", "NEW SIZE"],
+            &rows,
+        )));
     }
     s
 }
@@ -169,18 +251,49 @@ mod tests {
 
     #[test]
     fn lists_package_file_and_layer_changes() {
-        let a = manifest(serde_json::json!([pkg("a", "1"), pkg("b", "1"), pkg("gone", "1")]), serde_json::json!([file("/etc/x", 1, "aa"), file("/etc/old", 2, "bb")]), "1");
-        let b = manifest(serde_json::json!([pkg("a", "1"), pkg("b", "2"), pkg("new", "1")]), serde_json::json!([file("/etc/x", 3, "cc"), file("/etc/new", 4, "dd")]), "2");
+        let a = manifest(
+            serde_json::json!([pkg("a", "1"), pkg("b", "1"), pkg("gone", "1")]),
+            serde_json::json!([file("/etc/x", 1, "aa"), file("/etc/old", 2, "bb")]),
+            "1",
+        );
+        let b = manifest(
+            serde_json::json!([pkg("a", "1"), pkg("b", "2"), pkg("new", "1")]),
+            serde_json::json!([file("/etc/x", 3, "cc"), file("/etc/new", 4, "dd")]),
+            "2",
+        );
         let d = diff(&a, &b);
-        let p: Vec<(String, Option<String>, Option<String>)> = d.packages.iter().map(|c| (c.name.clone(), c.old.clone(), c.new.clone())).collect();
+        let p: Vec<(String, Option<String>, Option<String>)> = d
+            .packages
+            .iter()
+            .map(|c| (c.name.clone(), c.old.clone(), c.new.clone()))
+            .collect();
         assert_eq!(
             p,
-            [("b".into(), Some("1".into()), Some("2".into())), ("gone".into(), Some("1".into()), None), ("new".into(), None, Some("1".into()))]
+            [
+                ("b".into(), Some("1".into()), Some("2".into())),
+                ("gone".into(), Some("1".into()), None),
+                ("new".into(), None, Some("1".into()))
+            ]
         );
-        let f: Vec<(&str, &str, Option<u64>, Option<u64>)> = d.files.iter().map(|c| (c.path.as_str(), c.change.as_str(), c.old_size, c.new_size)).collect();
-        assert_eq!(f, [("/etc/new", "added", None, Some(4)), ("/etc/old", "removed", Some(2), None), ("/etc/x", "content, size 1 -> 3", Some(1), Some(3))]);
+        let f: Vec<(&str, &str, Option<u64>, Option<u64>)> = d
+            .files
+            .iter()
+            .map(|c| (c.path.as_str(), c.change.as_str(), c.old_size, c.new_size))
+            .collect();
+        assert_eq!(
+            f,
+            [
+                ("/etc/new", "added", None, Some(4)),
+                ("/etc/old", "removed", Some(2), None),
+                ("/etc/x", "content, size 1 -> 3", Some(1), Some(3))
+            ]
+        );
         assert_eq!(d.layers.len(), 1);
-        assert!(text(&d).contains("b        changed  1    2"), "{}", text(&d));
+        assert!(
+            text(&d).contains("b        changed  1    2"),
+            "{}",
+            text(&d)
+        );
         assert!(diff(&a, &a).is_empty());
     }
 }

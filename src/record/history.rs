@@ -43,7 +43,11 @@ pub fn append(store: &Store, m: &Manifest) -> Result<Record> {
     let dir = dir(store);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let last_path = dir.join(format!("{}.packages.json", m.name));
-    let previous: Option<Vec<Package>> = if last_path.is_file() { Some(crate::store::read_json(&last_path)?) } else { None };
+    let previous: Option<Vec<Package>> = if last_path.is_file() {
+        Some(crate::store::read_json(&last_path)?)
+    } else {
+        None
+    };
     let record = Record {
         time: m.built.finished.clone(),
         name: m.name.clone(),
@@ -53,8 +57,18 @@ pub fn append(store: &Store, m: &Manifest) -> Result<Record> {
         host: m.built.host.clone(),
         image_key: m.image.key.hex(),
         image_sha256: m.image.sha256.clone(),
-        steps: m.steps.iter().map(|s| StepKey { id: s.id.clone(), key: s.key.hex() }).collect(),
-        changes: previous.as_deref().map(|p| crate::build::steps::package_changes(p, &m.packages)).unwrap_or_default(),
+        steps: m
+            .steps
+            .iter()
+            .map(|s| StepKey {
+                id: s.id.clone(),
+                key: s.key.hex(),
+            })
+            .collect(),
+        changes: previous
+            .as_deref()
+            .map(|p| crate::build::steps::package_changes(p, &m.packages))
+            .unwrap_or_default(),
         first: previous.is_none(),
         git: m.git.clone(),
     };
@@ -62,9 +76,15 @@ pub fn append(store: &Store, m: &Manifest) -> Result<Record> {
     line.push('\n');
     let path = dir.join(format!("{}.jsonl", m.name));
     // One write of one line with O_APPEND: concurrent builds never interleave.
-    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
-    file.write_all(line.as_bytes()).with_context(|| format!("appending to {}", path.display()))?;
-    file.sync_all().with_context(|| format!("syncing {}", path.display()))?;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    file.write_all(line.as_bytes())
+        .with_context(|| format!("appending to {}", path.display()))?;
+    file.sync_all()
+        .with_context(|| format!("syncing {}", path.display()))?;
     crate::store::write_json_atomic(&last_path, &m.packages)?;
     Ok(record)
 }
@@ -88,9 +108,17 @@ pub fn read(store: &Store, name: Option<&str>) -> Result<Vec<Record>> {
         if !f.is_file() {
             continue;
         }
-        let text = std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
-        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-            records.push(serde_json::from_str::<Record>(line).with_context(|| format!("{}:{}: not a history record", f.display(), i + 1))?);
+        let text =
+            std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
+        for (i, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            records.push(
+                serde_json::from_str::<Record>(line)
+                    .with_context(|| format!("{}:{}: not a history record", f.display(), i + 1))?,
+            );
         }
     }
     // RFC 3339 UTC times sort as strings; a stable sort keeps file order on ties.

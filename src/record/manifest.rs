@@ -79,14 +79,20 @@ pub struct Git {
 }
 
 pub fn digested(path: &Path) -> Result<Digested> {
-    Ok(Digested { path: path.display().to_string(), sha256: file_digest(path).with_context(|| format!("hashing {}", path.display()))? })
+    Ok(Digested {
+        path: path.display().to_string(),
+        sha256: file_digest(path).with_context(|| format!("hashing {}", path.display()))?,
+    })
 }
 
 pub fn make(facts: &BuildFacts) -> Result<Manifest> {
     let plan = facts.plan;
     let top = plan.steps.last().expect("a plan always has a base step");
     let packages = facts.store.layer_entry(&top.key)?.packages;
-    let files_path = facts.store.image_dir(&facts.image.key).join(crate::assemble::FILES_JSON);
+    let files_path = facts
+        .store
+        .image_dir(&facts.image.key)
+        .join(crate::assemble::FILES_JSON);
     let files = if files_path.is_file() {
         Some(crate::store::read_json::<Vec<FileEntry>>(&files_path)?)
     } else {
@@ -94,20 +100,44 @@ pub fn make(facts: &BuildFacts) -> Result<Manifest> {
         None
     };
     let (user, sudo_user) = super::user();
-    let folder = plan.recipe.path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let folder = plan
+        .recipe
+        .path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     Ok(Manifest {
         schema: SCHEMA.to_owned(),
         kiln_version: env!("CARGO_PKG_VERSION").to_owned(),
         name: plan.recipe.image.name.clone(),
-        recipe: plan.recipe.sources.iter().map(|p| digested(p)).collect::<Result<_>>()?,
+        recipe: plan
+            .recipe
+            .sources
+            .iter()
+            .map(|p| digested(p))
+            .collect::<Result<_>>()?,
         lock: facts.lock.map(digested).transpose()?,
         source_date_epoch: facts.source_date_epoch,
-        steps: plan.steps.iter().map(|s| StepRecord { id: s.id(), layer: s.layer.clone(), key: s.key }).collect(),
+        steps: plan
+            .steps
+            .iter()
+            .map(|s| StepRecord {
+                id: s.id(),
+                layer: s.layer.clone(),
+                key: s.key,
+            })
+            .collect(),
         image: ImageRecord {
             key: facts.image.key,
-            file: facts.exported.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            file: facts
+                .exported
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             sha256: facts.image.sha256.clone(),
-            bytes: std::fs::metadata(facts.exported).with_context(|| format!("reading {}", facts.exported.display()))?.len(),
+            bytes: std::fs::metadata(facts.exported)
+                .with_context(|| format!("reading {}", facts.exported.display()))?
+                .len(),
             format: plan.image.inputs.format.clone(),
             kernel: facts.image.kernel.clone(),
         },
@@ -120,7 +150,12 @@ pub fn make(facts: &BuildFacts) -> Result<Manifest> {
             finished: super::rfc3339(crate::store::now()),
         },
         git: git_state(folder),
-        volumes: plan.recipe.volumes.iter().map(|v| v.mount.clone()).collect(),
+        volumes: plan
+            .recipe
+            .volumes
+            .iter()
+            .map(|v| v.mount.clone())
+            .collect(),
         files,
     })
 }
@@ -129,15 +164,31 @@ pub fn make(facts: &BuildFacts) -> Result<Manifest> {
 /// `dir` differs from it. `None` when git is missing or `dir` is not in a
 /// checkout: the manifest then says null, which is the honest answer.
 pub fn git_state(dir: &Path) -> Option<Git> {
-    let head = Cmd::new("git").arg("-C").arg(dir).args(["rev-parse", "HEAD"]).output().ok()?;
-    let status = Cmd::new("git").arg("-C").arg(dir).args(["status", "--porcelain", "--", "."]).output().ok()?;
-    Some(Git { commit: head.stdout_str().trim().to_owned(), dirty: !status.stdout_str().trim().is_empty() })
+    let head = Cmd::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["rev-parse", "HEAD"])
+        .output()
+        .ok()?;
+    let status = Cmd::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["status", "--porcelain", "--", "."])
+        .output()
+        .ok()?;
+    Some(Git {
+        commit: head.stdout_str().trim().to_owned(),
+        dirty: !status.stdout_str().trim().is_empty(),
+    })
 }
 
 /// The manifest of `image`: `out/NAME.qcow2` → `out/NAME.manifest.json`, or
 /// a manifest itself.
 pub fn path_for(image: &Path) -> PathBuf {
-    let name = image.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = image
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     if name.ends_with(".json") {
         return image.to_owned();
     }
@@ -148,7 +199,11 @@ pub fn path_for(image: &Path) -> PathBuf {
 pub fn read(path: &Path) -> Result<Manifest> {
     let m: Manifest = crate::store::read_json(path)?;
     if m.schema != SCHEMA {
-        anyhow::bail!("{} is a `{}` document, not a kiln manifest ({SCHEMA})", path.display(), m.schema);
+        anyhow::bail!(
+            "{} is a `{}` document, not a kiln manifest ({SCHEMA})",
+            path.display(),
+            m.schema
+        );
     }
     Ok(m)
 }
@@ -157,32 +212,80 @@ pub fn read(path: &Path) -> Result<Manifest> {
 pub fn summary(m: &Manifest) -> String {
     let mut s = String::new();
     let line = |s: &mut String, k: &str, v: String| s.push_str(&format!("{k:<12}{v}\n"));
-    line(&mut s, "image", format!("{} ({}, {} bytes, kernel {})", m.image.file, m.image.format, m.image.bytes, m.image.kernel));
+    line(
+        &mut s,
+        "image",
+        format!(
+            "{} ({}, {} bytes, kernel {})",
+            m.image.file, m.image.format, m.image.bytes, m.image.kernel
+        ),
+    );
     line(&mut s, "sha256", m.image.sha256.clone());
     line(&mut s, "key", m.image.key.hex());
-    line(&mut s, "recipe", m.recipe.iter().map(|d| format!("{} ({})", d.path, &d.sha256[..12])).collect::<Vec<_>>().join(", "));
-    line(&mut s, "lock", m.lock.as_ref().map_or("none".to_owned(), |d| format!("{} ({})", d.path, &d.sha256[..12])));
+    line(
+        &mut s,
+        "recipe",
+        m.recipe
+            .iter()
+            .map(|d| format!("{} ({})", d.path, &d.sha256[..12]))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    line(
+        &mut s,
+        "lock",
+        m.lock.as_ref().map_or("none".to_owned(), |d| {
+            format!("{} ({})", d.path, &d.sha256[..12])
+        }),
+    );
     let by = match &m.built.sudo_user {
         Some(u) => format!("{} (sudo from {u})", m.built.user),
         None => m.built.user.clone(),
     };
-    line(&mut s, "built", format!("{} by {by} on {} with kiln {}", m.built.finished, m.built.host, m.kiln_version));
+    line(
+        &mut s,
+        "built",
+        format!(
+            "{} by {by} on {} with kiln {}",
+            m.built.finished, m.built.host, m.kiln_version
+        ),
+    );
     line(
         &mut s,
         "git",
-        m.git.as_ref().map_or("not in a git checkout".to_owned(), |g| format!("{}{}", g.commit, if g.dirty { " (dirty)" } else { "" })),
+        m.git
+            .as_ref()
+            .map_or("not in a git checkout".to_owned(), |g| {
+                format!("{}{}", g.commit, if g.dirty { " (dirty)" } else { "" })
+            }),
     );
-    line(&mut s, "epoch", format!("SOURCE_DATE_EPOCH={}", m.source_date_epoch));
+    line(
+        &mut s,
+        "epoch",
+        format!("SOURCE_DATE_EPOCH={}", m.source_date_epoch),
+    );
     for step in &m.steps {
-        line(&mut s, "step", format!("{:<24} {}", step.id, step.key.short()));
+        line(
+            &mut s,
+            "step",
+            format!("{:<24} {}", step.id, step.key.short()),
+        );
     }
     line(&mut s, "packages", m.packages.len().to_string());
     match &m.files {
         Some(files) => {
             let bytes: u64 = files.iter().map(|f| f.size).sum();
-            line(&mut s, "files", format!("{} paths, {} bytes in regular files", files.len(), bytes));
+            line(
+                &mut s,
+                "files",
+                format!("{} paths, {} bytes in regular files", files.len(), bytes),
+            );
         }
-        None => line(&mut s, "files", "not recorded (image assembled by an older kiln)".to_owned()),
+        None => line(
+            &mut s,
+            "files",
+            "not recorded (image assembled by an older kiln)".to_owned(),
+        ),
     }
     if !m.volumes.is_empty() {
         line(&mut s, "volumes", m.volumes.join(", "));
@@ -196,8 +299,17 @@ mod tests {
 
     #[test]
     fn manifest_path_from_image_or_manifest() {
-        assert_eq!(path_for(Path::new("out/web.qcow2")), PathBuf::from("out/web.manifest.json"));
-        assert_eq!(path_for(Path::new("out/web.manifest.json")), PathBuf::from("out/web.manifest.json"));
-        assert_eq!(path_for(Path::new("web.raw")), PathBuf::from("web.manifest.json"));
+        assert_eq!(
+            path_for(Path::new("out/web.qcow2")),
+            PathBuf::from("out/web.manifest.json")
+        );
+        assert_eq!(
+            path_for(Path::new("out/web.manifest.json")),
+            PathBuf::from("out/web.manifest.json")
+        );
+        assert_eq!(
+            path_for(Path::new("web.raw")),
+            PathBuf::from("web.manifest.json")
+        );
     }
 }

@@ -76,11 +76,15 @@ pub fn write_all(facts: &BuildFacts) -> Result<Written> {
     crate::store::write_json_atomic(&written.manifest, &manifest)?;
     crate::store::write_json_atomic(&written.sbom, &sbom::spdx(&manifest))?;
     let materials = provenance::materials(facts)?;
-    crate::store::write_json_atomic(&written.provenance, &provenance::statement(&manifest, &materials))?;
+    crate::store::write_json_atomic(
+        &written.provenance,
+        &provenance::statement(&manifest, &materials),
+    )?;
     // Records are published, like the disk: readable by everyone.
     for path in [&written.manifest, &written.sbom, &written.provenance] {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).with_context(|| format!("chmod 644 {}", path.display()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
+            .with_context(|| format!("chmod 644 {}", path.display()))?;
     }
     history::append(facts.store, &manifest).context("appending to the build history")?;
     Ok(written)
@@ -100,7 +104,12 @@ pub fn rfc3339(unix: u64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs / 60 % 60, secs % 60)
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
 }
 
 /// Who is building: the effective user (its name from /etc/passwd), and

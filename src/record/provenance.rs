@@ -40,11 +40,19 @@ pub fn materials(facts: &BuildFacts) -> Result<Vec<Material>> {
     let mut out = Vec::new();
     for src in &plan.recipe.sources {
         let d = digested(src)?;
-        out.push(Material { name: format!("recipe:{}", d.path), uri: None, digest: Some(Digest { sha256: d.sha256 }) });
+        out.push(Material {
+            name: format!("recipe:{}", d.path),
+            uri: None,
+            digest: Some(Digest { sha256: d.sha256 }),
+        });
     }
     if let Some(lock) = facts.lock {
         let d = digested(lock)?;
-        out.push(Material { name: format!("lock:{}", d.path), uri: None, digest: Some(Digest { sha256: d.sha256 }) });
+        out.push(Material {
+            name: format!("lock:{}", d.path),
+            uri: None,
+            digest: Some(Digest { sha256: d.sha256 }),
+        });
     }
     for step in &plan.steps {
         if let Action::Files { files, .. } = &step.action {
@@ -52,7 +60,9 @@ pub fn materials(facts: &BuildFacts) -> Result<Vec<Material>> {
                 out.push(Material {
                     name: format!("file:{} -> {}", spec.src.display(), spec.dest),
                     uri: None,
-                    digest: Some(Digest { sha256: input.sha256.clone() }),
+                    digest: Some(Digest {
+                        sha256: input.sha256.clone(),
+                    }),
                 });
             }
         }
@@ -67,9 +77,24 @@ pub fn materials(facts: &BuildFacts) -> Result<Vec<Material>> {
     let archives = facts.store.apt_archives();
     for p in &packages {
         // apt names a .deb NAME_VERSION_ARCH.deb with the epoch's colon as %3a.
-        let deb = archives.join(format!("{}_{}_{}.deb", p.name, p.version.replace(':', "%3a"), p.arch));
-        let digest = if deb.is_file() { Some(Digest { sha256: file_digest(&deb)? }) } else { None };
-        out.push(Material { name: format!("deb:{}_{}_{}", p.name, p.version, p.arch), uri: Some(super::sbom::purl(p, &distro)), digest });
+        let deb = archives.join(format!(
+            "{}_{}_{}.deb",
+            p.name,
+            p.version.replace(':', "%3a"),
+            p.arch
+        ));
+        let digest = if deb.is_file() {
+            Some(Digest {
+                sha256: file_digest(&deb)?,
+            })
+        } else {
+            None
+        };
+        out.push(Material {
+            name: format!("deb:{}_{}_{}", p.name, p.version, p.arch),
+            uri: Some(super::sbom::purl(p, &distro)),
+            digest,
+        });
     }
     Ok(out)
 }

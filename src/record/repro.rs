@@ -55,13 +55,25 @@ impl ReproReport {
 
 /// Build the recipe again, with the same locks, into an empty store and
 /// compare with `first`.
-pub fn check(recipe: &Recipe, locks: &Locks, first: &Summary, store: &Store, ui: &Ui) -> Result<ReproReport> {
+pub fn check(
+    recipe: &Recipe,
+    locks: &Locks,
+    first: &Summary,
+    store: &Store,
+    ui: &Ui,
+) -> Result<ReproReport> {
     let scratch = store.staging().context("creating a scratch store")?;
     let second_store = Store::open(&scratch.path().join("store"))?;
-    let second_opts = BuildOptions { refresh: false, out_dir: scratch.path().join("out"), layers_only: false, fresh_resolve: false };
+    let second_opts = BuildOptions {
+        refresh: false,
+        out_dir: scratch.path().join("out"),
+        layers_only: false,
+        fresh_resolve: false,
+    };
     eprintln!("check-repro: building again into an empty store");
     let mut locks = locks.clone();
-    let (plan, second) = build::build(recipe, &mut locks, &second_store, &second_opts, ui).context("the second build of --check-repro")?;
+    let (plan, second) = build::build(recipe, &mut locks, &second_store, &second_opts, ui)
+        .context("the second build of --check-repro")?;
     let mut report = ReproReport {
         first_sha256: first.sha256.clone(),
         second_sha256: second.sha256.clone(),
@@ -72,19 +84,43 @@ pub fn check(recipe: &Recipe, locks: &Locks, first: &Summary, store: &Store, ui:
     if !report.reproducible {
         let key = plan.image.key;
         let files = |s: &Store| s.image_dir(&key).join(crate::assemble::FILES_JSON);
-        report.first_difference = Some(first_difference(&first.image, &files(store), &second.image, &files(&second_store), scratch.path())?);
+        report.first_difference = Some(first_difference(
+            &first.image,
+            &files(store),
+            &second.image,
+            &files(&second_store),
+            scratch.path(),
+        )?);
     }
     Ok(report)
 }
 
 /// Where two builds of the same image first differ.
-pub fn first_difference(a: &Path, a_files: &Path, b: &Path, b_files: &Path, scratch: &Path) -> Result<String> {
+pub fn first_difference(
+    a: &Path,
+    a_files: &Path,
+    b: &Path,
+    b_files: &Path,
+    scratch: &Path,
+) -> Result<String> {
     let fa: Vec<FileEntry> = crate::store::read_json(a_files)?;
     let fb: Vec<FileEntry> = crate::store::read_json(b_files)?;
     let d = tree::compare(&fa, &fb, &|_| false, true);
-    let mut found: Vec<String> = d.modified.iter().map(|m| format!("{} ({})", m.path, m.changes.join(", "))).collect();
-    found.extend(d.added.iter().map(|p| format!("{p} (only in the second build)")));
-    found.extend(d.removed.iter().map(|p| format!("{p} (only in the first build)")));
+    let mut found: Vec<String> = d
+        .modified
+        .iter()
+        .map(|m| format!("{} ({})", m.path, m.changes.join(", ")))
+        .collect();
+    found.extend(
+        d.added
+            .iter()
+            .map(|p| format!("{p} (only in the second build)")),
+    );
+    found.extend(
+        d.removed
+            .iter()
+            .map(|p| format!("{p} (only in the first build)")),
+    );
     found.sort();
     if let Some(first) = found.first() {
         return Ok(format!("{first}; {} paths differ in all", found.len()));
@@ -92,28 +128,42 @@ pub fn first_difference(a: &Path, a_files: &Path, b: &Path, b_files: &Path, scra
     let ra = scratch.join("a.raw");
     let rb = scratch.join("b.raw");
     for (disk, raw) in [(a, &ra), (b, &rb)] {
-        Cmd::new("qemu-img").args(["convert", "-O", "raw"]).arg(disk).arg(raw).run()?;
+        Cmd::new("qemu-img")
+            .args(["convert", "-O", "raw"])
+            .arg(disk)
+            .arg(raw)
+            .run()?;
     }
     let Some(offset) = first_differing_byte(&ra, &rb)? else {
-        return Ok("the file lists and the raw disks are identical: only the qcow2 container differs".to_owned());
+        return Ok(
+            "the file lists and the raw disks are identical: only the qcow2 container differs"
+                .to_owned(),
+        );
     };
     let place = locate(&ra, offset)?;
     for raw in [&ra, &rb] {
         std::fs::remove_file(raw).with_context(|| format!("removing {}", raw.display()))?;
     }
-    Ok(format!("the file lists are identical; the disks first differ at byte {offset}: {place}"))
+    Ok(format!(
+        "the file lists are identical; the disks first differ at byte {offset}: {place}"
+    ))
 }
 
 pub fn first_differing_byte(a: &Path, b: &Path) -> Result<Option<u64>> {
     const CHUNK: usize = 1 << 20;
-    let open = |p: &Path| std::fs::File::open(p).with_context(|| format!("opening {}", p.display()));
+    let open =
+        |p: &Path| std::fs::File::open(p).with_context(|| format!("opening {}", p.display()));
     let (mut fa, mut fb) = (open(a)?, open(b)?);
     let (mut ba, mut bb) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
     let mut offset = 0u64;
     loop {
         let na = read_full(&mut fa, &mut ba).with_context(|| format!("reading {}", a.display()))?;
         let nb = read_full(&mut fb, &mut bb).with_context(|| format!("reading {}", b.display()))?;
-        if let Some(i) = ba[..na.min(nb)].iter().zip(&bb[..na.min(nb)]).position(|(x, y)| x != y) {
+        if let Some(i) = ba[..na.min(nb)]
+            .iter()
+            .zip(&bb[..na.min(nb)])
+            .position(|(x, y)| x != y)
+        {
             return Ok(Some(offset + i as u64));
         }
         if na != nb {
@@ -140,10 +190,16 @@ fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
 /// Name the place of a byte in a kiln disk.
 fn locate(raw: &Path, offset: u64) -> Result<String> {
     let out = Cmd::new("sfdisk").arg("--json").arg(raw).output()?;
-    let table: serde_json::Value = serde_json::from_slice(&out.stdout).context("parsing sfdisk --json")?;
-    let parts = table["partitiontable"]["partitions"].as_array().cloned().unwrap_or_default();
+    let table: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("parsing sfdisk --json")?;
+    let parts = table["partitiontable"]["partitions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     for p in &parts {
-        let (Some(start), Some(size)) = (p["start"].as_u64(), p["size"].as_u64()) else { continue };
+        let (Some(start), Some(size)) = (p["start"].as_u64(), p["size"].as_u64()) else {
+            continue;
+        };
         let (start, end) = (start * 512, (start + size) * 512);
         if !(start..end).contains(&offset) {
             continue;
@@ -154,14 +210,35 @@ fn locate(raw: &Path, offset: u64) -> Result<String> {
         }
         let block = (offset - start) / 4096;
         let fs = format!("{}?offset={start}", raw.display());
-        let icheck = Cmd::new("debugfs").arg("-R").arg(format!("icheck {block}")).arg(&fs).output()?.stdout_str();
-        let inode = icheck.lines().nth(1).and_then(|l| l.split_whitespace().nth(1)).and_then(|i| i.parse::<u64>().ok());
+        let icheck = Cmd::new("debugfs")
+            .arg("-R")
+            .arg(format!("icheck {block}"))
+            .arg(&fs)
+            .output()?
+            .stdout_str();
+        let inode = icheck
+            .lines()
+            .nth(1)
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|i| i.parse::<u64>().ok());
         let Some(inode) = inode else {
             return Ok(format!("root filesystem block {block}, which no file owns (filesystem metadata: inode table, bitmap, directory index or journal)"));
         };
-        let ncheck = Cmd::new("debugfs").arg("-R").arg(format!("ncheck {inode}")).arg(&fs).output()?.stdout_str();
-        let path = ncheck.lines().nth(1).and_then(|l| l.split_once(char::is_whitespace)).map(|(_, p)| p.trim().to_owned());
-        return Ok(format!("root filesystem block {block}, data of inode {inode} ({})", path.as_deref().unwrap_or("no path")));
+        let ncheck = Cmd::new("debugfs")
+            .arg("-R")
+            .arg(format!("ncheck {inode}"))
+            .arg(&fs)
+            .output()?
+            .stdout_str();
+        let path = ncheck
+            .lines()
+            .nth(1)
+            .and_then(|l| l.split_once(char::is_whitespace))
+            .map(|(_, p)| p.trim().to_owned());
+        return Ok(format!(
+            "root filesystem block {block}, data of inode {inode} ({})",
+            path.as_deref().unwrap_or("no path")
+        ));
     }
     Ok("outside every partition (the GPT)".to_owned())
 }

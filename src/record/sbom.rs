@@ -16,19 +16,37 @@ use crate::store::Package;
 fn purl_encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'.' | b'-' | b'_' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'.' | b'-' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()
 }
 
 pub fn purl(p: &Package, distro: &str) -> String {
-    format!("pkg:deb/debian/{}@{}?arch={}&distro={}", purl_encode(&p.name), purl_encode(&p.version), purl_encode(&p.arch), purl_encode(distro))
+    format!(
+        "pkg:deb/debian/{}@{}?arch={}&distro={}",
+        purl_encode(&p.name),
+        purl_encode(&p.version),
+        purl_encode(&p.arch),
+        purl_encode(distro)
+    )
 }
 
 /// SPDX ids allow letters, digits, `.` and `-`; the index keeps them unique.
 fn spdx_id(i: usize, p: &Package) -> String {
-    let clean: String = p.name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '-' }).collect();
+    let clean: String = p
+        .name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
     format!("SPDXRef-Package-{i}-{clean}-{}", p.arch)
 }
 
@@ -111,8 +129,16 @@ mod tests {
 
     #[test]
     fn purls_encode_epochs_and_plus() {
-        let p = Package { name: "libstdc++6".into(), version: "1:14.2.0-19".into(), arch: "amd64".into(), source: "gcc-14".into() };
-        assert_eq!(purl(&p, "debian-13"), "pkg:deb/debian/libstdc%2B%2B6@1%3A14.2.0-19?arch=amd64&distro=debian-13");
+        let p = Package {
+            name: "libstdc++6".into(),
+            version: "1:14.2.0-19".into(),
+            arch: "amd64".into(),
+            source: "gcc-14".into(),
+        };
+        assert_eq!(
+            purl(&p, "debian-13"),
+            "pkg:deb/debian/libstdc%2B%2B6@1%3A14.2.0-19?arch=amd64&distro=debian-13"
+        );
         assert_eq!(spdx_id(3, &p), "SPDXRef-Package-3-libstdc--6-amd64");
     }
 }

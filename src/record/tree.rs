@@ -58,11 +58,13 @@ pub struct FileEntry {
 /// under it) for which `skip` is true. Sorted by path.
 pub fn walk(root: &Path, skip: &dyn Fn(&str) -> bool) -> Result<Vec<FileEntry>> {
     let mut out = Vec::new();
-    let meta = std::fs::symlink_metadata(root).with_context(|| format!("reading {}", root.display()))?;
+    let meta =
+        std::fs::symlink_metadata(root).with_context(|| format!("reading {}", root.display()))?;
     out.push(entry("/".to_owned(), root, &meta)?);
     let mut dirs = vec![("".to_owned(), root.to_path_buf())];
     while let Some((rel, dir)) = dirs.pop() {
-        let listing = std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))?;
+        let listing =
+            std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))?;
         for item in listing {
             let item = item.with_context(|| format!("listing {}", dir.display()))?;
             let name = item.file_name();
@@ -71,7 +73,8 @@ pub fn walk(root: &Path, skip: &dyn Fn(&str) -> bool) -> Result<Vec<FileEntry>> 
                 continue;
             }
             let host = item.path();
-            let meta = std::fs::symlink_metadata(&host).with_context(|| format!("reading {}", host.display()))?;
+            let meta = std::fs::symlink_metadata(&host)
+                .with_context(|| format!("reading {}", host.display()))?;
             if meta.is_dir() {
                 dirs.push((path.clone(), host.clone()));
             }
@@ -100,11 +103,18 @@ fn entry(path: String, host: &Path, meta: &std::fs::Metadata) -> Result<FileEntr
         Kind::Socket
     };
     let sha256 = match kind {
-        Kind::File => Some(file_digest(host).with_context(|| format!("hashing {}", host.display()))?),
+        Kind::File => {
+            Some(file_digest(host).with_context(|| format!("hashing {}", host.display()))?)
+        }
         _ => None,
     };
     let target = match kind {
-        Kind::Symlink => Some(std::fs::read_link(host).with_context(|| format!("reading the link {}", host.display()))?.to_string_lossy().into_owned()),
+        Kind::Symlink => Some(
+            std::fs::read_link(host)
+                .with_context(|| format!("reading the link {}", host.display()))?
+                .to_string_lossy()
+                .into_owned(),
+        ),
         _ => None,
     };
     let device = match kind {
@@ -131,7 +141,11 @@ fn entry(path: String, host: &Path, meta: &std::fs::Metadata) -> Result<FileEntr
 /// Whether `path` is `prefix` or lies under it.
 pub fn under(path: &str, prefix: &str) -> bool {
     let prefix = prefix.trim_end_matches('/');
-    prefix.is_empty() || path == prefix || path.strip_prefix(prefix).is_some_and(|rest| rest.starts_with('/'))
+    prefix.is_empty()
+        || path == prefix
+        || path
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.starts_with('/'))
 }
 
 /// A path whose metadata or content differs.
@@ -158,9 +172,22 @@ impl Differences {
 
 /// Compare two walks, ignoring paths for which `ignore` is true. With
 /// `times`, modification times count too (for comparing two builds).
-pub fn compare(expected: &[FileEntry], actual: &[FileEntry], ignore: &dyn Fn(&str) -> bool, times: bool) -> Differences {
-    let want: BTreeMap<&str, &FileEntry> = expected.iter().filter(|e| !ignore(&e.path)).map(|e| (e.path.as_str(), e)).collect();
-    let have: BTreeMap<&str, &FileEntry> = actual.iter().filter(|e| !ignore(&e.path)).map(|e| (e.path.as_str(), e)).collect();
+pub fn compare(
+    expected: &[FileEntry],
+    actual: &[FileEntry],
+    ignore: &dyn Fn(&str) -> bool,
+    times: bool,
+) -> Differences {
+    let want: BTreeMap<&str, &FileEntry> = expected
+        .iter()
+        .filter(|e| !ignore(&e.path))
+        .map(|e| (e.path.as_str(), e))
+        .collect();
+    let have: BTreeMap<&str, &FileEntry> = actual
+        .iter()
+        .filter(|e| !ignore(&e.path))
+        .map(|e| (e.path.as_str(), e))
+        .collect();
     let mut diff = Differences::default();
     for (path, w) in &want {
         match have.get(path) {
@@ -168,12 +195,19 @@ pub fn compare(expected: &[FileEntry], actual: &[FileEntry], ignore: &dyn Fn(&st
             Some(h) => {
                 let changes = entry_changes(w, h, times);
                 if !changes.is_empty() {
-                    diff.modified.push(Modified { path: (*path).to_owned(), changes });
+                    diff.modified.push(Modified {
+                        path: (*path).to_owned(),
+                        changes,
+                    });
                 }
             }
         }
     }
-    diff.added = have.keys().filter(|p| !want.contains_key(*p)).map(|p| (*p).to_owned()).collect();
+    diff.added = have
+        .keys()
+        .filter(|p| !want.contains_key(*p))
+        .map(|p| (*p).to_owned())
+        .collect();
     diff
 }
 
@@ -190,10 +224,18 @@ fn entry_changes(w: &FileEntry, h: &FileEntry, times: bool) -> Vec<String> {
         changes.push(format!("size {} -> {}", w.size, h.size));
     }
     if w.target != h.target {
-        changes.push(format!("target {} -> {}", w.target.as_deref().unwrap_or(""), h.target.as_deref().unwrap_or("")));
+        changes.push(format!(
+            "target {} -> {}",
+            w.target.as_deref().unwrap_or(""),
+            h.target.as_deref().unwrap_or("")
+        ));
     }
     if w.device != h.device {
-        changes.push(format!("device {} -> {}", w.device.as_deref().unwrap_or(""), h.device.as_deref().unwrap_or("")));
+        changes.push(format!(
+            "device {} -> {}",
+            w.device.as_deref().unwrap_or(""),
+            h.device.as_deref().unwrap_or("")
+        ));
     }
     if w.mode != h.mode {
         changes.push(format!("mode {} -> {}", w.mode, h.mode));
@@ -239,13 +281,23 @@ mod tests {
 
     #[test]
     fn compare_reports_modified_added_removed_and_ignores() {
-        let want = vec![file("/etc/a", "1"), file("/etc/b", "2"), file("/var/log/x", "3")];
+        let want = vec![
+            file("/etc/a", "1"),
+            file("/etc/b", "2"),
+            file("/var/log/x", "3"),
+        ];
         let mut changed = file("/etc/a", "9");
         changed.mode = "0600".into();
         changed.mtime = 5;
         let have = vec![changed, file("/usr/new", "4"), file("/var/log/x", "7")];
         let d = compare(&want, &have, &|p| under(p, "/var"), false);
-        assert_eq!(d.modified, vec![Modified { path: "/etc/a".into(), changes: vec!["content".into(), "mode 0644 -> 0600".into()] }]);
+        assert_eq!(
+            d.modified,
+            vec![Modified {
+                path: "/etc/a".into(),
+                changes: vec!["content".into(), "mode 0644 -> 0600".into()]
+            }]
+        );
         assert_eq!(d.added, vec!["/usr/new".to_owned()]);
         assert_eq!(d.removed, vec!["/etc/b".to_owned()]);
         let d = compare(&want[..1], &[file("/etc/a", "1")], &|_| false, true);
@@ -262,7 +314,10 @@ mod tests {
         let entries = walk(dir.path(), &|p| under(p, "/proc")).unwrap();
         let paths: Vec<&str> = entries.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(paths, ["/", "/etc", "/etc/hello", "/etc/link"]);
-        assert_eq!(entries[2].sha256.as_deref(), Some("98ea6e4f216f2fb4b69fff9b3a44842c38686ca685f3f55dc48c5d3fb1107be4"));
+        assert_eq!(
+            entries[2].sha256.as_deref(),
+            Some("98ea6e4f216f2fb4b69fff9b3a44842c38686ca685f3f55dc48c5d3fb1107be4")
+        );
         assert_eq!(entries[2].size, 3);
         assert_eq!(entries[3].target.as_deref(), Some("hello"));
         assert_eq!(entries[1].kind, Kind::Dir);

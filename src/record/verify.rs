@@ -70,10 +70,17 @@ impl Report {
     pub fn text(&self) -> String {
         let mut s = format!("{} against {}\n", self.target, self.manifest);
         if let Some(d) = &self.disk_digest {
-            s.push_str(&format!("disk sha256 differs: manifest {} , disk {}\n", d.expected, d.actual));
+            s.push_str(&format!(
+                "disk sha256 differs: manifest {} , disk {}\n",
+                d.expected, d.actual
+            ));
         }
         for m in &self.differences.modified {
-            s.push_str(&format!("modified  {}  ({})\n", m.path, m.changes.join(", ")));
+            s.push_str(&format!(
+                "modified  {}  ({})\n",
+                m.path,
+                m.changes.join(", ")
+            ));
         }
         for p in &self.differences.added {
             s.push_str(&format!("added     {p}\n"));
@@ -89,7 +96,11 @@ impl Report {
                 self.differences.modified.len(),
                 self.differences.added.len(),
                 self.differences.removed.len(),
-                if self.disk_digest.is_some() { ", disk digest differs" } else { "" }
+                if self.disk_digest.is_some() {
+                    ", disk digest differs"
+                } else {
+                    ""
+                }
             ));
         }
         if !self.ignored.is_empty() {
@@ -107,27 +118,54 @@ fn manifest_files<'a>(m: &'a Manifest, manifest_path: &Path) -> Result<&'a [File
 }
 
 /// Check a live root directory.
-pub fn root(dir: &Path, m: &Manifest, manifest_path: &Path, extra_ignores: &[String]) -> Result<Report> {
+pub fn root(
+    dir: &Path,
+    m: &Manifest,
+    manifest_path: &Path,
+    extra_ignores: &[String],
+) -> Result<Report> {
     let mut ignored: Vec<String> = DEFAULT_IGNORES.iter().map(|s| s.to_string()).collect();
     ignored.extend(m.volumes.iter().cloned());
     ignored.extend(extra_ignores.iter().cloned());
     let skip = |p: &str| ignored.iter().any(|i| under(p, i));
-    let actual = tree::walk(dir, &skip).with_context(|| format!("reading the root {}", dir.display()))?;
+    let actual =
+        tree::walk(dir, &skip).with_context(|| format!("reading the root {}", dir.display()))?;
     let differences = tree::compare(manifest_files(m, manifest_path)?, &actual, &skip, false);
     let clean = differences.is_empty();
-    Ok(Report { target: dir.display().to_string(), manifest: manifest_path.display().to_string(), disk_digest: None, differences, ignored, unchecked: 0, clean })
+    Ok(Report {
+        target: dir.display().to_string(),
+        manifest: manifest_path.display().to_string(),
+        disk_digest: None,
+        differences,
+        ignored,
+        unchecked: 0,
+        clean,
+    })
 }
 
 /// Check a built disk: its digest, then every file of its root filesystem.
 /// With `extract`, the root filesystem is left there (a new directory).
-pub fn image(image: &Path, m: &Manifest, manifest_path: &Path, extract: Option<&Path>) -> Result<Report> {
+pub fn image(
+    image: &Path,
+    m: &Manifest,
+    manifest_path: &Path,
+    extract: Option<&Path>,
+) -> Result<Report> {
     let expected = manifest_files(m, manifest_path)?;
-    let actual_digest = file_digest(image).with_context(|| format!("hashing {}", image.display()))?;
-    let disk_digest = (actual_digest != m.image.sha256).then(|| DiskDigest { expected: m.image.sha256.clone(), actual: actual_digest });
-    let scratch = tempfile::Builder::new().prefix("kiln-verify-").tempdir().context("creating a scratch directory")?;
+    let actual_digest =
+        file_digest(image).with_context(|| format!("hashing {}", image.display()))?;
+    let disk_digest = (actual_digest != m.image.sha256).then(|| DiskDigest {
+        expected: m.image.sha256.clone(),
+        actual: actual_digest,
+    });
+    let scratch = tempfile::Builder::new()
+        .prefix("kiln-verify-")
+        .tempdir()
+        .context("creating a scratch directory")?;
     let root = match extract {
         Some(dir) => {
-            std::fs::create_dir(dir).with_context(|| format!("creating {} (it must not exist yet)", dir.display()))?;
+            std::fs::create_dir(dir)
+                .with_context(|| format!("creating {} (it must not exist yet)", dir.display()))?;
             dir.to_path_buf()
         }
         None => scratch.path().join("root"),
@@ -140,21 +178,40 @@ pub fn image(image: &Path, m: &Manifest, manifest_path: &Path, extract: Option<&
     let ignored = vec!["/lost+found".to_owned()];
     let differences = tree::compare(&expected, &actual, &|p| under(p, "/lost+found"), false);
     let clean = differences.is_empty() && disk_digest.is_none();
-    Ok(Report { target: image.display().to_string(), manifest: manifest_path.display().to_string(), disk_digest, differences, ignored, unchecked, clean })
+    Ok(Report {
+        target: image.display().to_string(),
+        manifest: manifest_path.display().to_string(),
+        disk_digest,
+        differences,
+        ignored,
+        unchecked,
+        clean,
+    })
 }
 
 /// The byte offset of the partition named `root` (or typed as an x86-64
 /// root) in a raw GPT disk.
 pub fn root_offset(raw: &Path) -> Result<u64> {
     let out = Cmd::new("sfdisk").arg("--json").arg(raw).output()?;
-    let table: serde_json::Value = serde_json::from_slice(&out.stdout).context("parsing sfdisk --json")?;
-    let parts = table["partitiontable"]["partitions"].as_array().context("sfdisk shows no partitions")?;
+    let table: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("parsing sfdisk --json")?;
+    let parts = table["partitiontable"]["partitions"]
+        .as_array()
+        .context("sfdisk shows no partitions")?;
     let root = parts
         .iter()
         .find(|p| p["name"] == crate::assemble::ROOT_LABEL)
-        .or_else(|| parts.iter().find(|p| p["type"].as_str().is_some_and(|t| t.eq_ignore_ascii_case("4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"))))
+        .or_else(|| {
+            parts.iter().find(|p| {
+                p["type"]
+                    .as_str()
+                    .is_some_and(|t| t.eq_ignore_ascii_case("4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"))
+            })
+        })
         .with_context(|| format!("{} has no root partition", raw.display()))?;
-    let start = root["start"].as_u64().context("sfdisk gave no start for the root partition")?;
+    let start = root["start"]
+        .as_u64()
+        .context("sfdisk gave no start for the root partition")?;
     Ok(start * 512)
 }
 
@@ -162,35 +219,62 @@ pub fn root_offset(raw: &Path) -> Result<u64> {
 /// with the owners and modes the filesystem stores, and describe it.
 pub fn read_root(image: &Path, dump: &Path, scratch: &Path) -> Result<Vec<FileEntry>> {
     let raw = scratch.join("disk.raw");
-    Cmd::new("qemu-img").args(["convert", "-O", "raw"]).arg(image).arg(&raw).run().context("reading the disk")?;
+    Cmd::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(image)
+        .arg(&raw)
+        .run()
+        .context("reading the disk")?;
     let fs = format!("{}?offset={}", raw.display(), root_offset(&raw)?);
     std::fs::create_dir_all(dump).with_context(|| format!("creating {}", dump.display()))?;
-    Cmd::new("debugfs").arg("-R").arg(format!("rdump / {}", dump.display())).arg(&fs).run().context("dumping the root filesystem")?;
+    Cmd::new("debugfs")
+        .arg("-R")
+        .arg(format!("rdump / {}", dump.display()))
+        .arg(&fs)
+        .run()
+        .context("dumping the root filesystem")?;
     let dumped = tree::walk(dump, &|_| false)?;
     let meta = fs_metadata(&fs, &dumped, scratch)?;
     std::fs::remove_file(&raw).with_context(|| format!("removing {}", raw.display()))?;
     // Owner first, then mode: chown clears setuid and setgid.
     for e in &dumped {
-        let (mode, uid, gid) = *meta.get(&e.path).with_context(|| format!("debugfs listed no metadata for {}", e.path))?;
+        let (mode, uid, gid) = *meta
+            .get(&e.path)
+            .with_context(|| format!("debugfs listed no metadata for {}", e.path))?;
         let host = dump.join(e.path.trim_start_matches('/'));
-        std::os::unix::fs::lchown(&host, Some(uid), Some(gid)).with_context(|| format!("chown {}", host.display()))?;
+        std::os::unix::fs::lchown(&host, Some(uid), Some(gid))
+            .with_context(|| format!("chown {}", host.display()))?;
         if e.kind != Kind::Symlink {
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&host, std::fs::Permissions::from_mode(mode & 0o7777)).with_context(|| format!("chmod {}", host.display()))?;
+            std::fs::set_permissions(&host, std::fs::Permissions::from_mode(mode & 0o7777))
+                .with_context(|| format!("chmod {}", host.display()))?;
         }
     }
     tree::walk(dump, &|_| false)
 }
 
 /// `path -> (mode, uid, gid)` from `debugfs ls -p` of every directory.
-fn fs_metadata(fs: &str, entries: &[FileEntry], scratch: &Path) -> Result<BTreeMap<String, (u32, u32, u32)>> {
+fn fs_metadata(
+    fs: &str,
+    entries: &[FileEntry],
+    scratch: &Path,
+) -> Result<BTreeMap<String, (u32, u32, u32)>> {
     let mut script = String::new();
     for e in entries.iter().filter(|e| e.kind == Kind::Dir) {
-        script.push_str(&format!("ls -p {}\n", crate::assemble::debugfs_quote(&e.path)));
+        script.push_str(&format!(
+            "ls -p {}\n",
+            crate::assemble::debugfs_quote(&e.path)
+        ));
     }
     let script_path = scratch.join("ls.debugfs");
-    std::fs::write(&script_path, script).with_context(|| format!("writing {}", script_path.display()))?;
-    let out = Cmd::new("debugfs").arg("-f").arg(&script_path).arg(fs).output().context("reading owners and modes")?;
+    std::fs::write(&script_path, script)
+        .with_context(|| format!("writing {}", script_path.display()))?;
+    let out = Cmd::new("debugfs")
+        .arg("-f")
+        .arg(&script_path)
+        .arg(fs)
+        .output()
+        .context("reading owners and modes")?;
     Ok(parse_ls(&out.stdout_str()))
 }
 
@@ -204,13 +288,26 @@ fn parse_ls(text: &str) -> BTreeMap<String, (u32, u32, u32)> {
             continue;
         }
         // /ino/mode/uid/gid/name/size/
-        let Some(body) = line.strip_prefix('/').and_then(|l| l.strip_suffix('/')) else { continue };
-        let mut head = body.splitn(5, '/');
-        let (Some(_ino), Some(mode), Some(uid), Some(gid), Some(rest)) = (head.next(), head.next(), head.next(), head.next(), head.next()) else {
+        let Some(body) = line.strip_prefix('/').and_then(|l| l.strip_suffix('/')) else {
             continue;
         };
-        let Some((name, _size)) = rest.rsplit_once('/') else { continue };
-        let (Ok(mode), Ok(uid), Ok(gid)) = (u32::from_str_radix(mode, 8), uid.parse(), gid.parse()) else { continue };
+        let mut head = body.splitn(5, '/');
+        let (Some(_ino), Some(mode), Some(uid), Some(gid), Some(rest)) = (
+            head.next(),
+            head.next(),
+            head.next(),
+            head.next(),
+            head.next(),
+        ) else {
+            continue;
+        };
+        let Some((name, _size)) = rest.rsplit_once('/') else {
+            continue;
+        };
+        let (Ok(mode), Ok(uid), Ok(gid)) = (u32::from_str_radix(mode, 8), uid.parse(), gid.parse())
+        else {
+            continue;
+        };
         let path = match name {
             ".." => continue,
             "." => dir.clone(),

@@ -16,7 +16,7 @@ use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
 use super::firmware::Firmware;
-use super::qemu::{self, VmConfig, Vm};
+use super::qemu::{self, Vm, VmConfig};
 use crate::cmd::{self, Cmd};
 
 /// Bound on the KVM probe boot.
@@ -46,19 +46,38 @@ pub struct Verdict {
 
 /// The accelerator to use (`kvm` or `tcg`), and the one line to tell the
 /// user when `auto` fell back to TCG.
-pub fn choose(accel: Accel, firmware: &Firmware, state_dir: &Path) -> Result<(&'static str, Option<String>)> {
+pub fn choose(
+    accel: Accel,
+    firmware: &Firmware,
+    state_dir: &Path,
+) -> Result<(&'static str, Option<String>)> {
     match accel {
         Accel::Kvm => Ok(("kvm", None)),
         Accel::Tcg => Ok(("tcg", None)),
         Accel::Auto => {
-            if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
-                return Ok(("tcg", Some(format!("KVM is not available (/dev/kvm: {e}); using TCG, which is slower"))));
+            if let Err(e) = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/kvm")
+            {
+                return Ok((
+                    "tcg",
+                    Some(format!(
+                        "KVM is not available (/dev/kvm: {e}); using TCG, which is slower"
+                    )),
+                ));
             }
             let verdict = verdict(firmware, state_dir)?;
             if verdict.usable {
                 Ok(("kvm", None))
             } else {
-                Ok(("tcg", Some(format!("KVM does not work on this host ({}); using TCG, which is slower", verdict.reason))))
+                Ok((
+                    "tcg",
+                    Some(format!(
+                        "KVM does not work on this host ({}); using TCG, which is slower",
+                        verdict.reason
+                    )),
+                ))
             }
         }
     }
@@ -70,18 +89,30 @@ fn verdict(firmware: &Firmware, state_dir: &Path) -> Result<Verdict> {
         .context("reading /proc/sys/kernel/osrelease")?
         .trim()
         .to_owned();
-    let version = Cmd::new(qemu::QEMU).arg("--version").timeout(VERSION_TIMEOUT).output()?.stdout_str();
+    let version = Cmd::new(qemu::QEMU)
+        .arg("--version")
+        .timeout(VERSION_TIMEOUT)
+        .output()?
+        .stdout_str();
     let qemu = version.lines().next().unwrap_or("").trim().to_owned();
     let path = cache_path(state_dir, &kernel, &qemu);
     if let Ok(text) = std::fs::read_to_string(&path) {
         match serde_json::from_str::<Verdict>(&text) {
             Ok(v) if v.kernel == kernel && v.qemu == qemu => return Ok(v),
             // A damaged or foreign file is just re-probed and replaced.
-            _ => cmd::log_line(&format!("ignoring unreadable KVM verdict {}", path.display())),
+            _ => cmd::log_line(&format!(
+                "ignoring unreadable KVM verdict {}",
+                path.display()
+            )),
         }
     }
     let (usable, reason) = probe(firmware)?;
-    let v = Verdict { kernel, qemu, usable, reason };
+    let v = Verdict {
+        kernel,
+        qemu,
+        usable,
+        reason,
+    };
     write_atomic(&path, serde_json::to_string_pretty(&v)?.as_bytes())?;
     Ok(v)
 }
@@ -93,26 +124,40 @@ pub fn cache_path(state_dir: &Path, kernel: &str, qemu: &str) -> PathBuf {
     h.update(kernel.as_bytes());
     h.update(b"\0");
     h.update(qemu.as_bytes());
-    let hex: String = h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect();
+    let hex: String = h
+        .finalize()
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect();
     state_dir.join(format!("kvm-probe-v1-{hex}.json"))
 }
 
 fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let dir = path.parent().context("cache path has no parent")?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("creating a temp file in {}", dir.display()))?;
-    tmp.write_all(data).with_context(|| format!("writing {}", tmp.path().display()))?;
-    tmp.as_file().sync_all().with_context(|| format!("syncing {}", tmp.path().display()))?;
-    tmp.persist(path).with_context(|| format!("renaming into {}", path.display()))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("creating a temp file in {}", dir.display()))?;
+    tmp.write_all(data)
+        .with_context(|| format!("writing {}", tmp.path().display()))?;
+    tmp.as_file()
+        .sync_all()
+        .with_context(|| format!("syncing {}", tmp.path().display()))?;
+    tmp.persist(path)
+        .with_context(|| format!("renaming into {}", path.display()))?;
     Ok(())
 }
 
 /// Boot the firmware alone under KVM: (usable, why).
 fn probe(firmware: &Firmware) -> Result<(bool, String)> {
-    let tmp = tempfile::Builder::new().prefix("kiln-kvm-probe-").tempdir().context("creating a temp dir")?;
+    let tmp = tempfile::Builder::new()
+        .prefix("kiln-kvm-probe-")
+        .tempdir()
+        .context("creating a temp dir")?;
     let vars_copy = tmp.path().join("vars.fd");
     let template = firmware.vars.as_ref().unwrap_or(&firmware.code);
-    std::fs::copy(template, &vars_copy).with_context(|| format!("copying {}", template.display()))?;
+    std::fs::copy(template, &vars_copy)
+        .with_context(|| format!("copying {}", template.display()))?;
     let args = qemu::args(&VmConfig {
         accel: "kvm",
         firmware,
@@ -130,10 +175,16 @@ fn probe(firmware: &Firmware) -> Result<(bool, String)> {
     let outcome = loop {
         cmd::check_interrupt()?;
         if vm.output.try_recv().is_ok() {
-            break (true, format!("firmware ran in {:.1}s", started.elapsed().as_secs_f64()));
+            break (
+                true,
+                format!("firmware ran in {:.1}s", started.elapsed().as_secs_f64()),
+            );
         }
         let stderr = vm.stderr();
-        if let Some(line) = stderr.lines().find(|l| l.contains("KVM internal error") || l.contains("failed to initialize")) {
+        if let Some(line) = stderr
+            .lines()
+            .find(|l| l.contains("KVM internal error") || l.contains("failed to initialize"))
+        {
             break (false, line.trim().to_owned());
         }
         if let Some(status) = vm.try_exited()? {
@@ -144,7 +195,13 @@ fn probe(firmware: &Firmware) -> Result<(bool, String)> {
             break (false, format!("QEMU exited ({status}): {last}"));
         }
         if started.elapsed() > PROBE_TIMEOUT {
-            break (false, format!("the firmware printed nothing within {}s", PROBE_TIMEOUT.as_secs()));
+            break (
+                false,
+                format!(
+                    "the firmware printed nothing within {}s",
+                    PROBE_TIMEOUT.as_secs()
+                ),
+            );
         }
         std::thread::sleep(PROBE_POLL);
     };
@@ -164,20 +221,38 @@ mod tests {
         assert_eq!(a, cache_path(d, "6.1.0", "QEMU emulator version 7.2.22"));
         assert_ne!(a, cache_path(d, "6.1.1", "QEMU emulator version 7.2.22"));
         assert_ne!(a, cache_path(d, "6.1.0", "QEMU emulator version 8.0"));
-        assert!(a.to_string_lossy().starts_with("/store/smoke/kvm-probe-v1-"));
+        assert!(a
+            .to_string_lossy()
+            .starts_with("/store/smoke/kvm-probe-v1-"));
     }
 
     #[test]
     fn a_cached_verdict_is_used() {
         let d = tempfile::tempdir().unwrap();
-        let fw = Firmware { code: "/nonexistent".into(), vars: None, origin: "test".into() };
-        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap().trim().to_owned();
+        let fw = Firmware {
+            code: "/nonexistent".into(),
+            vars: None,
+            origin: "test".into(),
+        };
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap()
+            .trim()
+            .to_owned();
         let Ok(out) = Cmd::new(qemu::QEMU).arg("--version").output() else {
             panic!("{} must be installed for this test", qemu::QEMU)
         };
         let qemu_v = out.stdout_str().lines().next().unwrap().trim().to_owned();
-        let v = Verdict { kernel: kernel.clone(), qemu: qemu_v.clone(), usable: false, reason: "cached no".into() };
-        write_atomic(&cache_path(d.path(), &kernel, &qemu_v), serde_json::to_string(&v).unwrap().as_bytes()).unwrap();
+        let v = Verdict {
+            kernel: kernel.clone(),
+            qemu: qemu_v.clone(),
+            usable: false,
+            reason: "cached no".into(),
+        };
+        write_atomic(
+            &cache_path(d.path(), &kernel, &qemu_v),
+            serde_json::to_string(&v).unwrap().as_bytes(),
+        )
+        .unwrap();
         // The firmware does not exist: only the cache can answer.
         assert_eq!(verdict(&fw, d.path()).unwrap(), v);
     }

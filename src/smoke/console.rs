@@ -238,19 +238,38 @@ mod tests {
     fn markers_parse_into_events() {
         let cases: &[(&str, Marker)] = &[
             ("KILN-SMOKE-00ff begin", Marker::Begin),
-            ("KILN-SMOKE-00ff state degraded", Marker::State("degraded".into())),
-            ("KILN-SMOKE-00ff failed-unit nginx.service", Marker::FailedUnit("nginx.service".into())),
+            (
+                "KILN-SMOKE-00ff state degraded",
+                Marker::State("degraded".into()),
+            ),
+            (
+                "KILN-SMOKE-00ff failed-unit nginx.service",
+                Marker::FailedUnit("nginx.service".into()),
+            ),
             ("KILN-SMOKE-00ff check-start 2", Marker::CheckStart(2)),
-            ("KILN-SMOKE-00ff out 2   indented text ", Marker::Out(2, "  indented text".into())),
+            (
+                "KILN-SMOKE-00ff out 2   indented text ",
+                Marker::Out(2, "  indented text".into()),
+            ),
             ("KILN-SMOKE-00ff out 3 ", Marker::Out(3, String::new())),
             ("KILN-SMOKE-00ff check-end 2 127", Marker::CheckEnd(2, 127)),
             ("KILN-SMOKE-00ff done 3", Marker::Done(3)),
-            ("KILN-SMOKE-00ff job 12 foo.service start running", Marker::Job("12 foo.service start running".into())),
+            (
+                "KILN-SMOKE-00ff job 12 foo.service start running",
+                Marker::Job("12 foo.service start running".into()),
+            ),
             // A kernel message that lost its newline before the marker.
-            ("[   12.3] random: crng initKILN-SMOKE-00ff done 1", Marker::Done(1)),
+            (
+                "[   12.3] random: crng initKILN-SMOKE-00ff done 1",
+                Marker::Done(1),
+            ),
         ];
         for (line, want) in cases {
-            assert_eq!(parse_marker(line, &format!("{M} ")), Some(want.clone()), "{line}");
+            assert_eq!(
+                parse_marker(line, &format!("{M} ")),
+                Some(want.clone()),
+                "{line}"
+            );
         }
     }
 
@@ -274,23 +293,33 @@ mod tests {
     fn boot_failures_are_recognised() {
         type Check = fn(&Event) -> bool;
         let cases: &[(&str, Check)] = &[
-            ("[    2.1] Kernel panic - not syncing: VFS: Unable to mount root fs\r\n", |e| {
-                matches!(e, Event::KernelPanic(l) if l.contains("VFS"))
-            }),
-            ("You are in emergency mode. After logging in, type \"journalctl -xb\"\n", |e| {
+            (
+                "[    2.1] Kernel panic - not syncing: VFS: Unable to mount root fs\r\n",
+                |e| matches!(e, Event::KernelPanic(l) if l.contains("VFS")),
+            ),
+            (
+                "You are in emergency mode. After logging in, type \"journalctl -xb\"\n",
+                |e| matches!(e, Event::Emergency(_)),
+            ),
+            (
+                "Cannot open access to console, the root account is locked.\n",
+                |e| matches!(e, Event::Emergency(_)),
+            ),
+            ("You are in rescue mode.\n", |e| {
                 matches!(e, Event::Emergency(_))
             }),
-            ("Cannot open access to console, the root account is locked.\n", |e| matches!(e, Event::Emergency(_))),
-            ("You are in rescue mode.\n", |e| matches!(e, Event::Emergency(_))),
-            ("Gave up waiting for root file system device.  Common problems:\n", |e| {
-                matches!(e, Event::NoRoot(_))
-            }),
-            ("ALERT!  LABEL=nosuchlabel does not exist.  Dropping to a shell!\n", |e| {
-                matches!(e, Event::NoRoot(l) if l.contains("nosuchlabel"))
-            }),
-            ("[    1.0] systemd[1]: systemd 257.9-1~deb13u1 running in system mode (+PAM)\n", |e| {
-                *e == Event::SystemdVersion(257)
-            }),
+            (
+                "Gave up waiting for root file system device.  Common problems:\n",
+                |e| matches!(e, Event::NoRoot(_)),
+            ),
+            (
+                "ALERT!  LABEL=nosuchlabel does not exist.  Dropping to a shell!\n",
+                |e| matches!(e, Event::NoRoot(l) if l.contains("nosuchlabel")),
+            ),
+            (
+                "[    1.0] systemd[1]: systemd 257.9-1~deb13u1 running in system mode (+PAM)\n",
+                |e| *e == Event::SystemdVersion(257),
+            ),
         ];
         for (text, ok) in cases {
             let ev = events(text);
@@ -304,26 +333,40 @@ mod tests {
     fn a_disk_the_firmware_cannot_boot_is_reported_at_once() {
         let text = "\x1b[2J\x1b[01;01HBdsDxe: failed to load Boot0001 \"UEFI Misc Device\" from PciRoot(0x0): Not Found\r\n";
         let ev = events(text);
-        assert!(matches!(&ev[..], [Event::NotBootable(why)] if why.contains("Misc Device")), "{ev:?}");
+        assert!(
+            matches!(&ev[..], [Event::NotBootable(why)] if why.contains("Misc Device")),
+            "{ev:?}"
+        );
         // A failed network entry alone is not the disk failing.
         let net = "BdsDxe: failed to load Boot0002 \"UEFI PXEv4 (MAC:525400123456)\" from PciRoot(0x0)/MAC(525400123456,0x1): Not Found\n";
         assert!(events(net).is_empty());
-        for gave_up in [">>Start PXE over IPv4.\n", "UEFI Interactive Shell v2.2\r\n", ">>Start HTTP Boot over IPv4.....\n"] {
-            assert!(matches!(&events(gave_up)[..], [Event::NotBootable(_)]), "{gave_up}");
+        for gave_up in [
+            ">>Start PXE over IPv4.\n",
+            "UEFI Interactive Shell v2.2\r\n",
+            ">>Start HTTP Boot over IPv4.....\n",
+        ] {
+            assert!(
+                matches!(&events(gave_up)[..], [Event::NotBootable(_)]),
+                "{gave_up}"
+            );
         }
     }
 
     #[test]
     fn login_prompt_is_seen_without_a_newline_and_once() {
         let mut c = Console::new(M);
-        assert!(c.feed("\r\nDebian GNU/Linux 13 kiln-test ttyS0\r\n\r\nkiln-te").1.is_empty());
+        assert!(c
+            .feed("\r\nDebian GNU/Linux 13 kiln-test ttyS0\r\n\r\nkiln-te")
+            .1
+            .is_empty());
         assert_eq!(c.feed("st login: ").1, vec![Event::LoginPrompt]);
         assert!(c.feed("\r\nkiln-test login: ").1.is_empty());
     }
 
     #[test]
     fn chunks_split_anywhere_give_the_same_events() {
-        let text = "boot\nKILN-SMOKE-00ff begin\nKILN-SMOKE-00ff state running\nKILN-SMOKE-00ff done 0\n";
+        let text =
+            "boot\nKILN-SMOKE-00ff begin\nKILN-SMOKE-00ff state running\nKILN-SMOKE-00ff done 0\n";
         let whole = events(text);
         for split in 0..text.len() {
             let mut c = Console::new(M);
@@ -337,7 +380,10 @@ mod tests {
     #[test]
     fn tail_keeps_the_last_lines_cleaned() {
         let mut c = Console::new(M);
-        assert_eq!(clean("\x1b]104\x07[  OK  ] x\x1b]104\x1b\\y"), "[  OK  ] xy");
+        assert_eq!(
+            clean("\x1b]104\x07[  OK  ] x\x1b]104\x1b\\y"),
+            "[  OK  ] xy"
+        );
         for i in 0..40 {
             c.feed(&format!("\x1b[1mline {i}\x1b[0m\r\n"));
         }

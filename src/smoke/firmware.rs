@@ -41,7 +41,10 @@ const SYSTEM_DIRS: &[(&str, &str)] = &[
     ("/usr/share/OVMF", "Debian/Ubuntu package ovmf"),
     ("/usr/share/edk2/ovmf", "Fedora package edk2-ovmf"),
     ("/usr/share/edk2/x64", "Arch package edk2-ovmf"),
-    ("/usr/share/edk2-ovmf/x64", "Arch package edk2-ovmf (older layout)"),
+    (
+        "/usr/share/edk2-ovmf/x64",
+        "Arch package edk2-ovmf (older layout)",
+    ),
     ("/usr/share/qemu", "QEMU's own share folder"),
 ];
 
@@ -77,7 +80,10 @@ pub fn find_firmware(explicit: Option<&Path>) -> Result<Firmware> {
 fn repo_dirs() -> Vec<PathBuf> {
     let mut dirs = vec![PathBuf::from("firmware")];
     let built_from = Path::new(env!("CARGO_MANIFEST_DIR")).join("firmware");
-    let same = match (std::fs::canonicalize(&dirs[0]), std::fs::canonicalize(&built_from)) {
+    let same = match (
+        std::fs::canonicalize(&dirs[0]),
+        std::fs::canonicalize(&built_from),
+    ) {
         (Ok(a), Ok(b)) => a == b,
         _ => false,
     };
@@ -91,14 +97,22 @@ fn search_dir(dir: &Path, origin: &str) -> Option<Firmware> {
     for (code, vars) in PAIRS {
         let (code, vars) = (dir.join(code), dir.join(vars));
         if code.is_file() && vars.is_file() {
-            return Some(Firmware { code, vars: Some(vars), origin: origin.to_owned() });
+            return Some(Firmware {
+                code,
+                vars: Some(vars),
+                origin: origin.to_owned(),
+            });
         }
     }
-    COMBINED.iter().map(|name| dir.join(name)).find(|p| p.is_file()).map(|code| Firmware {
-        code,
-        vars: None,
-        origin: origin.to_owned(),
-    })
+    COMBINED
+        .iter()
+        .map(|name| dir.join(name))
+        .find(|p| p.is_file())
+        .map(|code| Firmware {
+            code,
+            vars: None,
+            origin: origin.to_owned(),
+        })
 }
 
 fn from_explicit(path: &Path) -> Result<Firmware> {
@@ -107,7 +121,10 @@ fn from_explicit(path: &Path) -> Result<Firmware> {
         return match search_dir(path, &origin) {
             Some(fw) => Ok(fw),
             None => Err(BadInput::arg(
-                format!("--firmware {}: no OVMF firmware files in this folder", path.display()),
+                format!(
+                    "--firmware {}: no OVMF firmware files in this folder",
+                    path.display()
+                ),
                 "give the folder holding OVMF_CODE*.fd and OVMF_VARS*.fd, or the CODE file itself",
             )
             .into()),
@@ -120,20 +137,36 @@ fn from_explicit(path: &Path) -> Result<Firmware> {
         )
         .into());
     }
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     if name.contains("CODE") || name.contains("code") {
         let vars_name = name.replace("CODE", "VARS").replace("code", "vars");
         let vars = path.with_file_name(&vars_name);
         if vars.is_file() {
-            return Ok(Firmware { code: path.to_owned(), vars: Some(vars), origin });
+            return Ok(Firmware {
+                code: path.to_owned(),
+                vars: Some(vars),
+                origin,
+            });
         }
         return Err(BadInput::arg(
-            format!("--firmware {}: its variable store {vars_name} is not beside it", path.display()),
-            format!("put {vars_name} next to it, or give a combined firmware image such as OVMF.fd"),
+            format!(
+                "--firmware {}: its variable store {vars_name} is not beside it",
+                path.display()
+            ),
+            format!(
+                "put {vars_name} next to it, or give a combined firmware image such as OVMF.fd"
+            ),
         )
         .into());
     }
-    Ok(Firmware { code: path.to_owned(), vars: None, origin })
+    Ok(Firmware {
+        code: path.to_owned(),
+        vars: None,
+        origin,
+    })
 }
 
 #[cfg(test)]
@@ -171,7 +204,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let code = touch(d.path(), "OVMF_CODE.4m.fd");
         let err = find_firmware(Some(&code)).unwrap_err();
-        assert!(format!("{err:#}").contains("OVMF_VARS.4m.fd is not beside it"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("OVMF_VARS.4m.fd is not beside it"),
+            "{err:#}"
+        );
         let vars = touch(d.path(), "OVMF_VARS.4m.fd");
         let fw = find_firmware(Some(&code)).unwrap();
         assert_eq!(fw.vars, Some(vars));

@@ -118,11 +118,19 @@ pub fn dropin() -> String {
 pub fn credentials(plan: &GuestPlan) -> Vec<String> {
     [
         (format!("systemd.extra-unit.{UNIT_NAME}"), unit()),
-        ("systemd.unit-dropin.multi-user.target~kiln".to_owned(), dropin()),
+        (
+            "systemd.unit-dropin.multi-user.target~kiln".to_owned(),
+            dropin(),
+        ),
         (SCRIPT_CREDENTIAL.to_owned(), script(plan)),
     ]
     .into_iter()
-    .map(|(name, body)| format!("io.systemd.credential.binary:{name}={}", base64(body.as_bytes())))
+    .map(|(name, body)| {
+        format!(
+            "io.systemd.credential.binary:{name}={}",
+            base64(body.as_bytes())
+        )
+    })
     .collect()
 }
 
@@ -131,7 +139,11 @@ pub fn base64(data: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -166,16 +178,30 @@ mod tests {
     }
 
     fn plan<'a>(checks: &'a [String], hold: u64) -> GuestPlan<'a> {
-        GuestPlan { nonce: "0123abcd", checks, settle_secs: 60, hold_secs: hold }
+        GuestPlan {
+            nonce: "0123abcd",
+            checks,
+            settle_secs: 60,
+            hold_secs: hold,
+        }
     }
 
     #[test]
     fn script_runs_each_check_quoted_and_reports_done() {
-        let checks = vec!["systemctl is-active nginx".to_owned(), "echo 'it''s' $HOME".to_owned()];
+        let checks = vec![
+            "systemctl is-active nginx".to_owned(),
+            "echo 'it''s' $HOME".to_owned(),
+        ];
         let s = script(&plan(&checks, 0));
         assert!(s.contains("M='KILN-SMOKE-0123abcd'"), "{s}");
-        assert!(s.contains("run_check 1 'systemctl is-active nginx'\n"), "{s}");
-        assert!(s.contains(r#"run_check 2 'echo '\''it'\'''\''s'\'' $HOME'"#), "{s}");
+        assert!(
+            s.contains("run_check 1 'systemctl is-active nginx'\n"),
+            "{s}"
+        );
+        assert!(
+            s.contains(r#"run_check 2 'echo '\''it'\'''\''s'\'' $HOME'"#),
+            "{s}"
+        );
         assert!(s.contains("say done 2\n"), "{s}");
         assert!(!s.contains("sleep 0\n"), "{s}");
         assert!(s.ends_with("systemctl poweroff --no-block\n"), "{s}");
@@ -186,15 +212,25 @@ mod tests {
     #[test]
     fn script_holds_for_the_host_when_asked() {
         let s = script(&plan(&[], 45));
-        assert!(s.contains("say done 0\nsleep 45\nsystemctl poweroff"), "{s}");
+        assert!(
+            s.contains("say done 0\nsleep 45\nsystemctl poweroff"),
+            "{s}"
+        );
     }
 
     #[test]
     fn the_script_is_valid_shell() {
         let checks = vec!["true".to_owned(), "printf 'a\\nb'; exit 3".to_owned()];
         let s = script(&plan(&checks, 0));
-        let out = std::process::Command::new("sh").args(["-n", "-c", &s]).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = std::process::Command::new("sh")
+            .args(["-n", "-c", &s])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     #[test]
@@ -212,10 +248,16 @@ mod tests {
     fn credentials_name_the_unit_dropin_and_script() {
         let creds = credentials(&plan(&[], 0));
         assert_eq!(creds.len(), 3);
-        assert!(creds[0].starts_with("io.systemd.credential.binary:systemd.extra-unit.kiln-smoke.service="));
-        assert!(creds[1].starts_with("io.systemd.credential.binary:systemd.unit-dropin.multi-user.target~kiln="));
+        assert!(creds[0]
+            .starts_with("io.systemd.credential.binary:systemd.extra-unit.kiln-smoke.service="));
+        assert!(creds[1].starts_with(
+            "io.systemd.credential.binary:systemd.unit-dropin.multi-user.target~kiln="
+        ));
         assert!(creds[2].starts_with("io.systemd.credential.binary:kiln-smoke.sh="));
-        assert_eq!(creds[1].split_once('=').unwrap().1, base64(dropin().as_bytes()));
+        assert_eq!(
+            creds[1].split_once('=').unwrap().1,
+            base64(dropin().as_bytes())
+        );
         // QEMU's option parser treats ',' as a separator.
         assert!(creds.iter().all(|c| !c.contains(',')));
     }

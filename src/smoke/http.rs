@@ -29,8 +29,12 @@ pub struct Response {
 
 /// A free TCP port on 127.0.0.1 for a host forward.
 pub fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("finding a free port on 127.0.0.1")?;
-    Ok(listener.local_addr().context("reading a bound socket's address")?.port())
+    let listener =
+        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("finding a free port on 127.0.0.1")?;
+    Ok(listener
+        .local_addr()
+        .context("reading a bound socket's address")?
+        .port())
 }
 
 /// Parse a raw HTTP/1.x response.
@@ -51,7 +55,10 @@ pub fn parse_response(raw: &[u8]) -> Result<Response, String> {
     let version = parts.next().unwrap_or("");
     let status = parts.next().and_then(|s| s.parse::<u16>().ok());
     match status {
-        Some(status) if version.starts_with("HTTP/") => Ok(Response { status, body: body.to_owned() }),
+        Some(status) if version.starts_with("HTTP/") => Ok(Response {
+            status,
+            body: body.to_owned(),
+        }),
         _ => Err(format!("not an HTTP response: {:?}", excerpt(status_line))),
     }
 }
@@ -59,13 +66,22 @@ pub fn parse_response(raw: &[u8]) -> Result<Response, String> {
 /// One attempt: GET `path` from 127.0.0.1:`port`.
 fn get_once(port: u16, path: &str) -> Result<Response, String> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let mut stream = TcpStream::connect_timeout(&addr, REQUEST_TIMEOUT).map_err(|e| format!("connection failed: {e}"))?;
-    stream.set_read_timeout(Some(REQUEST_TIMEOUT)).map_err(|e| e.to_string())?;
-    stream.set_write_timeout(Some(REQUEST_TIMEOUT)).map_err(|e| e.to_string())?;
+    let mut stream = TcpStream::connect_timeout(&addr, REQUEST_TIMEOUT)
+        .map_err(|e| format!("connection failed: {e}"))?;
+    stream
+        .set_read_timeout(Some(REQUEST_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    stream
+        .set_write_timeout(Some(REQUEST_TIMEOUT))
+        .map_err(|e| e.to_string())?;
     let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\nUser-Agent: kiln-smoke\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).map_err(|e| format!("sending the request failed: {e}"))?;
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| format!("sending the request failed: {e}"))?;
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).map_err(|e| format!("reading the response failed: {e}"))?;
+    stream
+        .read_to_end(&mut raw)
+        .map_err(|e| format!("reading the response failed: {e}"))?;
     parse_response(&raw)
 }
 
@@ -126,25 +142,48 @@ mod tests {
     use super::*;
 
     fn check(status: u16, contains: Option<&str>) -> HttpCheck {
-        HttpCheck { port: 80, path: "/".into(), status, contains: contains.map(str::to_owned) }
+        HttpCheck {
+            port: 80,
+            path: "/".into(),
+            status,
+            contains: contains.map(str::to_owned),
+        }
     }
 
     #[test]
     fn responses_parse() {
-        let ok = parse_response(b"HTTP/1.1 200 OK\r\nServer: nginx\r\n\r\n<h1>hello</h1>\n").unwrap();
-        assert_eq!(ok, Response { status: 200, body: "<h1>hello</h1>\n".into() });
+        let ok =
+            parse_response(b"HTTP/1.1 200 OK\r\nServer: nginx\r\n\r\n<h1>hello</h1>\n").unwrap();
+        assert_eq!(
+            ok,
+            Response {
+                status: 200,
+                body: "<h1>hello</h1>\n".into()
+            }
+        );
         let bare = parse_response(b"HTTP/1.0 404 Not Found\n\nnope").unwrap();
-        assert_eq!(bare, Response { status: 404, body: "nope".into() });
+        assert_eq!(
+            bare,
+            Response {
+                status: 404,
+                body: "nope".into()
+            }
+        );
         let head_only = parse_response(b"HTTP/1.1 204 No Content\r\n").unwrap();
         assert_eq!(head_only.status, 204);
         assert!(parse_response(b"").unwrap_err().contains("empty"));
-        assert!(parse_response(b"SSH-2.0-OpenSSH\r\n").unwrap_err().contains("not an HTTP"));
+        assert!(parse_response(b"SSH-2.0-OpenSSH\r\n")
+            .unwrap_err()
+            .contains("not an HTTP"));
         assert!(parse_response(b"HTTP/1.1 abc\r\n\r\n").is_err());
     }
 
     #[test]
     fn judging_names_expected_and_got() {
-        let hello = Ok(Response { status: 200, body: "say hello".into() });
+        let hello = Ok(Response {
+            status: 200,
+            body: "say hello".into(),
+        });
         assert!(judge(&check(200, Some("hello")), &hello).is_ok());
         assert!(judge(&check(200, None), &hello).is_ok());
         let (want, got) = judge(&check(200, Some("bye")), &hello).unwrap_err();
@@ -153,8 +192,12 @@ mod tests {
         let (want, got) = judge(&check(404, None), &hello).unwrap_err();
         assert_eq!(want, "status 404");
         assert!(got.starts_with("status 200"));
-        let (_, got) = judge(&check(200, None), &Err("connection failed: refused".into())).unwrap_err();
-        assert!(got.starts_with("no answer: connection failed: refused ("), "{got}");
+        let (_, got) =
+            judge(&check(200, None), &Err("connection failed: refused".into())).unwrap_err();
+        assert!(
+            got.starts_with("no answer: connection failed: refused ("),
+            "{got}"
+        );
     }
 
     #[test]
@@ -166,12 +209,22 @@ mod tests {
             let mut buf = [0u8; 1024];
             let n = s.read(&mut buf).unwrap();
             let req = String::from_utf8_lossy(&buf[..n]).into_owned();
-            s.write_all(b"HTTP/1.0 200 OK\r\n\r\nhello from test").unwrap();
+            s.write_all(b"HTTP/1.0 200 OK\r\n\r\nhello from test")
+                .unwrap();
             req
         });
         let resp = get(port, "/index.html").unwrap().unwrap();
-        assert_eq!(resp, Response { status: 200, body: "hello from test".into() });
-        assert!(server.join().unwrap().starts_with("GET /index.html HTTP/1.0\r\n"));
+        assert_eq!(
+            resp,
+            Response {
+                status: 200,
+                body: "hello from test".into()
+            }
+        );
+        assert!(server
+            .join()
+            .unwrap()
+            .starts_with("GET /index.html HTTP/1.0\r\n"));
     }
 
     #[test]

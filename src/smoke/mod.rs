@@ -137,26 +137,65 @@ pub struct SmokeReport {
 #[derive(Debug, Clone, PartialEq)]
 pub enum SmokeFailure {
     /// QEMU exited at once, with its stderr.
-    QemuFailed { command: String, stderr: String },
+    QemuFailed {
+        command: String,
+        stderr: String,
+    },
     /// The firmware found nothing it could boot.
-    NotBootable { detail: String },
-    KernelPanic { line: String, tail: Vec<String> },
+    NotBootable {
+        detail: String,
+    },
+    KernelPanic {
+        line: String,
+        tail: Vec<String>,
+    },
     /// systemd (or dracut) emergency or rescue mode.
-    Emergency { line: String, tail: Vec<String> },
+    Emergency {
+        line: String,
+        tail: Vec<String>,
+    },
     /// The initramfs could not find the root file system.
-    NoRootFs { line: String, tail: Vec<String> },
+    NoRootFs {
+        line: String,
+        tail: Vec<String>,
+    },
     /// The boot did not finish: state stayed "starting", with the jobs left.
-    BootStuck { state: String, jobs: Vec<String> },
+    BootStuck {
+        state: String,
+        jobs: Vec<String>,
+    },
     /// Units that failed during boot.
-    FailedUnits { units: Vec<String> },
+    FailedUnits {
+        units: Vec<String>,
+    },
     /// An in-guest check exited non-zero (or never reported).
-    CheckFailed { index: usize, command: String, exit_code: Option<i32>, tail: Vec<String> },
-    HttpMismatch { port: u16, path: String, expected: String, got: String },
+    CheckFailed {
+        index: usize,
+        command: String,
+        exit_code: Option<i32>,
+        tail: Vec<String>,
+    },
+    HttpMismatch {
+        port: u16,
+        path: String,
+        expected: String,
+        got: String,
+    },
     /// systemd < 256 (or no credential import): the checks could not run.
-    ChecksCannotRun { systemd_version: Option<u32>, checks: usize },
+    ChecksCannotRun {
+        systemd_version: Option<u32>,
+        checks: usize,
+    },
     /// The VM stopped before kiln had a verdict.
-    GuestStopped { status: String, tail: Vec<String> },
-    Timeout { secs: u64, waiting_for: String, tail: Vec<String> },
+    GuestStopped {
+        status: String,
+        tail: Vec<String>,
+    },
+    Timeout {
+        secs: u64,
+        waiting_for: String,
+        tail: Vec<String>,
+    },
 }
 
 fn lines(f: &mut fmt::Formatter<'_>, tail: &[String]) -> fmt::Result {
@@ -180,7 +219,10 @@ impl fmt::Display for SmokeFailure {
                 lines(f, tail)
             }
             SmokeFailure::Emergency { line, tail } => {
-                write!(f, "the guest dropped into emergency/rescue mode: {line}\n  last console lines:")?;
+                write!(
+                    f,
+                    "the guest dropped into emergency/rescue mode: {line}\n  last console lines:"
+                )?;
                 lines(f, tail)
             }
             SmokeFailure::NoRootFs { line, tail } => {
@@ -188,13 +230,25 @@ impl fmt::Display for SmokeFailure {
                 lines(f, tail)
             }
             SmokeFailure::BootStuck { state, jobs } => {
-                write!(f, "the boot did not finish (system state {state:?}); jobs still queued:")?;
+                write!(
+                    f,
+                    "the boot did not finish (system state {state:?}); jobs still queued:"
+                )?;
                 lines(f, jobs)
             }
-            SmokeFailure::FailedUnits { units } => write!(f, "units failed during boot: {}", units.join(", ")),
-            SmokeFailure::CheckFailed { index, command, exit_code, tail } => {
+            SmokeFailure::FailedUnits { units } => {
+                write!(f, "units failed during boot: {}", units.join(", "))
+            }
+            SmokeFailure::CheckFailed {
+                index,
+                command,
+                exit_code,
+                tail,
+            } => {
                 match exit_code {
-                    Some(code) => write!(f, "check {index} `{command}` failed with exit code {code}")?,
+                    Some(code) => {
+                        write!(f, "check {index} `{command}` failed with exit code {code}")?
+                    }
                     None => write!(f, "check {index} `{command}` reported no result")?,
                 }
                 if tail.is_empty() {
@@ -204,11 +258,23 @@ impl fmt::Display for SmokeFailure {
                     lines(f, tail)
                 }
             }
-            SmokeFailure::HttpMismatch { port, path, expected, got } => {
-                write!(f, "HTTP check on guest port {port} path {path}: expected {expected}, got {got}")
+            SmokeFailure::HttpMismatch {
+                port,
+                path,
+                expected,
+                got,
+            } => {
+                write!(
+                    f,
+                    "HTTP check on guest port {port} path {path}: expected {expected}, got {got}"
+                )
             }
-            SmokeFailure::ChecksCannotRun { systemd_version, checks } => {
-                let v = systemd_version.map_or("an unknown systemd".to_owned(), |v| format!("systemd {v}"));
+            SmokeFailure::ChecksCannotRun {
+                systemd_version,
+                checks,
+            } => {
+                let v = systemd_version
+                    .map_or("an unknown systemd".to_owned(), |v| format!("systemd {v}"));
                 write!(
                     f,
                     "the guest booted to a login prompt but its {checks} check(s) could not run: {v} did not start \
@@ -216,11 +282,21 @@ impl fmt::Display for SmokeFailure {
                 )
             }
             SmokeFailure::GuestStopped { status, tail } => {
-                write!(f, "the VM stopped before the checks reported ({status}); last console lines:")?;
+                write!(
+                    f,
+                    "the VM stopped before the checks reported ({status}); last console lines:"
+                )?;
                 lines(f, tail)
             }
-            SmokeFailure::Timeout { secs, waiting_for, tail } => {
-                write!(f, "timed out after {secs}s waiting for {waiting_for}; last console lines:")?;
+            SmokeFailure::Timeout {
+                secs,
+                waiting_for,
+                tail,
+            } => {
+                write!(
+                    f,
+                    "timed out after {secs}s waiting for {waiting_for}; last console lines:"
+                )?;
                 lines(f, tail)
             }
         }
@@ -228,30 +304,46 @@ impl fmt::Display for SmokeFailure {
 }
 
 /// Boot `disk` and run `spec`'s checks. See the module docs.
-pub fn run(disk: &Path, spec: &SmokeSpec, opts: &SmokeOptions) -> Result<Result<SmokeReport, SmokeFailure>> {
+pub fn run(
+    disk: &Path,
+    spec: &SmokeSpec,
+    opts: &SmokeOptions,
+) -> Result<Result<SmokeReport, SmokeFailure>> {
     let started = Instant::now();
     cmd::check_interrupt()?;
     let firmware = find_firmware(opts.firmware.as_deref())?;
-    std::fs::create_dir_all(&opts.state_dir).with_context(|| format!("creating {}", opts.state_dir.display()))?;
+    std::fs::create_dir_all(&opts.state_dir)
+        .with_context(|| format!("creating {}", opts.state_dir.display()))?;
     let (accel, fallback_note) = accel::choose(opts.accel, &firmware, &opts.state_dir)?;
     if let Some(note) = fallback_note {
         eprintln!("kiln: {note}");
     }
 
     // Everything temporary lives here and goes when this returns.
-    let tmp = tempfile::Builder::new().prefix("kiln-smoke-").tempdir().context("creating a temp dir for the smoke boot")?;
+    let tmp = tempfile::Builder::new()
+        .prefix("kiln-smoke-")
+        .tempdir()
+        .context("creating a temp dir for the smoke boot")?;
     let vars_copy = tmp.path().join("efivars.fd");
     let template = firmware.vars.as_ref().unwrap_or(&firmware.code);
-    std::fs::copy(template, &vars_copy).with_context(|| format!("copying firmware {}", template.display()))?;
+    std::fs::copy(template, &vars_copy)
+        .with_context(|| format!("copying firmware {}", template.display()))?;
     let overlay = match &opts.keep_overlay {
-        Some(path) if path.exists() => anyhow::bail!("{} already exists; --keep-overlay makes a new file", path.display()),
+        Some(path) if path.exists() => anyhow::bail!(
+            "{} already exists; --keep-overlay makes a new file",
+            path.display()
+        ),
         Some(path) => path.clone(),
         None => tmp.path().join("overlay.qcow2"),
     };
     qemu::create_overlay(disk, &overlay)?;
     let mut volumes = Vec::new();
     for v in &opts.volumes {
-        volumes.push((v.path.clone(), qemu::disk_format(&v.path)?, v.serial.clone()));
+        volumes.push((
+            v.path.clone(),
+            qemu::disk_format(&v.path)?,
+            v.serial.clone(),
+        ));
     }
 
     let nonce = nonce()?;
@@ -267,7 +359,11 @@ pub fn run(disk: &Path, spec: &SmokeSpec, opts: &SmokeOptions) -> Result<Result<
         nonce: &nonce,
         checks: &spec.checks,
         settle_secs: (spec.timeout.as_secs() / 2).max(MIN_SETTLE_SECS),
-        hold_secs: if spec.http.is_empty() { 0 } else { HTTP_HOLD_BASE_SECS + 10 * spec.http.len() as u64 },
+        hold_secs: if spec.http.is_empty() {
+            0
+        } else {
+            HTTP_HOLD_BASE_SECS + 10 * spec.http.len() as u64
+        },
     };
     let smbios = guest::credentials(&plan);
     let args = qemu::args(&qemu::VmConfig {
@@ -327,7 +423,11 @@ pub fn run(disk: &Path, spec: &SmokeSpec, opts: &SmokeOptions) -> Result<Result<
         total_secs: round(started.elapsed().as_secs_f64()),
         checks_passed: ready.checks_passed,
         checks_total: spec.checks.len() + spec.http.len(),
-        system_state: watch.guest.state.clone().unwrap_or_else(|| "unknown".to_owned()),
+        system_state: watch
+            .guest
+            .state
+            .clone()
+            .unwrap_or_else(|| "unknown".to_owned()),
         systemd_version: watch.guest.systemd,
         firmware: format!("{} ({})", firmware.code.display(), firmware.origin),
         log: opts.log_path.clone(),
@@ -412,7 +512,12 @@ impl Watch<'_> {
     }
 
     /// Read the console until there is a verdict.
-    fn wait(&mut self, vm: &mut qemu::Vm, boot_started: Instant, command: &str) -> Result<Result<Ready, SmokeFailure>> {
+    fn wait(
+        &mut self,
+        vm: &mut qemu::Vm,
+        boot_started: Instant,
+        command: &str,
+    ) -> Result<Result<Ready, SmokeFailure>> {
         let timeout = self.spec.timeout;
         let mut fatal: Option<(SmokeFailure, Instant)> = None;
         let mut ready_at: Option<Duration> = None;
@@ -446,13 +551,22 @@ impl Watch<'_> {
                                 login_at.get_or_insert_with(Instant::now);
                             }
                             Event::KernelPanic(line) => {
-                                fatal = Some((SmokeFailure::KernelPanic { line, tail: vec![] }, Instant::now() + FATAL_LINGER))
+                                fatal = Some((
+                                    SmokeFailure::KernelPanic { line, tail: vec![] },
+                                    Instant::now() + FATAL_LINGER,
+                                ))
                             }
                             Event::Emergency(line) => {
-                                fatal = Some((SmokeFailure::Emergency { line, tail: vec![] }, Instant::now() + FATAL_LINGER))
+                                fatal = Some((
+                                    SmokeFailure::Emergency { line, tail: vec![] },
+                                    Instant::now() + FATAL_LINGER,
+                                ))
                             }
                             Event::NoRoot(line) => {
-                                fatal = Some((SmokeFailure::NoRootFs { line, tail: vec![] }, Instant::now() + FATAL_LINGER))
+                                fatal = Some((
+                                    SmokeFailure::NoRootFs { line, tail: vec![] },
+                                    Instant::now() + FATAL_LINGER,
+                                ))
                             }
                             Event::NotBootable(detail) => {
                                 fatal = Some((SmokeFailure::NotBootable { detail }, Instant::now()))
@@ -474,9 +588,15 @@ impl Watch<'_> {
                     }
                     let stderr = vm.stderr();
                     if !status.success() && !stderr.is_empty() && !self.guest.begun {
-                        return Ok(Err(SmokeFailure::QemuFailed { command: command.to_owned(), stderr }));
+                        return Ok(Err(SmokeFailure::QemuFailed {
+                            command: command.to_owned(),
+                            stderr,
+                        }));
                     }
-                    return Ok(Err(SmokeFailure::GuestStopped { status: status.to_string(), tail: self.console.tail() }));
+                    return Ok(Err(SmokeFailure::GuestStopped {
+                        status: status.to_string(),
+                        tail: self.console.tail(),
+                    }));
                 }
             }
             // An old systemd never starts kiln's unit: a login prompt then
@@ -485,7 +605,10 @@ impl Watch<'_> {
             // the timeout: its unit can be late (multi-user.target waits for
             // a missing volume's device timeout, say).
             if let (Some(at), false) = (login_at, self.guest.begun) {
-                let old = self.guest.systemd.is_some_and(|v| v < SYSTEMD_WITH_CREDENTIALS);
+                let old = self
+                    .guest
+                    .systemd
+                    .is_some_and(|v| v < SYSTEMD_WITH_CREDENTIALS);
                 let unknown = self.guest.systemd.is_none();
                 if fatal.is_none() && (old || (unknown && at.elapsed() > UNIT_START_GRACE)) {
                     return self.judge_without_unit(boot_started.elapsed());
@@ -556,11 +679,16 @@ impl Watch<'_> {
     fn judge(&mut self, reported: usize, boot: Duration) -> Result<Result<Ready, SmokeFailure>> {
         let g = &self.guest;
         if !g.failed_units.is_empty() {
-            return Ok(Err(SmokeFailure::FailedUnits { units: g.failed_units.clone() }));
+            return Ok(Err(SmokeFailure::FailedUnits {
+                units: g.failed_units.clone(),
+            }));
         }
         let state = g.state.clone().unwrap_or_default();
         if state != "running" {
-            return Ok(Err(SmokeFailure::BootStuck { state, jobs: g.jobs.clone() }));
+            return Ok(Err(SmokeFailure::BootStuck {
+                state,
+                jobs: g.jobs.clone(),
+            }));
         }
         for (i, command) in self.spec.checks.iter().enumerate() {
             let n = i + 1;
@@ -577,14 +705,21 @@ impl Watch<'_> {
         if let Err(failure) = self.http_checks()? {
             return Ok(Err(failure));
         }
-        Ok(Ok(Ready { boot, checks_passed: self.spec.checks.len() + self.spec.http.len(), note: None }))
+        Ok(Ok(Ready {
+            boot,
+            checks_passed: self.spec.checks.len() + self.spec.http.len(),
+            note: None,
+        }))
     }
 
     /// No check unit ran (old systemd): a login prompt is the best sign.
     fn judge_without_unit(&mut self, boot: Duration) -> Result<Result<Ready, SmokeFailure>> {
         let version = self.guest.systemd;
         if !self.spec.checks.is_empty() {
-            return Ok(Err(SmokeFailure::ChecksCannotRun { systemd_version: version, checks: self.spec.checks.len() }));
+            return Ok(Err(SmokeFailure::ChecksCannotRun {
+                systemd_version: version,
+                checks: self.spec.checks.len(),
+            }));
         }
         if let Err(failure) = self.http_checks()? {
             return Ok(Err(failure));
@@ -606,12 +741,20 @@ impl Watch<'_> {
             let host_port = self.ports[&check.port];
             let got = http::get(host_port, &check.path)?;
             let line = match &got {
-                Ok(r) => format!("HTTP GET :{}{} -> status {}", check.port, check.path, r.status),
+                Ok(r) => format!(
+                    "HTTP GET :{}{} -> status {}",
+                    check.port, check.path, r.status
+                ),
                 Err(why) => format!("HTTP GET :{}{} -> {why}", check.port, check.path),
             };
             self.log.note(&line)?;
             if let Err((expected, got)) = http::judge(check, &got) {
-                return Ok(Err(SmokeFailure::HttpMismatch { port: check.port, path: check.path.clone(), expected, got }));
+                return Ok(Err(SmokeFailure::HttpMismatch {
+                    port: check.port,
+                    path: check.path.clone(),
+                    expected,
+                    got,
+                }));
             }
         }
         Ok(Ok(()))
@@ -641,8 +784,13 @@ impl ConsoleLog {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        let file = File::create(path).with_context(|| format!("creating smoke log {}", path.display()))?;
-        Ok(ConsoleLog { file, path: path.to_owned(), verbose })
+        let file =
+            File::create(path).with_context(|| format!("creating smoke log {}", path.display()))?;
+        Ok(ConsoleLog {
+            file,
+            path: path.to_owned(),
+            verbose,
+        })
     }
 
     fn line(&mut self, line: &str) -> Result<()> {
@@ -665,7 +813,9 @@ impl ConsoleLog {
             self.line(&rest)?;
         }
         self.note(&format!("verdict: {verdict}"))?;
-        self.file.sync_all().with_context(|| format!("syncing {}", self.path.display()))
+        self.file
+            .sync_all()
+            .with_context(|| format!("syncing {}", self.path.display()))
     }
 }
 

@@ -10,8 +10,8 @@ use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, Receiver};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,15 +33,23 @@ const STDERR_KEEP: usize = 4096;
 /// How a disk file is stored, from its first bytes.
 pub fn disk_format(path: &Path) -> Result<&'static str> {
     let mut magic = [0u8; 4];
-    let mut f = std::fs::File::open(path).with_context(|| format!("opening disk {}", path.display()))?;
-    let n = f.read(&mut magic).with_context(|| format!("reading disk {}", path.display()))?;
-    Ok(if n == 4 && &magic == b"QFI\xfb" { "qcow2" } else { "raw" })
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("opening disk {}", path.display()))?;
+    let n = f
+        .read(&mut magic)
+        .with_context(|| format!("reading disk {}", path.display()))?;
+    Ok(if n == 4 && &magic == b"QFI\xfb" {
+        "qcow2"
+    } else {
+        "raw"
+    })
 }
 
 /// A throwaway qcow2 overlay on `disk`: the VM writes there, so the built
 /// disk is opened read-only and never changes.
 pub fn create_overlay(disk: &Path, overlay: &Path) -> Result<()> {
-    let disk = std::fs::canonicalize(disk).with_context(|| format!("resolving disk path {}", disk.display()))?;
+    let disk = std::fs::canonicalize(disk)
+        .with_context(|| format!("resolving disk path {}", disk.display()))?;
     let format = disk_format(&disk)?;
     Cmd::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2", "-F", format, "-b"])
@@ -96,27 +104,65 @@ pub fn args(c: &VmConfig) -> Vec<OsString> {
     // No default devices, no display, no monitor: the serial console on
     // stdout is the only output; -no-reboot turns a guest reboot (a panic,
     // a triple fault) into QEMU exiting.
-    push(&["-nodefaults", "-display", "none", "-monitor", "none", "-no-reboot"]);
-    push(&["-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console"]);
+    push(&[
+        "-nodefaults",
+        "-display",
+        "none",
+        "-monitor",
+        "none",
+        "-no-reboot",
+    ]);
+    push(&[
+        "-chardev",
+        "stdio,id=console,signal=off",
+        "-serial",
+        "chardev:console",
+    ]);
     if let Some(channel) = c.channel {
-        push(&["-chardev", &format!("file,id=kiln,path={}", opt(channel)), "-serial", "chardev:kiln"]);
+        push(&[
+            "-chardev",
+            &format!("file,id=kiln,path={}", opt(channel)),
+            "-serial",
+            "chardev:kiln",
+        ]);
     }
     match &c.firmware.vars {
         Some(_) => {
-            a.extend(drive(format!("if=pflash,format=raw,unit=0,readonly=on,file={}", opt(&c.firmware.code))));
-            a.extend(drive(format!("if=pflash,format=raw,unit=1,file={}", opt(c.vars_copy))));
+            a.extend(drive(format!(
+                "if=pflash,format=raw,unit=0,readonly=on,file={}",
+                opt(&c.firmware.code)
+            )));
+            a.extend(drive(format!(
+                "if=pflash,format=raw,unit=1,file={}",
+                opt(c.vars_copy)
+            )));
         }
-        None => a.extend(drive(format!("if=pflash,format=raw,unit=0,file={}", opt(c.vars_copy)))),
+        None => a.extend(drive(format!(
+            "if=pflash,format=raw,unit=0,file={}",
+            opt(c.vars_copy)
+        ))),
     }
     if let Some(disk) = c.disk {
         // bootindex: the firmware tries this disk first, not a blank volume.
-        a.extend(drive(format!("if=none,id=disk0,format=qcow2,cache=unsafe,file={}", opt(disk))));
-        a.extend(["-device".into(), "virtio-blk-pci,drive=disk0,bootindex=0".into()]);
+        a.extend(drive(format!(
+            "if=none,id=disk0,format=qcow2,cache=unsafe,file={}",
+            opt(disk)
+        )));
+        a.extend([
+            "-device".into(),
+            "virtio-blk-pci,drive=disk0,bootindex=0".into(),
+        ]);
     }
     // The serial belongs to the device (QEMU 7.2 refuses it on -drive).
     for (i, (vol, format, serial)) in c.volumes.iter().enumerate() {
-        a.extend(drive(format!("if=none,id=vol{i},format={format},file={}", opt(vol))));
-        a.extend(["-device".into(), format!("virtio-blk-pci,drive=vol{i},serial={serial}").into()]);
+        a.extend(drive(format!(
+            "if=none,id=vol{i},format={format},file={}",
+            opt(vol)
+        )));
+        a.extend([
+            "-device".into(),
+            format!("virtio-blk-pci,drive=vol{i},serial={serial}").into(),
+        ]);
     }
     if c.disk.is_some() {
         let mut netdev = "user,id=net0".to_owned();
@@ -124,7 +170,12 @@ pub fn args(c: &VmConfig) -> Vec<OsString> {
             netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
         }
         // romfile= : no iPXE option ROM, nothing to network-boot from.
-        a.extend(["-netdev".into(), netdev.into(), "-device".into(), "virtio-net-pci,netdev=net0,romfile=".into()]);
+        a.extend([
+            "-netdev".into(),
+            netdev.into(),
+            "-device".into(),
+            "virtio-net-pci,netdev=net0,romfile=".into(),
+        ]);
         a.extend(["-device".into(), "virtio-rng-pci".into()]);
     }
     for value in c.smbios {
@@ -189,7 +240,9 @@ impl Vm {
             let tx = tx.clone();
             let done = console_done.clone();
             let path = path.to_owned();
-            std::thread::spawn(move || tail_file(&path, &done, |bytes| tx.send(Chunk::Channel(bytes)).is_ok()));
+            std::thread::spawn(move || {
+                tail_file(&path, &done, |bytes| tx.send(Chunk::Channel(bytes)).is_ok())
+            });
         }
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
@@ -215,7 +268,12 @@ impl Vm {
                 kept.drain(..excess);
             }
         });
-        Ok(Vm { child, output, stderr: kept, exited: None })
+        Ok(Vm {
+            child,
+            output,
+            stderr: kept,
+            exited: None,
+        })
     }
 
     /// QEMU's exit status, once it has exited.
@@ -281,7 +339,10 @@ mod tests {
     use super::*;
 
     fn joined(args: &[OsString]) -> String {
-        args.iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")
+        args.iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     #[test]
@@ -291,7 +352,11 @@ mod tests {
             vars: Some("/usr/share/OVMF/OVMF_VARS_4M.fd".into()),
             origin: "test".into(),
         };
-        let vols = vec![(PathBuf::from("/tmp/k/data,1.raw"), "raw", "vol-data".to_owned())];
+        let vols = vec![(
+            PathBuf::from("/tmp/k/data,1.raw"),
+            "raw",
+            "vol-data".to_owned(),
+        )];
         let smbios = vec!["io.systemd.credential.binary:x=YQ==".to_owned()];
         let c = VmConfig {
             accel: "tcg",
@@ -319,12 +384,19 @@ mod tests {
             assert!(line.contains(want), "missing {want:?} in\n{line}");
         }
         assert!(!line.contains("-cpu host"));
-        assert!(!line.contains("snapshot"), "the overlay replaces snapshot=on");
+        assert!(
+            !line.contains("snapshot"),
+            "the overlay replaces snapshot=on"
+        );
     }
 
     #[test]
     fn firmware_probe_has_no_disk_and_no_network() {
-        let fw = Firmware { code: "/fw/OVMF.fd".into(), vars: None, origin: "test".into() };
+        let fw = Firmware {
+            code: "/fw/OVMF.fd".into(),
+            vars: None,
+            origin: "test".into(),
+        };
         let c = VmConfig {
             accel: "kvm",
             firmware: &fw,
@@ -338,8 +410,14 @@ mod tests {
             cpus: 1,
         };
         let line = joined(&args(&c));
-        assert!(line.contains("-accel kvm -cpu host -m 128 -smp 1"), "{line}");
-        assert!(line.contains("-drive if=pflash,format=raw,unit=0,file=/tmp/k/OVMF.fd"), "{line}");
+        assert!(
+            line.contains("-accel kvm -cpu host -m 128 -smp 1"),
+            "{line}"
+        );
+        assert!(
+            line.contains("-drive if=pflash,format=raw,unit=0,file=/tmp/k/OVMF.fd"),
+            "{line}"
+        );
         assert!(!line.contains("virtio"), "{line}");
         assert!(!line.contains("readonly"), "{line}");
     }
@@ -347,7 +425,10 @@ mod tests {
     #[test]
     fn display_is_pasteable() {
         let a: Vec<OsString> = vec!["-smbios".into(), "type=11,value=a b".into()];
-        assert_eq!(display(&a), "qemu-system-x86_64 -smbios 'type=11,value=a b'");
+        assert_eq!(
+            display(&a),
+            "qemu-system-x86_64 -smbios 'type=11,value=a b'"
+        );
     }
 
     #[test]

@@ -54,14 +54,17 @@ impl Store {
         let sha = file_digest(file).with_context(|| format!("hashing {}", file.display()))?;
         let dest = self.deb_path(&sha);
         if !dest.exists() {
-            std::fs::create_dir_all(self.debs_dir()).with_context(|| format!("creating {}", self.debs_dir().display()))?;
+            std::fs::create_dir_all(self.debs_dir())
+                .with_context(|| format!("creating {}", self.debs_dir().display()))?;
             let tmp = self.debs_dir().join(format!(".{sha}.{}.tmp", unique()));
             // The .debs apt left are in the store already: a hard link is
             // enough (and the cache entry survives apt removing its copy).
             if std::fs::hard_link(file, &tmp).is_err() {
-                std::fs::copy(file, &tmp).with_context(|| format!("copying {} into the .deb cache", file.display()))?;
+                std::fs::copy(file, &tmp)
+                    .with_context(|| format!("copying {} into the .deb cache", file.display()))?;
             }
-            std::fs::rename(&tmp, &dest).with_context(|| format!("renaming into {}", dest.display()))?;
+            std::fs::rename(&tmp, &dest)
+                .with_context(|| format!("renaming into {}", dest.display()))?;
         }
         Ok(sha)
     }
@@ -71,13 +74,26 @@ impl Store {
     ///
     /// The repository's Release file names `suite`, because mmdebstrap
     /// picks the essential set by suite.
-    pub fn serve_locked(&self, pkgs: &[LockedPackage], mirrors: Option<&Mirrors>, suite: &str, repo: &Path, lock_path: &Path, step: &str) -> Result<()> {
+    pub fn serve_locked(
+        &self,
+        pkgs: &[LockedPackage],
+        mirrors: Option<&Mirrors>,
+        suite: &str,
+        repo: &Path,
+        lock_path: &Path,
+        step: &str,
+    ) -> Result<()> {
         std::fs::create_dir_all(repo).with_context(|| format!("creating {}", repo.display()))?;
         // Everything the cache lacks, in one download (apt fetches in
         // parallel); if that fails, one by one below, to name what failed.
-        let missing: Vec<&LockedPackage> = pkgs.iter().filter(|p| !self.deb_path(&p.sha256).exists()).collect();
+        let missing: Vec<&LockedPackage> = pkgs
+            .iter()
+            .filter(|p| !self.deb_path(&p.sha256).exists())
+            .collect();
         if missing.len() > 1 && self.fetch_all(&missing, mirrors).is_err() {
-            crate::cmd::log_line("the batch download failed; fetching the missing .debs one by one");
+            crate::cmd::log_line(
+                "the batch download failed; fetching the missing .debs one by one",
+            );
         }
         let mut unavailable = Vec::new();
         for p in pkgs {
@@ -88,7 +104,8 @@ impl Store {
                     continue;
                 }
             }
-            let actual = file_digest(&cached).with_context(|| format!("hashing {}", cached.display()))?;
+            let actual =
+                file_digest(&cached).with_context(|| format!("hashing {}", cached.display()))?;
             if actual != p.sha256 {
                 bail!(
                     "{} {} does not match its lock: the cached {} has sha256 {actual}, the lock says {}; \
@@ -101,7 +118,9 @@ impl Store {
             }
             let target = repo.join(deb_file_name(&p.name, &p.version, &p.arch));
             if std::fs::hard_link(&cached, &target).is_err() {
-                std::fs::copy(&cached, &target).with_context(|| format!("copying {} to {}", cached.display(), target.display()))?;
+                std::fs::copy(&cached, &target).with_context(|| {
+                    format!("copying {} to {}", cached.display(), target.display())
+                })?;
             }
         }
         if !unavailable.is_empty() {
@@ -117,8 +136,12 @@ impl Store {
             )
             .into());
         }
-        let out = Cmd::new("apt-ftparchive").args(["packages", "."]).current_dir(repo).output()?;
-        std::fs::write(repo.join("Packages"), out.stdout).with_context(|| format!("writing {}/Packages", repo.display()))?;
+        let out = Cmd::new("apt-ftparchive")
+            .args(["packages", "."])
+            .current_dir(repo)
+            .output()?;
+        std::fs::write(repo.join("Packages"), out.stdout)
+            .with_context(|| format!("writing {}/Packages", repo.display()))?;
         let out = Cmd::new("apt-ftparchive")
             .arg("-o")
             .arg(format!("APT::FTPArchive::Release::Suite={suite}"))
@@ -127,19 +150,39 @@ impl Store {
             .args(["release", "."])
             .current_dir(repo)
             .output()?;
-        std::fs::write(repo.join("Release"), out.stdout).with_context(|| format!("writing {}/Release", repo.display()))
+        std::fs::write(repo.join("Release"), out.stdout)
+            .with_context(|| format!("writing {}/Release", repo.display()))
     }
 
     /// Download several pinned .debs with one apt-helper, each verified by
     /// apt against its sha256; each that arrived enters the cache.
     fn fetch_all(&self, pkgs: &[&LockedPackage], mirrors: Option<&Mirrors>) -> Result<()> {
         let mirrors = mirrors.context("no archive is configured")?;
-        std::fs::create_dir_all(self.debs_dir()).with_context(|| format!("creating {}", self.debs_dir().display()))?;
-        let downloads: Vec<(&LockedPackage, PathBuf)> = pkgs.iter().map(|p| (*p, self.debs_dir().join(format!(".{}.{}.download", p.sha256, unique())))).collect();
-        let mut cmd = Cmd::new("/usr/lib/apt/apt-helper").args(["-o", "Acquire::Retries=2", "download-file"]).timeout(std::time::Duration::from_secs(1800));
+        std::fs::create_dir_all(self.debs_dir())
+            .with_context(|| format!("creating {}", self.debs_dir().display()))?;
+        let downloads: Vec<(&LockedPackage, PathBuf)> = pkgs
+            .iter()
+            .map(|p| {
+                (
+                    *p,
+                    self.debs_dir()
+                        .join(format!(".{}.{}.download", p.sha256, unique())),
+                )
+            })
+            .collect();
+        let mut cmd = Cmd::new("/usr/lib/apt/apt-helper")
+            .args(["-o", "Acquire::Retries=2", "download-file"])
+            .timeout(std::time::Duration::from_secs(1800));
         for (p, file) in &downloads {
-            let base = if p.archive == "security" { &mirrors.security } else { &mirrors.main };
-            cmd = cmd.arg(format!("{base}/{}", p.path)).arg(file).arg(format!("SHA256:{}", p.sha256));
+            let base = if p.archive == "security" {
+                &mirrors.security
+            } else {
+                &mirrors.main
+            };
+            cmd = cmd
+                .arg(format!("{base}/{}", p.path))
+                .arg(file)
+                .arg(format!("SHA256:{}", p.sha256));
         }
         let result = cmd.run();
         for (p, file) in downloads {
@@ -149,9 +192,11 @@ impl Store {
             // apt checked the digest of what it kept; a failed batch may
             // still leave a partial file, which is checked here too.
             if result.is_ok() || file_digest(&file).is_ok_and(|d| d == p.sha256) {
-                std::fs::rename(&file, self.deb_path(&p.sha256)).with_context(|| format!("renaming {}", file.display()))?;
+                std::fs::rename(&file, self.deb_path(&p.sha256))
+                    .with_context(|| format!("renaming {}", file.display()))?;
             } else {
-                std::fs::remove_file(&file).with_context(|| format!("removing {}", file.display()))?;
+                std::fs::remove_file(&file)
+                    .with_context(|| format!("removing {}", file.display()))?;
             }
         }
         result
@@ -160,10 +205,17 @@ impl Store {
     /// Download one pinned .deb, verified against its sha256 by apt.
     fn fetch(&self, p: &LockedPackage, mirrors: Option<&Mirrors>) -> Result<()> {
         let mirrors = mirrors.context("no archive is configured")?;
-        let base = if p.archive == "security" { &mirrors.security } else { &mirrors.main };
+        let base = if p.archive == "security" {
+            &mirrors.security
+        } else {
+            &mirrors.main
+        };
         let url = format!("{base}/{}", p.path);
-        std::fs::create_dir_all(self.debs_dir()).with_context(|| format!("creating {}", self.debs_dir().display()))?;
-        let tmp = self.debs_dir().join(format!(".{}.{}.download", p.sha256, unique()));
+        std::fs::create_dir_all(self.debs_dir())
+            .with_context(|| format!("creating {}", self.debs_dir().display()))?;
+        let tmp = self
+            .debs_dir()
+            .join(format!(".{}.{}.download", p.sha256, unique()));
         let result = Cmd::new("/usr/lib/apt/apt-helper")
             .args(["-o", "Acquire::Retries=2", "download-file"])
             .arg(&url)
@@ -174,11 +226,13 @@ impl Store {
         if let Err(e) = result {
             // A partial or mismatching download must not stay behind.
             if tmp.exists() {
-                std::fs::remove_file(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
+                std::fs::remove_file(&tmp)
+                    .with_context(|| format!("removing {}", tmp.display()))?;
             }
             return Err(e);
         }
-        std::fs::rename(&tmp, self.deb_path(&p.sha256)).with_context(|| format!("renaming {}", tmp.display()))
+        std::fs::rename(&tmp, self.deb_path(&p.sha256))
+            .with_context(|| format!("renaming {}", tmp.display()))
     }
 }
 
@@ -186,36 +240,72 @@ impl Store {
 /// own pid namespace, so the pid alone is not enough).
 fn unique() -> String {
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    format!("{nanos}-{}", COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "{nanos}-{}",
+        COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
 }
 
 /// Find where each wanted `(name, version, arch)` lives, from the Packages
 /// files in apt list directories.
-pub fn pool_entries(lists: &[PathBuf], wanted: &[(String, String, String)]) -> Result<BTreeMap<(String, String, String), PoolEntry>> {
+pub fn pool_entries(
+    lists: &[PathBuf],
+    wanted: &[(String, String, String)],
+) -> Result<BTreeMap<(String, String, String), PoolEntry>> {
     let names: std::collections::BTreeSet<&str> = wanted.iter().map(|w| w.0.as_str()).collect();
     let mut found = BTreeMap::new();
     for dir in lists {
-        let Ok(entries) = std::fs::read_dir(dir) else { continue };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
         for entry in entries.flatten() {
             let file_name = entry.file_name().to_string_lossy().into_owned();
             if !file_name.ends_with("_Packages") {
                 continue;
             }
-            let archive = if suite_of(&file_name).is_some_and(|s| s.ends_with("-security")) { "security" } else { "main" };
-            let text = std::fs::read_to_string(entry.path()).with_context(|| format!("reading {}", entry.path().display()))?;
+            let archive = if suite_of(&file_name).is_some_and(|s| s.ends_with("-security")) {
+                "security"
+            } else {
+                "main"
+            };
+            let text = std::fs::read_to_string(entry.path())
+                .with_context(|| format!("reading {}", entry.path().display()))?;
             for stanza in text.split("\n\n") {
-                let Some(name) = stanza.strip_prefix("Package: ").and_then(|r| r.lines().next()) else { continue };
+                let Some(name) = stanza
+                    .strip_prefix("Package: ")
+                    .and_then(|r| r.lines().next())
+                else {
+                    continue;
+                };
                 if !names.contains(name) {
                     continue;
                 }
-                let field = |f: &str| stanza.lines().find_map(|l| l.strip_prefix(f)).map(str::trim).map(str::to_owned);
-                let (Some(version), Some(arch), Some(path), Some(sha256)) = (field("Version:"), field("Architecture:"), field("Filename:"), field("SHA256:")) else {
+                let field = |f: &str| {
+                    stanza
+                        .lines()
+                        .find_map(|l| l.strip_prefix(f))
+                        .map(str::trim)
+                        .map(str::to_owned)
+                };
+                let (Some(version), Some(arch), Some(path), Some(sha256)) = (
+                    field("Version:"),
+                    field("Architecture:"),
+                    field("Filename:"),
+                    field("SHA256:"),
+                ) else {
                     continue;
                 };
                 let key = (name.to_owned(), version, arch);
                 if wanted.contains(&key) {
-                    found.entry(key).or_insert(PoolEntry { path, sha256, archive: archive.to_owned() });
+                    found.entry(key).or_insert(PoolEntry {
+                        path,
+                        sha256,
+                        archive: archive.to_owned(),
+                    });
                 }
             }
         }
@@ -233,14 +323,24 @@ fn suite_of(list_file: &str) -> Option<&str> {
 pub fn archive_state(lists: &[PathBuf]) -> Vec<String> {
     let mut out = Vec::new();
     for dir in lists {
-        let Ok(entries) = std::fs::read_dir(dir) else { continue };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if !(name.ends_with("_InRelease") || name.ends_with("_Release")) {
                 continue;
             }
-            let Ok(text) = std::fs::read_to_string(entry.path()) else { continue };
-            let field = |f: &str| text.lines().find_map(|l| l.strip_prefix(f)).map(str::trim).unwrap_or("?").to_owned();
+            let Ok(text) = std::fs::read_to_string(entry.path()) else {
+                continue;
+            };
+            let field = |f: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(f))
+                    .map(str::trim)
+                    .unwrap_or("?")
+                    .to_owned()
+            };
             out.push(format!("{} {}", field("Codename:"), field("Date:")));
         }
     }
@@ -255,7 +355,10 @@ mod tests {
 
     #[test]
     fn file_names_escape_epochs() {
-        assert_eq!(deb_file_name("libbpf1", "1:1.5.0-3", "amd64"), "libbpf1_1%3a1.5.0-3_amd64.deb");
+        assert_eq!(
+            deb_file_name("libbpf1", "1:1.5.0-3", "amd64"),
+            "libbpf1_1%3a1.5.0-3_amd64.deb"
+        );
     }
 
     #[test]
@@ -272,7 +375,10 @@ mod tests {
             "Package: curl\nVersion: 8.2\nArchitecture: amd64\nFilename: pool/updates/main/c/curl/curl_8.2_amd64.deb\nSHA256: cc\n",
         )
         .unwrap();
-        let want = vec![("curl".to_string(), "8.2".to_string(), "amd64".to_string()), ("curl".into(), "8.1".into(), "amd64".into())];
+        let want = vec![
+            ("curl".to_string(), "8.2".to_string(), "amd64".to_string()),
+            ("curl".into(), "8.1".into(), "amd64".into()),
+        ];
         let found = pool_entries(&[dir.path().to_owned()], &want).unwrap();
         assert_eq!(found[&want[0]].archive, "security");
         assert_eq!(found[&want[0]].sha256, "cc");

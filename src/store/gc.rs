@@ -21,7 +21,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::{lock, read_json, remove_tree, write_json_atomic, ImageEntry, LayerEntry, Store, CORRUPT, IMAGES, LAYERS};
+use super::{
+    lock, read_json, remove_tree, write_json_atomic, ImageEntry, LayerEntry, Store, CORRUPT,
+    IMAGES, LAYERS,
+};
 use crate::plan::Key;
 
 /// `state-v1/roots/<recipe>.json`.
@@ -47,19 +50,39 @@ impl Store {
 
     /// Record that `recipe` built (or reused) the image `key` just now.
     pub fn add_root(&self, recipe: &str, recipe_path: &Path, key: &Key) -> Result<()> {
-        let _l = lock::lock(&self.lock_path(&format!("recipe-{recipe}")), lock::Mode::Exclusive, "another kiln recording a build", || {})?;
+        let _l = lock::lock(
+            &self.lock_path(&format!("recipe-{recipe}")),
+            lock::Mode::Exclusive,
+            "another kiln recording a build",
+            || {},
+        )?;
         let path = self.roots_path(recipe);
-        let mut roots: Roots = if path.exists() { read_json(&path)? } else { Roots { recipe: recipe.to_owned(), images: Vec::new() } };
+        let mut roots: Roots = if path.exists() {
+            read_json(&path)?
+        } else {
+            Roots {
+                recipe: recipe.to_owned(),
+                images: Vec::new(),
+            }
+        };
         roots.images.retain(|r| r.key != *key);
-        roots.images.push(Root { key: *key, built: super::now(), recipe_path: recipe_path.display().to_string() });
+        roots.images.push(Root {
+            key: *key,
+            built: super::now(),
+            recipe_path: recipe_path.display().to_string(),
+        });
         write_json_atomic(&path, &roots)
     }
 
     pub fn all_roots(&self) -> Result<Vec<Roots>> {
         let dir = self.state_dir("roots");
         let mut out = Vec::new();
-        for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
-            let path = entry.with_context(|| format!("reading {}", dir.display()))?.path();
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?
+        {
+            let path = entry
+                .with_context(|| format!("reading {}", dir.display()))?
+                .path();
             if path.extension().is_some_and(|e| e == "json") {
                 out.push(read_json::<Roots>(&path)?);
             }
@@ -72,8 +95,12 @@ impl Store {
     pub fn keys(&self, section: &str) -> Result<Vec<Key>> {
         let dir = self.root().join(section);
         let mut keys = Vec::new();
-        for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
-            let name = entry.with_context(|| format!("reading {}", dir.display()))?.file_name();
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?
+        {
+            let name = entry
+                .with_context(|| format!("reading {}", dir.display()))?
+                .file_name();
             if let Some(k) = name.to_str().and_then(Key::parse) {
                 keys.push(k);
             }
@@ -118,7 +145,10 @@ pub fn list(store: &Store) -> Result<Vec<Listed>> {
     let mut image_recipes: BTreeMap<Key, BTreeSet<String>> = BTreeMap::new();
     for r in &roots {
         for i in &r.images {
-            image_recipes.entry(i.key).or_default().insert(r.recipe.clone());
+            image_recipes
+                .entry(i.key)
+                .or_default()
+                .insert(r.recipe.clone());
         }
     }
     let mut layer_images: BTreeMap<Key, BTreeSet<Key>> = BTreeMap::new();
@@ -140,18 +170,34 @@ pub fn list(store: &Store) -> Result<Vec<Listed>> {
             what,
             bytes: disk_usage(&dir)?,
             created,
-            recipes: image_recipes.get(&key).map(|s| s.iter().cloned().collect()).unwrap_or_default(),
+            recipes: image_recipes
+                .get(&key)
+                .map(|s| s.iter().cloned().collect())
+                .unwrap_or_default(),
             images: Vec::new(),
         });
     }
     // A recipe's last build uses its steps even before (or without) an image.
     let mut layer_recipes: BTreeMap<Key, BTreeSet<String>> = BTreeMap::new();
     let recipes_dir = store.state_dir("recipes");
-    for entry in std::fs::read_dir(&recipes_dir).with_context(|| format!("reading {}", recipes_dir.display()))? {
-        let path = entry.with_context(|| format!("reading {}", recipes_dir.display()))?.path();
-        let Some(name) = path.file_stem().and_then(|n| n.to_str()).filter(|_| path.extension().is_some_and(|e| e == "json")) else { continue };
+    for entry in std::fs::read_dir(&recipes_dir)
+        .with_context(|| format!("reading {}", recipes_dir.display()))?
+    {
+        let path = entry
+            .with_context(|| format!("reading {}", recipes_dir.display()))?
+            .path();
+        let Some(name) = path
+            .file_stem()
+            .and_then(|n| n.to_str())
+            .filter(|_| path.extension().is_some_and(|e| e == "json"))
+        else {
+            continue;
+        };
         for inputs in store.recipe_state(name).steps.values() {
-            layer_recipes.entry(inputs.key()).or_default().insert(name.to_owned());
+            layer_recipes
+                .entry(inputs.key())
+                .or_default()
+                .insert(name.to_owned());
         }
     }
     for key in store.keys(LAYERS)? {
@@ -190,7 +236,9 @@ pub struct Usage {
 pub fn usage(store: &Store) -> Result<Vec<Usage>> {
     let mut rows = Vec::new();
     let mut names: Vec<String> = Vec::new();
-    for entry in std::fs::read_dir(store.root()).with_context(|| format!("reading {}", store.root().display()))? {
+    for entry in std::fs::read_dir(store.root())
+        .with_context(|| format!("reading {}", store.root().display()))?
+    {
         let entry = entry.with_context(|| format!("reading {}", store.root().display()))?;
         if entry.file_type().is_ok_and(|t| t.is_dir()) {
             names.push(entry.file_name().to_string_lossy().into_owned());
@@ -199,11 +247,21 @@ pub fn usage(store: &Store) -> Result<Vec<Usage>> {
     names.sort();
     for name in names {
         let dir = store.root().join(&name);
-        let entries = std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?.count() as u64;
-        rows.push(Usage { section: name, entries, bytes: disk_usage(&dir)? });
+        let entries = std::fs::read_dir(&dir)
+            .with_context(|| format!("reading {}", dir.display()))?
+            .count() as u64;
+        rows.push(Usage {
+            section: name,
+            entries,
+            bytes: disk_usage(&dir)?,
+        });
     }
     let total = rows.iter().map(|r| r.bytes).sum();
-    rows.push(Usage { section: "total".into(), entries: rows.iter().map(|r| r.entries).sum(), bytes: total });
+    rows.push(Usage {
+        section: "total".into(),
+        entries: rows.iter().map(|r| r.entries).sum(),
+        bytes: total,
+    });
     Ok(rows)
 }
 
@@ -232,7 +290,14 @@ pub fn collect(store: &Store, keep: usize, dry_run: bool) -> Result<Collected> {
     let mut kept_layers: BTreeSet<Key> = BTreeSet::new();
     let mut roots = store.all_roots()?;
     for r in &mut roots {
-        let present: Vec<Key> = r.images.iter().rev().map(|i| i.key).filter(|k| store.has_image(k)).take(keep).collect();
+        let present: Vec<Key> = r
+            .images
+            .iter()
+            .rev()
+            .map(|i| i.key)
+            .filter(|k| store.has_image(k))
+            .take(keep)
+            .collect();
         for key in &present {
             kept_images.insert(*key);
             kept_layers.extend(store.chain(&store.image_entry(key)?));
@@ -243,20 +308,46 @@ pub fn collect(store: &Store, keep: usize, dry_run: bool) -> Result<Collected> {
     for key in store.keys(IMAGES)? {
         if !kept_images.contains(&key) {
             let what = store.image_entry(&key).map(|e| e.file).unwrap_or_default();
-            removed.push((Removed { kind: "image", name: key.hex(), what, bytes: 0 }, store.image_dir(&key)));
+            removed.push((
+                Removed {
+                    kind: "image",
+                    name: key.hex(),
+                    what,
+                    bytes: 0,
+                },
+                store.image_dir(&key),
+            ));
         }
     }
     for key in store.keys(LAYERS)? {
         if !kept_layers.contains(&key) {
             let what = store.layer_entry(&key).map(|e| e.id).unwrap_or_default();
-            removed.push((Removed { kind: "layer", name: key.hex(), what, bytes: 0 }, store.layer_dir(&key)));
+            removed.push((
+                Removed {
+                    kind: "layer",
+                    name: key.hex(),
+                    what,
+                    bytes: 0,
+                },
+                store.layer_dir(&key),
+            ));
         }
     }
     let corrupt = store.root().join(CORRUPT);
-    for entry in std::fs::read_dir(&corrupt).with_context(|| format!("reading {}", corrupt.display()))? {
+    for entry in
+        std::fs::read_dir(&corrupt).with_context(|| format!("reading {}", corrupt.display()))?
+    {
         let entry = entry.with_context(|| format!("reading {}", corrupt.display()))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        removed.push((Removed { kind: "corrupt", name, what: "set aside by an integrity check".into(), bytes: 0 }, entry.path()));
+        removed.push((
+            Removed {
+                kind: "corrupt",
+                name,
+                what: "set aside by an integrity check".into(),
+                bytes: 0,
+            },
+            entry.path(),
+        ));
     }
     let mut freed = 0;
     for (r, path) in &mut removed {
@@ -267,7 +358,9 @@ pub fn collect(store: &Store, keep: usize, dry_run: bool) -> Result<Collected> {
             if let Some(key) = Key::parse(&r.name) {
                 let lock = store.lock_path(&key.hex());
                 match std::fs::remove_file(&lock) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).with_context(|| format!("removing {}", lock.display())),
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(e).with_context(|| format!("removing {}", lock.display()))
+                    }
                     _ => {}
                 }
             }
@@ -292,7 +385,8 @@ pub fn collect(store: &Store, keep: usize, dry_run: bool) -> Result<Collected> {
 fn remove_entry(store: &Store, path: &Path) -> Result<()> {
     let doomed = store.staging()?.keep();
     let inside = doomed.join("doomed");
-    std::fs::rename(path, &inside).with_context(|| format!("moving {} out of the store", path.display()))?;
+    std::fs::rename(path, &inside)
+        .with_context(|| format!("moving {} out of the store", path.display()))?;
     remove_tree(&doomed).with_context(|| format!("removing {}", doomed.display()))
 }
 
@@ -309,7 +403,9 @@ pub fn disk_usage(path: &Path) -> Result<u64> {
         }
         let mut total = m.blocks() * 512;
         if m.is_dir() {
-            for entry in std::fs::read_dir(path).with_context(|| format!("reading {}", path.display()))? {
+            for entry in
+                std::fs::read_dir(path).with_context(|| format!("reading {}", path.display()))?
+            {
                 let entry = entry.with_context(|| format!("reading {}", path.display()))?;
                 total += walk(&entry.path(), seen)?;
             }
@@ -324,7 +420,11 @@ pub fn human(bytes: u64) -> String {
     let mut value = bytes as f64;
     for unit in ["B", "KiB", "MiB", "GiB"] {
         if value < 1024.0 {
-            return if unit == "B" { format!("{bytes} B") } else { format!("{value:.1} {unit}") };
+            return if unit == "B" {
+                format!("{bytes} B")
+            } else {
+                format!("{value:.1} {unit}")
+            };
         }
         value /= 1024.0;
     }
@@ -349,7 +449,9 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let k = |b: u8| Key::parse(&format!("{:02x}", b).repeat(32)).unwrap();
         for key in [k(1), k(2), k(1), k(3)] {
-            store.add_root("web", Path::new("recipes/web.toml"), &key).unwrap();
+            store
+                .add_root("web", Path::new("recipes/web.toml"), &key)
+                .unwrap();
         }
         let roots = store.all_roots().unwrap();
         let order: Vec<Key> = roots[0].images.iter().map(|r| r.key).collect();

@@ -107,7 +107,9 @@ pub fn read_seal(entry: &Path) -> Option<Seal> {
 
 /// Recompute an entry's digests to `depth` and compare with its seal.
 pub fn check(entry: &Path, depth: Depth) -> Result<Verdict> {
-    let Some(seal) = read_seal(entry) else { return Ok(Verdict::Unsealed) };
+    let Some(seal) = read_seal(entry) else {
+        return Ok(Verdict::Unsealed);
+    };
     if seal.version != VERSION {
         return Ok(Verdict::Unsealed);
     }
@@ -118,17 +120,27 @@ pub fn check(entry: &Path, depth: Depth) -> Result<Verdict> {
     }
     let d = digest(entry, &seal.covers, depth)?;
     if d.files != seal.files {
-        return Ok(Verdict::Corrupt(format!("{} paths where {} were sealed", d.files, seal.files)));
+        return Ok(Verdict::Corrupt(format!(
+            "{} paths where {} were sealed",
+            d.files, seal.files
+        )));
     }
     if d.bytes != seal.bytes {
-        return Ok(Verdict::Corrupt(format!("{} bytes of files where {} were sealed", d.bytes, seal.bytes)));
+        return Ok(Verdict::Corrupt(format!(
+            "{} bytes of files where {} were sealed",
+            d.bytes, seal.bytes
+        )));
     }
     if d.meta != seal.meta {
-        return Ok(Verdict::Corrupt("a path's type, mode, owner, size, link target or xattrs changed".into()));
+        return Ok(Verdict::Corrupt(
+            "a path's type, mode, owner, size, link target or xattrs changed".into(),
+        ));
     }
     if let Some(content) = d.content {
         if content != seal.content {
-            return Ok(Verdict::Corrupt("a file's content changed (same names and sizes)".into()));
+            return Ok(Verdict::Corrupt(
+                "a file's content changed (same names and sizes)".into(),
+            ));
         }
     }
     Ok(Verdict::Intact)
@@ -147,11 +159,22 @@ fn top_level(entry: &Path) -> Result<Vec<String>> {
 }
 
 fn digest(entry: &Path, covers: &[String], depth: Depth) -> Result<Digests> {
-    let mut w = Walker { meta: Sha256::new(), content: (depth == Depth::Content).then(Sha256::new), files: 0, bytes: 0, buf: vec![0; 1 << 20] };
+    let mut w = Walker {
+        meta: Sha256::new(),
+        content: (depth == Depth::Content).then(Sha256::new),
+        files: 0,
+        bytes: 0,
+        buf: vec![0; 1 << 20],
+    };
     for name in covers {
         w.visit(entry, Path::new(name))?;
     }
-    Ok(Digests { files: w.files, bytes: w.bytes, meta: hex(&w.meta.finalize()), content: w.content.map(|c| hex(&c.finalize())) })
+    Ok(Digests {
+        files: w.files,
+        bytes: w.bytes,
+        meta: hex(&w.meta.finalize()),
+        content: w.content.map(|c| hex(&c.finalize())),
+    })
 }
 
 struct Walker {
@@ -175,7 +198,8 @@ impl Walker {
 
     fn visit(&mut self, root: &Path, rel: &Path) -> Result<()> {
         let path = root.join(rel);
-        let m = std::fs::symlink_metadata(&path).with_context(|| format!("reading {}", path.display()))?;
+        let m = std::fs::symlink_metadata(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
         let ft = m.file_type();
         self.files += 1;
         self.field(b'p', rel.as_os_str().as_bytes());
@@ -196,7 +220,10 @@ impl Walker {
         };
         self.field(b't', &[kind]);
         self.field(b'm', &(m.mode() & 0o7777).to_le_bytes());
-        self.field(b'o', &[m.uid().to_le_bytes(), m.gid().to_le_bytes()].concat());
+        self.field(
+            b'o',
+            &[m.uid().to_le_bytes(), m.gid().to_le_bytes()].concat(),
+        );
         for (name, value) in xattrs(&path)? {
             self.field(b'x', &name);
             self.field(b'v', &value);
@@ -214,7 +241,8 @@ impl Walker {
                 }
             }
             b'l' => {
-                let target = std::fs::read_link(&path).with_context(|| format!("reading the link {}", path.display()))?;
+                let target = std::fs::read_link(&path)
+                    .with_context(|| format!("reading the link {}", path.display()))?;
                 self.field(b'l', target.as_os_str().as_bytes());
             }
             b'c' | b'b' => self.field(b'r', &m.rdev().to_le_bytes()),
@@ -238,10 +266,13 @@ impl Walker {
     }
 
     fn file_sha256(&mut self, path: &Path) -> Result<[u8; 32]> {
-        let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let mut file =
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
         let mut h = Sha256::new();
         loop {
-            let n = file.read(&mut self.buf).with_context(|| format!("reading {}", path.display()))?;
+            let n = file
+                .read(&mut self.buf)
+                .with_context(|| format!("reading {}", path.display()))?;
             if n == 0 {
                 break;
             }
@@ -253,7 +284,8 @@ impl Walker {
 
 /// A path's extended attributes (not following symlinks), sorted by name.
 fn xattrs(path: &Path) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-    let c = CString::new(path.as_os_str().as_bytes()).with_context(|| format!("{} contains a NUL byte", path.display()))?;
+    let c = CString::new(path.as_os_str().as_bytes())
+        .with_context(|| format!("{} contains a NUL byte", path.display()))?;
     let names = xattr_call(path, |buf, len| {
         // SAFETY: valid C string; buf is null (size query) or `len` writable bytes.
         unsafe { libc::llistxattr(c.as_ptr(), buf.cast(), len) }
@@ -281,7 +313,8 @@ fn xattr_call(path: &Path, call: impl Fn(*mut u8, usize) -> isize) -> Result<Vec
             if err.raw_os_error() == Some(libc::ENOTSUP) {
                 return Ok(Vec::new());
             }
-            return Err(err).with_context(|| format!("reading the extended attributes of {}", path.display()));
+            return Err(err)
+                .with_context(|| format!("reading the extended attributes of {}", path.display()));
         }
         let mut buf = vec![0u8; size as usize];
         let got = call(buf.as_mut_ptr(), buf.len());
@@ -291,7 +324,8 @@ fn xattr_call(path: &Path, call: impl Fn(*mut u8, usize) -> isize) -> Result<Vec
         }
         let err = std::io::Error::last_os_error();
         if err.raw_os_error() != Some(libc::ERANGE) {
-            return Err(err).with_context(|| format!("reading the extended attributes of {}", path.display()));
+            return Err(err)
+                .with_context(|| format!("reading the extended attributes of {}", path.display()));
         }
     }
 }
@@ -326,7 +360,10 @@ mod tests {
     fn timestamps_and_later_files_beside_the_covered_ones_do_not_matter() {
         let e = entry();
         seal(e.path()).unwrap();
-        let f = std::fs::File::options().write(true).open(e.path().join("tree/etc/a.conf")).unwrap();
+        let f = std::fs::File::options()
+            .write(true)
+            .open(e.path().join("tree/etc/a.conf"))
+            .unwrap();
         f.set_modified(std::time::SystemTime::UNIX_EPOCH).unwrap();
         std::fs::write(e.path().join("manifest.json"), "{}").unwrap();
         assert_eq!(check(e.path(), Depth::Content).unwrap(), Verdict::Intact);
@@ -336,18 +373,60 @@ mod tests {
     fn every_kind_of_change_is_caught() {
         type Change = fn(&Path);
         let cases: &[(&str, Change, Depth)] = &[
-            ("deleted file", |t| std::fs::remove_file(t.join("etc/sub/b")).unwrap(), Depth::Meta),
-            ("added file", |t| std::fs::write(t.join("etc/new"), "").unwrap(), Depth::Meta),
-            ("truncated file", |t| std::fs::write(t.join("etc/a.conf"), "al").unwrap(), Depth::Meta),
-            ("chmod", |t| std::fs::set_permissions(t.join("etc/a.conf"), std::fs::Permissions::from_mode(0o600)).unwrap(), Depth::Meta),
-            ("chown", |t| std::os::unix::fs::lchown(t.join("etc/a.conf"), Some(4242), None).unwrap(), Depth::Meta),
-            ("retargeted link", |t| {
-                std::fs::remove_file(t.join("etc/link")).unwrap();
-                std::os::unix::fs::symlink("sub/b", t.join("etc/link")).unwrap();
-            }, Depth::Meta),
-            ("moved up a level", |t| std::fs::rename(t.join("etc/sub/b"), t.join("etc/b")).unwrap(), Depth::Meta),
-            ("same-size byte flip", |t| std::fs::write(t.join("etc/a.conf"), "alphA\n").unwrap(), Depth::Content),
-            ("whole tree gone", |t| std::fs::remove_dir_all(t).unwrap(), Depth::Meta),
+            (
+                "deleted file",
+                |t| std::fs::remove_file(t.join("etc/sub/b")).unwrap(),
+                Depth::Meta,
+            ),
+            (
+                "added file",
+                |t| std::fs::write(t.join("etc/new"), "").unwrap(),
+                Depth::Meta,
+            ),
+            (
+                "truncated file",
+                |t| std::fs::write(t.join("etc/a.conf"), "al").unwrap(),
+                Depth::Meta,
+            ),
+            (
+                "chmod",
+                |t| {
+                    std::fs::set_permissions(
+                        t.join("etc/a.conf"),
+                        std::fs::Permissions::from_mode(0o600),
+                    )
+                    .unwrap()
+                },
+                Depth::Meta,
+            ),
+            (
+                "chown",
+                |t| std::os::unix::fs::lchown(t.join("etc/a.conf"), Some(4242), None).unwrap(),
+                Depth::Meta,
+            ),
+            (
+                "retargeted link",
+                |t| {
+                    std::fs::remove_file(t.join("etc/link")).unwrap();
+                    std::os::unix::fs::symlink("sub/b", t.join("etc/link")).unwrap();
+                },
+                Depth::Meta,
+            ),
+            (
+                "moved up a level",
+                |t| std::fs::rename(t.join("etc/sub/b"), t.join("etc/b")).unwrap(),
+                Depth::Meta,
+            ),
+            (
+                "same-size byte flip",
+                |t| std::fs::write(t.join("etc/a.conf"), "alphA\n").unwrap(),
+                Depth::Content,
+            ),
+            (
+                "whole tree gone",
+                |t| std::fs::remove_dir_all(t).unwrap(),
+                Depth::Meta,
+            ),
         ];
         for (what, change, depth) in cases {
             let e = entry();
@@ -364,7 +443,10 @@ mod tests {
         seal(e.path()).unwrap();
         std::fs::write(e.path().join("tree/etc/a.conf"), "alphA\n").unwrap();
         assert_eq!(check(e.path(), Depth::Meta).unwrap(), Verdict::Intact);
-        assert!(matches!(check(e.path(), Depth::Content).unwrap(), Verdict::Corrupt(_)));
+        assert!(matches!(
+            check(e.path(), Depth::Content).unwrap(),
+            Verdict::Corrupt(_)
+        ));
     }
 
     #[test]

@@ -87,7 +87,10 @@ fn flock(file: &File, mode: Mode, block: bool) -> std::io::Result<bool> {
 pub fn try_lock(path: &Path, mode: Mode) -> Result<Option<Lock>> {
     let file = open(path)?;
     if flock(&file, mode, false).with_context(|| format!("locking {}", path.display()))? {
-        Ok(Some(Lock { _file: file, path: path.to_owned() }))
+        Ok(Some(Lock {
+            _file: file,
+            path: path.to_owned(),
+        }))
     } else {
         Ok(None)
     }
@@ -99,17 +102,29 @@ pub fn lock(path: &Path, mode: Mode, what: &str, waiting: impl FnOnce()) -> Resu
     lock_with_timeout(path, mode, what, WAIT_TIMEOUT, waiting)
 }
 
-pub fn lock_with_timeout(path: &Path, mode: Mode, what: &str, timeout: Duration, waiting: impl FnOnce()) -> Result<Lock> {
+pub fn lock_with_timeout(
+    path: &Path,
+    mode: Mode,
+    what: &str,
+    timeout: Duration,
+    waiting: impl FnOnce(),
+) -> Result<Lock> {
     let file = open(path)?;
     if flock(&file, mode, false).with_context(|| format!("locking {}", path.display()))? {
-        return Ok(Lock { _file: file, path: path.to_owned() });
+        return Ok(Lock {
+            _file: file,
+            path: path.to_owned(),
+        });
     }
     waiting();
     let started = Instant::now();
     loop {
         crate::cmd::check_interrupt()?;
         if flock(&file, mode, false).with_context(|| format!("locking {}", path.display()))? {
-            return Ok(Lock { _file: file, path: path.to_owned() });
+            return Ok(Lock {
+                _file: file,
+                path: path.to_owned(),
+            });
         }
         if started.elapsed() > timeout {
             bail!(
@@ -127,7 +142,9 @@ pub fn lock_with_timeout(path: &Path, mode: Mode, what: &str, timeout: Duration,
 /// Whether some process holds a lock on `path` in a way that conflicts
 /// with `mode` (used to tell a live run's staging dir from a dead one's).
 pub fn is_held(path: &Path, mode: Mode) -> bool {
-    let Ok(file) = File::open(path) else { return false };
+    let Ok(file) = File::open(path) else {
+        return false;
+    };
     matches!(flock(&file, mode, false), Ok(false))
 }
 
@@ -139,7 +156,9 @@ mod tests {
     fn exclusive_excludes_and_drop_releases() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("locks/k.lock");
-        let held = try_lock(&path, Mode::Exclusive).unwrap().expect("free lock");
+        let held = try_lock(&path, Mode::Exclusive)
+            .unwrap()
+            .expect("free lock");
         // flock is per open file description: a second open conflicts even
         // within one process, just as another process would.
         assert!(try_lock(&path, Mode::Exclusive).unwrap().is_none());
@@ -166,7 +185,14 @@ mod tests {
         let path = dir.path().join("w.lock");
         let _held = try_lock(&path, Mode::Exclusive).unwrap().unwrap();
         let mut said = 0;
-        let err = lock_with_timeout(&path, Mode::Exclusive, "layer x", Duration::from_millis(250), || said += 1).unwrap_err();
+        let err = lock_with_timeout(
+            &path,
+            Mode::Exclusive,
+            "layer x",
+            Duration::from_millis(250),
+            || said += 1,
+        )
+        .unwrap_err();
         assert_eq!(said, 1);
         assert!(format!("{err:#}").contains("gave up"), "{err:#}");
     }
@@ -183,11 +209,17 @@ mod tests {
             .unwrap();
         let started = Instant::now();
         while !is_held(&path, Mode::Exclusive) {
-            assert!(started.elapsed() < Duration::from_secs(10), "flock(1) never took the lock");
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "flock(1) never took the lock"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         child.kill().unwrap();
         child.wait().unwrap();
-        assert!(try_lock(&path, Mode::Exclusive).unwrap().is_some(), "the dead process's lock is still held");
+        assert!(
+            try_lock(&path, Mode::Exclusive).unwrap().is_some(),
+            "the dead process's lock is still held"
+        );
     }
 }

@@ -138,11 +138,26 @@ impl Store {
     }
 
     pub fn open(root: &Path) -> Result<Store> {
-        for sub in [LAYERS, IMAGES, "tmp", "apt-v1/archives/partial", "apt-v1/lists", "state-v1/recipes", "state-v1/smoke", "state-v1/host", "state-v1/roots", LOCKS, CORRUPT] {
+        for sub in [
+            LAYERS,
+            IMAGES,
+            "tmp",
+            "apt-v1/archives/partial",
+            "apt-v1/lists",
+            "state-v1/recipes",
+            "state-v1/smoke",
+            "state-v1/host",
+            "state-v1/roots",
+            LOCKS,
+            CORRUPT,
+        ] {
             let dir = root.join(sub);
-            std::fs::create_dir_all(&dir).with_context(|| format!("creating the store directory {}", dir.display()))?;
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("creating the store directory {}", dir.display()))?;
         }
-        let store = Store { root: root.to_owned() };
+        let store = Store {
+            root: root.to_owned(),
+        };
         Ok(store)
     }
 
@@ -184,7 +199,11 @@ impl Store {
     }
 
     pub fn apt_lists(&self, sources_digest: &str) -> Result<PathBuf> {
-        let dir = self.root.join("apt-v1/lists").join(sources_digest).join("partial");
+        let dir = self
+            .root
+            .join("apt-v1/lists")
+            .join(sources_digest)
+            .join("partial");
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         Ok(self.root.join("apt-v1/lists").join(sources_digest))
     }
@@ -199,7 +218,12 @@ impl Store {
         let dir = tempfile::Builder::new()
             .prefix("stage-")
             .tempdir_in(self.root.join("tmp"))
-            .with_context(|| format!("creating a staging directory in {}", self.root.join("tmp").display()))?;
+            .with_context(|| {
+                format!(
+                    "creating a staging directory in {}",
+                    self.root.join("tmp").display()
+                )
+            })?;
         claim(dir.path())?;
         Ok(dir)
     }
@@ -210,12 +234,14 @@ impl Store {
     /// content) and ours is dropped, unless `replace` (`--refresh`) moves the
     /// old one aside first.
     pub fn publish(&self, staged: tempfile::TempDir, dest: &Path, replace: bool) -> Result<()> {
-        integrity::seal(staged.path()).with_context(|| format!("sealing {}", staged.path().display()))?;
+        integrity::seal(staged.path())
+            .with_context(|| format!("sealing {}", staged.path().display()))?;
         sync_filesystem(staged.path())?;
         if replace && dest.exists() {
             let aside = self.staging()?.keep();
             let old = aside.join("old");
-            std::fs::rename(dest, &old).with_context(|| format!("moving {} aside", dest.display()))?;
+            std::fs::rename(dest, &old)
+                .with_context(|| format!("moving {} aside", dest.display()))?;
             remove_tree(&aside).with_context(|| format!("removing {}", aside.display()))?;
         }
         let path = staged.keep();
@@ -229,16 +255,26 @@ impl Store {
                     _ => Ok(()),
                 }
             }
-            Err(e) if dest.exists() => {
-                remove_tree(&path).with_context(|| format!("removing the duplicate staging dir {} ({e})", path.display()))
-            }
+            Err(e) if dest.exists() => remove_tree(&path).with_context(|| {
+                format!(
+                    "removing the duplicate staging dir {} ({e})",
+                    path.display()
+                )
+            }),
             Err(e) => {
                 // The publish error is the one to report; the staging dir is
                 // debris that the next run's clean-up also removes.
                 if let Err(cleanup) = remove_tree(&path) {
-                    crate::cmd::log_line(&format!("warning: removing {}: {cleanup}", path.display()));
+                    crate::cmd::log_line(&format!(
+                        "warning: removing {}: {cleanup}",
+                        path.display()
+                    ));
                 }
-                Err(anyhow::Error::new(e).context(format!("publishing {} as {}", path.display(), dest.display())))
+                Err(anyhow::Error::new(e).context(format!(
+                    "publishing {} as {}",
+                    path.display(),
+                    dest.display()
+                )))
             }
         }
     }
@@ -248,10 +284,15 @@ impl Store {
     /// and child processes live in kiln's own namespaces (gone with it).
     pub fn clean_stale_staging(&self) -> Result<()> {
         let tmp = self.root.join("tmp");
-        for entry in std::fs::read_dir(&tmp).with_context(|| format!("reading {}", tmp.display()))? {
-            let path = entry.with_context(|| format!("reading {}", tmp.display()))?.path();
+        for entry in
+            std::fs::read_dir(&tmp).with_context(|| format!("reading {}", tmp.display()))?
+        {
+            let path = entry
+                .with_context(|| format!("reading {}", tmp.display()))?
+                .path();
             if is_stale(&path) {
-                remove_tree(&path).with_context(|| format!("removing stale staging dir {}", path.display()))?;
+                remove_tree(&path)
+                    .with_context(|| format!("removing stale staging dir {}", path.display()))?;
             }
         }
         Ok(())
@@ -264,12 +305,22 @@ impl Store {
     /// Held by every build for its whole run, so that `kiln cache gc` never
     /// removes a layer a running build is about to use or has just made.
     pub fn lock_for_build(&self, waiting: impl FnOnce()) -> Result<lock::Lock> {
-        lock::lock(&self.lock_path("store"), lock::Mode::Shared, "`kiln cache gc` or `kiln cache verify` to finish", waiting)
+        lock::lock(
+            &self.lock_path("store"),
+            lock::Mode::Shared,
+            "`kiln cache gc` or `kiln cache verify` to finish",
+            waiting,
+        )
     }
 
     /// Held while one run builds (or checks and repairs) the entry `key`.
     pub fn lock_key(&self, key: &Key, what: &str, waiting: impl FnOnce()) -> Result<lock::Lock> {
-        lock::lock(&self.lock_path(&key.hex()), lock::Mode::Exclusive, &format!("another kiln building {what}"), waiting)
+        lock::lock(
+            &self.lock_path(&key.hex()),
+            lock::Mode::Exclusive,
+            &format!("another kiln building {what}"),
+            waiting,
+        )
     }
 
     /// Check a cached entry's metadata against its seal before it is used
@@ -281,13 +332,20 @@ impl Store {
         match integrity::check(dir, integrity::Depth::Meta)? {
             integrity::Verdict::Intact => Ok(true),
             integrity::Verdict::Unsealed => {
-                crate::cmd::log_line(&format!("sealing {} (published before kiln sealed entries)", dir.display()));
+                crate::cmd::log_line(&format!(
+                    "sealing {} (published before kiln sealed entries)",
+                    dir.display()
+                ));
                 integrity::seal(dir).with_context(|| format!("sealing {}", dir.display()))?;
                 Ok(true)
             }
             integrity::Verdict::Corrupt(why) => {
                 let aside = self.quarantine(dir)?;
-                report(&format!("{} is corrupt ({why}): moved to {}; rebuilding it", dir.display(), aside.display()));
+                report(&format!(
+                    "{} is corrupt ({why}): moved to {}; rebuilding it",
+                    dir.display(),
+                    aside.display()
+                ));
                 Ok(false)
             }
         }
@@ -296,29 +354,53 @@ impl Store {
     /// Move a corrupt entry out of the way (kept for inspection until
     /// `kiln cache gc`), so its key is free to be rebuilt.
     pub fn quarantine(&self, dir: &Path) -> Result<PathBuf> {
-        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let aside_dir = self.root.join(CORRUPT);
-        std::fs::create_dir_all(&aside_dir).with_context(|| format!("creating {}", aside_dir.display()))?;
+        std::fs::create_dir_all(&aside_dir)
+            .with_context(|| format!("creating {}", aside_dir.display()))?;
         let mut aside = aside_dir.join(format!("{name}-{}", now()));
         let mut n = 1;
         while aside.exists() {
             aside = aside_dir.join(format!("{name}-{}.{n}", now()));
             n += 1;
         }
-        std::fs::rename(dir, &aside).with_context(|| format!("moving the corrupt entry {} to {}", dir.display(), aside.display()))?;
-        crate::cmd::log_line(&format!("moved corrupt entry {} to {}", dir.display(), aside.display()));
+        std::fs::rename(dir, &aside).with_context(|| {
+            format!(
+                "moving the corrupt entry {} to {}",
+                dir.display(),
+                aside.display()
+            )
+        })?;
+        crate::cmd::log_line(&format!(
+            "moved corrupt entry {} to {}",
+            dir.display(),
+            aside.display()
+        ));
         Ok(aside)
     }
 
     /// The pins an unlocked step with this (provisional) key resolved to,
     /// if that happened within [`RESOLUTION_MAX_AGE`].
     pub fn recent_resolution(&self, key: &Key) -> Option<crate::lock::StepLock> {
-        let pins: crate::lock::StepLock = read_json(&self.state_dir("resolved").join(format!("{}.json", key.hex()))).ok()?;
+        let pins: crate::lock::StepLock = read_json(
+            &self
+                .state_dir("resolved")
+                .join(format!("{}.json", key.hex())),
+        )
+        .ok()?;
         (now().saturating_sub(pins.resolved) < RESOLUTION_MAX_AGE.as_secs()).then_some(pins)
     }
 
     pub fn save_resolution(&self, key: &Key, pins: &crate::lock::StepLock) -> Result<()> {
-        write_json_atomic(&self.state_dir("resolved").join(format!("{}.json", key.hex())), pins)
+        write_json_atomic(
+            &self
+                .state_dir("resolved")
+                .join(format!("{}.json", key.hex())),
+            pins,
+        )
     }
 
     pub fn recipe_state(&self, name: &str) -> RecipeState {
@@ -326,7 +408,10 @@ impl Store {
     }
 
     pub fn save_recipe_state(&self, name: &str, state: &RecipeState) -> Result<()> {
-        write_json_atomic(&self.state_dir("recipes").join(format!("{name}.json")), state)
+        write_json_atomic(
+            &self.state_dir("recipes").join(format!("{name}.json")),
+            state,
+        )
     }
 }
 
@@ -364,7 +449,13 @@ pub fn verify_all(store: &Store, depth: integrity::Depth) -> Result<Vec<Verified
                     format!("corrupt: {why}; moved to {}", aside.display())
                 }
             };
-            rows.push(Verified { kind, key: key.hex(), what, result, seconds: started.elapsed().as_secs_f64() });
+            rows.push(Verified {
+                kind,
+                key: key.hex(),
+                what,
+                result,
+                seconds: started.elapsed().as_secs_f64(),
+            });
         }
     }
     Ok(rows)
@@ -378,7 +469,10 @@ fn is_stale(path: &Path) -> bool {
     if claim.exists() {
         return !lock::is_held(&claim, lock::Mode::Exclusive);
     }
-    let age = std::fs::symlink_metadata(path).and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+    let age = std::fs::symlink_metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok());
     age.is_none_or(|age| age > UNCLAIMED_GRACE)
 }
 
@@ -395,15 +489,21 @@ pub fn claim(staging: &Path) -> Result<()> {
     if claims.iter().any(|l| l.path() == path) {
         return Ok(());
     }
-    let held = lock::try_lock(&path, lock::Mode::Exclusive)?
-        .with_context(|| format!("{} is already claimed by another process", staging.display()))?;
-    std::fs::write(&path, std::process::id().to_string()).with_context(|| format!("writing {}", path.display()))?;
+    let held = lock::try_lock(&path, lock::Mode::Exclusive)?.with_context(|| {
+        format!(
+            "{} is already claimed by another process",
+            staging.display()
+        )
+    })?;
+    std::fs::write(&path, std::process::id().to_string())
+        .with_context(|| format!("writing {}", path.display()))?;
     claims.push(held);
     Ok(())
 }
 
 pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
@@ -411,12 +511,18 @@ pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
 pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("creating a temp file in {}", dir.display()))?;
-    serde_json::to_writer_pretty(&mut tmp, value).with_context(|| format!("writing {}", path.display()))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("creating a temp file in {}", dir.display()))?;
+    serde_json::to_writer_pretty(&mut tmp, value)
+        .with_context(|| format!("writing {}", path.display()))?;
     use std::io::Write;
-    tmp.write_all(b"\n").with_context(|| format!("writing {}", path.display()))?;
-    tmp.as_file().sync_all().with_context(|| format!("syncing {}", path.display()))?;
-    tmp.persist(path).with_context(|| format!("renaming into {}", path.display()))?;
+    tmp.write_all(b"\n")
+        .with_context(|| format!("writing {}", path.display()))?;
+    tmp.as_file()
+        .sync_all()
+        .with_context(|| format!("syncing {}", path.display()))?;
+    tmp.persist(path)
+        .with_context(|| format!("renaming into {}", path.display()))?;
     Ok(())
 }
 
@@ -425,7 +531,8 @@ pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
 /// /dev pieces inside the tree it builds) can leave inside a staging dir,
 /// which must never be deleted through.
 pub fn unmount_under(dir: &Path) -> Result<()> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let text =
+        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
     let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
     let mut targets: Vec<PathBuf> = text
         .lines()
@@ -436,12 +543,14 @@ pub fn unmount_under(dir: &Path) -> Result<()> {
     targets.sort_by_key(|t| std::cmp::Reverse(t.components().count()));
     for target in targets {
         crate::cmd::log_line(&format!("$ umount --lazy {}", target.display()));
-        let c = std::ffi::CString::new(target.as_os_str().as_encoded_bytes()).context("a mount point with a NUL byte")?;
+        let c = std::ffi::CString::new(target.as_os_str().as_encoded_bytes())
+            .context("a mount point with a NUL byte")?;
         // SAFETY: valid C string.
         if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
             let err = std::io::Error::last_os_error();
             // Already gone with its parent mount.
-            if err.raw_os_error() != Some(libc::EINVAL) && err.raw_os_error() != Some(libc::ENOENT) {
+            if err.raw_os_error() != Some(libc::EINVAL) && err.raw_os_error() != Some(libc::ENOENT)
+            {
                 return Err(err).with_context(|| format!("unmounting {}", target.display()));
             }
         }
@@ -455,8 +564,15 @@ fn unescape_mountinfo(field: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
-            out.push((bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0'));
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
+            out.push(
+                (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0'),
+            );
             i += 4;
         } else {
             out.push(bytes[i]);
@@ -470,8 +586,9 @@ fn unescape_mountinfo(field: &str) -> String {
 /// `io::Error` of ours, or a tool's message in its output).
 pub fn is_disk_full(err: &anyhow::Error) -> bool {
     err.chain().any(|c| {
-        c.downcast_ref::<std::io::Error>().is_some_and(|e| e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT))
-            || c.to_string().contains("No space left on device")
+        c.downcast_ref::<std::io::Error>().is_some_and(|e| {
+            e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT)
+        }) || c.to_string().contains("No space left on device")
             || c.to_string().contains("Disk quota exceeded")
     })
 }
@@ -483,7 +600,8 @@ fn sync_filesystem(path: &Path) -> Result<()> {
     use std::os::fd::AsRawFd;
     // SAFETY: syncfs on a valid open fd.
     if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("syncing {}", path.display()));
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("syncing {}", path.display()));
     }
     Ok(())
 }
@@ -497,5 +615,8 @@ pub fn remove_tree(path: &Path) -> std::io::Result<()> {
 }
 
 pub fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }

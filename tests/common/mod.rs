@@ -73,7 +73,10 @@ pub const INSPECT_TOOLS: &[(&str, &str)] = &[
     ("mcopy", "mtools"),
     ("debugfs", "e2fsprogs"),
 ];
-const UKI_STUB: (&str, &str) = ("/usr/lib/systemd/boot/efi/linuxx64.efi.stub", "systemd-boot-efi");
+const UKI_STUB: (&str, &str) = (
+    "/usr/lib/systemd/boot/efi/linuxx64.efi.stub",
+    "systemd-boot-efi",
+);
 
 fn install_hint(what: &str, package: &str) -> String {
     format!(
@@ -98,14 +101,28 @@ pub fn require_root() {
 pub fn find_program(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
-        .chain(["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"].map(PathBuf::from))
+        .chain(
+            [
+                "/usr/local/sbin",
+                "/usr/local/bin",
+                "/usr/sbin",
+                "/usr/bin",
+                "/sbin",
+                "/bin",
+            ]
+            .map(PathBuf::from),
+        )
         .map(|dir| dir.join(program))
         .find(|p| p.is_file())
 }
 
 #[track_caller]
 pub fn require_tools(tools: &[(&str, &str)]) {
-    let missing: Vec<String> = tools.iter().filter(|(p, _)| find_program(p).is_none()).map(|(p, pkg)| install_hint(&format!("`{p}`"), pkg)).collect();
+    let missing: Vec<String> = tools
+        .iter()
+        .filter(|(p, _)| find_program(p).is_none())
+        .map(|(p, pkg)| install_hint(&format!("`{p}`"), pkg))
+        .collect();
     assert!(missing.is_empty(), "{}", missing.join("\n"));
 }
 
@@ -114,7 +131,11 @@ pub fn require_tools(tools: &[(&str, &str)]) {
 pub fn require_build() {
     require_root();
     require_tools(BUILD_TOOLS);
-    assert!(Path::new(UKI_STUB.0).is_file(), "{}", install_hint(UKI_STUB.0, UKI_STUB.1));
+    assert!(
+        Path::new(UKI_STUB.0).is_file(),
+        "{}",
+        install_hint(UKI_STUB.0, UKI_STUB.1)
+    );
 }
 
 /// Everything [`Disk`] runs.
@@ -127,21 +148,33 @@ pub fn require_inspect() {
 
 /// The shared warm store: `$KILN_TEST_STORE`, or /var/tmp/kiln-test-store.
 pub fn shared_store() -> PathBuf {
-    std::env::var_os(STORE_ENV).map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_STORE))
+    std::env::var_os(STORE_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STORE))
 }
 
 /// A temp dir on the same filesystem as the shared store (so copies into
 /// a private store can be cheap, and big files stay off a small /tmp).
 pub fn temp_dir(prefix: &str) -> tempfile::TempDir {
-    let parent = shared_store().parent().map(Path::to_owned).unwrap_or_else(std::env::temp_dir);
-    std::fs::create_dir_all(&parent).unwrap_or_else(|e| panic!("creating {}: {e}", parent.display()));
-    tempfile::Builder::new().prefix(prefix).tempdir_in(&parent).unwrap_or_else(|e| panic!("creating a temp dir in {}: {e}", parent.display()))
+    let parent = shared_store()
+        .parent()
+        .map(Path::to_owned)
+        .unwrap_or_else(std::env::temp_dir);
+    std::fs::create_dir_all(&parent)
+        .unwrap_or_else(|e| panic!("creating {}: {e}", parent.display()));
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(&parent)
+        .unwrap_or_else(|e| panic!("creating a temp dir in {}: {e}", parent.display()))
 }
 
 /// A string unique to this test run, to make content (and so keys) that
 /// no earlier run built.
 pub fn nonce() -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock after 1970").as_nanos();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_nanos();
     format!("{}-{nanos}", std::process::id())
 }
 
@@ -153,7 +186,10 @@ pub struct RecipeDir {
 
 impl RecipeDir {
     pub fn new() -> RecipeDir {
-        let tmp = tempfile::Builder::new().prefix("kiln-recipe-").tempdir().expect("creating a temp recipe dir");
+        let tmp = tempfile::Builder::new()
+            .prefix("kiln-recipe-")
+            .tempdir()
+            .expect("creating a temp recipe dir");
         let root = std::fs::canonicalize(tmp.path()).expect("canonicalising the temp recipe dir");
         RecipeDir { _tmp: tmp, root }
     }
@@ -171,7 +207,8 @@ impl RecipeDir {
         let path = self.path(rel);
         let dir = path.parent().expect("a file has a parent");
         std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
-        std::fs::write(&path, content).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+        std::fs::write(&path, content)
+            .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
         path
     }
 
@@ -180,7 +217,8 @@ impl RecipeDir {
     pub fn write_recipe(&self, rel: &str, text: impl AsRef<[u8]>, kiln: &Kiln) -> PathBuf {
         let path = self.write(rel, text);
         let lock = path.with_extension("lock");
-        std::fs::write(&lock, base_lock(&kiln.store)).unwrap_or_else(|e| panic!("writing {}: {e}", lock.display()));
+        std::fs::write(&lock, base_lock(&kiln.store))
+            .unwrap_or_else(|e| panic!("writing {}: {e}", lock.display()));
         path
     }
 
@@ -211,7 +249,8 @@ pub fn base_lock_path(store: &Path) -> PathBuf {
 /// cached under it) and otherwise made again by building a base-only
 /// recipe, which also covers a lock written by an older kiln.
 pub fn base_lock(store: &Path) -> String {
-    static CHECKED: std::sync::Mutex<BTreeMap<PathBuf, String>> = std::sync::Mutex::new(BTreeMap::new());
+    static CHECKED: std::sync::Mutex<BTreeMap<PathBuf, String>> =
+        std::sync::Mutex::new(BTreeMap::new());
     let mut checked = CHECKED.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(text) = checked.get(store) {
         return text.clone();
@@ -229,13 +268,21 @@ pub fn base_lock(store: &Path) -> String {
     }
     kiln.build(&recipe, &[]);
     let text = String::from_utf8(d.read("kt-base.lock")).expect("the lock is UTF-8");
-    assert!(text.contains("[steps.base]"), "kiln wrote no base pins:\n{text}");
-    assert_eq!(kiln.plan(&recipe).step("base").state, "cached", "the base is not cached under the lock kiln just wrote:\n{text}");
+    assert!(
+        text.contains("[steps.base]"),
+        "kiln wrote no base pins:\n{text}"
+    );
+    assert_eq!(
+        kiln.plan(&recipe).step("base").state,
+        "cached",
+        "the base is not cached under the lock kiln just wrote:\n{text}"
+    );
     let dir = path.parent().expect("the lock has a folder");
     std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
     let tmp = dir.join(format!(".base.lock.{}", std::process::id()));
     std::fs::write(&tmp, &text).unwrap_or_else(|e| panic!("writing {}: {e}", tmp.display()));
-    std::fs::rename(&tmp, &path).unwrap_or_else(|e| panic!("renaming {} to {}: {e}", tmp.display(), path.display()));
+    std::fs::rename(&tmp, &path)
+        .unwrap_or_else(|e| panic!("renaming {} to {}: {e}", tmp.display(), path.display()));
     checked.insert(store.to_owned(), text.clone());
     text
 }
@@ -243,7 +290,9 @@ pub fn base_lock(store: &Path) -> String {
 /// A recipe text: `[image]` named `name`, golden's `[base]`, then `layers`
 /// (TOML for zero or more `[[layer]]` tables).
 pub fn recipe(name: &str, layers: &str) -> String {
-    format!("[image]\nname = \"{name}\"\nsize = \"2GiB\"\nhostname = \"{name}\"\n\n{BASE}\n{layers}")
+    format!(
+        "[image]\nname = \"{name}\"\nsize = \"2GiB\"\nhostname = \"{name}\"\n\n{BASE}\n{layers}"
+    )
 }
 
 // --------------------------------------------------------------------- kiln
@@ -272,12 +321,18 @@ impl Run {
     }
 
     pub fn json<T: for<'de> Deserialize<'de>>(&self) -> T {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("stdout is not the expected JSON ({e}):\n{}", self.show()))
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not the expected JSON ({e}):\n{}", self.show()))
     }
 
     #[track_caller]
     pub fn assert_code(&self, code: i32) -> &Run {
-        assert_eq!(self.code, Some(code), "unexpected exit code:\n{}", self.show());
+        assert_eq!(
+            self.code,
+            Some(code),
+            "unexpected exit code:\n{}",
+            self.show()
+        );
         self
     }
 
@@ -291,7 +346,12 @@ impl Run {
         if !err.contains(&file.display().to_string()) {
             wrong.push(format!("the file {}", file.display()));
         }
-        if !err.contains("key `") || !err.split("key `").skip(1).any(|rest| rest.split('`').next().is_some_and(|k| k.contains(key))) {
+        if !err.contains("key `")
+            || !err
+                .split("key `")
+                .skip(1)
+                .any(|rest| rest.split('`').next().is_some_and(|k| k.contains(key)))
+        {
             wrong.push(format!("a key `...{key}...`"));
         }
         if !err.contains("fix: ") {
@@ -300,7 +360,12 @@ impl Run {
         if !err.contains(says) {
             wrong.push(format!("`{says}`"));
         }
-        assert!(wrong.is_empty(), "the error does not name {}:\n{}", wrong.join(", "), self.show());
+        assert!(
+            wrong.is_empty(),
+            "the error does not name {}:\n{}",
+            wrong.join(", "),
+            self.show()
+        );
         self
     }
 }
@@ -315,13 +380,23 @@ pub struct Kiln {
 impl Kiln {
     /// The shared warm store and a fresh temp `--out` (removed on drop).
     pub fn shared() -> Kiln {
-        let out = tempfile::Builder::new().prefix("kiln-out-").tempdir().expect("creating a temp out dir");
-        Kiln { store: shared_store(), out: out.path().join("out"), _out_tmp: Some(out) }
+        let out = tempfile::Builder::new()
+            .prefix("kiln-out-")
+            .tempdir()
+            .expect("creating a temp out dir");
+        Kiln {
+            store: shared_store(),
+            out: out.path().join("out"),
+            _out_tmp: Some(out),
+        }
     }
 
     /// A given store, with a fresh temp `--out`.
     pub fn with_store(store: &Path) -> Kiln {
-        Kiln { store: store.to_owned(), ..Kiln::shared() }
+        Kiln {
+            store: store.to_owned(),
+            ..Kiln::shared()
+        }
     }
 
     pub fn binary() -> &'static str {
@@ -331,15 +406,38 @@ impl Kiln {
     /// Run `kiln --cache STORE --out OUT ARGS…`, then check that it left no
     /// mount and no staging debris behind (whatever its exit code).
     pub fn run<S: AsRef<OsStr>>(&self, args: &[S]) -> Run {
-        let mut full: Vec<String> = vec!["--cache".into(), self.store.display().to_string(), "--out".into(), self.out.display().to_string()];
-        full.extend(args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()));
+        let mut full: Vec<String> = vec![
+            "--cache".into(),
+            self.store.display().to_string(),
+            "--out".into(),
+            self.out.display().to_string(),
+        ];
+        full.extend(
+            args.iter()
+                .map(|a| a.as_ref().to_string_lossy().into_owned()),
+        );
         let mut cmd = Command::new(Kiln::binary());
         cmd.args(&full).env_remove("KILN_CACHE_DIR");
         let (code, stdout, stderr, elapsed) = run_with_timeout(cmd, KILN_TIMEOUT);
-        let run = Run { args: full, code, stdout, stderr, elapsed };
+        let run = Run {
+            args: full,
+            code,
+            stdout,
+            stderr,
+            elapsed,
+        };
         // Shown with the output of a failing test (or with --nocapture).
-        eprintln!("kiln {}: exit {:?} in {:.1}s", args.iter().map(|a| a.as_ref().to_string_lossy()).collect::<Vec<_>>().join(" "), run.code, elapsed.as_secs_f64());
-        assert_no_mounts(&[&self.store, &self.out]).unwrap_or_else(|m| panic!("{m}\nafter:\n{}", run.show()));
+        eprintln!(
+            "kiln {}: exit {:?} in {:.1}s",
+            args.iter()
+                .map(|a| a.as_ref().to_string_lossy())
+                .collect::<Vec<_>>()
+                .join(" "),
+            run.code,
+            elapsed.as_secs_f64()
+        );
+        assert_no_mounts(&[&self.store, &self.out])
+            .unwrap_or_else(|m| panic!("{m}\nafter:\n{}", run.show()));
         assert_tmp_empty(&self.store).unwrap_or_else(|m| panic!("{m}\nafter:\n{}", run.show()));
         run
     }
@@ -358,16 +456,25 @@ impl Kiln {
     /// says otherwise), which must succeed.
     #[track_caller]
     pub fn build_with_smoke(&self, recipe: &Path, extra: &[&str]) -> BuildReport {
-        let mut args: Vec<&OsStr> = vec![OsStr::new("--json"), OsStr::new("build"), recipe.as_os_str()];
+        let mut args: Vec<&OsStr> = vec![
+            OsStr::new("--json"),
+            OsStr::new("build"),
+            recipe.as_os_str(),
+        ];
         args.extend(extra.iter().map(OsStr::new));
         let run = self.run(&args);
         run.assert_code(0);
         let report: BuildReport = run.json();
         // The same summary is kept beside the image.
         let kept = self.out.join(format!("{}.build.json", report.image_name()));
-        let kept: BuildReport = serde_json::from_slice(&std::fs::read(&kept).unwrap_or_else(|e| panic!("reading {}: {e}", kept.display())))
-            .unwrap_or_else(|e| panic!("parsing {}: {e}", kept.display()));
-        assert_eq!(kept, report, "OUT/NAME.build.json differs from the --json output");
+        let kept: BuildReport = serde_json::from_slice(
+            &std::fs::read(&kept).unwrap_or_else(|e| panic!("reading {}: {e}", kept.display())),
+        )
+        .unwrap_or_else(|e| panic!("parsing {}: {e}", kept.display()));
+        assert_eq!(
+            kept, report,
+            "OUT/NAME.build.json differs from the --json output"
+        );
         let log = self.out.join(format!("{}.build.log", report.image_name()));
         assert!(log.is_file(), "no build log at {}", log.display());
         report
@@ -384,7 +491,10 @@ impl Kiln {
 
 /// Run a command in its own process group with a deadline; on timeout the
 /// whole group is killed and the test fails.
-fn run_with_timeout(mut cmd: Command, timeout: Duration) -> (Option<i32>, String, String, Duration) {
+fn run_with_timeout(
+    mut cmd: Command,
+    timeout: Duration,
+) -> (Option<i32>, String, String, Duration) {
     use std::os::unix::process::CommandExt;
     let shown = format!("{cmd:?}");
     let started = Instant::now();
@@ -398,13 +508,17 @@ fn run_with_timeout(mut cmd: Command, timeout: Duration) -> (Option<i32>, String
     let pump = |mut r: Box<dyn Read + Send>| {
         std::thread::spawn(move || {
             let mut buf = Vec::new();
-            r.read_to_end(&mut buf).map(|_| String::from_utf8_lossy(&buf).into_owned())
+            r.read_to_end(&mut buf)
+                .map(|_| String::from_utf8_lossy(&buf).into_owned())
         })
     };
     let out = pump(Box::new(child.stdout.take().expect("piped stdout")));
     let err = pump(Box::new(child.stderr.take().expect("piped stderr")));
     let status = loop {
-        if let Some(status) = child.try_wait().unwrap_or_else(|e| panic!("waiting for {shown}: {e}")) {
+        if let Some(status) = child
+            .try_wait()
+            .unwrap_or_else(|e| panic!("waiting for {shown}: {e}"))
+        {
             break status;
         }
         if started.elapsed() > timeout {
@@ -415,8 +529,14 @@ fn run_with_timeout(mut cmd: Command, timeout: Duration) -> (Option<i32>, String
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    let stdout = out.join().expect("stdout reader").unwrap_or_else(|e| panic!("reading the stdout of {shown}: {e}"));
-    let stderr = err.join().expect("stderr reader").unwrap_or_else(|e| panic!("reading the stderr of {shown}: {e}"));
+    let stdout = out
+        .join()
+        .expect("stdout reader")
+        .unwrap_or_else(|e| panic!("reading the stdout of {shown}: {e}"));
+    let stderr = err
+        .join()
+        .expect("stderr reader")
+        .unwrap_or_else(|e| panic!("reading the stderr of {shown}: {e}"));
     (status.code(), stdout, stderr, started.elapsed())
 }
 
@@ -424,31 +544,49 @@ fn run_with_timeout(mut cmd: Command, timeout: Duration) -> (Option<i32>, String
 #[track_caller]
 pub fn tool(program: &str, args: &[&OsStr], env: &[(&str, &str)]) -> (Vec<u8>, String) {
     let mut cmd = Command::new(program);
-    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     for (k, v) in env {
         cmd.env(k, v);
     }
     let shown = format!("{cmd:?}");
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("starting {shown}: {e}"));
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {shown}: {e}"));
     let mut stdout_pipe = child.stdout.take().expect("piped stdout");
     let out = std::thread::spawn(move || {
         let mut buf = Vec::new();
         stdout_pipe.read_to_end(&mut buf).map(|_| buf)
     });
     let mut stderr = String::new();
-    child.stderr.take().expect("piped stderr").read_to_string(&mut stderr).unwrap_or_else(|e| panic!("reading the stderr of {shown}: {e}"));
+    child
+        .stderr
+        .take()
+        .expect("piped stderr")
+        .read_to_string(&mut stderr)
+        .unwrap_or_else(|e| panic!("reading the stderr of {shown}: {e}"));
     let started = Instant::now();
     let status = loop {
-        if let Some(s) = child.try_wait().unwrap_or_else(|e| panic!("waiting for {shown}: {e}")) {
+        if let Some(s) = child
+            .try_wait()
+            .unwrap_or_else(|e| panic!("waiting for {shown}: {e}"))
+        {
             break s;
         }
         if started.elapsed() > TOOL_TIMEOUT {
-            child.kill().unwrap_or_else(|e| panic!("killing {shown}: {e}"));
+            child
+                .kill()
+                .unwrap_or_else(|e| panic!("killing {shown}: {e}"));
             panic!("{shown} took more than {TOOL_TIMEOUT:?}");
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    let stdout = out.join().expect("stdout reader").unwrap_or_else(|e| panic!("reading the stdout of {shown}: {e}"));
+    let stdout = out
+        .join()
+        .expect("stdout reader")
+        .unwrap_or_else(|e| panic!("reading the stdout of {shown}: {e}"));
     assert!(status.success(), "{shown} failed ({status}):\n{stderr}");
     (stdout, stderr)
 }
@@ -481,17 +619,27 @@ pub struct BuildRow {
 impl BuildReport {
     /// `NAME` of `OUT/NAME.qcow2`.
     pub fn image_name(&self) -> String {
-        self.image.file_stem().expect("the image has a file name").to_string_lossy().into_owned()
+        self.image
+            .file_stem()
+            .expect("the image has a file name")
+            .to_string_lossy()
+            .into_owned()
     }
 
     #[track_caller]
     pub fn row(&self, stage: &str) -> &BuildRow {
-        self.rows.iter().find(|r| r.stage == stage).unwrap_or_else(|| panic!("no row `{stage}` in {:#?}", self.rows))
+        self.rows
+            .iter()
+            .find(|r| r.stage == stage)
+            .unwrap_or_else(|| panic!("no row `{stage}` in {:#?}", self.rows))
     }
 
     /// `(stage, status)` for every row, in order.
     pub fn statuses(&self) -> Vec<(String, String)> {
-        self.rows.iter().map(|r| (r.stage.clone(), r.status.clone())).collect()
+        self.rows
+            .iter()
+            .map(|r| (r.stage.clone(), r.status.clone()))
+            .collect()
     }
 
     pub fn stages(&self) -> Vec<String> {
@@ -522,19 +670,30 @@ pub struct PlanStep {
 impl PlanReport {
     #[track_caller]
     pub fn step(&self, stage: &str) -> &PlanStep {
-        self.steps.iter().find(|s| s.stage == stage).unwrap_or_else(|| panic!("no step `{stage}` in {:#?}", self.steps))
+        self.steps
+            .iter()
+            .find(|s| s.stage == stage)
+            .unwrap_or_else(|| panic!("no step `{stage}` in {:#?}", self.steps))
     }
 
     /// Full keys of the layer steps (not the image), by stage.
     pub fn layer_keys(&self) -> Vec<(String, String)> {
-        self.steps.iter().filter(|s| s.stage != "image").map(|s| (s.stage.clone(), s.key.clone())).collect()
+        self.steps
+            .iter()
+            .filter(|s| s.stage != "image")
+            .map(|s| (s.stage.clone(), s.key.clone()))
+            .collect()
     }
 
     /// Full keys of `stage` and of every step after it, the image's included:
     /// what a failure at `stage` must not publish.
     #[track_caller]
     pub fn keys_from(&self, stage: &str) -> Vec<String> {
-        let at = self.steps.iter().position(|s| s.stage == stage).unwrap_or_else(|| panic!("no step `{stage}` in {:#?}", self.steps));
+        let at = self
+            .steps
+            .iter()
+            .position(|s| s.stage == stage)
+            .unwrap_or_else(|| panic!("no step `{stage}` in {:#?}", self.steps));
         self.steps[at..].iter().map(|s| s.key.clone()).collect()
     }
 
@@ -544,7 +703,16 @@ impl PlanReport {
 
     /// `(stage, state, reason as compact JSON or "")` for every step.
     pub fn states(&self) -> Vec<(String, String, String)> {
-        self.steps.iter().map(|s| (s.stage.clone(), s.state.clone(), s.reason.as_ref().map(|r| r.to_string()).unwrap_or_default())).collect()
+        self.steps
+            .iter()
+            .map(|s| {
+                (
+                    s.stage.clone(),
+                    s.state.clone(),
+                    s.reason.as_ref().map(|r| r.to_string()).unwrap_or_default(),
+                )
+            })
+            .collect()
     }
 }
 
@@ -562,7 +730,14 @@ pub struct StoreSnapshot {
 
 fn entries(dir: &Path) -> BTreeSet<String> {
     match std::fs::read_dir(dir) {
-        Ok(rd) => rd.map(|e| e.expect("reading a store dir").file_name().to_string_lossy().into_owned()).collect(),
+        Ok(rd) => rd
+            .map(|e| {
+                e.expect("reading a store dir")
+                    .file_name()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeSet::new(),
         Err(e) => panic!("reading {}: {e}", dir.display()),
     }
@@ -570,7 +745,10 @@ fn entries(dir: &Path) -> BTreeSet<String> {
 
 impl StoreSnapshot {
     pub fn of(store: &Path) -> StoreSnapshot {
-        StoreSnapshot { layers: entries(&store.join(LAYERS)), images: entries(&store.join(IMAGES)) }
+        StoreSnapshot {
+            layers: entries(&store.join(LAYERS)),
+            images: entries(&store.join(IMAGES)),
+        }
     }
 
     /// After a failed build: none of `forbidden` (full keys of the failed
@@ -582,15 +760,27 @@ impl StoreSnapshot {
     #[track_caller]
     pub fn assert_not_published(&self, store: &Path, forbidden: &[String]) {
         let now = StoreSnapshot::of(store);
-        let published: Vec<&String> = forbidden.iter().filter(|k| now.layers.contains(*k) || now.images.contains(*k)).collect();
-        assert!(published.is_empty(), "entries of the failed build were published: {published:?}");
+        let published: Vec<&String> = forbidden
+            .iter()
+            .filter(|k| now.layers.contains(*k) || now.images.contains(*k))
+            .collect();
+        assert!(
+            published.is_empty(),
+            "entries of the failed build were published: {published:?}"
+        );
         for key in now.layers.difference(&self.layers) {
             let entry = store.join(LAYERS).join(key).join("entry.json");
-            assert!(entry.is_file(), "layer {key} was published without its entry.json");
+            assert!(
+                entry.is_file(),
+                "layer {key} was published without its entry.json"
+            );
         }
         for key in now.images.difference(&self.images) {
             let entry = store.join(IMAGES).join(key).join("image.json");
-            assert!(entry.is_file(), "image {key} was published without its image.json");
+            assert!(
+                entry.is_file(),
+                "image {key} was published without its image.json"
+            );
         }
     }
 }
@@ -618,19 +808,29 @@ fn staging_is_claimed(dir: &Path) -> bool {
 /// which a shared store may have.
 pub fn assert_tmp_empty(store: &Path) -> Result<(), String> {
     let alive = |name: &String| staging_is_claimed(&store.join("tmp").join(name));
-    let left: Vec<String> = entries(&store.join("tmp")).into_iter().filter(|n| !alive(n)).collect();
+    let left: Vec<String> = entries(&store.join("tmp"))
+        .into_iter()
+        .filter(|n| !alive(n))
+        .collect();
     if left.is_empty() {
         Ok(())
     } else {
-        Err(format!("{} holds what a finished run left: {left:?}", store.join("tmp").display()))
+        Err(format!(
+            "{} holds what a finished run left: {left:?}",
+            store.join("tmp").display()
+        ))
     }
 }
 
 /// No mount in this process's mount namespace (the host's) mentions any
 /// of `paths`.
 pub fn assert_no_mounts(paths: &[&Path]) -> Result<(), String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| format!("reading /proc/self/mountinfo: {e}"))?;
-    let hits: Vec<&str> = info.lines().filter(|l| paths.iter().any(|p| l.contains(&*p.to_string_lossy()))).collect();
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| format!("reading /proc/self/mountinfo: {e}"))?;
+    let hits: Vec<&str> = info
+        .lines()
+        .filter(|l| paths.iter().any(|p| l.contains(&*p.to_string_lossy())))
+        .collect();
     if hits.is_empty() {
         Ok(())
     } else {
@@ -642,14 +842,20 @@ pub fn assert_no_mounts(paths: &[&Path]) -> Result<(), String> {
 /// [`nonce`]), so the shared store does not grow by an image per run.
 /// Each entry is renamed into `tmp/` first, so it disappears at once.
 pub fn forget(store: &Path, layers: &[String], images: &[String]) -> Result<(), String> {
-    for (sub, key) in layers.iter().map(|k| (LAYERS, k)).chain(images.iter().map(|k| (IMAGES, k))) {
+    for (sub, key) in layers
+        .iter()
+        .map(|k| (LAYERS, k))
+        .chain(images.iter().map(|k| (IMAGES, k)))
+    {
         let entry = store.join(sub).join(key);
         if !entry.exists() {
             continue;
         }
         let aside = store.join("tmp").join(format!("forget-{key}"));
-        std::fs::rename(&entry, &aside).map_err(|e| format!("moving {} aside: {e}", entry.display()))?;
-        std::fs::remove_dir_all(&aside).map_err(|e| format!("removing {}: {e}", aside.display()))?;
+        std::fs::rename(&entry, &aside)
+            .map_err(|e| format!("moving {} aside: {e}", entry.display()))?;
+        std::fs::remove_dir_all(&aside)
+            .map_err(|e| format!("removing {}: {e}", aside.display()))?;
     }
     Ok(())
 }
@@ -665,7 +871,11 @@ pub struct ForgetOnDrop {
 
 impl ForgetOnDrop {
     pub fn new(store: &Path) -> ForgetOnDrop {
-        ForgetOnDrop { store: store.to_owned(), layers: Vec::new(), images: Vec::new() }
+        ForgetOnDrop {
+            store: store.to_owned(),
+            layers: Vec::new(),
+            images: Vec::new(),
+        }
     }
 
     /// Forget the steps of `plan` whose stage is in `stages` (and its image
@@ -673,7 +883,11 @@ impl ForgetOnDrop {
     pub fn add(&mut self, plan: &PlanReport, stages: &[&str]) {
         for s in &plan.steps {
             if stages.contains(&s.stage.as_str()) {
-                let list = if s.stage == "image" { &mut self.images } else { &mut self.layers };
+                let list = if s.stage == "image" {
+                    &mut self.images
+                } else {
+                    &mut self.layers
+                };
                 list.push(s.key.clone());
             }
         }
@@ -696,8 +910,16 @@ pub fn copy_entries(from: &Path, to: &Path, layers: &[String]) {
     std::fs::create_dir_all(&dest).unwrap_or_else(|e| panic!("creating {}: {e}", dest.display()));
     for key in layers {
         let src = from.join(LAYERS).join(key);
-        assert!(src.join("entry.json").is_file(), "{} is not a complete layer", src.display());
-        tool("cp", &[OsStr::new("-a"), src.as_os_str(), dest.as_os_str()], &[]);
+        assert!(
+            src.join("entry.json").is_file(),
+            "{} is not a complete layer",
+            src.display()
+        );
+        tool(
+            "cp",
+            &[OsStr::new("-a"), src.as_os_str(), dest.as_os_str()],
+            &[],
+        );
     }
 }
 
@@ -710,8 +932,18 @@ pub fn copy_store_dir(from: &Path, to: &Path, sub: &str) {
     }
     let dest = to.join(sub);
     let parent = dest.parent().expect("a store folder has a parent");
-    std::fs::create_dir_all(parent).unwrap_or_else(|e| panic!("creating {}: {e}", parent.display()));
-    tool("cp", &[OsStr::new("-a"), OsStr::new("--reflink=auto"), src.as_os_str(), dest.as_os_str()], &[]);
+    std::fs::create_dir_all(parent)
+        .unwrap_or_else(|e| panic!("creating {}: {e}", parent.display()));
+    tool(
+        "cp",
+        &[
+            OsStr::new("-a"),
+            OsStr::new("--reflink=auto"),
+            src.as_os_str(),
+            dest.as_os_str(),
+        ],
+        &[],
+    );
 }
 
 // --------------------------------------------------------------------- disk
@@ -749,14 +981,33 @@ impl Disk {
         require_inspect();
         let tmp = temp_dir("kiln-disk-");
         let raw = tmp.path().join("disk.raw");
-        tool("qemu-img", &[OsStr::new("convert"), OsStr::new("-O"), OsStr::new("raw"), image.as_os_str(), raw.as_os_str()], &[]);
+        tool(
+            "qemu-img",
+            &[
+                OsStr::new("convert"),
+                OsStr::new("-O"),
+                OsStr::new("raw"),
+                image.as_os_str(),
+                raw.as_os_str(),
+            ],
+            &[],
+        );
         let (json, _) = tool("sfdisk", &[OsStr::new("--json"), raw.as_os_str()], &[]);
         #[derive(Deserialize)]
         struct Top {
             partitiontable: PartitionTable,
         }
-        let top: Top = serde_json::from_slice(&json).unwrap_or_else(|e| panic!("sfdisk --json output ({e}): {}", String::from_utf8_lossy(&json)));
-        Disk { _tmp: tmp, raw, table: top.partitiontable }
+        let top: Top = serde_json::from_slice(&json).unwrap_or_else(|e| {
+            panic!(
+                "sfdisk --json output ({e}): {}",
+                String::from_utf8_lossy(&json)
+            )
+        });
+        Disk {
+            _tmp: tmp,
+            raw,
+            table: top.partitiontable,
+        }
     }
 
     pub fn sector(&self) -> u64 {
@@ -765,8 +1016,18 @@ impl Disk {
 
     #[track_caller]
     pub fn partition(&self, type_: &str) -> &Partition {
-        let found: Vec<&Partition> = self.table.partitions.iter().filter(|p| p.type_.eq_ignore_ascii_case(type_)).collect();
-        assert_eq!(found.len(), 1, "want exactly one partition of type {type_}: {:#?}", self.table);
+        let found: Vec<&Partition> = self
+            .table
+            .partitions
+            .iter()
+            .filter(|p| p.type_.eq_ignore_ascii_case(type_))
+            .collect();
+        assert_eq!(
+            found.len(),
+            1,
+            "want exactly one partition of type {type_}: {:#?}",
+            self.table
+        );
         found[0]
     }
 
@@ -779,7 +1040,11 @@ impl Disk {
     }
 
     fn mtools_image(&self) -> String {
-        format!("{}@@{}", self.raw.display(), self.esp().start * self.sector())
+        format!(
+            "{}@@{}",
+            self.raw.display(),
+            self.esp().start * self.sector()
+        )
     }
 
     /// A file on the ESP (a `::/EFI/...` path), or `None` if absent.
@@ -794,16 +1059,37 @@ impl Disk {
         if !listed.status.success() {
             return None;
         }
-        let (data, _) = tool("mcopy", &[OsStr::new("-n"), OsStr::new("-i"), OsStr::new(&image), OsStr::new(path), OsStr::new("-")], &env);
+        let (data, _) = tool(
+            "mcopy",
+            &[
+                OsStr::new("-n"),
+                OsStr::new("-i"),
+                OsStr::new(&image),
+                OsStr::new(path),
+                OsStr::new("-"),
+            ],
+            &env,
+        );
         Some(data)
     }
 
     fn debugfs(&self, request: &str) -> (Vec<u8>, String) {
-        let device = format!("{}?offset={}", self.raw.display(), self.root().start * self.sector());
-        let (out, err) = tool("debugfs", &[OsStr::new("-R"), OsStr::new(request), OsStr::new(&device)], &[]);
+        let device = format!(
+            "{}?offset={}",
+            self.raw.display(),
+            self.root().start * self.sector()
+        );
+        let (out, err) = tool(
+            "debugfs",
+            &[OsStr::new("-R"), OsStr::new(request), OsStr::new(&device)],
+            &[],
+        );
         // debugfs exits 0 even when the request fails: anything on stderr
         // but its banner is an error.
-        let problems: Vec<&str> = err.lines().filter(|l| !l.starts_with("debugfs ") && !l.trim().is_empty()).collect();
+        let problems: Vec<&str> = err
+            .lines()
+            .filter(|l| !l.starts_with("debugfs ") && !l.trim().is_empty())
+            .collect();
         (out, problems.join("\n"))
     }
 
@@ -820,7 +1106,9 @@ impl Disk {
 
     #[track_caller]
     pub fn root_text(&self, path: &str) -> String {
-        let data = self.root_file(path).unwrap_or_else(|| panic!("{path} is not in the image's root filesystem"));
+        let data = self
+            .root_file(path)
+            .unwrap_or_else(|| panic!("{path} is not in the image's root filesystem"));
         String::from_utf8(data).unwrap_or_else(|e| panic!("{path} is not UTF-8: {e}"))
     }
 
@@ -831,16 +1119,32 @@ impl Disk {
         assert!(err.is_empty(), "debugfs stat {path}: {err}");
         let text = String::from_utf8_lossy(&out).into_owned();
         let field = |name: &str| -> u64 {
-            let rest = text.split(&format!("{name}:")).nth(1).unwrap_or_else(|| panic!("no `{name}` in debugfs stat {path}:\n{text}"));
+            let rest = text
+                .split(&format!("{name}:"))
+                .nth(1)
+                .unwrap_or_else(|| panic!("no `{name}` in debugfs stat {path}:\n{text}"));
             let word = rest.split_whitespace().next().unwrap_or("");
             if name == "Mode" {
-                u64::from_str_radix(word, 8).unwrap_or_else(|e| panic!("mode `{word}` of {path}: {e}"))
+                u64::from_str_radix(word, 8)
+                    .unwrap_or_else(|e| panic!("mode `{word}` of {path}: {e}"))
             } else {
-                word.parse().unwrap_or_else(|e| panic!("{name} `{word}` of {path}: {e}"))
+                word.parse()
+                    .unwrap_or_else(|e| panic!("{name} `{word}` of {path}: {e}"))
             }
         };
-        let kind = text.split("Type:").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or("").to_owned();
-        Stat { kind, mode: field("Mode") as u32, uid: field("User") as u32, gid: field("Group") as u32, size: field("Size") }
+        let kind = text
+            .split("Type:")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or("")
+            .to_owned();
+        Stat {
+            kind,
+            mode: field("Mode") as u32,
+            uid: field("User") as u32,
+            gid: field("Group") as u32,
+            size: field("Size"),
+        }
     }
 
     /// The root filesystem's volume label.
@@ -848,7 +1152,10 @@ impl Disk {
         let (out, err) = self.debugfs("stats");
         assert!(err.is_empty(), "debugfs stats: {err}");
         let text = String::from_utf8_lossy(&out).into_owned();
-        text.lines().find_map(|l| l.strip_prefix("Filesystem volume name:")).map(|v| v.trim().to_owned()).unwrap_or_default()
+        text.lines()
+            .find_map(|l| l.strip_prefix("Filesystem volume name:"))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_default()
     }
 }
 
@@ -874,13 +1181,16 @@ pub fn copy_recipes(to: &Path) {
 
 fn copy_tree(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap_or_else(|e| panic!("creating {}: {e}", to.display()));
-    for entry in std::fs::read_dir(from).unwrap_or_else(|e| panic!("reading {}: {e}", from.display())) {
+    for entry in
+        std::fs::read_dir(from).unwrap_or_else(|e| panic!("reading {}: {e}", from.display()))
+    {
         let entry = entry.expect("reading a recipe dir entry");
         let target = to.join(entry.file_name());
         if entry.file_type().expect("file type").is_dir() {
             copy_tree(&entry.path(), &target);
         } else if entry.path().extension().is_none_or(|e| e != "lock") {
-            std::fs::copy(entry.path(), &target).unwrap_or_else(|e| panic!("copying {}: {e}", entry.path().display()));
+            std::fs::copy(entry.path(), &target)
+                .unwrap_or_else(|e| panic!("copying {}: {e}", entry.path().display()));
         }
     }
 }
@@ -902,5 +1212,10 @@ pub fn kiln_output(out: &Path, args: &[&str]) -> std::process::Output {
 
 /// An output, for assertion messages.
 pub fn describe(out: &std::process::Output) -> String {
-    format!("status {:?}\nstdout:\n{}\nstderr:\n{}", out.status.code(), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
