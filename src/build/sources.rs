@@ -130,27 +130,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join("sources.list"),
-            "# comment\ndeb-src http://m.example/debian x main\n",
+            "# comment\ndeb-src http://127.0.0.1:8001/debian x main\n",
         )
         .unwrap();
         std::fs::create_dir(dir.path().join("sources.list.d")).unwrap();
         std::fs::write(
             dir.path().join("sources.list.d/debian.sources"),
-            "Types: deb\nURIs: http://m.example/debian/\nSuites: bookworm bookworm-updates\nComponents: main\n\n\
-             Types: deb\nURIs: http://s.example/debian-security\nSuites: bookworm-security\nComponents: main\n",
+            "Types: deb\nURIs: http://127.0.0.1:8001/debian/\nSuites: bookworm bookworm-updates\nComponents: main\n\n\
+             Types: deb\nURIs: http://127.0.0.1:8002/debian-security\nSuites: bookworm-security\nComponents: main\n",
         )
         .unwrap();
         std::fs::write(
             dir.path().join("sources.list.d/off.list.disabled"),
-            "deb http://no/ x main\n",
+            "deb http://127.0.0.1:8003/ x main\n",
         )
         .unwrap();
         let m = mirrors(None, dir.path()).unwrap();
         assert_eq!(
             m,
             Mirrors {
-                main: "http://m.example/debian".into(),
-                security: "http://s.example/debian-security".into()
+                main: "http://127.0.0.1:8001/debian".into(),
+                security: "http://127.0.0.1:8002/debian-security".into()
             }
         );
     }
@@ -158,8 +158,10 @@ mod tests {
     #[test]
     fn recipe_mirror_wins_and_one_line_options_are_skipped() {
         assert_eq!(
-            parse_one_line("deb [arch=amd64 signed-by=/k.gpg] http://a/debian trixie main\n"),
-            vec![("http://a/debian".into(), "trixie".into())]
+            parse_one_line(
+                "deb [arch=amd64 signed-by=/k.gpg] http://127.0.0.1:8004/debian trixie main\n"
+            ),
+            vec![("http://127.0.0.1:8004/debian".into(), "trixie".into())]
         );
         let m = mirrors(
             Some("http://127.0.0.1:9/debian/"),

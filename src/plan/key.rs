@@ -356,7 +356,7 @@ mod tests {
         v.lock = Some("x".into());
         assert_ne!(v.key(), k);
         let mut v = base.clone();
-        v.archive = vec!["http://mirror.invalid/debian".into()];
+        v.archive = vec!["http://127.0.0.1:8005/debian".into()];
         assert_ne!(v.key(), k);
         // The host-side name is not an input.
         let mut v = base.clone();
