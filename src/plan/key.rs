@@ -185,6 +185,15 @@ pub enum StepKind {
 }
 
 impl StepKind {
+    /// Whether this kind of step installs packages, and so is pinned by a
+    /// lock (and writes apt sources, for the base and `upgrade`).
+    pub fn is_pinned(self) -> bool {
+        matches!(
+            self,
+            StepKind::Base | StepKind::Upgrade | StepKind::Packages
+        )
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             StepKind::Base => "base",

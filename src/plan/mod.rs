@@ -42,10 +42,7 @@ pub struct Step {
 impl Step {
     /// Whether this step installs packages, and so is pinned by a lock.
     pub fn is_locked_kind(&self) -> bool {
-        matches!(
-            self.inputs.kind,
-            StepKind::Base | StepKind::Upgrade | StepKind::Packages
-        )
+        self.inputs.kind.is_pinned()
     }
 
     /// A step that installs packages but has no pins yet: the build will
@@ -252,10 +249,7 @@ fn push(
     } else {
         format!("{layer}/{}", kind.as_str())
     };
-    let lock = if matches!(
-        kind,
-        StepKind::Base | StepKind::Upgrade | StepKind::Packages
-    ) {
+    let lock = if kind.is_pinned() {
         locks.get(origin, &id).filter(|l| l.spec == spec).cloned()
     } else {
         None

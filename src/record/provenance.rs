@@ -3,9 +3,9 @@
 //!
 //! The subject is the exported disk (file name and sha256). The resolved
 //! dependencies are the recipe files, the lock, every copied file, and every
-//! installed Debian package as a purl, with the .deb's sha256 when the store
-//! holds that .deb (apt's shared archive cache; the lock will provide the
-//! rest). The statement is unsigned: signing belongs to whoever publishes.
+//! installed Debian package as a purl, with the .deb's sha256 from the lock's
+//! pins (a package no pin names, e.g. one a `run` step installed, has none).
+//! The statement is unsigned: signing belongs to whoever publishes.
 
 use anyhow::Result;
 use serde::Serialize;
@@ -13,7 +13,6 @@ use serde_json::{json, Value};
 
 use super::manifest::{digested, Manifest};
 use super::BuildFacts;
-use crate::plan::key::file_digest;
 use crate::plan::Action;
 
 pub const STATEMENT_TYPE: &str = "https://in-toto.io/Statement/v1";
@@ -74,22 +73,25 @@ pub fn materials(facts: &BuildFacts) -> Result<Vec<Material>> {
         .find(|p| p.name == "base-files")
         .and_then(|p| p.version.split('.').next().map(|m| format!("debian-{m}")))
         .unwrap_or_else(|| "debian".to_owned());
-    let archives = facts.store.apt_archives();
+    // The pins already hold every .deb's sha256: no need to hash .debs again.
+    let pinned: std::collections::BTreeMap<(&str, &str, &str), &str> = plan
+        .steps
+        .iter()
+        .filter_map(|s| s.lock.as_ref())
+        .flat_map(|l| &l.packages)
+        .map(|p| {
+            (
+                (p.name.as_str(), p.version.as_str(), p.arch.as_str()),
+                p.sha256.as_str(),
+            )
+        })
+        .collect();
     for p in &packages {
-        // apt names a .deb NAME_VERSION_ARCH.deb with the epoch's colon as %3a.
-        let deb = archives.join(format!(
-            "{}_{}_{}.deb",
-            p.name,
-            p.version.replace(':', "%3a"),
-            p.arch
-        ));
-        let digest = if deb.is_file() {
-            Some(Digest {
-                sha256: file_digest(&deb)?,
-            })
-        } else {
-            None
-        };
+        let digest = pinned
+            .get(&(p.name.as_str(), p.version.as_str(), p.arch.as_str()))
+            .map(|sha| Digest {
+                sha256: sha.to_string(),
+            });
         out.push(Material {
             name: format!("deb:{}_{}_{}", p.name, p.version, p.arch),
             uri: Some(super::sbom::purl(p, &distro)),

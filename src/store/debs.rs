@@ -99,7 +99,7 @@ impl Store {
         for p in pkgs {
             let cached = self.deb_path(&p.sha256);
             if !cached.exists() {
-                if let Err(e) = self.fetch(p, mirrors) {
+                if let Err(e) = self.fetch_all(&[p], mirrors) {
                     unavailable.push(format!("{} {} ({e:#})", p.name, p.version));
                     continue;
                 }
@@ -200,39 +200,6 @@ impl Store {
             }
         }
         result
-    }
-
-    /// Download one pinned .deb, verified against its sha256 by apt.
-    fn fetch(&self, p: &LockedPackage, mirrors: Option<&Mirrors>) -> Result<()> {
-        let mirrors = mirrors.context("no archive is configured")?;
-        let base = if p.archive == "security" {
-            &mirrors.security
-        } else {
-            &mirrors.main
-        };
-        let url = format!("{base}/{}", p.path);
-        std::fs::create_dir_all(self.debs_dir())
-            .with_context(|| format!("creating {}", self.debs_dir().display()))?;
-        let tmp = self
-            .debs_dir()
-            .join(format!(".{}.{}.download", p.sha256, unique()));
-        let result = Cmd::new("/usr/lib/apt/apt-helper")
-            .args(["-o", "Acquire::Retries=2", "download-file"])
-            .arg(&url)
-            .arg(&tmp)
-            .arg(format!("SHA256:{}", p.sha256))
-            .timeout(std::time::Duration::from_secs(600))
-            .run();
-        if let Err(e) = result {
-            // A partial or mismatching download must not stay behind.
-            if tmp.exists() {
-                std::fs::remove_file(&tmp)
-                    .with_context(|| format!("removing {}", tmp.display()))?;
-            }
-            return Err(e);
-        }
-        std::fs::rename(&tmp, self.deb_path(&p.sha256))
-            .with_context(|| format!("renaming {}", tmp.display()))
     }
 }
 
