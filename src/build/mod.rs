@@ -123,12 +123,13 @@ pub fn build(
     // Layers see a fixed clock (their keys do not cover one); the image is
     // clamped to its lock's time at assembly.
     steps::set_source_date_epoch(crate::record::DEFAULT_SOURCE_DATE_EPOCH);
-    let ctx = Ctx {
-        store,
-        mirrors: sources::mirrors(recipe.base.mirror.as_deref(), Path::new("/etc/apt")),
-    };
     let state = store.recipe_state(&recipe.image.name);
     let mut plan = plan::make(recipe, locks)?;
+    // The plan read the archive the apt sources will name; the steps use it.
+    let ctx = Ctx {
+        store,
+        mirrors: plan.mirrors.clone(),
+    };
     let mut rows = Vec::new();
     // Layer trees, topmost first, as overlayfs wants its lower dirs.
     let mut lowers: Vec<PathBuf> = Vec::new();

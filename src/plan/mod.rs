@@ -24,6 +24,8 @@ pub struct Plan {
     pub recipe: Recipe,
     pub steps: Vec<Step>,
     pub image: ImagePlan,
+    /// The archive the build uses: the recipe's mirror or the host's.
+    pub mirrors: Option<crate::build::sources::Mirrors>,
 }
 
 #[derive(Debug, Clone)]
@@ -90,11 +92,10 @@ pub fn make(recipe: &Recipe, locks: &Locks) -> Result<Plan> {
     let mut steps = Vec::new();
     // The archive the image's apt sources will name: the recipe's mirror or
     // the host's (read now, as the build will).
-    let archive: Vec<String> = match crate::build::sources::mirrors(
-        recipe.base.mirror.as_deref(),
-        Path::new("/etc/apt"),
-    ) {
-        Some(m) => vec![m.main, m.security],
+    let mirrors =
+        crate::build::sources::mirrors(recipe.base.mirror.as_deref(), Path::new("/etc/apt"));
+    let archive: Vec<String> = match &mirrors {
+        Some(m) => vec![m.main.clone(), m.security.clone()],
         None => Vec::new(),
     };
     let push = |steps: &mut Vec<Step>, layer: &str, origin: &Path, kind, spec, files, action| {
@@ -222,6 +223,7 @@ pub fn make(recipe: &Recipe, locks: &Locks) -> Result<Plan> {
         recipe: recipe.clone(),
         steps,
         image: ImagePlan { inputs, key, spec },
+        mirrors,
     })
 }
 
