@@ -5,14 +5,14 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use crate::build::Row;
 use crate::build::{self, BuildOptions, Summary};
+use crate::build::{Row, Status};
 use crate::cli::{
     BuildArgs, CacheCommand, DiffArgs, Global, InspectArgs, LockArgs, LogArgs, PlanArgs, SmokeArgs,
     VerifyArgs,
 };
 use crate::error::{BadInput, Drift, SmokeFailed};
-use crate::lock::{Locks, StepLock};
+use crate::lock::Locks;
 use crate::plan::{self, Freshness};
 use crate::recipe;
 use crate::recipe::{Recipe, SmokeSpec};
@@ -75,73 +75,6 @@ fn prepare(global: &Global, recipe_path: &Path, what: &str) -> Result<Prepared> 
     })
 }
 
-/// Forget the pins of `layer` (every layer when empty) so the build
-/// re-resolves them. Returns what was forgotten, to report changes.
-fn forget_pins(
-    recipe: &Recipe,
-    locks: &mut Locks,
-    layer: &str,
-) -> Result<Vec<(PathBuf, String, Option<StepLock>)>> {
-    let plan = plan::make(recipe, locks)?;
-    if !layer.is_empty() && !plan.steps.iter().any(|s| s.layer == layer) {
-        let names: Vec<&str> = plan
-            .steps
-            .iter()
-            .map(|s| s.layer.as_str())
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        return Err(BadInput::arg(
-            format!(
-                "--update {layer}: {} has no layer named `{layer}`",
-                recipe.path.display()
-            ),
-            format!("use one of: {}", names.join(", ")),
-        )
-        .into());
-    }
-    Ok(plan
-        .steps
-        .iter()
-        .filter(|s| s.is_locked_kind() && (layer.is_empty() || s.layer == layer))
-        .map(|s| (s.origin.clone(), s.id(), locks.remove(&s.origin, &s.id())))
-        .collect())
-}
-
-/// Print `package old -> new` per re-resolved step.
-fn report_pin_changes(
-    forgotten: &[(PathBuf, String, Option<StepLock>)],
-    locks: &Locks,
-    recipe: &Recipe,
-    store: &Store,
-) -> Vec<String> {
-    let plan = plan::make(recipe, locks).ok();
-    let mut lines = Vec::new();
-    for (origin, id, old) in forgotten {
-        // The versions the layer below had, so an upgrade shows old -> new.
-        let below: std::collections::BTreeMap<String, String> = plan
-            .as_ref()
-            .and_then(|p| p.steps.iter().find(|s| s.id() == *id))
-            .and_then(|s| s.inputs.parent)
-            .and_then(|k| store.layer_entry(&k).ok())
-            .map(|e| {
-                e.packages
-                    .into_iter()
-                    .map(|p| (p.name, p.version))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let changes = crate::lock::changes_over(old.as_ref(), locks.get(origin, id), &below);
-        if changes.is_empty() {
-            lines.push(format!("{id}: no changes"));
-        } else {
-            lines.push(format!("{id}:"));
-            lines.extend(changes.into_iter().map(|c| format!("  {c}")));
-        }
-    }
-    lines
-}
-
 pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
     let Prepared {
         recipe,
@@ -150,8 +83,8 @@ pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
         log_path,
     } = prepare(global, &args.recipe, "build")?;
     let forgotten = match &args.update {
-        Some(layer) => forget_pins(&recipe, &mut locks, layer)?,
-        None => Vec::new(),
+        Some(layer) => crate::lock::forget(&recipe, &mut locks, layer)?,
+        None => crate::lock::Forgotten::none(),
     };
     let ui = Ui::new(global.json);
     let opts = BuildOptions {
@@ -184,11 +117,12 @@ pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
     if global.json {
         print_json(&summary)?;
     } else {
-        for line in report_pin_changes(&forgotten, &locks, &recipe, &store) {
+        for line in forgotten.report(&locks, &recipe, &store) {
             println!("{line}");
         }
-        print_summary(&summary);
+        print!("{}", summary.text());
     }
+    keep_log(&summary, &log_path)?;
     if args.check_repro {
         let report = crate::record::repro::check(&recipe, &locks, &summary, &store, &ui)
             .map_err(|e| e.context(format!("the full log is in {}", log_path.display())))?;
@@ -209,6 +143,19 @@ pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
         }
     }
     smoke
+}
+
+/// A run that built the image keeps its log in the store (the next run of
+/// the recipe overwrites `out/NAME.build.log`), smoke boot included.
+fn keep_log(summary: &Summary, log_path: &Path) -> Result<()> {
+    let built = summary
+        .rows
+        .iter()
+        .any(|r| r.stage == "image" && r.status == Status::Built);
+    match &summary.build_log {
+        Some(kept) if built => crate::store::copy_atomic(log_path, kept),
+        _ => Ok(()),
+    }
 }
 
 /// Where a passing smoke of this image with these checks is remembered.
@@ -246,7 +193,7 @@ fn smoke_stage(
             summary.rows.push(Row {
                 stage: "smoke".into(),
                 key: summary.image_key[..12].to_owned(),
-                status: "cached".into(),
+                status: Status::Cached,
                 reason: Some("passed before".into()),
                 seconds: 0.0,
             });
@@ -277,7 +224,7 @@ fn smoke_stage(
             summary.rows.push(Row {
                 stage: "smoke".into(),
                 key: summary.image_key[..12].to_owned(),
-                status: "passed".into(),
+                status: Status::Passed,
                 reason: Some(why),
                 seconds,
             });
@@ -290,7 +237,7 @@ fn smoke_stage(
             summary.rows.push(Row {
                 stage: "smoke".into(),
                 key: summary.image_key[..12].to_owned(),
-                status: "failed".into(),
+                status: Status::Failed,
                 reason: Some(first_line(&failure.to_string())),
                 seconds,
             });
@@ -583,8 +530,8 @@ pub fn lock(global: &Global, args: &LockArgs) -> Result<()> {
         log_path,
     } = prepare(global, &args.recipe, "lock")?;
     let forgotten = match &args.update {
-        Some(layer) => forget_pins(&recipe, &mut locks, layer)?,
-        None => Vec::new(),
+        Some(layer) => crate::lock::forget(&recipe, &mut locks, layer)?,
+        None => crate::lock::Forgotten::none(),
     };
     let ui = Ui::new(global.json);
     let opts = BuildOptions {
@@ -597,7 +544,7 @@ pub fn lock(global: &Global, args: &LockArgs) -> Result<()> {
         .map_err(|e| e.context(format!("the full log is in {}", log_path.display())))?;
     let written = locks.save_changed()?;
     let plan = plan::make(&recipe, &locks)?;
-    let (steps, image) = build::freshness(&plan, &store, false);
+    let (steps, image) = plan::freshness::freshness(&plan, &store, false);
     let mut next_build: Vec<String> = plan
         .steps
         .iter()
@@ -611,7 +558,7 @@ pub fn lock(global: &Global, args: &LockArgs) -> Result<()> {
     let report = LockReport {
         recipe: args.recipe.display().to_string(),
         written,
-        changes: report_pin_changes(&forgotten, &locks, &recipe, &store),
+        changes: forgotten.report(&locks, &recipe, &store),
         next_build,
     };
     if global.json {
@@ -635,48 +582,6 @@ pub fn lock(global: &Global, args: &LockArgs) -> Result<()> {
     Ok(())
 }
 
-fn print_summary(s: &Summary) {
-    let rows: Vec<Vec<String>> = s
-        .rows
-        .iter()
-        .map(|r| {
-            vec![
-                r.stage.clone(),
-                r.key.clone(),
-                r.status.clone(),
-                format!("{:.1}", r.seconds),
-                r.reason.clone().unwrap_or_default(),
-            ]
-        })
-        .collect();
-    print!(
-        "{}",
-        table(&["STAGE", "KEY", "RESULT", "SECONDS", "WHY"], &rows)
-    );
-    println!(
-        "{} ({}, kernel {}) in {:.1}s",
-        s.image.display(),
-        &s.sha256[..12],
-        s.kernel,
-        s.seconds
-    );
-}
-
-#[derive(Serialize)]
-struct PlanRow {
-    stage: String,
-    key: String,
-    #[serde(flatten)]
-    freshness: Freshness,
-}
-
-#[derive(Serialize)]
-struct PlanReport {
-    recipe: String,
-    image: String,
-    steps: Vec<PlanRow>,
-}
-
 pub fn plan(global: &Global, args: &PlanArgs) -> Result<()> {
     let recipe = recipe::load(&args.recipe)?;
     let locks = Locks::load(&recipe.sources)?;
@@ -688,51 +593,12 @@ pub fn plan(global: &Global, args: &PlanArgs) -> Result<()> {
     } else {
         None
     };
-    let (steps, image) = match &store {
-        Some(store) => build::freshness(&plan, store, false),
-        None => (
-            plan.steps
-                .iter()
-                .map(|_| Freshness::Build(plan::Reason::NotInStore))
-                .collect(),
-            Freshness::Build(plan::Reason::NotInStore),
-        ),
-    };
-    let mut rows: Vec<PlanRow> = plan
-        .steps
-        .iter()
-        .zip(steps)
-        .map(|(s, f)| PlanRow {
-            stage: s.id(),
-            key: s.key.hex(),
-            freshness: f,
-        })
-        .collect();
-    rows.push(PlanRow {
-        stage: "image".into(),
-        key: plan.image.key.hex(),
-        freshness: image,
-    });
-    let report = PlanReport {
-        recipe: args.recipe.display().to_string(),
-        image: recipe.image.name.clone(),
-        steps: rows,
-    };
+    let mut report = plan::freshness::PlanReport::new(&plan, store.as_ref());
+    report.recipe = args.recipe.display().to_string();
     if global.json {
         return print_json(&report);
     }
-    let table_rows: Vec<Vec<String>> = report
-        .steps
-        .iter()
-        .map(|r| {
-            let (state, why) = match &r.freshness {
-                Freshness::Cached => ("cached".to_owned(), String::new()),
-                Freshness::Build(reason) => ("build".to_owned(), reason.to_string()),
-            };
-            vec![r.stage.clone(), r.key[..12].to_owned(), state, why]
-        })
-        .collect();
-    print!("{}", table(&["STAGE", "KEY", "STATE", "WHY"], &table_rows));
+    print!("{}", report.text());
     Ok(())
 }
 

@@ -1,8 +1,14 @@
-//! The build: run the plan's steps that are not in the store, assemble the
-//! image if it is not in the store, and export it to `out/`.
+//! The build: pin the recipe's unlocked steps, bring every step into the
+//! store, assemble the image, export it to `out/` and write its records.
 //!
-//! [`build`] reads as the list of stages; each stage has its own error
-//! context and its own row in the summary.
+//! [`build`] reads as that list of stages; each has its own error context
+//! and adds its rows to the summary.
+//!
+//! Resolution comes first because it is the only stage that changes the
+//! plan: a step with no pins is resolved by building it against the archive,
+//! and its key (and the keys of everything above it) is known only then. Once
+//! [`resolve`] returns, every key is final and the later stages never plan
+//! again.
 
 pub mod mount;
 mod resolve;
@@ -13,11 +19,12 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::assemble;
 use crate::cmd::check_interrupt;
 use crate::lock::{Locks, StepLock};
+use crate::plan::freshness::{image_freshness, step_freshness};
 use crate::plan::{self, Action, Freshness, Plan, Reason, Step};
 use crate::recipe::Recipe;
 use crate::store::{self, ImageEntry, LayerEntry, RecipeState, Store};
@@ -34,18 +41,78 @@ pub struct BuildOptions {
     pub fresh_resolve: bool,
 }
 
+/// What happened to a stage of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Found in the store (or, for the smoke, passed before).
+    Cached,
+    Built,
+    /// The smoke boot passed or failed.
+    Passed,
+    Failed,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Cached => "cached",
+            Status::Built => "built",
+            Status::Passed => "passed",
+            Status::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One row of the summary: a step, the image, or the smoke test.
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Row {
     pub stage: String,
     pub key: String,
-    /// `cached`, `built`, `passed`, …
-    pub status: String,
+    pub status: Status,
     pub reason: Option<String>,
     pub seconds: f64,
 }
 
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+impl Row {
+    pub fn new(stage: impl Into<String>, key: &plan::Key, status: Status) -> Row {
+        Row {
+            stage: stage.into(),
+            key: key.short(),
+            status,
+            reason: None,
+            seconds: 0.0,
+        }
+    }
+
+    pub fn because(mut self, reason: impl ToString) -> Row {
+        self.reason = Some(reason.to_string());
+        self
+    }
+
+    pub fn took(mut self, seconds: f64) -> Row {
+        self.seconds = seconds;
+        self
+    }
+
+    /// A cache hit; when this run waited for another to build it, says so.
+    fn cached(stage: impl Into<String>, key: &plan::Key, waited: bool) -> Row {
+        let row = Row::new(stage, key, Status::Cached);
+        if waited {
+            row.because("built by another kiln meanwhile")
+        } else {
+            row
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
     pub recipe: String,
     pub image: PathBuf,
@@ -54,59 +121,46 @@ pub struct Summary {
     pub kernel: String,
     pub rows: Vec<Row>,
     pub seconds: f64,
+    /// Where the log of the run that built this image is kept.
+    #[serde(default)]
+    pub build_log: Option<PathBuf>,
     /// The smoke boot, when it ran or was cached.
     pub smoke: Option<crate::smoke::SmokeReport>,
 }
 
-/// Whether each step and the image must be built, and why.
-pub fn freshness(plan: &Plan, store: &Store, refresh: bool) -> (Vec<Freshness>, Freshness) {
-    let state = store.recipe_state(&plan.recipe.image.name);
-    let mut after_unlocked = false;
-    let steps = plan
-        .steps
-        .iter()
-        .map(|s| {
-            let f = step_freshness(s, store, refresh, &state, after_unlocked);
-            after_unlocked |= s.unlocked();
-            f
-        })
-        .collect();
-    let image = if refresh {
-        Freshness::Build(Reason::Refresh)
-    } else if after_unlocked {
-        Freshness::Build(Reason::ParentChanged)
-    } else if store.has_image(&plan.image.key) {
-        Freshness::Cached
-    } else {
-        Freshness::Build(plan::image_reason(&plan.image.inputs, state.image.as_ref()))
-    };
-    (steps, image)
-}
-
-fn step_freshness(
-    step: &Step,
-    store: &Store,
-    refresh: bool,
-    state: &RecipeState,
-    after_unlocked: bool,
-) -> Freshness {
-    if refresh {
-        Freshness::Build(Reason::Refresh)
-    } else if step.unlocked() {
-        Freshness::Build(Reason::Unlocked)
-    } else if after_unlocked {
-        // This key is provisional: it depends on how the step below resolves.
-        Freshness::Build(Reason::ParentChanged)
-    } else if store.has_layer(&step.key) {
-        Freshness::Cached
-    } else {
-        Freshness::Build(plan::reason(&step.inputs, state.steps.get(&step.id())))
+impl Summary {
+    /// The table a person reads at the end of a build.
+    pub fn text(&self) -> String {
+        let rows: Vec<Vec<String>> = self
+            .rows
+            .iter()
+            .map(|r| {
+                vec![
+                    r.stage.clone(),
+                    r.key.clone(),
+                    r.status.to_string(),
+                    format!("{:.1}", r.seconds),
+                    r.reason.clone().unwrap_or_default(),
+                ]
+            })
+            .collect();
+        let mut out = crate::ui::table(&["STAGE", "KEY", "RESULT", "SECONDS", "WHY"], &rows);
+        if !self.sha256.is_empty() {
+            out += &format!(
+                "{} ({}, kernel {}) in {:.1}s\n",
+                self.image.display(),
+                &self.sha256[..12],
+                self.kernel,
+                self.seconds
+            );
+        }
+        out
     }
 }
 
 /// Build the recipe's steps that the store lacks, resolving unlocked steps
-/// into `locks` on the way, then (unless `layers_only`) the image.
-/// Returns the final plan (keys as locked) and the summary.
+/// into `locks` first, then (unless `layers_only`) the image, its export and
+/// its records. Returns the final plan (keys as locked) and the summary.
 pub fn build(
     recipe: &Recipe,
     locks: &mut Locks,
@@ -123,178 +177,48 @@ pub fn build(
     // Layers see a fixed clock (their keys do not cover one); the image is
     // clamped to its lock's time at assembly.
     steps::set_source_date_epoch(crate::record::DEFAULT_SOURCE_DATE_EPOCH);
-    let state = store.recipe_state(&recipe.image.name);
-    let mut plan = plan::make(recipe, locks)?;
-    // The plan read the archive the apt sources will name; the steps use it.
-    let ctx = Ctx {
-        store,
-        mirrors: plan.mirrors.clone(),
+    let plan = plan::make(recipe, locks)?;
+    let mut run = Run {
+        // The plan read the archive the apt sources will name; the steps use it.
+        ctx: Ctx {
+            store,
+            mirrors: plan.mirrors.clone(),
+        },
+        opts,
+        ui,
+        state: store.recipe_state(&recipe.image.name),
+        lowers: Vec::new(),
+        rows: Vec::new(),
     };
-    let mut rows = Vec::new();
-    // Layer trees, topmost first, as overlayfs wants its lower dirs.
-    let mut lowers: Vec<PathBuf> = Vec::new();
-    let mut i = 0;
-    while i < plan.steps.len() {
-        check_interrupt()?;
-        if opts.layers_only && !plan.steps[i..].iter().any(Step::unlocked) {
-            break;
-        }
-        if plan.steps[i].unlocked() {
-            let step = &plan.steps[i];
-            if locks.get(&step.origin, &step.id()).is_some() {
-                eprintln!(
-                    "{}: the pins of {} in {} were resolved for other settings; resolving it again",
-                    step.id(),
-                    step.id(),
-                    crate::lock::path_for(&step.origin).display()
-                );
-            }
-        }
-        if plan.steps[i].unlocked() && !opts.fresh_resolve && !opts.refresh {
-            // A recent resolution of exactly these inputs stands in for the
-            // lock: recipes that share layers resolve them once.
-            if let Some(pins) = store.recent_resolution(&plan.steps[i].key) {
-                let (origin, id) = (plan.steps[i].origin.clone(), plan.steps[i].id());
-                locks.set(&origin, &id, pins);
-                plan = plan::make(recipe, locks)?;
-            }
-        }
-        let step = plan.steps[i].clone();
-        // One run builds a key at a time; another that needs it waits, then
-        // finds it in the store. The lock also covers the integrity check
-        // and a corrupt entry's repair (see store::lock).
-        let (_key_lock, waited) = lock_key(store, &step.key, &step.id())?;
-        if waited
-            && step.unlocked()
-            && !opts.fresh_resolve
-            && !opts.refresh
-            && store.recent_resolution(&step.key).is_some()
-        {
-            // The other run resolved this step meanwhile: start the step
-            // again, with its pins.
-            continue;
-        }
-        let fresh = step_freshness(&step, store, opts.refresh, &state, false);
-        let row = match usable(store, &step.key, &store.layer_dir(&step.key), fresh)? {
-            None => Row {
-                stage: step.id(),
-                key: step.key.short(),
-                status: "cached".into(),
-                reason: waited.then(|| "built by another kiln meanwhile".into()),
-                seconds: 0.0,
-            },
-            Some(reason) => {
-                let stage = ui.stage(&step.id(), &format!("building ({reason})"));
-                let result = build_step(&ctx, &step, &lowers).and_then(|built| {
-                    let key = match &built.lock {
-                        Some(pins) if step.unlocked() => {
-                            store.save_resolution(&step.key, pins)?;
-                            locks.set(&step.origin, &step.id(), pins.clone());
-                            plan = plan::make(recipe, locks)?;
-                            plan.steps[i].key
-                        }
-                        _ => step.key,
-                    };
-                    publish_step(store, built, &plan.steps[i], opts.refresh)?;
-                    Ok(key)
-                });
-                match result {
-                    Ok(key) => {
-                        let seconds = stage.done("built");
-                        Row {
-                            stage: step.id(),
-                            key: key.short(),
-                            status: "built".into(),
-                            reason: Some(reason.to_string()),
-                            seconds,
-                        }
-                    }
-                    Err(e) => {
-                        stage.failed();
-                        return Err(e.context(format!(
-                            "building step {} of recipe {}",
-                            step.id(),
-                            recipe.path.display()
-                        )));
-                    }
-                }
-            }
-        };
-        rows.push(row);
-        lowers.insert(0, store.layer_tree(&plan.steps[i].key));
-        i += 1;
-    }
+
+    let plan = run.resolve(plan, recipe, locks)?;
+    let summary = |run: Run, image, entry: Option<&ImageEntry>, build_log| Summary {
+        recipe: std::fs::canonicalize(&recipe.path)
+            .unwrap_or_else(|_| recipe.path.clone())
+            .display()
+            .to_string(),
+        image,
+        image_key: entry.map(|e| e.key.hex()).unwrap_or_default(),
+        sha256: entry.map(|e| e.sha256.clone()).unwrap_or_default(),
+        kernel: entry.map(|e| e.kernel.clone()).unwrap_or_default(),
+        rows: run.rows,
+        seconds: started.elapsed().as_secs_f64(),
+        build_log,
+        smoke: None,
+    };
     if opts.layers_only {
-        let summary = Summary {
-            recipe: recipe.path.display().to_string(),
-            image: PathBuf::new(),
-            image_key: String::new(),
-            sha256: String::new(),
-            kernel: String::new(),
-            rows,
-            seconds: started.elapsed().as_secs_f64(),
-            smoke: None,
-        };
-        return Ok((plan, summary));
+        return Ok((plan, summary(run, PathBuf::new(), None, None)));
     }
-
+    run.layers(&plan)?;
     check_interrupt()?;
-    let image_key = plan.image.key;
-    let image_fresh = if opts.refresh {
-        Freshness::Build(Reason::Refresh)
-    } else if store.has_image(&image_key) {
-        Freshness::Cached
-    } else {
-        Freshness::Build(plan::image_reason(&plan.image.inputs, state.image.as_ref()))
-    };
     // Held through the export, so two runs of one recipe never write out/ at once.
-    let (_image_lock, waited) = lock_key(store, &image_key, "the image")?;
-    let entry = match usable(store, &image_key, &store.image_dir(&image_key), image_fresh)? {
-        None => {
-            rows.push(Row {
-                stage: "image".into(),
-                key: image_key.short(),
-                status: "cached".into(),
-                reason: waited.then(|| "built by another kiln meanwhile".into()),
-                seconds: 0.0,
-            });
-            store.image_entry(&image_key)?
-        }
-        Some(reason) => {
-            let stage = ui.stage("image", &format!("assembling ({reason})"));
-            match build_image(&plan, store, &lowers, opts.refresh) {
-                Ok(entry) => {
-                    let seconds = stage.done("built");
-                    rows.push(Row {
-                        stage: "image".into(),
-                        key: image_key.short(),
-                        status: "built".into(),
-                        reason: Some(reason.to_string()),
-                        seconds,
-                    });
-                    entry
-                }
-                Err(e) => {
-                    stage.failed();
-                    return Err(
-                        e.context(format!("assembling the image of {}", recipe.path.display()))
-                    );
-                }
-            }
-        }
-    };
-
+    let (_image_lock, waited) = lock_key(store, &plan.image.key, "the image")?;
+    let (entry, built) = run
+        .image(&plan, waited)
+        .with_context(|| format!("assembling the image of {}", recipe.path.display()))?;
     let image = export(store, &entry, &recipe.image.name, &opts.out_dir)?;
-    let new_state = RecipeState {
-        steps: plan
-            .steps
-            .iter()
-            .map(|s| (s.id(), s.inputs.clone()))
-            .collect(),
-        image: Some(plan.image.inputs.clone()),
-    };
-    store.save_recipe_state(&recipe.image.name, &new_state)?;
-    store.add_root(&recipe.image.name, &recipe.path, &image_key)?;
+    let build_log = keep_build_log(store, &entry, built)?;
+    run.remember(&plan)?;
     let lock_path = crate::lock::path_for(
         &std::fs::canonicalize(&recipe.path).unwrap_or_else(|_| recipe.path.clone()),
     );
@@ -309,20 +233,207 @@ pub fn build(
         started: started_unix,
     })
     .context("writing the manifest, SBOM, provenance and history")?;
-    let summary = Summary {
-        recipe: std::fs::canonicalize(&recipe.path)
-            .unwrap_or_else(|_| recipe.path.clone())
-            .display()
-            .to_string(),
-        image,
-        image_key: image_key.hex(),
-        sha256: entry.sha256,
-        kernel: entry.kernel,
-        rows,
-        seconds: started.elapsed().as_secs_f64(),
-        smoke: None,
-    };
-    Ok((plan, summary))
+    Ok((
+        plan.clone(),
+        summary(run, image, Some(&entry), Some(build_log)),
+    ))
+}
+
+/// One build's progress through the stages.
+struct Run<'a> {
+    ctx: Ctx<'a>,
+    opts: &'a BuildOptions,
+    ui: &'a Ui,
+    /// The inputs of this recipe's last build, to say why something rebuilds.
+    state: RecipeState,
+    /// Layer trees of the steps done so far, topmost first, as overlayfs
+    /// wants its lower dirs.
+    lowers: Vec<PathBuf>,
+    rows: Vec<Row>,
+}
+
+impl Run<'_> {
+    /// Stage 1: pin every unlocked step. Each is built against the archive
+    /// on the steps below it (which are brought into the store first), its
+    /// pins go into `locks`, and the plan is made again with the keys they
+    /// give. A recent resolution of the same inputs (another recipe that
+    /// shares the layer) stands in for building it. Returns the final plan.
+    fn resolve(&mut self, mut plan: Plan, recipe: &Recipe, locks: &mut Locks) -> Result<Plan> {
+        while let Some(i) = plan.steps.iter().position(Step::unlocked) {
+            let step = plan.steps[i].clone();
+            for below in &plan.steps[self.rows.len()..i] {
+                self.step(below, None)?;
+            }
+            check_interrupt()?;
+            if locks.get(&step.origin, &step.id()).is_some() {
+                eprintln!(
+                    "{}: its pins in {} were resolved for other settings; resolving it again",
+                    step.id(),
+                    crate::lock::path_for(&step.origin).display()
+                );
+            }
+            let reuse = !self.opts.fresh_resolve && !self.opts.refresh;
+            // One run resolves a key at a time; another that needs it waits,
+            // then takes its resolution.
+            let (key_lock, _) = lock_key(self.ctx.store, &step.key, &step.id())?;
+            let pins = match self
+                .ctx
+                .store
+                .recent_resolution(&step.key)
+                .filter(|_| reuse)
+            {
+                Some(pins) => pins,
+                None => self
+                    .step(&step, Some(key_lock))?
+                    .expect("an unlocked step resolves"),
+            };
+            locks.set(&step.origin, &step.id(), pins);
+            plan = plan::make(recipe, locks)?;
+        }
+        Ok(plan)
+    }
+
+    /// Stage 2: every step of the final plan not done yet, from the store
+    /// or built from its pins.
+    fn layers(&mut self, plan: &Plan) -> Result<()> {
+        for step in &plan.steps[self.rows.len()..] {
+            check_interrupt()?;
+            self.step(step, None)?;
+        }
+        Ok(())
+    }
+
+    /// Bring one step into the store, add its row and its tree to the
+    /// lowers. An unlocked step is built and published under the key its
+    /// resolution gives; its pins are returned. `held` is the key's lock
+    /// when the caller took it already.
+    fn step(&mut self, step: &Step, held: Option<store::lock::Lock>) -> Result<Option<StepLock>> {
+        let store = self.ctx.store;
+        // The lock also covers the integrity check and a corrupt entry's
+        // repair (see store::lock).
+        let (_key_lock, waited) = match held {
+            Some(lock) => (lock, false),
+            None => lock_key(store, &step.key, &step.id())?,
+        };
+        let fresh = step_freshness(step, store, self.opts.refresh, &self.state, false);
+        let Some(reason) = usable(store, &step.key, &store.layer_dir(&step.key), fresh)? else {
+            self.rows.push(Row::cached(step.id(), &step.key, waited));
+            self.lowers.insert(0, store.layer_tree(&step.key));
+            return Ok(None);
+        };
+        let stage = self.ui.stage(&step.id(), &format!("building ({reason})"));
+        let built = build_step(&self.ctx, step, &self.lowers).and_then(|built| {
+            let pins = built.lock.clone();
+            // A resolved step is published under the key of its pins.
+            let step = match &pins {
+                Some(pins) => {
+                    store.save_resolution(&step.key, pins)?;
+                    step.pinned(pins.clone())
+                }
+                None => step.clone(),
+            };
+            publish_step(store, built, &step, self.opts.refresh)?;
+            Ok((step.key, pins))
+        });
+        let (key, pins) = match built {
+            Ok(done) => done,
+            Err(e) => {
+                stage.failed();
+                return Err(e.context(format!(
+                    "building step {} of recipe {}",
+                    step.id(),
+                    step.origin.display()
+                )));
+            }
+        };
+        let seconds = stage.done("built");
+        self.rows.push(
+            Row::new(step.id(), &key, Status::Built)
+                .because(reason)
+                .took(seconds),
+        );
+        self.lowers.insert(0, store.layer_tree(&key));
+        Ok(pins)
+    }
+
+    /// Stage 3: the image, from the store or assembled from the lowers.
+    /// Says whether this run built it.
+    fn image(&mut self, plan: &Plan, waited: bool) -> Result<(ImageEntry, bool)> {
+        let store = self.ctx.store;
+        let key = plan.image.key;
+        let fresh = image_freshness(plan, store, self.opts.refresh, &self.state);
+        let Some(reason) = usable(store, &key, &store.image_dir(&key), fresh)? else {
+            self.rows.push(Row::cached("image", &key, waited));
+            return Ok((store.image_entry(&key)?, false));
+        };
+        let stage = self.ui.stage("image", &format!("assembling ({reason})"));
+        match build_image(plan, store, &self.lowers, self.opts.refresh) {
+            Ok(entry) => {
+                let seconds = stage.done("built");
+                self.rows.push(
+                    Row::new("image", &key, Status::Built)
+                        .because(reason)
+                        .took(seconds),
+                );
+                Ok((entry, true))
+            }
+            Err(e) => {
+                stage.failed();
+                Err(e)
+            }
+        }
+    }
+
+    /// What this build's inputs were, so the next one can say why it
+    /// rebuilds something.
+    fn remember(&self, plan: &Plan) -> Result<()> {
+        let name = &plan.recipe.image.name;
+        let state = RecipeState {
+            steps: plan
+                .steps
+                .iter()
+                .map(|s| (s.id(), s.inputs.clone()))
+                .collect(),
+            image: Some(plan.image.inputs.clone()),
+        };
+        self.ctx.store.save_recipe_state(name, &state)?;
+        self.ctx
+            .store
+            .add_root(name, &plan.recipe.path, &plan.image.key)
+    }
+}
+
+/// Where the log of the run that built an image is kept: the next run of
+/// the recipe (a no-op, say) writes `out/NAME.build.log` anew.
+pub fn kept_log(store: &Store, image: &plan::Key) -> PathBuf {
+    store
+        .root()
+        .join(BUILD_LOGS)
+        .join(format!("{}.log", image.hex()))
+}
+
+const BUILD_LOGS: &str = "logs-v1";
+
+/// The kept log of the run that built this image; when this run did not
+/// build it, the run's own log says where that one is.
+fn keep_build_log(store: &Store, entry: &ImageEntry, built: bool) -> Result<PathBuf> {
+    let path = kept_log(store, &entry.key);
+    if built {
+        let dir = store.root().join(BUILD_LOGS);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    } else if path.is_file() {
+        crate::cmd::log_line(&format!(
+            "the image {} was built by an earlier run; its log is {}",
+            entry.key.short(),
+            path.display()
+        ));
+    } else {
+        crate::cmd::log_line(&format!(
+            "the image {} was built by an earlier run whose log was not kept",
+            entry.key.short()
+        ));
+    }
+    Ok(path)
 }
 
 /// Take the lock of a key, saying in one line if another run holds it.

@@ -728,38 +728,13 @@ pub fn installed(root: &Path) -> Result<Vec<Package>> {
 
 /// What changed between two package sets.
 pub fn package_changes(before: &[Package], after: &[Package]) -> Vec<PackageChange> {
-    let old: BTreeMap<(&str, &str), &str> = before
-        .iter()
-        .map(|p| ((p.name.as_str(), p.arch.as_str()), p.version.as_str()))
-        .collect();
-    let new: BTreeMap<(&str, &str), &str> = after
-        .iter()
-        .map(|p| ((p.name.as_str(), p.arch.as_str()), p.version.as_str()))
-        .collect();
-    let mut changes = Vec::new();
-    for (&(name, arch), &v) in &new {
-        match old.get(&(name, arch)) {
-            Some(&o) if o == v => {}
-            o => changes.push(PackageChange {
-                name: name.into(),
-                arch: arch.into(),
-                old: o.map(|s| s.to_string()),
-                new: Some(v.into()),
-            }),
-        }
-    }
-    for (&(name, arch), &o) in &old {
-        if !new.contains_key(&(name, arch)) {
-            changes.push(PackageChange {
-                name: name.into(),
-                arch: arch.into(),
-                old: Some(o.into()),
-                new: None,
-            });
-        }
-    }
-    changes.sort_by(|a, b| a.name.cmp(&b.name));
-    changes
+    let versions = |list: &[Package]| {
+        crate::packages::versions(
+            list.iter()
+                .map(|p| (p.name.as_str(), p.arch.as_str(), p.version.as_str())),
+        )
+    };
+    crate::packages::diff(&versions(before), &versions(after))
 }
 
 #[cfg(test)]

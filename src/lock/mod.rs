@@ -14,14 +14,17 @@
 //! entry is *unlocked*: the build resolves it against the archive, stores the
 //! result under the key of the lock it produced, and writes the entry.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::error::BadInput;
-use crate::plan::key::bytes_digest;
+use crate::packages::{self, PackageChange, Versions};
+use crate::plan::{self, key::bytes_digest};
+use crate::recipe::Recipe;
+use crate::store::Store;
 
 pub const LOCK_VERSION: u32 = 1;
 
@@ -239,53 +242,104 @@ impl Locks {
     }
 }
 
-/// `package old -> new` lines between two pins of one step. A package the
-/// old pins did not list shows the version `below` had (what the layer
-/// under the step installed), so an upgrade reads as one.
+/// What changed between two pins of one step. A package the old pins did
+/// not list shows the version `below` had (what the layer under the step
+/// installed), so an upgrade reads as one.
 pub fn changes_over(
     old: Option<&StepLock>,
     new: Option<&StepLock>,
-    below: &BTreeMap<String, String>,
-) -> Vec<String> {
-    changes(old, new)
-        .into_iter()
-        .map(|line| match line.split_once(" (none) -> ") {
-            Some((name, new)) => match below.get(name) {
-                Some(v) if v != new => format!("{name} {v} -> {new}"),
-                _ => line,
-            },
-            None => line,
-        })
-        .collect()
+    below: &Versions,
+) -> Vec<PackageChange> {
+    let mut out = changes(old, new);
+    for c in &mut out {
+        if c.old.is_none() {
+            c.old = below
+                .get(&(c.name.clone(), c.arch.clone()))
+                .filter(|v| Some(*v) != c.new.as_ref())
+                .cloned();
+        }
+    }
+    out
 }
 
-/// `package old -> new` lines between two pins of one step.
-pub fn changes(old: Option<&StepLock>, new: Option<&StepLock>) -> Vec<String> {
-    let map = |s: Option<&StepLock>| -> BTreeMap<(String, String), String> {
-        s.map(|s| {
+/// What changed between two pins of one step.
+pub fn changes(old: Option<&StepLock>, new: Option<&StepLock>) -> Vec<PackageChange> {
+    let versions = |s: Option<&StepLock>| {
+        packages::versions(s.into_iter().flat_map(|s| {
             s.packages
                 .iter()
-                .map(|p| ((p.name.clone(), p.arch.clone()), p.version.clone()))
-                .collect()
-        })
-        .unwrap_or_default()
+                .map(|p| (p.name.as_str(), p.arch.as_str(), p.version.as_str()))
+        }))
     };
-    let (a, b) = (map(old), map(new));
-    let mut out = Vec::new();
-    for ((name, _), v) in &b {
-        match a.iter().find(|((n, _), _)| n == name).map(|(_, v)| v) {
-            Some(o) if o == v => {}
-            Some(o) => out.push(format!("{name} {o} -> {v}")),
-            None => out.push(format!("{name} (none) -> {v}")),
-        }
+    packages::diff(&versions(old), &versions(new))
+}
+
+/// The pins `--update [LAYER]` forgot, so that the report can say what
+/// the re-resolution changed.
+pub struct Forgotten(Vec<(PathBuf, String, Option<StepLock>)>);
+
+/// Forget the pins of `layer` (every layer when empty) so the build
+/// re-resolves them.
+pub fn forget(recipe: &Recipe, locks: &mut Locks, layer: &str) -> Result<Forgotten> {
+    let plan = plan::make(recipe, locks)?;
+    if !layer.is_empty() && !plan.steps.iter().any(|s| s.layer == layer) {
+        let names: BTreeSet<&str> = plan.steps.iter().map(|s| s.layer.as_str()).collect();
+        return Err(BadInput::arg(
+            format!(
+                "--update {layer}: {} has no layer named `{layer}`",
+                recipe.path.display()
+            ),
+            format!(
+                "use one of: {}",
+                names.into_iter().collect::<Vec<_>>().join(", ")
+            ),
+        )
+        .into());
     }
-    for ((name, _), o) in &a {
-        if !b.keys().any(|(n, _)| n == name) {
-            out.push(format!("{name} {o} -> (none)"));
-        }
+    Ok(Forgotten(
+        plan.steps
+            .iter()
+            .filter(|s| s.is_locked_kind() && (layer.is_empty() || s.layer == layer))
+            .map(|s| (s.origin.clone(), s.id(), locks.remove(&s.origin, &s.id())))
+            .collect(),
+    ))
+}
+
+impl Forgotten {
+    pub fn none() -> Forgotten {
+        Forgotten(Vec::new())
     }
-    out.sort();
-    out
+
+    /// `step:` then `  package old -> new` per re-resolved step, or
+    /// `step: no changes`.
+    pub fn report(&self, locks: &Locks, recipe: &Recipe, store: &Store) -> Vec<String> {
+        let plan = plan::make(recipe, locks).ok();
+        let mut lines = Vec::new();
+        for (origin, id, old) in &self.0 {
+            // The versions the layer below had, so an upgrade shows old -> new.
+            let below = plan
+                .as_ref()
+                .and_then(|p| p.steps.iter().find(|s| s.id() == *id))
+                .and_then(|s| s.inputs.parent)
+                .and_then(|k| store.layer_entry(&k).ok())
+                .map(|e| {
+                    packages::versions(
+                        e.packages
+                            .iter()
+                            .map(|p| (p.name.as_str(), p.arch.as_str(), p.version.as_str())),
+                    )
+                })
+                .unwrap_or_default();
+            let changes = changes_over(old.as_ref(), locks.get(origin, id), &below);
+            if changes.is_empty() {
+                lines.push(format!("{id}: no changes"));
+            } else {
+                lines.push(format!("{id}:"));
+                lines.extend(changes.into_iter().map(|c| format!("  {c}")));
+            }
+        }
+        lines
+    }
 }
 
 #[cfg(test)]
@@ -375,10 +429,25 @@ mod tests {
             packages: vec![pkg("a", "2"), pkg("new", "3")],
             ..Default::default()
         };
-        assert_eq!(
-            changes(Some(&old), Some(&new)),
-            ["a 1 -> 2", "gone 1 -> (none)", "new (none) -> 3"]
-        );
+        let lines: Vec<String> = changes(Some(&old), Some(&new))
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        assert_eq!(lines, ["a 1 -> 2", "gone 1 -> (none)", "new (none) -> 3"]);
         assert!(changes(Some(&old), Some(&old)).is_empty());
+    }
+
+    #[test]
+    fn a_package_new_to_the_pins_shows_the_version_below() {
+        let new = StepLock {
+            packages: vec![pkg("libzstd1", "2"), pkg("fresh", "1")],
+            ..Default::default()
+        };
+        let below = packages::versions([("libzstd1", "amd64", "1")]);
+        let lines: Vec<String> = changes_over(None, Some(&new), &below)
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        assert_eq!(lines, ["fresh (none) -> 1", "libzstd1 1 -> 2"]);
     }
 }

@@ -6,6 +6,7 @@
 //! file rebuilds only that layer's `files` step and what is above it, not the
 //! layer's package installation. The layer's key is its last step's key.
 
+pub mod freshness;
 pub mod key;
 
 use std::collections::BTreeSet;
@@ -51,6 +52,21 @@ impl Step {
     /// resolve it, and its key is only known afterwards.
     pub fn unlocked(&self) -> bool {
         self.is_locked_kind() && self.lock.is_none()
+    }
+
+    /// This step with the pins its resolution gave: the key changes to the
+    /// one `make` gives once the lock holds them.
+    pub fn pinned(&self, pins: StepLock) -> Step {
+        let inputs = StepInputs {
+            lock: Some(pins.digest()),
+            ..self.inputs.clone()
+        };
+        Step {
+            key: inputs.key(),
+            inputs,
+            lock: Some(pins),
+            ..self.clone()
+        }
     }
 
     /// `layer/kind`, or `base`: stable across builds of one recipe.

@@ -8,14 +8,7 @@ use serde::Serialize;
 
 use super::manifest::Manifest;
 use super::tree::{self, FileEntry};
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct PackageChange {
-    pub name: String,
-    pub arch: String,
-    pub old: Option<String>,
-    pub new: Option<String>,
-}
+use crate::packages::{self, PackageChange};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct FileChange {
@@ -49,36 +42,14 @@ impl ImageDiff {
 }
 
 pub fn diff(a: &Manifest, b: &Manifest) -> ImageDiff {
-    let pkgs = |m: &Manifest| -> BTreeMap<(String, String), String> {
-        m.packages
-            .iter()
-            .map(|p| ((p.name.clone(), p.arch.clone()), p.version.clone()))
-            .collect()
+    let pkgs = |m: &Manifest| {
+        packages::versions(
+            m.packages
+                .iter()
+                .map(|p| (p.name.as_str(), p.arch.as_str(), p.version.as_str())),
+        )
     };
-    let (pa, pb) = (pkgs(a), pkgs(b));
-    let mut packages = Vec::new();
-    for ((name, arch), v) in &pb {
-        match pa.get(&(name.clone(), arch.clone())) {
-            Some(o) if o == v => {}
-            o => packages.push(PackageChange {
-                name: name.clone(),
-                arch: arch.clone(),
-                old: o.cloned(),
-                new: Some(v.clone()),
-            }),
-        }
-    }
-    for ((name, arch), o) in &pa {
-        if !pb.contains_key(&(name.clone(), arch.clone())) {
-            packages.push(PackageChange {
-                name: name.clone(),
-                arch: arch.clone(),
-                old: Some(o.clone()),
-                new: None,
-            });
-        }
-    }
-    packages.sort_by(|x, y| x.name.cmp(&y.name));
+    let packages = packages::diff(&pkgs(a), &pkgs(b));
 
     let mut files = Vec::new();
     let files_compared = a.files.is_some() && b.files.is_some();

@@ -8,7 +8,6 @@
 //! verdict is kept in the store, one file per host kernel release and QEMU
 //! version, so the probe runs once per host setup.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -113,7 +112,7 @@ fn verdict(firmware: &Firmware, state_dir: &Path) -> Result<Verdict> {
         usable,
         reason,
     };
-    write_atomic(&path, serde_json::to_string_pretty(&v)?.as_bytes())?;
+    crate::files::write_atomic(&path, serde_json::to_string_pretty(&v)?.as_bytes())?;
     Ok(v)
 }
 
@@ -131,21 +130,6 @@ pub fn cache_path(state_dir: &Path, kernel: &str, qemu: &str) -> PathBuf {
         .map(|b| format!("{b:02x}"))
         .collect();
     state_dir.join(format!("kvm-probe-v1-{hex}.json"))
-}
-
-fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    let dir = path.parent().context("cache path has no parent")?;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("creating a temp file in {}", dir.display()))?;
-    tmp.write_all(data)
-        .with_context(|| format!("writing {}", tmp.path().display()))?;
-    tmp.as_file()
-        .sync_all()
-        .with_context(|| format!("syncing {}", tmp.path().display()))?;
-    tmp.persist(path)
-        .with_context(|| format!("renaming into {}", path.display()))?;
-    Ok(())
 }
 
 /// Boot the firmware alone under KVM: (usable, why).
@@ -248,7 +232,7 @@ mod tests {
             usable: false,
             reason: "cached no".into(),
         };
-        write_atomic(
+        crate::files::write_atomic(
             &cache_path(d.path(), &kernel, &qemu_v),
             serde_json::to_string(&v).unwrap().as_bytes(),
         )

@@ -62,6 +62,9 @@ pub const CLAIM: &str = ".kiln-pid";
 /// run has just created and is about to claim: left alone.
 const UNCLAIMED_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
 
+pub use crate::files::{copy_atomic, write_json_atomic};
+pub use crate::packages::PackageChange;
+
 pub struct Store {
     root: PathBuf,
 }
@@ -74,17 +77,6 @@ pub struct Package {
     pub arch: String,
     #[serde(default)]
     pub source: String,
-}
-
-/// A package that a step installed, upgraded or removed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PackageChange {
-    pub name: String,
-    pub arch: String,
-    /// `None` when the step installed it.
-    pub old: Option<String>,
-    /// `None` when the step removed it.
-    pub new: Option<String>,
 }
 
 /// `entry.json` of a layer.
@@ -505,25 +497,6 @@ pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
-}
-
-/// Write JSON through a temp file and a rename, so a reader never sees half.
-pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("creating a temp file in {}", dir.display()))?;
-    serde_json::to_writer_pretty(&mut tmp, value)
-        .with_context(|| format!("writing {}", path.display()))?;
-    use std::io::Write;
-    tmp.write_all(b"\n")
-        .with_context(|| format!("writing {}", path.display()))?;
-    tmp.as_file()
-        .sync_all()
-        .with_context(|| format!("syncing {}", path.display()))?;
-    tmp.persist(path)
-        .with_context(|| format!("renaming into {}", path.display()))?;
-    Ok(())
 }
 
 /// Detach every mount at or below `dir` in this process's mount namespace,
