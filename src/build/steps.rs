@@ -453,8 +453,9 @@ pub fn chrooted(ctx: &Ctx, root: &Path, work: ChrootWork, source: Source) -> Res
             })
         }
     };
-    mounts.unmount_all()?;
-    result?;
+    // The step's own failure is what to report; an unmount that fails
+    // after it is added to it, not put in its place.
+    crate::cmd::keep_first_error(result, mounts.unmount_all())?;
     clean_up(root, scaffolding)?;
     Ok(lists)
 }
