@@ -156,7 +156,10 @@ pub const ASSEMBLY_TOOLS: &[Tool] = &[
     tool("objcopy", "binutils"),
     tool("objdump", "binutils"),
     tool("qemu-img", "qemu-utils"),
-    tool("/usr/lib/systemd/boot/efi/linuxx64.efi.stub", "systemd-boot-efi"),
+    tool(
+        "/usr/lib/systemd/boot/efi/linuxx64.efi.stub",
+        "systemd-boot-efi",
+    ),
 ];
 /// What a smoke boot runs.
 pub const SMOKE_TOOLS: &[Tool] = &[

@@ -303,6 +303,14 @@ impl Store {
         Ok(dir)
     }
 
+    /// Remove a staging dir that was only scratch space, and drop its claim
+    /// (a run may make hundreds).
+    pub fn remove_staging(&self, staging: tempfile::TempDir) -> Result<()> {
+        let path = staging.keep();
+        release_claim(&path);
+        remove_tree(&path).with_context(|| format!("removing {}", path.display()))
+    }
+
     /// Make a staged entry visible under `dest` with one rename, after
     /// sealing it (see [`integrity`]) and syncing it to disk. If another
     /// build published the same key first, theirs is kept (same key, same
@@ -720,11 +728,15 @@ mod tests {
         std::fs::remove_file(old.join(integrity::FILE)).unwrap();
         let store = Store::open(root.path()).unwrap();
         let mut said = String::new();
-        assert!(!store.check_before_use(&old, |m| said = m.to_owned()).unwrap());
+        assert!(!store
+            .check_before_use(&old, |m| said = m.to_owned())
+            .unwrap());
         assert!(said.contains("integrity.json is missing"), "{said}");
         assert!(!old.exists());
         assert_eq!(
-            std::fs::read_dir(root.path().join(CORRUPT)).unwrap().count(),
+            std::fs::read_dir(root.path().join(CORRUPT))
+                .unwrap()
+                .count(),
             1
         );
     }
