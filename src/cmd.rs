@@ -782,6 +782,88 @@ mod tests {
     }
 
     #[test]
+    fn a_cleanup_failure_is_added_to_the_first_error_not_put_in_its_place() {
+        let first = || -> Result<()> { Err(Interrupted.into()) };
+        let err = keep_first_error(first(), Err(anyhow!("unmounting /x: busy"))).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("interrupted") && msg.contains("unmounting /x"),
+            "{msg}"
+        );
+        assert_eq!(
+            crate::error::exit_code(&err),
+            crate::error::exit::INTERRUPTED
+        );
+        assert!(keep_first_error(Ok(()), Err(anyhow!("busy"))).is_err());
+        assert_eq!(keep_first_error(Ok(7), Ok(())).unwrap(), 7);
+    }
+
+    #[test]
+    fn input_the_child_did_not_read_is_an_error() {
+        // `true` exits without reading: the write hits a closed pipe.
+        let err = Cmd::new("true")
+            .stdin_bytes(vec![b'x'; 1 << 20])
+            .run()
+            .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("writing the input of"),
+            "{err:#}"
+        );
+        let err = Cmd::new("sh")
+            .args(["-c", "exit 4"])
+            .stdin_bytes(vec![b'x'; 1 << 20])
+            .run()
+            .unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("status 4") && msg.contains("writing the input"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn children_get_a_fixed_umask_time_zone_locale_and_temp_dir() {
+        let out = with_other_caller_state(0o077, "Asia/Kathmandu", || {
+            Cmd::new("sh")
+                .args([
+                    "-c",
+                    "umask; echo $TZ $LC_ALL; ulimit -c; echo $TMPDIR; touch $TMPDIR/x",
+                ])
+                .output()
+                .unwrap()
+                .stdout_str()
+        });
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[..3], ["0022", "UTC C.UTF-8", "0"], "{out}");
+        // Its own temp dir (no store is set here: under the caller's), gone
+        // with what the child left there.
+        let tmp = Path::new(lines[3]);
+        assert!(
+            tmp.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("tool-")),
+            "{out}"
+        );
+        assert!(!tmp.exists(), "{out}");
+    }
+
+    #[test]
+    fn a_missing_tool_is_named_with_its_package() {
+        let err = require_tools(&[
+            SMOKE_TOOLS,
+            &[tool("kiln-no-such-tool", "kiln-pkg"), tool("sh", "dash")],
+        ]);
+        let msg = format!("{:#}", err.unwrap_err());
+        assert!(
+            msg.contains("kiln-no-such-tool (package kiln-pkg)"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("apt-get install") && !msg.contains("dash"),
+            "{msg}"
+        );
+    }
+
+    #[test]
     fn timeout_kills_the_child() {
         let started = Instant::now();
         let err = Cmd::new("sleep")
