@@ -893,14 +893,21 @@ fn a_layer_whose_seal_is_gone_garbled_or_of_another_version_is_rebuilt() {
         "unsealed",
         "[[layer]]\nname = \"app\"\nfiles = [{ src = \"files/motd\", dest = \"/etc/motd\", mode = \"0644\" }]\n",
     );
+    // A store from before seals: no format marker, an unsealed base. The
+    // first kiln to open it seals the base once, and says so.
+    let base = listing(&store.join("layers-v1")).pop().unwrap();
+    std::fs::remove_file(store.join("layers-v1").join(&base).join("integrity.json")).unwrap();
     let first = s.build(&store, &recipe);
     ok(&first, "first build");
-    // The seeded store had no format marker: it was migrated, and said so.
     assert!(
-        stderr(&first).contains("migrating the store"),
+        stderr(&first).contains(&format!(
+            "migrating the store: sealing {}",
+            store.join("layers-v1").join(&base).display()
+        )),
         "{}",
         stderr(&first)
     );
+    assert_eq!(s.status_of("unsealed", "base"), "cached");
     assert!(store.join("store-format.json").is_file());
     let key = step_key(&s, &store, &recipe, "app/files");
     let layer = store.join("layers-v1").join(&key);
