@@ -11,7 +11,13 @@
 //!   why the tool failed, not just that it did;
 //! * starts the child in its own process group, so a Ctrl-C reaches kiln
 //!   first and kiln tears the whole group down before undoing its mounts;
-//! * has a timeout (every wait in kiln is bounded and named).
+//! * has a timeout (every wait in kiln is bounded and named);
+//! * gives the child a fixed process state, whoever runs kiln: umask 022,
+//!   `TZ=UTC`, `LC_ALL=C.UTF-8`, fixed soft rlimits, and a `TMPDIR` of its
+//!   own inside the store's `tmp/` (removed when the child is done, on every
+//!   path), so neither the caller's umask, time zone or locale reaches what
+//!   a tool writes into an image, nor does a tool leave files in the
+//!   caller's `$TMPDIR`.
 
 use std::collections::VecDeque;
 use std::ffi::{OsStr, OsString};
@@ -33,9 +39,176 @@ const TAIL_LINES: usize = 25;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// How often a running child is checked for timeout and Ctrl-C.
 const POLL: Duration = Duration::from_millis(50);
+/// The umask of kiln and of every program it runs: what Debian's tools
+/// expect, and what makes a file's mode the same for every caller.
+pub const UMASK: libc::mode_t = 0o022;
+/// The environment every program kiln runs gets, over what it inherits.
+pub const FIXED_ENV: &[(&str, &str)] = &[("TZ", "UTC"), ("LC_ALL", "C.UTF-8")];
+/// Inherited variables that would override or refine [`FIXED_ENV`].
+const DROPPED_ENV: &[&str] = &["LANGUAGE", "LANG", "TZDIR"];
+/// Soft limits every child starts with (capped at the hard limit, which an
+/// unprivileged caller may have lowered): the caller's `ulimit -n`, `-s`,
+/// `-c` or `-f` must not change what a tool does or writes.
+const RLIMITS: &[(libc::__rlimit_resource_t, libc::rlim_t)] = &[
+    (libc::RLIMIT_NOFILE, 1024),
+    (libc::RLIMIT_STACK, 8 << 20),
+    (libc::RLIMIT_CORE, 0),
+    (libc::RLIMIT_FSIZE, libc::RLIM_INFINITY),
+];
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 static LOG: OnceLock<Mutex<LogSink>> = OnceLock::new();
+/// Where each child's own TMPDIR is made (the store's `tmp/`).
+static TOOL_TMP: Mutex<Option<std::path::PathBuf>> = Mutex::new(None);
+
+/// Fix kiln's own process state, before anything else runs: the umask (for
+/// what kiln itself writes into layers and images) and the environment
+/// variables of [`FIXED_ENV`] (for the programs it starts directly rather
+/// than through [`Cmd`], such as QEMU).
+pub fn fix_process_state() {
+    // SAFETY: umask cannot fail.
+    unsafe { libc::umask(UMASK) };
+    for key in DROPPED_ENV {
+        std::env::remove_var(key);
+    }
+    for (key, value) in FIXED_ENV {
+        std::env::set_var(key, value);
+    }
+}
+
+/// Make each child's TMPDIR inside `dir` (the store's `tmp/`, which kiln
+/// cleans of dead runs' debris) rather than in the caller's `$TMPDIR`.
+pub fn set_tool_tmp(dir: &Path) {
+    *TOOL_TMP.lock().unwrap_or_else(|e| e.into_inner()) = Some(dir.to_owned());
+}
+
+/// Run `f` with another process umask and time zone than kiln's own, as a
+/// different caller would have; restored afterwards. `--check-repro` runs
+/// its second build so, to catch anything that lets them reach the image.
+pub fn with_other_caller_state<T>(umask: libc::mode_t, tz: &str, f: impl FnOnce() -> T) -> T {
+    struct Restore {
+        umask: libc::mode_t,
+        tz: Option<OsString>,
+    }
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: umask cannot fail.
+            unsafe { libc::umask(self.umask) };
+            match &self.tz {
+                Some(tz) => std::env::set_var("TZ", tz),
+                None => std::env::remove_var("TZ"),
+            }
+        }
+    }
+    // SAFETY: umask cannot fail.
+    let old = unsafe { libc::umask(umask) };
+    let _restore = Restore {
+        umask: old,
+        tz: std::env::var_os("TZ"),
+    };
+    std::env::set_var("TZ", tz);
+    f()
+}
+
+/// The result of some work followed by its clean-up (an unmount, removing
+/// a temp dir). The work's own error is what went wrong and stays the
+/// error (its exit code too); a clean-up failure after it is added as
+/// context. A clean-up failure after success is the error.
+pub fn keep_first_error<T>(work: Result<T>, cleanup: Result<()>) -> Result<T> {
+    match (work, cleanup) {
+        (Ok(v), Ok(())) => Ok(v),
+        (Ok(_), Err(c)) => Err(c),
+        (Err(e), Ok(())) => Err(e),
+        (Err(e), Err(c)) => Err(e.context(format!(
+            "cleaning up after the error below also failed ({c:#}); the first error"
+        ))),
+    }
+}
+
+/// A program kiln runs and the Debian package that has it.
+#[derive(Debug, Clone, Copy)]
+pub struct Tool {
+    /// A name looked up on `PATH`, or an absolute path.
+    pub program: &'static str,
+    pub package: &'static str,
+}
+
+const fn tool(program: &'static str, package: &'static str) -> Tool {
+    Tool { program, package }
+}
+
+/// What building layers runs (`kiln lock` too).
+pub const LAYER_TOOLS: &[Tool] = &[
+    tool("mmdebstrap", "mmdebstrap"),
+    tool("chroot", "coreutils"),
+    tool("dpkg-query", "dpkg"),
+    tool("apt-ftparchive", "apt-utils"),
+    tool("/usr/lib/apt/apt-helper", "apt"),
+];
+/// What assembling a disk runs, beyond [`LAYER_TOOLS`].
+pub const ASSEMBLY_TOOLS: &[Tool] = &[
+    tool("mke2fs", "e2fsprogs"),
+    tool("debugfs", "e2fsprogs"),
+    tool("sfdisk", "fdisk"),
+    tool("mkfs.fat", "dosfstools"),
+    tool("mmd", "mtools"),
+    tool("mcopy", "mtools"),
+    tool("objcopy", "binutils"),
+    tool("objdump", "binutils"),
+    tool("qemu-img", "qemu-utils"),
+    tool(
+        "/usr/lib/systemd/boot/efi/linuxx64.efi.stub",
+        "systemd-boot-efi",
+    ),
+];
+/// What a smoke boot runs.
+pub const SMOKE_TOOLS: &[Tool] = &[
+    tool("qemu-system-x86_64", "qemu-system-x86"),
+    tool("qemu-img", "qemu-utils"),
+];
+
+/// Fail, before any work, naming every program of `tools` that is not
+/// installed and the Debian packages to install. Exit code 1: the host
+/// lacks something, the recipe and arguments are fine.
+pub fn require_tools(tools: &[&[Tool]]) -> Result<()> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut missing: Vec<Tool> = Vec::new();
+    for t in tools.iter().copied().flatten() {
+        if missing.iter().any(|m| m.program == t.program) || is_installed(t.program, &path) {
+            continue;
+        }
+        missing.push(*t);
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let mut packages: Vec<&str> = missing.iter().map(|t| t.package).collect();
+    packages.sort();
+    packages.dedup();
+    bail!(
+        "required programs are not installed: {}
+  fix: apt-get install {} (or `make deps`);          programs are looked up on PATH={}",
+        missing
+            .iter()
+            .map(|t| format!("{} (package {})", t.program, t.package))
+            .collect::<Vec<_>>()
+            .join(", "),
+        packages.join(" "),
+        path.to_string_lossy()
+    )
+}
+
+fn is_installed(program: &str, path: &OsStr) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let runnable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.starts_with('/') {
+        // An absolute path may be data (the UEFI stub), not a program.
+        return Path::new(program).is_file();
+    }
+    std::env::split_paths(path).any(|dir| runnable(&dir.join(program)))
+}
 
 /// Where the output of tools goes.
 struct LogSink {
@@ -329,6 +502,53 @@ impl Cmd {
         if self.clear_env {
             command.env_clear();
         }
+        for key in DROPPED_ENV {
+            command.env_remove(key);
+        }
+        command.envs(FIXED_ENV.iter().copied());
+        // A program that runs in the host's environment gets a TMPDIR of
+        // its own; one whose environment is cleared (a chroot) inherits
+        // none, and a host path would not exist inside it anyway.
+        let tmp = if self.clear_env {
+            None
+        } else {
+            let dir = tool_tmp_dir()?;
+            command.env("TMPDIR", dir.path());
+            Some(dir)
+        };
+        let result = self.exec_in(command, capture, &line);
+        match tmp {
+            Some(dir) => keep_first_error(result, dir.remove()),
+            None => result,
+        }
+    }
+
+    fn exec_in(self, mut command: Command, capture: bool, line: &str) -> Result<Output> {
+        // SAFETY: the closure runs between fork and exec and only makes
+        // async-signal-safe calls (umask, getrlimit, setrlimit).
+        unsafe {
+            command.pre_exec(|| {
+                libc::umask(UMASK);
+                for &(resource, soft) in RLIMITS {
+                    let mut limit = libc::rlimit {
+                        rlim_cur: 0,
+                        rlim_max: 0,
+                    };
+                    if libc::getrlimit(resource, &mut limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    limit.rlim_cur = if limit.rlim_max == libc::RLIM_INFINITY {
+                        soft
+                    } else {
+                        soft.min(limit.rlim_max)
+                    };
+                    if libc::setrlimit(resource, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
         command
             .args(&self.args)
             .envs(self.envs.iter().map(|(k, v)| (k, v)))
@@ -355,10 +575,11 @@ impl Cmd {
             }
         })?;
         let started = Instant::now();
-        if let Some(data) = self.stdin {
+        let stdin_writer = self.stdin.map(|data| {
             let mut stdin = child.stdin.take().expect("stdin was piped");
-            std::thread::spawn(move || stdin.write_all(&data));
-        }
+            // Dropping `stdin` at the end closes the pipe: the child sees EOF.
+            std::thread::spawn(move || stdin.write_all(&data))
+        });
         let tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL_LINES)));
         let stdout = child.stdout.take().expect("stdout was piped");
         let stderr = child.stderr.take().expect("stderr was piped");
@@ -405,6 +626,15 @@ impl Cmd {
         // Children of the child (e.g. gpg-agent started by apt) must not
         // outlive the step either.
         kill_group(child.id());
+        // A child that stopped reading its input may have acted on part of
+        // it: that is a failure even when it exits 0.
+        let stdin_result = match stdin_writer {
+            None => Ok(()),
+            Some(writer) => writer
+                .join()
+                .map_err(|_| anyhow!("stdin writer thread panicked"))?
+                .with_context(|| format!("writing the input of `{line}`")),
+        };
         log_line(&format!(
             "  ({status}, {:.1}s)",
             started.elapsed().as_secs_f64()
@@ -416,12 +646,59 @@ impl Cmd {
                 Some(code) => format!("exited with status {code}"),
                 None => format!("was killed ({status})"),
             };
-            bail!(
+            let failed = anyhow!(
                 "command failed: {line}\n  it {what}; its last output:\n    {}",
                 tail.join("\n    ")
             );
+            return keep_first_error(Err(failed), stdin_result);
         }
+        stdin_result?;
         Ok(Output { stdout })
+    }
+}
+
+/// A child's own TMPDIR: a claimed dir in the store's `tmp/` (so a
+/// concurrent kiln's clean-up leaves it alone and the next run removes it
+/// if this one is killed), or in the caller's temp dir before a store is
+/// open.
+struct ToolTmp(Option<tempfile::TempDir>);
+
+fn tool_tmp_dir() -> Result<ToolTmp> {
+    let base = TOOL_TMP
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .unwrap_or_else(std::env::temp_dir);
+    let dir = tempfile::Builder::new()
+        .prefix("tool-")
+        .tempdir_in(&base)
+        .with_context(|| format!("creating a temp dir for a tool in {}", base.display()))?;
+    crate::store::claim(dir.path())?;
+    Ok(ToolTmp(Some(dir)))
+}
+
+impl ToolTmp {
+    fn path(&self) -> &Path {
+        self.0.as_ref().expect("present until removed").path()
+    }
+
+    /// Remove the dir and what the tool left there (after undoing any
+    /// mount a killed tool left inside).
+    fn remove(mut self) -> Result<()> {
+        let dir = self.0.take().expect("present until removed");
+        let path = dir.keep();
+        crate::store::release_claim(&path);
+        crate::store::unmount_under(&path)?;
+        crate::store::remove_tree(&path)
+            .with_context(|| format!("removing the tool's temp dir {}", path.display()))
+    }
+}
+
+impl Drop for ToolTmp {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            crate::store::release_claim(dir.path());
+        }
     }
 }
 
@@ -502,6 +779,88 @@ mod tests {
     fn output_captures_stdout_and_stdin() {
         let out = Cmd::new("cat").stdin_bytes("hello").output().unwrap();
         assert_eq!(out.stdout_str(), "hello");
+    }
+
+    #[test]
+    fn a_cleanup_failure_is_added_to_the_first_error_not_put_in_its_place() {
+        let first = || -> Result<()> { Err(Interrupted.into()) };
+        let err = keep_first_error(first(), Err(anyhow!("unmounting /x: busy"))).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("interrupted") && msg.contains("unmounting /x"),
+            "{msg}"
+        );
+        assert_eq!(
+            crate::error::exit_code(&err),
+            crate::error::exit::INTERRUPTED
+        );
+        assert!(keep_first_error(Ok(()), Err(anyhow!("busy"))).is_err());
+        assert_eq!(keep_first_error(Ok(7), Ok(())).unwrap(), 7);
+    }
+
+    #[test]
+    fn input_the_child_did_not_read_is_an_error() {
+        // `true` exits without reading: the write hits a closed pipe.
+        let err = Cmd::new("true")
+            .stdin_bytes(vec![b'x'; 1 << 20])
+            .run()
+            .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("writing the input of"),
+            "{err:#}"
+        );
+        let err = Cmd::new("sh")
+            .args(["-c", "exit 4"])
+            .stdin_bytes(vec![b'x'; 1 << 20])
+            .run()
+            .unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("status 4") && msg.contains("writing the input"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn children_get_a_fixed_umask_time_zone_locale_and_temp_dir() {
+        let out = with_other_caller_state(0o077, "Asia/Kathmandu", || {
+            Cmd::new("sh")
+                .args([
+                    "-c",
+                    "umask; echo $TZ $LC_ALL; ulimit -c; echo $TMPDIR; touch $TMPDIR/x",
+                ])
+                .output()
+                .unwrap()
+                .stdout_str()
+        });
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[..3], ["0022", "UTC C.UTF-8", "0"], "{out}");
+        // Its own temp dir (no store is set here: under the caller's), gone
+        // with what the child left there.
+        let tmp = Path::new(lines[3]);
+        assert!(
+            tmp.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("tool-")),
+            "{out}"
+        );
+        assert!(!tmp.exists(), "{out}");
+    }
+
+    #[test]
+    fn a_missing_tool_is_named_with_its_package() {
+        let err = require_tools(&[
+            SMOKE_TOOLS,
+            &[tool("kiln-no-such-tool", "kiln-pkg"), tool("sh", "dash")],
+        ]);
+        let msg = format!("{:#}", err.unwrap_err());
+        assert!(
+            msg.contains("kiln-no-such-tool (package kiln-pkg)"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("apt-get install") && !msg.contains("dash"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -44,16 +44,24 @@ struct Prepared {
 /// Load and validate (bad input fails here, before the store or out/ is
 /// touched), then enter a private mount namespace, open the store and start
 /// the build log.
-fn prepare(global: &Global, recipe_path: &Path, what: &str) -> Result<Prepared> {
+fn prepare(
+    global: &Global,
+    recipe_path: &Path,
+    what: &str,
+    tools: &[&[crate::cmd::Tool]],
+) -> Result<Prepared> {
     // Bad input is exit 2 whoever runs kiln: validate before asking for root.
     let recipe = recipe::load(recipe_path)?;
     let locks = Locks::load(&recipe.sources)?;
     plan::make(&recipe, &locks)?;
     require_root(what)?;
+    // Before anything is downloaded or the store is touched.
+    crate::cmd::require_tools(tools)?;
     // From here on a `kill -9` of kiln takes every process it started with it.
     crate::cmd::isolate_processes()?;
     crate::build::mount::enter_private_namespace()?;
     let store = Store::open(&store_root(global))?;
+    crate::cmd::set_tool_tmp(&store.root().join("tmp"));
     store.clean_stale_staging()?;
     let name = &recipe.image.name;
     std::fs::create_dir_all(&global.out)
@@ -81,7 +89,16 @@ pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
         mut locks,
         store,
         log_path,
-    } = prepare(global, &args.recipe, "build")?;
+    } = {
+        use crate::cmd::{ASSEMBLY_TOOLS, LAYER_TOOLS, SMOKE_TOOLS};
+        let smoke: &[crate::cmd::Tool] = if args.no_smoke { &[] } else { SMOKE_TOOLS };
+        prepare(
+            global,
+            &args.recipe,
+            "build",
+            &[LAYER_TOOLS, ASSEMBLY_TOOLS, smoke],
+        )?
+    };
     let forgotten = match &args.update {
         Some(layer) => crate::lock::forget(&recipe, &mut locks, layer)?,
         None => crate::lock::Forgotten::none(),
@@ -333,6 +350,7 @@ pub fn smoke(global: &Global, args: &SmokeArgs) -> Result<()> {
             .into());
         }
     }
+    crate::cmd::require_tools(&[crate::cmd::SMOKE_TOOLS])?;
     let stem = args
         .image
         .file_stem()
@@ -528,7 +546,7 @@ pub fn lock(global: &Global, args: &LockArgs) -> Result<()> {
         mut locks,
         store,
         log_path,
-    } = prepare(global, &args.recipe, "lock")?;
+    } = prepare(global, &args.recipe, "lock", &[crate::cmd::LAYER_TOOLS])?;
     let forgotten = match &args.update {
         Some(layer) => crate::lock::forget(&recipe, &mut locks, layer)?,
         None => crate::lock::Forgotten::none(),
@@ -751,6 +769,9 @@ pub fn cache(global: &Global, command: &CacheCommand) -> Result<()> {
                     r.what,
                     human(r.bytes)
                 );
+            }
+            for why in &done.kept_all_layers_because {
+                println!("kept every layer, because {why}");
             }
             println!(
                 "kept {} image{} and {} layer{}; {} {} entr{}, {} {}",

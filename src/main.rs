@@ -19,6 +19,9 @@ mod ui;
 use clap::Parser;
 
 fn main() {
+    // Before any thread exists: what the caller's shell set must not reach
+    // an image (see cmd::fix_process_state).
+    cmd::fix_process_state();
     cmd::install_signal_handlers();
     let cli = cli::Cli::parse();
     let result = match &cli.command {

@@ -282,6 +282,18 @@ fn a_deb_that_does_not_match_its_pin_is_refused_and_nothing_is_stored() {
             .exists(),
         "a mismatching .deb entered the cache"
     );
+    // Nor does anything of the refused download (a partial file, apt's
+    // `.FAILED` copy): debs-v1 holds only verified `<sha256>.deb` files.
+    let debris: Vec<String> = std::fs::read_dir(kiln.store.join("debs-v1"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| {
+            !(n.len() == 68
+                && n.ends_with(".deb")
+                && n[..64].bytes().all(|b| b.is_ascii_hexdigit()))
+        })
+        .collect();
+    assert_eq!(debris, Vec::<String>::new(), "left in debs-v1");
     common::StoreSnapshot::of(&kiln.store)
         .assert_not_published(&kiln.store, &plan.keys_from("app/packages"));
 }

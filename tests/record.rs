@@ -12,8 +12,18 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 const KILN: &str = env!("CARGO_BIN_EXE_kiln");
-/// Fresh for every run: the point is a build from an empty store.
-const STORE: &str = "/var/tmp/kiln-test-record-store";
+/// Fresh for every run: the point is a build from an empty store. Beside
+/// `KILN_TEST_STORE` when that is set, so parallel suites do not collide.
+fn store() -> PathBuf {
+    match std::env::var_os("KILN_TEST_STORE") {
+        Some(s) => PathBuf::from(format!("{}-record", s.to_string_lossy())),
+        None => PathBuf::from("/var/tmp/kiln-test-record-store"),
+    }
+}
+/// The first build's caller state: neither kiln's own (umask 022, UTC) nor
+/// that of `--check-repro`'s second build (umask 002, Asia/Kathmandu).
+const CALLER_UMASK: libc::mode_t = 0o077;
+const CALLER_TZ: &str = "America/St_Johns";
 /// The SPDX validator (spdx-tools from PyPI), installed once.
 const VENV: &str = "/var/tmp/kiln-test-spdx-venv";
 const DRIFT: i32 = 4;
@@ -41,12 +51,17 @@ fn run(cmd: &mut Command) -> Output {
 }
 
 fn kiln(out_dir: &Path, args: &[&str]) -> Output {
-    run(Command::new(KILN)
-        .arg("--cache")
-        .arg(STORE)
+    run(&mut kiln_cmd(out_dir, args))
+}
+
+fn kiln_cmd(out_dir: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(KILN);
+    cmd.arg("--cache")
+        .arg(store())
         .arg("--out")
         .arg(out_dir)
-        .args(args))
+        .args(args);
+    cmd
 }
 
 fn json(out: &Output) -> Value {
@@ -114,8 +129,8 @@ fn cold_builds_are_identical_and_records_hold() {
         "qemu-img",
         "python3",
     ]);
-    if Path::new(STORE).exists() {
-        std::fs::remove_dir_all(STORE).unwrap();
+    if store().exists() {
+        std::fs::remove_dir_all(store()).unwrap();
     }
     let out = tempfile::Builder::new()
         .prefix("kiln-record-out-")
@@ -129,10 +144,23 @@ fn cold_builds_are_identical_and_records_hold() {
     let recipe_arg = recipe.to_str().unwrap();
 
     // Build, then build again into an empty temporary store and compare.
-    let built = kiln(
+    // The two builds run with different umasks and time zones (this one
+    // from the caller, the second from --check-repro): neither may reach
+    // the disk.
+    let mut first = kiln_cmd(
         out.path(),
         &["--json", "build", "--check-repro", recipe_arg],
     );
+    first.env("TZ", CALLER_TZ).env("LC_ALL", "POSIX");
+    // SAFETY: umask is async-signal-safe and cannot fail.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        first.pre_exec(|| {
+            libc::umask(CALLER_UMASK);
+            Ok(())
+        });
+    }
+    let built = run(&mut first);
     let stdout = String::from_utf8_lossy(&built.stdout).into_owned();
     assert!(
         built.status.success(),
@@ -149,6 +177,10 @@ fn cold_builds_are_identical_and_records_hold() {
     );
     let image = out.path().join("repro.qcow2");
     let digest = sha256(&image);
+    assert!(
+        String::from_utf8_lossy(&built.stderr).contains("with umask 002 and TZ=Asia/Kathmandu"),
+        "the second build does not run with another umask and time zone"
+    );
     let report = &docs[1];
     assert_eq!(report["reproducible"], true, "{report}");
     assert_eq!(report["first_sha256"], digest.as_str());
@@ -290,5 +322,5 @@ fn cold_builds_are_identical_and_records_hold() {
         "a change under /var must be ignored: {report}"
     );
 
-    std::fs::remove_dir_all(STORE).unwrap();
+    std::fs::remove_dir_all(store()).unwrap();
 }

@@ -495,7 +495,19 @@ fn sigint_mid_base_leaves_no_mount_or_temp_dir() {
         "sigbase",
         &format!("[[layer]]\nname = \"x\"\nrun = [\"echo {n}\"]\n"),
     );
-    let mut child = s.spawn_build(&store, &recipe);
+    // mmdebstrap keeps a gpg home in $TMPDIR: the tools kiln runs get a
+    // temp dir of kiln's own instead, removed on every path.
+    let caller_tmp = s.path().join("caller-tmp");
+    std::fs::create_dir_all(&caller_tmp).unwrap();
+    let mut child = s
+        .kiln(&store)
+        .env("TMPDIR", &caller_tmp)
+        .args(["build", "--no-smoke"])
+        .arg(&recipe)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     s.wait_for_log("sigbase", "mmdebstrap --mode=root", &mut child);
     std::thread::sleep(Duration::from_secs(6));
     // SAFETY: signalling our own child.
@@ -509,6 +521,11 @@ fn sigint_mid_base_leaves_no_mount_or_temp_dir() {
         "temp dirs left"
     );
     assert_eq!(listing(&store.join("layers-v1")), Vec::<String>::new());
+    assert_eq!(
+        listing(&caller_tmp),
+        Vec::<String>::new(),
+        "left in the caller's TMPDIR"
+    );
     let left = processes_with(&store.to_string_lossy());
     assert!(left.is_empty(), "{left:?}");
 }
@@ -863,4 +880,168 @@ fn host_secrets_never_reach_the_disk() {
         "",
         "a host secret is in a stored layer"
     );
+}
+
+#[test]
+fn a_layer_whose_seal_is_gone_garbled_or_of_another_version_is_rebuilt() {
+    let s = Scratch::new();
+    let store = seeded_store(&s.path().join("store"));
+    let n = nonce();
+    std::fs::create_dir_all(s.path().join("recipes/files")).unwrap();
+    std::fs::write(s.path().join("recipes/files/motd"), format!("seal {n}\n")).unwrap();
+    let recipe = s.recipe(
+        "unsealed",
+        "[[layer]]\nname = \"app\"\nfiles = [{ src = \"files/motd\", dest = \"/etc/motd\", mode = \"0644\" }]\n",
+    );
+    // A store from before seals: no format marker, an unsealed base. The
+    // first kiln to open it seals the base once, and says so.
+    let base = listing(&store.join("layers-v1")).pop().unwrap();
+    std::fs::remove_file(store.join("layers-v1").join(&base).join("integrity.json")).unwrap();
+    let first = s.build(&store, &recipe);
+    ok(&first, "first build");
+    assert!(
+        stderr(&first).contains(&format!(
+            "migrating the store: sealing {}",
+            store.join("layers-v1").join(&base).display()
+        )),
+        "{}",
+        stderr(&first)
+    );
+    assert_eq!(s.status_of("unsealed", "base"), "cached");
+    assert!(store.join("store-format.json").is_file());
+    let key = step_key(&s, &store, &recipe, "app/files");
+    let layer = store.join("layers-v1").join(&key);
+    let seal = layer.join("integrity.json");
+    type Damage = fn(&Path);
+    let damages: &[(&str, Damage)] = &[
+        ("deleted", |p| std::fs::remove_file(p).unwrap()),
+        ("garbled", |p| {
+            std::fs::write(p, "{\"version\": 1, \"cov").unwrap()
+        }),
+        ("version-bumped", |p| {
+            let text = std::fs::read_to_string(p).unwrap();
+            let bumped = text.replace("\"version\": 1", "\"version\": 99");
+            assert_ne!(text, bumped, "no version field in {text}");
+            std::fs::write(p, bumped).unwrap();
+        }),
+    ];
+    for (i, (what, damage)) in damages.iter().enumerate() {
+        damage(&seal);
+        let out = s.build(&store, &recipe);
+        ok(&out, &format!("build over a layer whose seal was {what}"));
+        assert!(
+            stderr(&out).contains("is corrupt") && stderr(&out).contains("integrity.json"),
+            "{what}: {}",
+            stderr(&out)
+        );
+        assert_eq!(s.status_of("unsealed", "app/files"), "built", "{what}");
+        assert_eq!(s.status_of("unsealed", "base"), "cached", "{what}");
+        assert_eq!(listing(&store.join("corrupt-v1")).len(), i + 1, "{what}");
+        ok(
+            &s.kiln(&store).args(["cache", "verify"]).output().unwrap(),
+            &format!("verify after the rebuild of a {what} seal"),
+        );
+    }
+}
+
+#[test]
+fn gc_keeps_every_layer_when_a_kept_images_chain_cannot_be_read() {
+    let s = Scratch::new();
+    let store = seeded_store(&s.path().join("store"));
+    let n = nonce();
+    std::fs::create_dir_all(s.path().join("recipes/files")).unwrap();
+    std::fs::write(s.path().join("recipes/files/motd"), format!("gc {n}\n")).unwrap();
+    let recipe = s.recipe(
+        "gcchain",
+        "[[layer]]\nname = \"app\"\nfiles = [{ src = \"files/motd\", dest = \"/etc/motd\", mode = \"0644\" }]\n",
+    );
+    ok(&s.build(&store, &recipe), "build");
+    let base = step_key(&s, &store, &recipe, "base");
+    let top = step_key(&s, &store, &recipe, "app/files");
+    // The kept image's top layer no longer says what it stands on.
+    std::fs::write(store.join("layers-v1").join(&top).join("entry.json"), "{").unwrap();
+    let before = listing(&store.join("layers-v1"));
+    for dry in [true, false] {
+        let mut cmd = s.kiln(&store);
+        cmd.args(["cache", "gc", "--keep", "1"]);
+        if dry {
+            cmd.arg("--dry-run");
+        }
+        let gc = cmd.output().unwrap();
+        ok(&gc, "gc");
+        let text = String::from_utf8_lossy(&gc.stdout);
+        assert!(
+            text.contains("kept every layer, because") && text.contains(&top[..12]),
+            "{text}"
+        );
+        assert!(!text.contains("remove layer"), "{text}");
+        assert_eq!(listing(&store.join("layers-v1")), before);
+        assert!(store.join("layers-v1").join(&base).is_dir());
+    }
+}
+
+/// A folder of symlinks to every program on the host's PATH but `drop`.
+fn path_without(dir: &Path, drop: &str) -> std::ffi::OsString {
+    std::fs::create_dir_all(dir).unwrap();
+    for bin in ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin"] {
+        for entry in std::fs::read_dir(bin).into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            let link = dir.join(&name);
+            if name != drop && !link.exists() {
+                std::os::unix::fs::symlink(entry.path(), link).unwrap();
+            }
+        }
+    }
+    dir.as_os_str().to_owned()
+}
+
+#[test]
+fn a_missing_tool_fails_before_anything_is_downloaded() {
+    let s = Scratch::new();
+    // A cold store that does not exist yet: the base's pinned .debs would
+    // be downloaded into it first.
+    let store = s.path().join("cold-store");
+    let recipe = s.recipe("notool", "");
+    let path = path_without(&s.path().join("bin"), "mmdebstrap");
+    let started = Instant::now();
+    let out = s
+        .kiln(&store)
+        .env("PATH", &path)
+        .args(["build", "--no-smoke"])
+        .arg(&recipe)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("mmdebstrap (package mmdebstrap)") && err.contains("apt-get install"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        !store.exists(),
+        "the store was touched: {:?}",
+        listing(&store)
+    );
+
+    // The smoke boot's programs are needed only when it boots.
+    let path = path_without(&s.path().join("bin2"), "qemu-system-x86_64");
+    let out = s
+        .kiln(&store)
+        .env("PATH", &path)
+        .args(["build"])
+        .arg(&recipe)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("qemu-system-x86_64 (package qemu-system-x86)"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!store.exists());
 }

@@ -99,7 +99,7 @@ pub fn prepare(root: &Path, volumes: &[VolumeSpec], recipe: &Path) -> Result<()>
                     .with_context(|| format!("emptying {}", dir.display()))?;
             }
         }
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        crate::build::steps::create_dirs(&dir)?;
         let (user, group) = v
             .owner
             .split_once(':')

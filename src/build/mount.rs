@@ -46,6 +46,9 @@ fn cstr(path: &Path) -> Result<CString> {
         .with_context(|| format!("path {} contains a NUL byte", path.display()))
 }
 
+/// The mode of an image's root directory.
+const ROOT_MODE: u32 = 0o755;
+
 /// A stack of mounts, undone in reverse order on drop.
 #[derive(Default)]
 pub struct Mounts {
@@ -119,6 +122,14 @@ impl Mounts {
                 escape_overlay(upper),
                 escape_overlay(work)
             ));
+        }
+        if let Some((upper, _)) = upper {
+            // The upper dir's own mode is the mode of the merged root, and
+            // it was made with whatever umask kiln had: pin it, so the
+            // image's `/` does not depend on the caller.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(upper, std::fs::Permissions::from_mode(ROOT_MODE))
+                .with_context(|| format!("chmod {ROOT_MODE:o} {}", upper.display()))?;
         }
         let flags = if upper.is_none() { libc::MS_RDONLY } else { 0 };
         self.mount("overlay", target, Some("overlay"), flags, Some(&data))

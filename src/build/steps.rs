@@ -453,8 +453,9 @@ pub fn chrooted(ctx: &Ctx, root: &Path, work: ChrootWork, source: Source) -> Res
             })
         }
     };
-    mounts.unmount_all()?;
-    result?;
+    // The step's own failure is what to report; an unmount that fails
+    // after it is added to it, not put in its place.
+    crate::cmd::keep_first_error(result, mounts.unmount_all())?;
     clean_up(root, scaffolding)?;
     Ok(lists)
 }
@@ -576,8 +577,7 @@ pub fn copy_files(root: &Path, files: &[FileSpec], origin: &Path, layer: &str) -
             )
         })?;
         if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent)
-                .with_context(|| format!("creating {}", parent.display()))?;
+            create_dirs(parent)?;
         }
         if std::fs::symlink_metadata(&target).is_ok_and(|m| !m.is_dir()) {
             std::fs::remove_file(&target)
@@ -676,10 +676,29 @@ fn lookup(ids: &BTreeMap<String, u32>, name: &str) -> Option<u32> {
     name.parse().ok().or_else(|| ids.get(name).copied())
 }
 
+/// The mode of a directory kiln makes inside an image.
+pub const DIR_MODE: u32 = 0o755;
+
+/// `mkdir -p` for a path inside an image: each directory it makes gets
+/// [`DIR_MODE`] whatever the process umask, so the image does not depend on
+/// who ran kiln.
+pub fn create_dirs(dir: &Path) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        create_dirs(parent)?;
+    }
+    match std::fs::create_dir(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("creating {}", dir.display())),
+        Ok(()) => set_mode(dir, DIR_MODE),
+    }
+}
+
 pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("creating {}", parent.display()))?;
+        create_dirs(parent)?;
     }
     std::fs::write(path, data).with_context(|| format!("writing {}", path.display()))?;
     set_mode(path, mode)

@@ -9,6 +9,12 @@
 //! differs between two runs of apt and dpkg, which is most of what breaks
 //! reproducibility.
 //!
+//! The second build also runs with another umask and time zone than the
+//! first (see [`OTHER_UMASK`]): two machines rarely share a caller's shell,
+//! and anything of the process state that reaches the image (a directory
+//! kiln makes with the process umask, a tool that stamps local time) shows
+//! up as a difference here rather than on the other machine.
+//!
 //! When the two disks differ, the first difference is found in this order:
 //! the two file lists (content, metadata, clamped mtime), then the raw
 //! disks byte by byte, mapping the first differing byte to the GPT, the
@@ -27,6 +33,11 @@ use crate::lock::Locks;
 use crate::recipe::Recipe;
 use crate::store::Store;
 use crate::ui::Ui;
+
+/// The second build's umask: group-writable where kiln's own is 022.
+pub const OTHER_UMASK: libc::mode_t = 0o002;
+/// The second build's time zone: far from UTC, and not a whole hour off.
+pub const OTHER_TZ: &str = "Asia/Kathmandu";
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ReproReport {
@@ -70,10 +81,14 @@ pub fn check(
         layers_only: false,
         fresh_resolve: false,
     };
-    eprintln!("check-repro: building again into an empty store");
+    eprintln!(
+        "check-repro: building again into an empty store, with umask {OTHER_UMASK:03o} and TZ={OTHER_TZ}"
+    );
     let mut locks = locks.clone();
-    let (plan, second) = build::build(recipe, &mut locks, &second_store, &second_opts, ui)
-        .context("the second build of --check-repro")?;
+    let (plan, second) = crate::cmd::with_other_caller_state(OTHER_UMASK, OTHER_TZ, || {
+        build::build(recipe, &mut locks, &second_store, &second_opts, ui)
+    })
+    .context("the second build of --check-repro")?;
     let mut report = ReproReport {
         first_sha256: first.sha256.clone(),
         second_sha256: second.sha256.clone(),

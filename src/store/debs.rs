@@ -56,7 +56,8 @@ impl Store {
         if !dest.exists() {
             std::fs::create_dir_all(self.debs_dir())
                 .with_context(|| format!("creating {}", self.debs_dir().display()))?;
-            let tmp = self.debs_dir().join(format!(".{sha}.{}.tmp", unique()));
+            let staging = self.staging()?;
+            let tmp = staging.path().join(format!("{sha}.deb"));
             // The .debs apt left are in the store already: a hard link is
             // enough (and the cache entry survives apt removing its copy).
             if std::fs::hard_link(file, &tmp).is_err() {
@@ -65,6 +66,7 @@ impl Store {
             }
             std::fs::rename(&tmp, &dest)
                 .with_context(|| format!("renaming into {}", dest.display()))?;
+            self.remove_staging(staging)?;
         }
         Ok(sha)
     }
@@ -160,15 +162,14 @@ impl Store {
         let mirrors = mirrors.context("no archive is configured")?;
         std::fs::create_dir_all(self.debs_dir())
             .with_context(|| format!("creating {}", self.debs_dir().display()))?;
+        // Downloads land in a staging dir of their own, removed on every
+        // path (dropped on an error or Ctrl-C, and by the next run after a
+        // kill): whatever apt leaves of a refused file (a partial download,
+        // a `.FAILED` copy) never reaches debs-v1/.
+        let staging = self.staging()?;
         let downloads: Vec<(&LockedPackage, PathBuf)> = pkgs
             .iter()
-            .map(|p| {
-                (
-                    *p,
-                    self.debs_dir()
-                        .join(format!(".{}.{}.download", p.sha256, unique())),
-                )
-            })
+            .map(|p| (*p, staging.path().join(format!("{}.deb", p.sha256))))
             .collect();
         let mut cmd = Cmd::new("/usr/lib/apt/apt-helper")
             .args(["-o", "Acquire::Retries=2", "download-file"])
@@ -185,36 +186,24 @@ impl Store {
                 .arg(format!("SHA256:{}", p.sha256));
         }
         let result = cmd.run();
+        let mut kept = Ok(());
         for (p, file) in downloads {
-            if !file.exists() {
-                continue;
-            }
             // apt checked the digest of what it kept; a failed batch may
             // still leave a partial file, which is checked here too.
-            if result.is_ok() || file_digest(&file).is_ok_and(|d| d == p.sha256) {
-                std::fs::rename(&file, self.deb_path(&p.sha256))
-                    .with_context(|| format!("renaming {}", file.display()))?;
-            } else {
-                std::fs::remove_file(&file)
-                    .with_context(|| format!("removing {}", file.display()))?;
+            if file.is_file() && (result.is_ok() || file_digest(&file).is_ok_and(|d| d == p.sha256))
+            {
+                if let Err(e) = std::fs::rename(&file, self.deb_path(&p.sha256)) {
+                    kept = Err(anyhow::Error::new(e).context(format!(
+                        "renaming {} to {}",
+                        file.display(),
+                        self.deb_path(&p.sha256).display()
+                    )));
+                    break;
+                }
             }
         }
-        result
+        crate::cmd::keep_first_error(result.and(kept), self.remove_staging(staging))
     }
-}
-
-/// A suffix no other kiln uses at the same time (every kiln is pid 1 of its
-/// own pid namespace, so the pid alone is not enough).
-fn unique() -> String {
-    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!(
-        "{nanos}-{}",
-        COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    )
 }
 
 /// Find where each wanted `(name, version, arch)` lives, from the Packages

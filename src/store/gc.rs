@@ -13,6 +13,12 @@
 //! using or has just made can be collected. An entry is removed by renaming
 //! it into `tmp/` first (it disappears from the store atomically) and then
 //! deleting it; a gc killed half way leaves only debris in `tmp/`.
+//!
+//! gc removes only what it can prove unused. If the chain of a kept image
+//! cannot be read to its base (an `image.json` or `entry.json` that is
+//! missing or unreadable), the layers it stands on cannot be named, so gc
+//! keeps every layer and says why; images and corrupt entries are still
+//! collected.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::MetadataExt;
@@ -109,19 +115,43 @@ impl Store {
         Ok(keys)
     }
 
-    /// The layers an image stands on, top first, as far as the store has them.
-    pub fn chain(&self, image: &ImageEntry) -> Vec<Key> {
-        let mut out = Vec::new();
+    /// The layers an image stands on, top first, as far as the store has
+    /// them; see [`Chain`].
+    pub fn chain(&self, image: &ImageEntry) -> Chain {
+        let mut layers = Vec::new();
         let mut next = Some(image.inputs.top);
         while let Some(key) = next {
-            if out.contains(&key) {
-                break;
+            if layers.contains(&key) {
+                return Chain {
+                    layers,
+                    broken: Some(format!("layer {} is its own ancestor", key.short())),
+                };
             }
-            out.push(key);
-            next = self.layer_entry(&key).ok().and_then(|e| e.inputs.parent);
+            layers.push(key);
+            next = match self.layer_entry(&key) {
+                Ok(e) => e.inputs.parent,
+                Err(e) => {
+                    return Chain {
+                        layers,
+                        broken: Some(format!("{e:#}")),
+                    }
+                }
+            };
         }
-        out
+        Chain {
+            layers,
+            broken: None,
+        }
     }
+}
+
+/// The layers under an image, top first.
+#[derive(Debug)]
+pub struct Chain {
+    pub layers: Vec<Key>,
+    /// Why the walk stopped before the base, if it did: the layers below
+    /// that point are unknown.
+    pub broken: Option<String>,
 }
 
 /// One row of `kiln cache ls`.
@@ -157,7 +187,7 @@ pub fn list(store: &Store) -> Result<Vec<Listed>> {
         let dir = store.image_dir(&key);
         let (what, created) = match store.image_entry(&key) {
             Ok(entry) => {
-                for layer in store.chain(&entry) {
+                for layer in store.chain(&entry).layers {
                     layer_images.entry(layer).or_default().insert(key);
                 }
                 (entry.file.clone(), entry.created)
@@ -270,6 +300,9 @@ pub fn usage(store: &Store) -> Result<Vec<Usage>> {
 pub struct Collected {
     pub kept_images: Vec<String>,
     pub kept_layers: usize,
+    /// Why every layer was kept: the chain of a kept image that could not
+    /// be read to its base (gc never removes what it cannot prove unused).
+    pub kept_all_layers_because: Vec<String>,
     pub removed: Vec<Removed>,
     pub freed: u64,
     pub dry_run: bool,
@@ -288,6 +321,7 @@ pub struct Removed {
 pub fn collect(store: &Store, keep: usize, dry_run: bool) -> Result<Collected> {
     let mut kept_images: BTreeSet<Key> = BTreeSet::new();
     let mut kept_layers: BTreeSet<Key> = BTreeSet::new();
+    let mut unknown_chains = Vec::new();
     let mut roots = store.all_roots()?;
     for r in &mut roots {
         let present: Vec<Key> = r
@@ -300,9 +334,29 @@ pub fn collect(store: &Store, keep: usize, dry_run: bool) -> Result<Collected> {
             .collect();
         for key in &present {
             kept_images.insert(*key);
-            kept_layers.extend(store.chain(&store.image_entry(key)?));
+            match store.image_entry(key) {
+                Ok(image) => {
+                    let chain = store.chain(&image);
+                    kept_layers.extend(&chain.layers);
+                    if let Some(why) = chain.broken {
+                        unknown_chains.push(format!(
+                            "the layers under image {} (recipe {}) cannot all be read: {why}",
+                            key.short(),
+                            r.recipe
+                        ));
+                    }
+                }
+                Err(e) => unknown_chains.push(format!(
+                    "image {} (recipe {}) cannot be read: {e:#}",
+                    key.short(),
+                    r.recipe
+                )),
+            }
         }
         r.images.retain(|i| present.contains(&i.key));
+    }
+    if !unknown_chains.is_empty() {
+        kept_layers.extend(store.keys(LAYERS)?);
     }
     let mut removed = Vec::new();
     for key in store.keys(IMAGES)? {
@@ -375,6 +429,7 @@ pub fn collect(store: &Store, keep: usize, dry_run: bool) -> Result<Collected> {
     Ok(Collected {
         kept_images: kept_images.iter().map(Key::hex).collect(),
         kept_layers: kept_layers.len(),
+        kept_all_layers_because: unknown_chains,
         removed: removed.into_iter().map(|(r, _)| r).collect(),
         freed,
         dry_run,

@@ -24,6 +24,13 @@
 //! The names an entry is sealed over are listed in `integrity.json`
 //! (`covers`), so a file added beside them later (by a later stage writing a
 //! report into an image's dir) does not make the entry look corrupt.
+//!
+//! An entry without a valid seal (no `integrity.json`, an unreadable one, or
+//! one of another version) is corrupt, like one whose digests differ:
+//! damage that takes the seal with it must not turn into a "good" entry by
+//! being sealed as found. The only entries ever sealed after publishing are
+//! those of a store written before kiln sealed entries, once, by the
+//! migration in [`super::Store::open`].
 
 use std::ffi::CString;
 use std::io::Read;
@@ -38,8 +45,9 @@ use sha2::{Digest, Sha256};
 use crate::plan::key::hex;
 
 pub const FILE: &str = "integrity.json";
-/// Bump when the record format below changes; an entry sealed with another
-/// version is re-sealed rather than reported corrupt.
+/// Bump when the record format below changes. An entry sealed with another
+/// version is corrupt (rebuilt): a new format must come with its own
+/// migration, or the rebuild is the price of the change.
 pub const VERSION: u32 = 1;
 /// Names at an entry's top level that are never sealed: the seal itself and
 /// a live run's claim on a staging dir.
@@ -69,10 +77,19 @@ pub enum Depth {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     Intact,
-    /// No `integrity.json` (an entry published before kiln sealed entries)
-    /// or one of another version.
-    Unsealed,
     Corrupt(String),
+}
+
+/// Whether an entry carries a seal [`check`] can use.
+#[derive(Debug)]
+pub enum SealState {
+    Valid(Seal),
+    /// No `integrity.json` at all: what an entry published before kiln
+    /// sealed entries looks like (and what deleting the seal looks like).
+    Missing,
+    /// An `integrity.json` that cannot be read, parsed, or is of another
+    /// version; the reason.
+    Invalid(String),
 }
 
 struct Digests {
@@ -100,19 +117,42 @@ pub fn seal(entry: &Path) -> Result<Seal> {
     Ok(seal)
 }
 
-pub fn read_seal(entry: &Path) -> Option<Seal> {
-    let text = std::fs::read_to_string(entry.join(FILE)).ok()?;
-    serde_json::from_str(&text).ok()
+pub fn read_seal(entry: &Path) -> SealState {
+    let path = entry.join(FILE);
+    let text = match std::fs::read(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return SealState::Missing,
+        Err(e) => return SealState::Invalid(format!("{FILE} cannot be read ({e})")),
+    };
+    // The version first, so a seal of another format is named as such
+    // rather than as unparsable.
+    #[derive(Deserialize)]
+    struct Versioned {
+        version: u32,
+    }
+    match serde_json::from_slice::<Versioned>(&text) {
+        Ok(v) if v.version != VERSION => {
+            return SealState::Invalid(format!(
+                "{FILE} is of version {}, this kiln writes version {VERSION}",
+                v.version
+            ))
+        }
+        Ok(_) => {}
+        Err(e) => return SealState::Invalid(format!("{FILE} is not a seal ({e})")),
+    }
+    match serde_json::from_slice::<Seal>(&text) {
+        Ok(seal) => SealState::Valid(seal),
+        Err(e) => SealState::Invalid(format!("{FILE} is not a seal ({e})")),
+    }
 }
 
 /// Recompute an entry's digests to `depth` and compare with its seal.
 pub fn check(entry: &Path, depth: Depth) -> Result<Verdict> {
-    let Some(seal) = read_seal(entry) else {
-        return Ok(Verdict::Unsealed);
+    let seal = match read_seal(entry) {
+        SealState::Valid(seal) => seal,
+        SealState::Missing => return Ok(Verdict::Corrupt(format!("{FILE} is missing"))),
+        SealState::Invalid(why) => return Ok(Verdict::Corrupt(why)),
     };
-    if seal.version != VERSION {
-        return Ok(Verdict::Unsealed);
-    }
     for name in &seal.covers {
         if std::fs::symlink_metadata(entry.join(name)).is_err() {
             return Ok(Verdict::Corrupt(format!("`{name}` is missing")));
@@ -450,8 +490,48 @@ mod tests {
     }
 
     #[test]
-    fn no_seal_is_unsealed_not_corrupt() {
-        let e = entry();
-        assert_eq!(check(e.path(), Depth::Meta).unwrap(), Verdict::Unsealed);
+    fn an_entry_without_a_valid_seal_is_corrupt() {
+        type Damage = fn(&Path);
+        let cases: &[(&str, Damage, &str)] = &[
+            (
+                "deleted",
+                |p| std::fs::remove_file(p).unwrap(),
+                "integrity.json is missing",
+            ),
+            (
+                "garbled",
+                |p| std::fs::write(p, "{\"version\": 1, \"cov").unwrap(),
+                "is not a seal",
+            ),
+            (
+                "another version",
+                |p| {
+                    let text = std::fs::read_to_string(p).unwrap();
+                    let bumped = text.replace("\"version\": 1", "\"version\": 2");
+                    assert_ne!(text, bumped);
+                    std::fs::write(p, bumped).unwrap()
+                },
+                "is of version 2",
+            ),
+            (
+                "unreadable",
+                |p| {
+                    std::fs::remove_file(p).unwrap();
+                    std::fs::create_dir(p).unwrap();
+                },
+                "cannot be read",
+            ),
+        ];
+        for (what, damage, says) in cases {
+            let e = entry();
+            seal(e.path()).unwrap();
+            damage(&e.path().join(FILE));
+            for depth in [Depth::Meta, Depth::Content] {
+                match check(e.path(), depth).unwrap() {
+                    Verdict::Corrupt(why) => assert!(why.contains(says), "{what}: {why}"),
+                    v => panic!("{what}: {v:?}"),
+                }
+            }
+        }
     }
 }

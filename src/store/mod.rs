@@ -20,7 +20,9 @@
 //! │                               the roots `kiln cache gc` keeps
 //! ├── locks/                      flock files: per key, per recipe, the store (see lock)
 //! ├── corrupt-v1/<key>-<time>/    entries that failed their integrity check
-//! └── tmp/                        staging: entries are built here, then renamed
+//! ├── store-format.json           the store's format: every entry is sealed
+//! └── tmp/                        staging: entries are built here, then renamed;
+//!                                 also the TMPDIR of every tool kiln runs
 //! ```
 //!
 //! An entry is built in `tmp/` and becomes visible with one `rename(2)` into
@@ -33,6 +35,13 @@
 //! it, held until the process exits: a dir whose claim nobody holds belongs
 //! to a dead run (a `kill -9` drops the flock with the process), so
 //! [`Store::clean_stale_staging`] removes it without guessing from pids.
+//!
+//! `store-format.json` says that every entry in the store was sealed when
+//! it was published, so an entry without a valid seal is damage (see
+//! [`integrity`]). A store without it was written before kiln sealed
+//! entries: [`Store::open`] migrates it once, under the store lock, sealing
+//! each unsealed entry as it is and saying so on stderr, then writes the
+//! marker. An empty store gets the marker at once.
 
 pub mod debs;
 
@@ -56,6 +65,8 @@ pub const RESOLUTION_MAX_AGE: std::time::Duration = std::time::Duration::from_se
 pub const IMAGES: &str = "images-v1";
 pub const CORRUPT: &str = "corrupt-v1";
 pub const LOCKS: &str = "locks";
+/// The store-format marker (see the module doc).
+pub const FORMAT_FILE: &str = "store-format.json";
 /// The claim file in a staging dir (see [`claim`]).
 pub const CLAIM: &str = ".kiln-pid";
 /// A staging dir younger than this without a claim may be one that another
@@ -105,6 +116,17 @@ pub struct ImageEntry {
     pub created: u64,
 }
 
+/// `store-format.json`.
+#[derive(Debug, Serialize, Deserialize)]
+struct StoreFormat {
+    /// Every entry was sealed when published (or by the one migration).
+    sealed_entries: bool,
+    seal_version: u32,
+    /// When the marker was written, and how many entries that sealed.
+    migrated: u64,
+    migrated_entries: u64,
+}
+
 /// The inputs of a recipe's last build, per step id.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RecipeState {
@@ -150,7 +172,60 @@ impl Store {
         let store = Store {
             root: root.to_owned(),
         };
+        if !root.join(FORMAT_FILE).is_file() {
+            store.migrate_to_sealed()?;
+        }
         Ok(store)
+    }
+
+    /// Seal the entries of a store written before kiln sealed entries, once
+    /// (see the module doc), then mark the store as sealed.
+    fn migrate_to_sealed(&self) -> Result<()> {
+        let _lock = lock::lock(
+            &self.lock_path("store"),
+            lock::Mode::Exclusive,
+            "running builds to finish before the store is migrated",
+            || eprintln!("waiting for running builds to finish, to migrate the store…"),
+        )?;
+        let marker = self.root.join(FORMAT_FILE);
+        if marker.is_file() {
+            return Ok(());
+        }
+        let mut sealed = 0;
+        for section in [LAYERS, IMAGES] {
+            for key in self.keys(section)? {
+                let dir = self.root.join(section).join(key.hex());
+                match integrity::read_seal(&dir) {
+                    integrity::SealState::Missing => {
+                        eprintln!(
+                            "migrating the store: sealing {} (published before kiln sealed entries)",
+                            dir.display()
+                        );
+                        integrity::seal(&dir)
+                            .with_context(|| format!("sealing {}", dir.display()))?;
+                        sealed += 1;
+                    }
+                    // Never written by a kiln before seals: damage, which
+                    // the check before use moves aside.
+                    integrity::SealState::Invalid(_) | integrity::SealState::Valid(_) => {}
+                }
+            }
+        }
+        if sealed > 0 {
+            eprintln!(
+                "migrating the store: sealed {sealed} entr{}; from now on an entry without a valid seal is corrupt",
+                if sealed == 1 { "y" } else { "ies" }
+            );
+        }
+        write_json_atomic(
+            &marker,
+            &StoreFormat {
+                sealed_entries: true,
+                seal_version: integrity::VERSION,
+                migrated: now(),
+                migrated_entries: sealed,
+            },
+        )
     }
 
     pub fn root(&self) -> &Path {
@@ -218,6 +293,14 @@ impl Store {
             })?;
         claim(dir.path())?;
         Ok(dir)
+    }
+
+    /// Remove a staging dir that was only scratch space, and drop its claim
+    /// (a run may make hundreds).
+    pub fn remove_staging(&self, staging: tempfile::TempDir) -> Result<()> {
+        let path = staging.keep();
+        release_claim(&path);
+        remove_tree(&path).with_context(|| format!("removing {}", path.display()))
     }
 
     /// Make a staged entry visible under `dest` with one rename, after
@@ -318,19 +401,11 @@ impl Store {
     /// Check a cached entry's metadata against its seal before it is used
     /// (see [`integrity`]). An intact entry gives `true`. A corrupt one is
     /// moved to `corrupt-v1/`, logged, and gives `false`: the caller
-    /// rebuilds it. An entry from before seals existed is sealed as it is
-    /// now. The caller holds the entry's key lock.
+    /// rebuilds it; so is one without a valid seal (the store was migrated
+    /// when opened). The caller holds the entry's key lock.
     pub fn check_before_use(&self, dir: &Path, report: impl FnOnce(&str)) -> Result<bool> {
         match integrity::check(dir, integrity::Depth::Meta)? {
             integrity::Verdict::Intact => Ok(true),
-            integrity::Verdict::Unsealed => {
-                crate::cmd::log_line(&format!(
-                    "sealing {} (published before kiln sealed entries)",
-                    dir.display()
-                ));
-                integrity::seal(dir).with_context(|| format!("sealing {}", dir.display()))?;
-                Ok(true)
-            }
             integrity::Verdict::Corrupt(why) => {
                 let aside = self.quarantine(dir)?;
                 report(&format!(
@@ -413,7 +488,7 @@ pub struct Verified {
     pub kind: &'static str,
     pub key: String,
     pub what: String,
-    /// `intact`, `sealed now` (an entry from before seals), or `corrupt: …`.
+    /// `intact` or `corrupt: …`.
     pub result: String,
     pub seconds: f64,
 }
@@ -432,10 +507,6 @@ pub fn verify_all(store: &Store, depth: integrity::Depth) -> Result<Vec<Verified
             let started = std::time::Instant::now();
             let result = match integrity::check(&dir, depth)? {
                 integrity::Verdict::Intact => "intact".to_owned(),
-                integrity::Verdict::Unsealed => {
-                    integrity::seal(&dir).with_context(|| format!("sealing {}", dir.display()))?;
-                    "sealed now (stored before kiln sealed entries)".to_owned()
-                }
                 integrity::Verdict::Corrupt(why) => {
                     let aside = store.quarantine(&dir)?;
                     format!("corrupt: {why}; moved to {}", aside.display())
@@ -491,6 +562,14 @@ pub fn claim(staging: &Path) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))?;
     claims.push(held);
     Ok(())
+}
+
+/// Drop this process's claim on a staging dir that is about to be removed
+/// (a tool's temp dir), so the claims do not pile up over a long run.
+pub fn release_claim(staging: &Path) {
+    let path = staging.join(CLAIM);
+    let mut claims = CLAIMS.lock().unwrap_or_else(|e| e.into_inner());
+    claims.retain(|l| l.path() != path);
 }
 
 pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
@@ -592,4 +671,66 @@ pub fn now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(root: &Path, byte: u8) -> PathBuf {
+        let dir = root.join(LAYERS).join(format!("{byte:02x}").repeat(32));
+        std::fs::create_dir_all(dir.join("tree/etc")).unwrap();
+        std::fs::write(dir.join("tree/etc/motd"), "hello\n").unwrap();
+        std::fs::write(dir.join("entry.json"), "{}").unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_store_from_before_seals_is_migrated_once_then_unsealed_is_corrupt() {
+        let root = tempfile::tempdir().unwrap();
+        let old = layer(root.path(), 1);
+        let store = Store::open(root.path()).unwrap();
+        assert!(root.path().join(FORMAT_FILE).is_file());
+        assert!(matches!(
+            integrity::read_seal(&old),
+            integrity::SealState::Valid(_)
+        ));
+        assert!(store.check_before_use(&old, |_| {}).unwrap());
+
+        // Migrated: the seal going missing is damage, not an old entry.
+        std::fs::remove_file(old.join(integrity::FILE)).unwrap();
+        let store = Store::open(root.path()).unwrap();
+        let mut said = String::new();
+        assert!(!store
+            .check_before_use(&old, |m| said = m.to_owned())
+            .unwrap());
+        assert!(said.contains("integrity.json is missing"), "{said}");
+        assert!(!old.exists());
+        assert_eq!(
+            std::fs::read_dir(root.path().join(CORRUPT))
+                .unwrap()
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_new_store_is_marked_at_once_and_never_seals_what_appears_later() {
+        let root = tempfile::tempdir().unwrap();
+        Store::open(root.path()).unwrap();
+        assert!(root.path().join(FORMAT_FILE).is_file());
+        let planted = layer(root.path(), 2);
+        let store = Store::open(root.path()).unwrap();
+        assert!(!store.check_before_use(&planted, |_| {}).unwrap());
+        assert!(!planted.exists());
+    }
+
+    #[test]
+    fn the_migration_leaves_a_damaged_seal_for_the_check_to_catch() {
+        let root = tempfile::tempdir().unwrap();
+        let entry = layer(root.path(), 3);
+        std::fs::write(entry.join(integrity::FILE), "not json").unwrap();
+        let store = Store::open(root.path()).unwrap();
+        assert!(!store.check_before_use(&entry, |_| {}).unwrap());
+    }
 }
