@@ -147,14 +147,21 @@ struct Fixture {
     kiln: Kiln,
     dir: RecipeDir,
     recipe: PathBuf,
+    /// The image name, unique to this run: the store keeps each recipe
+    /// name's last build, which `plan` and `build` compare against.
+    name: String,
+    forget: std::cell::RefCell<Vec<common::ForgetOnDrop>>,
 }
 
 impl Fixture {
-    fn new(name: &str) -> Fixture {
+    fn new(prefix: &str) -> Fixture {
         common::require_build();
+        let name = format!("{prefix}-{}", common::nonce());
+        let name = name.as_str();
         let kiln = Kiln::shared();
         let dir = RecipeDir::new();
-        dir.write("files/motd", format!("kiln cli test {}\n", common::nonce()));
+        // Of a fixed length: its size is part of what `verify` prints.
+        dir.write("files/motd", format!("kiln cli test {:>40}\n", common::nonce()));
         let recipe = dir.write_recipe(
             &format!("{name}.toml"),
             common::recipe(
@@ -163,7 +170,13 @@ impl Fixture {
             ),
             &kiln,
         );
-        Fixture { kiln, dir, recipe }
+        Fixture {
+            kiln,
+            dir,
+            recipe,
+            name: name.to_owned(),
+            forget: Default::default(),
+        }
     }
 
     fn redact(&self, text: &str) -> String {
@@ -175,6 +188,7 @@ impl Fixture {
                 (&self.kiln.store, "[STORE]"),
             ],
         )
+        .replace(&self.name, "[NAME]")
     }
 
     fn run(&self, args: &[&OsStr]) -> common::Run {
@@ -182,19 +196,26 @@ impl Fixture {
     }
 }
 
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        // The layer and image are unique to this run (a nonce): forget them.
+impl Fixture {
+    /// Forget, at the end of the test, the layer and image the recipe
+    /// names now (they are unique to this run: a nonce).
+    fn forget_current(&self) {
         let plan = self.kiln.run(&[
             OsStr::new("--json"),
             OsStr::new("plan"),
             self.recipe.as_os_str(),
         ]);
         if plan.code == Some(0) {
-            let plan: common::PlanReport = plan.json();
             let mut forget = common::ForgetOnDrop::new(&self.kiln.store);
-            forget.add(&plan, &["app", "image"]);
+            forget.add(&plan.json(), &["app/files", "image"]);
+            self.forget.borrow_mut().push(forget);
         }
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        self.forget_current();
     }
 }
 
@@ -220,14 +241,20 @@ fn plan_build_and_rebuild_read_as_before() {
     let plan = f.run(&[OsStr::new("plan"), recipe]);
     plan.assert_code(0);
     assert_snapshot("plan-after-build", &f.redact(&plan.stdout));
+
+    f.forget_current();
+    f.dir.write("files/motd", format!("edited {:>40}\n", common::nonce()));
+    let plan = f.run(&[OsStr::new("plan"), recipe]);
+    plan.assert_code(0);
+    assert_snapshot("plan-after-an-edit", &f.redact(&plan.stdout));
 }
 
 #[test]
 fn verify_clean_and_with_drift_reads_as_before() {
     let f = Fixture::new("cliverify");
     f.kiln.build(&f.recipe, &[]);
-    let image = f.kiln.out.join("cliverify.qcow2");
-    let manifest = f.kiln.out.join("cliverify.manifest.json");
+    let image = f.kiln.out.join(format!("{}.qcow2", f.name));
+    let manifest = f.kiln.out.join(format!("{}.manifest.json", f.name));
     let root = f.dir.path("root");
 
     let clean = f.run(&[
