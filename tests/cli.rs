@@ -161,7 +161,10 @@ impl Fixture {
         let kiln = Kiln::shared();
         let dir = RecipeDir::new();
         // Of a fixed length: its size is part of what `verify` prints.
-        dir.write("files/motd", format!("kiln cli test {:>40}\n", common::nonce()));
+        dir.write(
+            "files/motd",
+            format!("kiln cli test {:>40}\n", common::nonce()),
+        );
         let recipe = dir.write_recipe(
             &format!("{name}.toml"),
             common::recipe(
@@ -243,7 +246,8 @@ fn plan_build_and_rebuild_read_as_before() {
     assert_snapshot("plan-after-build", &f.redact(&plan.stdout));
 
     f.forget_current();
-    f.dir.write("files/motd", format!("edited {:>40}\n", common::nonce()));
+    f.dir
+        .write("files/motd", format!("edited {:>40}\n", common::nonce()));
     let plan = f.run(&[OsStr::new("plan"), recipe]);
     plan.assert_code(0);
     assert_snapshot("plan-after-an-edit", &f.redact(&plan.stdout));
