@@ -918,46 +918,61 @@ pub struct Qemu {
     pub cmdline: String,
 }
 
-/// Every live `qemu-system-*` process on the machine.
-pub fn qemu_processes() -> Vec<Qemu> {
+/// One process, from `/proc/PID/stat`.
+struct ProcStat {
+    pid: u32,
+    comm: String,
+    state: String,
+    ppid: u32,
+}
+
+/// Every process on the machine; one that exits while being read is left out.
+fn processes() -> Vec<ProcStat> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
     dir.flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter_map(|pid| {
-            // A process may exit between listing and reading: skip it.
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // The command name is in parentheses and may hold spaces.
             let (comm, rest) = stat.split_once(" (")?.1.rsplit_once(") ")?;
             let mut fields = rest.split_whitespace();
-            let state = fields.next()?;
+            let state = fields.next()?.to_owned();
             let ppid = fields.next()?.parse().ok()?;
-            if !comm.starts_with("qemu-system") || state == "Z" {
-                return None;
-            }
-            let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            Some(ProcStat {
+                pid,
+                comm: comm.to_owned(),
+                state,
+                ppid,
+            })
+        })
+        .collect()
+}
+
+/// Every live `qemu-system-*` process on the machine.
+pub fn qemu_processes() -> Vec<Qemu> {
+    processes()
+        .into_iter()
+        .filter(|p| p.comm.starts_with("qemu-system") && p.state != "Z")
+        .filter_map(|p| {
+            let raw = std::fs::read(format!("/proc/{}/cmdline", p.pid)).ok()?;
             let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
-            Some(Qemu { pid, ppid, cmdline })
+            Some(Qemu {
+                pid: p.pid,
+                ppid: p.ppid,
+                cmdline,
+            })
         })
         .collect()
 }
 
 /// The pids whose parent is `parent`.
 fn children_of(parent: u32) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| {
-                    let rest = s.rsplit_once(") ")?.1.to_owned();
-                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
-                })
-                == Some(parent)
-        })
+    processes()
+        .into_iter()
+        .filter(|p| p.ppid == parent)
+        .map(|p| p.pid)
         .collect()
 }
 
