@@ -4,10 +4,15 @@
 //! the image. Each case asserts its exit code, its message, and that the
 //! store and `out/` are exactly as they were.
 //!
-//! Real builds as root: run by `make test`. Cases that get as far as the
-//! store use a private store seeded with a copy of golden's base layer from
-//! the shared warm store (`KILN_TEST_STORE`, default /var/tmp/kiln-test-store),
-//! or an empty one where the base itself is the point.
+//! Two tiers. Most cases are refused before the store is opened (the
+//! recipe, the lock, the path): they need no root, no tools and no base
+//! layer, run in a second and are part of `make check`
+//! (`quick_…`). Cases that get as far as the store run real builds as
+//! root, in `make test`: they use a private store seeded with a copy of
+//! golden's base layer from the shared warm store (`KILN_TEST_STORE`,
+//! default /var/tmp/kiln-test-store), or an empty one where the base itself
+//! is the point. Every run goes through the harness (`common::Kiln`):
+//! a timeout, and no mount, QEMU process or staging dir left behind.
 //!
 //! Lock-file cases (not TOML, an unknown key or version, a hand-edited pin
 //! with a damaged digest or a path out of the pool) are refused when the lock
@@ -15,10 +20,10 @@
 
 mod common;
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-const KILN: &str = env!("CARGO_BIN_EXE_kiln");
+use common::{Kiln, RecipeDir};
 const IMAGE: &str = "[image]\nname = \"bad\"\nsize = \"2GiB\"\n";
 const BASE: &str = common::BASE;
 const BAD_INPUT: i32 = 2;
@@ -26,6 +31,10 @@ const FAILURE: i32 = 1;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum StoreKind {
+    /// Refused before the store is opened (the recipe, the lock, the
+    /// arguments): run against a store that does not exist, without root
+    /// or tools, by `make check`.
+    None,
     /// Golden's base already in the store.
     Seeded,
     /// Nothing in the store: the base would have to be built.
@@ -44,11 +53,12 @@ struct Case {
     says: Vec<&'static str>,
 }
 
+/// A recipe refused before the store is opened.
 fn case(name: &'static str, recipe: String, exit: i32, says: &[&'static str]) -> Case {
     Case {
         name,
         files: vec![("main.toml", recipe)],
-        store: StoreKind::Seeded,
+        store: StoreKind::None,
         env: vec![],
         exit,
         says: says.to_vec(),
@@ -97,19 +107,33 @@ fn catalog() -> Vec<Case> {
         case("files dest relative", layer("files = [{ src = \"main.toml\", dest = \"etc/x\" }]"), BAD_INPUT, &["dest", "not an absolute path"]),
         case("files mode not octal", layer("files = [{ src = \"main.toml\", dest = \"/etc/x\", mode = \"0999\" }]"), BAD_INPUT, &["mode", "octal"]),
         case("files owner without a group", layer("files = [{ src = \"main.toml\", dest = \"/etc/x\", owner = \"root\" }]"), BAD_INPUT, &["owner"]),
+        case("packages as a string, not a list", layer("packages = \"lighttpd\""), BAD_INPUT, &["key `layer[0].packages`", "takes a list", "fix: write it as a list: packages = [\"lighttpd\"]"]),
+        case("http port as a string", with_base("[smoke]\nhttp = [{ port = \"80\" }]\n"), BAD_INPUT, &["key `smoke.http[0].port`", "the string \"80\"", "65535"]),
+        case("extends /etc/passwd", format!("extends = \"/etc/passwd\"\n{IMAGE}"), BAD_INPUT, &["main.toml: key `extends`: extends = \"/etc/passwd\": is not a kiln recipe: /etc/passwd: key `(syntax)`", "fix: point extends at a kiln recipe"]),
+        Case {
+            name: "extends a TOML file that is not a recipe",
+            files: vec![("main.toml", format!("extends = \"Cargo.toml\"\n{IMAGE}")), ("Cargo.toml", "[package]\nname = \"x\"\n".into())],
+            store: StoreKind::None,
+            env: vec![],
+            exit: BAD_INPUT,
+            says: vec!["main.toml: key `extends`: extends = \"Cargo.toml\": is not a kiln recipe", "Cargo.toml: key `package`", "fix: point extends at a kiln recipe"],
+        },
         case("volume over /usr", with_base("[[volume]]\nname = \"data\"\nmount = \"/usr/lib\"\nsize = \"1GiB\"\n"), BAD_INPUT, &["volume[0].mount", "operating system"]),
         case("recipe extends itself", format!("extends = \"main.toml\"\n{}", with_base("")), BAD_INPUT, &["extends", "cycle"]),
         case("extends a missing recipe", format!("extends = \"golden.toml\"\n{IMAGE}"), BAD_INPUT, &["extends", "does not exist"]),
         Case {
             name: "two recipes extending each other",
             files: vec![("main.toml", format!("extends = \"other.toml\"\n{IMAGE}")), ("other.toml", format!("extends = \"main.toml\"\n{BASE}"))],
-            store: StoreKind::Seeded,
+            store: StoreKind::None,
             env: vec![],
             exit: BAD_INPUT,
             says: vec!["cycle"],
         },
         // Past validation: these reach the build.
-        case("image smaller than its files", with_base("").replace("2GiB", "64MiB"), BAD_INPUT, &["image.size", "raise [image] size"]),
+        Case {
+            store: StoreKind::Seeded,
+            ..case("image smaller than its files", with_base("").replace("2GiB", "64MiB"), BAD_INPUT, &["image.size", "raise [image] size"])
+        },
         Case {
             name: "unreachable archive",
             files: vec![("main.toml", format!("{IMAGE}{BASE}mirror = \"http://127.0.0.1:9/debian\"\n"))],
@@ -144,7 +168,7 @@ fn catalog() -> Vec<Case> {
     let lock_case = |name: &'static str, lock: String, says: &[&'static str]| Case {
         name,
         files: vec![("main.toml", with_base("")), ("main.lock", lock)],
-        store: StoreKind::Empty,
+        store: StoreKind::None,
         env: vec![],
         exit: BAD_INPUT,
         says: says.to_vec(),
@@ -178,7 +202,7 @@ fn catalog() -> Vec<Case> {
     cases.push(Case {
         name: "recipe path missing",
         files: vec![("other.toml", with_base(""))],
-        store: StoreKind::Empty,
+        store: StoreKind::None,
         env: vec![],
         exit: BAD_INPUT,
         says: vec!["main.toml", "cannot read the recipe"],
@@ -222,108 +246,89 @@ fn names(dir: &Path) -> Vec<String> {
     n
 }
 
-fn warm_store() -> PathBuf {
-    std::env::var_os("KILN_TEST_STORE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/tmp/kiln-test-store"))
-}
-
 /// The tests' shared lock of golden's base (see common::base_lock).
 fn base_lock() -> String {
-    common::base_lock(&warm_store())
+    common::base_lock(&common::shared_store())
 }
 
+/// Golden's base layer in the shared warm store, built if missing.
 fn warm_base_layer() -> PathBuf {
-    let store = warm_store();
-    let scratch = tempfile::Builder::new()
-        .prefix("kiln-bad-")
-        .tempdir_in("/var/tmp")
-        .unwrap();
-    std::fs::write(scratch.path().join("golden-base.toml"), with_base("")).unwrap();
-    std::fs::write(scratch.path().join("golden-base.lock"), base_lock()).unwrap();
-    let kiln = |args: &[&str]| {
-        Command::new(KILN)
-            .arg("--cache")
-            .arg(&store)
-            .arg("--out")
-            .arg(scratch.path().join("out"))
-            .args(args)
-            .arg(scratch.path().join("golden-base.toml"))
-            .output()
-            .unwrap()
-    };
-    let plan = kiln(&["--json", "plan"]);
-    assert!(
-        plan.status.success(),
-        "{}",
-        String::from_utf8_lossy(&plan.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
-    let key = v["steps"][0]["key"].as_str().unwrap().to_owned();
-    let dir = store.join("layers-v1").join(&key);
+    common::require_build();
+    let store = common::shared_store();
+    let d = RecipeDir::new();
+    let recipe = d.write_recipe("golden-base.toml", with_base(""), &Kiln::with_store(&store));
+    let kiln = Kiln::with_store(&store);
+    let key = kiln.plan(&recipe).step("base").key.clone();
+    let dir = store.join(common::LAYERS).join(&key);
     if !dir.join("entry.json").is_file() {
-        let out = kiln(&["build", "--no-smoke"]);
-        assert!(
-            out.status.success(),
-            "building the warm base: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        kiln.build(&recipe, &[]);
     }
     dir
 }
 
-#[test]
-fn every_bad_input_fails_cleanly_and_changes_nothing() {
-    let work = tempfile::Builder::new()
-        .prefix("kiln-bad-")
-        .tempdir_in("/var/tmp")
-        .unwrap();
-    let seeded = work.path().join("seeded-store");
-    std::fs::create_dir_all(seeded.join("layers-v1")).unwrap();
-    let cp = Command::new("cp")
-        .args(["-a", "--reflink=auto"])
-        .arg(warm_base_layer())
-        .arg(seeded.join("layers-v1"))
-        .status()
-        .unwrap();
-    assert!(cp.success());
-    let cases = catalog();
-    assert!(cases.len() >= 25, "the catalog has {} cases", cases.len());
+/// A private store holding a copy of golden's base layer.
+fn seeded_store(at: &Path) -> PathBuf {
+    let store = at.join("seeded-store");
+    let layers = store.join(common::LAYERS);
+    std::fs::create_dir_all(&layers)
+        .unwrap_or_else(|e| panic!("creating {}: {e}", layers.display()));
+    let base = warm_base_layer();
+    common::tool(
+        "cp",
+        &[
+            OsStr::new("-a"),
+            OsStr::new("--reflink=auto"),
+            base.as_os_str(),
+            layers.as_os_str(),
+        ],
+        &[],
+    );
+    store
+}
+
+/// Run each case of `kinds` in its own folder; the failures, described.
+fn run_cases(kinds: &[StoreKind]) -> (usize, Vec<String>) {
+    let work = common::temp_dir("kiln-bad-");
+    let seeded = kinds
+        .contains(&StoreKind::Seeded)
+        .then(|| seeded_store(work.path()));
+    let cases: Vec<Case> = catalog()
+        .into_iter()
+        .filter(|c| kinds.contains(&c.store))
+        .collect();
     let mut failures = Vec::new();
     for (i, c) in cases.iter().enumerate() {
         let dir = work.path().join(format!("case-{i}"));
-        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
         for (name, text) in &c.files {
-            std::fs::write(dir.join(name), text).unwrap();
+            std::fs::write(dir.join(name), text).unwrap_or_else(|e| panic!("writing {name}: {e}"));
         }
         if c.store == StoreKind::Seeded && c.files.iter().any(|(n, _)| *n == "main.toml") {
-            std::fs::write(dir.join("main.lock"), base_lock()).unwrap();
+            std::fs::write(dir.join("main.lock"), base_lock()).expect("writing main.lock");
         }
-        let store = match c.store {
-            StoreKind::Seeded => seeded.clone(),
-            StoreKind::Empty => dir.join("empty-store"),
+        let store = match (c.store, &seeded) {
+            (StoreKind::Seeded, Some(seeded)) => seeded.clone(),
+            _ => dir.join("store"),
         };
         let out_dir = dir.join("out");
         let before = snapshot(&store, &out_dir);
-        let mut cmd = Command::new(KILN);
-        cmd.arg("--cache")
-            .arg(&store)
-            .arg("--out")
-            .arg(&out_dir)
-            .args(["build", "--no-smoke"])
-            .arg(dir.join("main.toml"))
-            .current_dir(&dir);
-        for (k, v) in &c.env {
-            cmd.env(k, v);
-        }
-        let out = cmd.output().unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
+        let recipe = dir.join("main.toml");
+        let env: Vec<(&str, &str)> = c.env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let run = Kiln::at(&store, &out_dir).run_in(
+            &[
+                OsStr::new("build"),
+                OsStr::new("--no-smoke"),
+                recipe.as_os_str(),
+            ],
+            &env,
+            Some(&dir),
+        );
         let mut problems = Vec::new();
-        if out.status.code() != Some(c.exit) {
-            problems.push(format!("exit {:?}, expected {}", out.status.code(), c.exit));
+        if run.code != Some(c.exit) {
+            problems.push(format!("exit {:?}, expected {}", run.code, c.exit));
         }
         for s in &c.says {
-            if !err.contains(s) {
+            if !run.stderr.contains(s) {
                 problems.push(format!("message lacks `{s}`"));
             }
         }
@@ -342,39 +347,58 @@ fn every_bad_input_fails_cleanly_and_changes_nothing() {
         if normalise(before.clone()) != normalise(after.clone()) {
             problems.push(format!("store or out/ changed: {before:?} -> {after:?}"));
         }
+        if c.store == StoreKind::None && store.exists() {
+            problems.push(format!("{} was created", store.display()));
+        }
         if !problems.is_empty() {
             failures.push(format!(
-                "case {i} `{}`: {}\n  stderr: {}",
+                "case `{}`: {}\n  stderr: {}",
                 c.name,
                 problems.join("; "),
-                err.trim().replace('\n', "\n          ")
+                run.stderr.trim().replace('\n', "\n          ")
             ));
         }
     }
+    (cases.len(), failures)
+}
+
+#[track_caller]
+fn assert_all_pass((count, failures): (usize, Vec<String>)) {
     assert!(
         failures.is_empty(),
-        "{} of {} cases failed:\n{}",
+        "{} of {count} cases failed:\n{}",
         failures.len(),
-        cases.len(),
         failures.join("\n")
     );
 }
 
+/// Every case refused before the store is opened: no root, no tools, no
+/// base layer needed, so `make check` runs it.
+#[test]
+fn quick_bad_recipes_and_locks_fail_before_the_store_and_change_nothing() {
+    let (count, failures) = run_cases(&[StoreKind::None]);
+    assert!(
+        count >= 40,
+        "the catalog has only {count} cases that need no build"
+    );
+    assert_all_pass((count, failures));
+}
+
+/// The cases that get as far as the store or the tools.
+#[test]
+fn bad_input_past_validation_fails_cleanly_and_changes_nothing() {
+    let (count, failures) = run_cases(&[StoreKind::Seeded, StoreKind::Empty]);
+    assert!(
+        count >= 4,
+        "the catalog has only {count} cases past validation"
+    );
+    assert_all_pass((count, failures));
+}
+
 #[test]
 fn a_files_copy_never_follows_a_symlink_out_of_the_image() {
-    let work = tempfile::Builder::new()
-        .prefix("kiln-bad-")
-        .tempdir_in("/var/tmp")
-        .unwrap();
-    let store = work.path().join("store");
-    std::fs::create_dir_all(store.join("layers-v1")).unwrap();
-    let cp = Command::new("cp")
-        .args(["-a", "--reflink=auto"])
-        .arg(warm_base_layer())
-        .arg(store.join("layers-v1"))
-        .status()
-        .unwrap();
-    assert!(cp.success());
+    let work = common::temp_dir("kiln-bad-");
+    let store = seeded_store(work.path());
     let target = format!("kiln-escape-{}", std::process::id());
     let host_victim = Path::new("/tmp").join(&target);
     assert!(!host_victim.exists());
@@ -385,15 +409,16 @@ fn a_files_copy_never_follows_a_symlink_out_of_the_image() {
         std::fs::write(work.path().join(name), base_lock()).unwrap();
     }
     let kiln = |recipe: &str| {
-        Command::new(KILN)
-            .arg("--cache")
-            .arg(&store)
-            .arg("--out")
-            .arg(work.path().join("out"))
-            .args(["build", "--no-smoke"])
-            .arg(work.path().join(recipe))
-            .output()
-            .unwrap()
+        let run = Kiln::at(&store, &work.path().join("out")).run(&[
+            OsStr::new("build"),
+            OsStr::new("--no-smoke"),
+            work.path().join(recipe).as_os_str(),
+        ]);
+        std::process::Output {
+            status: run.status,
+            stdout: run.stdout.into_bytes(),
+            stderr: run.stderr.into_bytes(),
+        }
     };
     let setup = kiln("setup.toml");
     assert!(

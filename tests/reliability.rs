@@ -852,15 +852,29 @@ fn host_secrets_never_reach_the_disk() {
         .output()
         .unwrap();
     ok(&conv, "qemu-img convert");
+    assert!(
+        std::fs::metadata(&raw).is_ok_and(|m| m.len() > 0),
+        "{} is missing or empty",
+        raw.display()
+    );
+    // grep exits 0 (found), 1 (not found) or 2 (could not search): only 0
+    // and 1 are answers, so a search that fails cannot pass as "not found".
     let count = |needle: &str| -> u64 {
         let out = Command::new("sh")
             .arg("-c")
-            .arg("tr '\\0' '\\n' < \"$1\" | grep -a -c -F -e \"$2\" || true")
+            .arg("tr '\\0' '\\n' < \"$1\" | grep -a -c -F -e \"$2\"")
             .arg("sh")
             .arg(&raw)
             .arg(needle)
             .output()
             .unwrap();
+        assert!(
+            matches!(out.status.code(), Some(0 | 1)),
+            "searching {} failed ({}): {}",
+            raw.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
     };
     assert!(
@@ -869,16 +883,28 @@ fn host_secrets_never_reach_the_disk() {
     );
     assert_eq!(count(&canary), 0, "a host secret is on the disk");
     // Nor in any layer the build stored.
-    let grep = Command::new("grep")
-        .args(["-r", "-l", "-a", "-F"])
-        .arg(&canary)
-        .arg(store.join("layers-v1"))
-        .output()
-        .unwrap();
+    let grep_layers = |needle: &str| {
+        Command::new("grep")
+            .args(["-r", "-l", "-a", "-F"])
+            .arg(needle)
+            .arg(store.join("layers-v1"))
+            .output()
+            .unwrap()
+    };
+    let seen = grep_layers(&marker);
     assert_eq!(
+        seen.status.code(),
+        Some(0),
+        "the search of the stored layers does not see the build's own marker: {}",
+        String::from_utf8_lossy(&seen.stderr)
+    );
+    let grep = grep_layers(&canary);
+    assert_eq!(
+        grep.status.code(),
+        Some(1),
+        "a host secret is in a stored layer, or the search failed:\n{}{}",
         String::from_utf8_lossy(&grep.stdout),
-        "",
-        "a host secret is in a stored layer"
+        String::from_utf8_lossy(&grep.stderr)
     );
 }
 

@@ -565,18 +565,44 @@ fn make_esp(raw: &Path, start: u64, size: u64, uki: &Path, key: Key, epoch: u64)
 mod tests {
     use super::*;
 
-    #[test]
-    fn pe_checksum_matches_the_stub_objcopy_made() {
-        // A UKI made before the timestamp was pinned carries the checksum
-        // objcopy computed; ours must agree with it.
-        let stub = Path::new(STUB);
-        let data = std::fs::read(stub).expect("the systemd-boot-efi stub (make deps installs it)");
+    /// Where `data`'s PE checksum field is, and what it holds.
+    fn stored_checksum(data: &[u8]) -> (usize, u32) {
         let pe = u32::from_le_bytes(data[0x3c..0x40].try_into().unwrap()) as usize;
         let at = pe + 24 + 64;
-        let stored = u32::from_le_bytes(data[at..at + 4].try_into().unwrap());
-        if stored != 0 {
-            assert_eq!(pe_checksum(&data, at), stored);
-        }
+        (at, u32::from_le_bytes(data[at..at + 4].try_into().unwrap()))
+    }
+
+    #[test]
+    fn pe_checksum_matches_the_one_objcopy_writes() {
+        // objcopy writes the checksum of the PE file it makes: build a small
+        // UKI-like file from the stub (the stub's own field may be 0, which
+        // would compare nothing) and check ours agrees.
+        let dir = tempfile::tempdir().unwrap();
+        let section = dir.path().join("osrel");
+        std::fs::write(&section, "ID=kiln-test\n").unwrap();
+        let made = dir.path().join("made.efi");
+        let status = std::process::Command::new("objcopy")
+            .arg(format!("--add-section=.osrel={}", section.display()))
+            .args(["--change-section-vma", ".osrel=0x20000"])
+            .arg(STUB)
+            .arg(&made)
+            .status()
+            .expect("running objcopy (binutils; make deps installs it)");
+        assert!(status.success(), "objcopy failed: {status}");
+        let data = std::fs::read(&made).unwrap();
+        let (at, stored) = stored_checksum(&data);
+        assert_ne!(
+            stored,
+            0,
+            "objcopy wrote no checksum into {}",
+            made.display()
+        );
+        assert_eq!(pe_checksum(&data, at), stored);
+        // And the sum sees every byte outside its own field.
+        let mut changed = data.clone();
+        let last = changed.len() - 1;
+        changed[last] ^= 0x01;
+        assert_ne!(pe_checksum(&changed, at), stored);
     }
 
     #[test]

@@ -149,7 +149,7 @@ pub struct HttpCheck {
 /// Load and validate the recipe at `path`.
 pub fn load(path: &Path) -> Result<Recipe> {
     let mut chain = Vec::new();
-    let merged = load_chain(path, &mut chain)?;
+    let merged = load_chain(path, None, &mut chain)?;
     resolve(path, merged, chain)
 }
 
@@ -162,7 +162,7 @@ struct Merged {
     base_origin: Option<PathBuf>,
 }
 
-fn read_raw(path: &Path) -> Result<RawRecipe> {
+fn read_raw(path: &Path) -> Result<RawRecipe, BadInput> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         BadInput::new(
             path,
@@ -175,53 +175,141 @@ fn read_raw(path: &Path) -> Result<RawRecipe> {
 }
 
 /// Parse recipe text; `path` is only used in messages.
-pub fn parse(path: &Path, text: &str) -> Result<RawRecipe> {
-    toml::from_str::<RawRecipe>(text).map_err(|e| {
-        let line = e
-            .span()
-            .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
-        let message = e.message().trim().to_owned();
-        // The table the error is in: the last `[table]` header above it.
-        let table = e.span().and_then(|sp| {
-            // Up to the end of the line the error starts on: a missing
-            // field's span starts at its table's own header.
-            let start = sp.start.min(text.len());
-            let upto = text[start..].find('\n').map_or(text.len(), |n| start + n);
-            text[..upto]
-                .lines()
-                .rev()
-                .map(str::trim)
-                .find(|l| l.starts_with('['))
-                .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_owned())
-        });
-        let qualify = |name: &str| match &table {
-            Some(t) if !t.is_empty() => format!("{t}.{name}"),
-            _ => name.to_owned(),
-        };
-        let (key, fix) = if let Some(rest) = message.strip_prefix("unknown field `") {
-            let name = qualify(rest.split('`').next().unwrap_or("?"));
-            (
-                name,
-                format!("remove or rename it; {REFERENCE} for the keys each table takes"),
-            )
-        } else if message.starts_with("missing field `") {
-            let name = qualify(message.split('`').nth(1).unwrap_or("?"));
-            (name, format!("add it; {REFERENCE}"))
-        } else {
-            (
-                "(syntax)".to_owned(),
-                "fix the TOML syntax at that line".to_owned(),
-            )
-        };
-        let problem = match line {
-            Some(line) => format!("line {line}: {message}"),
-            None => message,
-        };
-        BadInput::new(path, key, problem, fix).into()
+///
+/// Two passes, so that every error names what a reader can act on: the
+/// TOML parser's errors are syntax (a line to fix), while serde's errors
+/// (wrong type, unknown or missing key) are tracked to the key path where
+/// they happened, e.g. `layer[0].packages`, by `serde_path_to_error`.
+fn parse(path: &Path, text: &str) -> Result<RawRecipe, BadInput> {
+    let document = toml::Deserializer::parse(text).map_err(|e| {
+        BadInput::new(
+            path,
+            "(syntax)",
+            at_line(text, &e, e.message().trim()),
+            "fix the TOML syntax at that line",
+        )
+    })?;
+    serde_path_to_error::deserialize(document).map_err(|e| {
+        let at = e.path().to_string();
+        shape_error(path, text, &at, e.inner())
     })
 }
 
-fn load_chain(path: &Path, chain: &mut Vec<PathBuf>) -> Result<Merged> {
+/// `line N: message`, when the error knows where it is.
+fn at_line(text: &str, e: &toml::de::Error, message: &str) -> String {
+    match e.span() {
+        Some(s) => {
+            let line = text[..s.start.min(text.len())].lines().count().max(1);
+            format!("line {line}: {message}")
+        }
+        None => message.to_owned(),
+    }
+}
+
+/// A well-formed TOML document that does not have a recipe's shape. `at`
+/// is the key path serde had reached (`.` for the top level).
+fn shape_error(path: &Path, text: &str, at: &str, e: &toml::de::Error) -> BadInput {
+    let message = e.message().trim();
+    let qualify = |name: &str| {
+        if at == "." || at.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{at}.{name}")
+        }
+    };
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        // The path already ends at the unknown key.
+        let name = rest.split('`').next().unwrap_or("?");
+        let name = if at.ends_with(name) {
+            at.to_owned()
+        } else {
+            qualify(name)
+        };
+        return BadInput::new(
+            path,
+            name,
+            at_line(text, e, message),
+            format!("remove or rename it; {REFERENCE} for the keys each table takes"),
+        );
+    }
+    if message.starts_with("missing field `") {
+        let name = qualify(message.split('`').nth(1).unwrap_or("?"));
+        return BadInput::new(
+            path,
+            name,
+            at_line(text, e, message),
+            format!("add it; {REFERENCE}"),
+        );
+    }
+    // serde's "invalid type: string \"x\", expected a sequence" (or
+    // "invalid value: …"), said in recipe words.
+    let leaf = at.rsplit('.').next().unwrap_or(at);
+    let leaf = leaf.split('[').next().unwrap_or(leaf);
+    if let Some((found, expected)) = message
+        .strip_prefix("invalid type: ")
+        .or_else(|| message.strip_prefix("invalid value: "))
+        .and_then(|m| m.rsplit_once(", expected "))
+    {
+        let wanted = plain_type(expected);
+        let fix = match (found.strip_prefix("string "), expected) {
+            (Some(quoted), "a sequence") => {
+                format!("write it as a list: {leaf} = [{quoted}]")
+            }
+            _ => format!("write {leaf} as {wanted}; {REFERENCE}"),
+        };
+        return BadInput::new(
+            path,
+            at,
+            at_line(
+                text,
+                e,
+                &format!("is {}, but {leaf} takes {wanted}", plain_value(found)),
+            ),
+            fix,
+        );
+    }
+    BadInput::new(
+        path,
+        at,
+        at_line(text, e, message),
+        format!("correct the value of {leaf}; {REFERENCE}"),
+    )
+}
+
+/// serde's description of a value it got (`string "x"`, ``integer `2` ``).
+fn plain_value(found: &str) -> String {
+    let unquoted = |v: &str| v.trim_matches('`').to_owned();
+    match found.split_once(' ') {
+        Some(("string", v)) => format!("the string {v}"),
+        Some(("integer", v)) | Some(("floating", v)) => {
+            format!("the number {}", unquoted(v.trim_start_matches("point ")))
+        }
+        Some(("boolean", v)) => unquoted(v),
+        _ if found == "sequence" => "a list".to_owned(),
+        _ if found == "map" => "a table".to_owned(),
+        _ => found.to_owned(),
+    }
+}
+
+/// serde's name for an expected type, in the words of the recipe reference.
+fn plain_type(expected: &str) -> String {
+    match expected {
+        "a sequence" => "a list, e.g. [\"a\", \"b\"]".to_owned(),
+        "a string" => "a string in double quotes".to_owned(),
+        "a boolean" => "true or false".to_owned(),
+        "u16" => "a whole number from 0 to 65535".to_owned(),
+        e if e.starts_with("struct ") || e == "a map" => "a table".to_owned(),
+        e => e.to_owned(),
+    }
+}
+
+/// The recipe and `extends` value that led to a parent recipe.
+struct ExtendedBy<'a> {
+    child: &'a Path,
+    extends: &'a str,
+}
+
+fn load_chain(path: &Path, via: Option<ExtendedBy>, chain: &mut Vec<PathBuf>) -> Result<Merged> {
     let canonical = std::fs::canonicalize(path).map_err(|e| {
         BadInput::new(
             path,
@@ -245,7 +333,10 @@ fn load_chain(path: &Path, chain: &mut Vec<PathBuf>) -> Result<Merged> {
         .into());
     }
     chain.push(canonical.clone());
-    let raw = read_raw(path)?;
+    let raw = read_raw(path).map_err(|bad| match via {
+        Some(by) => not_a_parent(by, bad),
+        None => bad,
+    })?;
     let Some(parent_name) = raw.extends.clone() else {
         let n = raw.layers.len();
         let base_origin = raw.base.as_ref().map(|_| canonical.clone());
@@ -269,8 +360,60 @@ fn load_chain(path: &Path, chain: &mut Vec<PathBuf>) -> Result<Merged> {
         )
         .into());
     }
-    let parent = load_chain(&parent_path, chain)?;
+    let by = ExtendedBy {
+        child: path,
+        extends: &parent_name,
+    };
+    let parent = load_chain(&parent_path, Some(by), chain)?;
     Ok(merge(parent, raw, &canonical))
+}
+
+/// A parent that cannot be read as a recipe, reported from the recipe and
+/// key that named it: the parent alone may be a file the user never meant
+/// to point at (`/etc/passwd`, a Cargo.toml), and its own error would not
+/// say how kiln came to read it.
+fn not_a_parent(by: ExtendedBy, bad: BadInput) -> BadInput {
+    let ExtendedBy { child, extends } = by;
+    let key = bad.key.as_deref().unwrap_or("");
+    // A file TOML cannot parse, or whose top level has keys no recipe has,
+    // is some other kind of file; an error further in is a recipe's mistake.
+    let foreign =
+        matches!(key, "(syntax)" | "(file)") || (!key.contains('.') && !key.contains('['));
+    let what = if foreign {
+        "is not a kiln recipe"
+    } else {
+        "is a recipe with an error"
+    };
+    let fix = if foreign {
+        format!(
+            "point extends at a kiln recipe, e.g. extends = \"golden.toml\" (a path relative to {})",
+            child.display()
+        )
+    } else {
+        format!("fix the recipe it extends: {}", bad.fix)
+    };
+    BadInput::new(
+        child,
+        "extends",
+        format!(
+            "extends = \"{extends}\": {what}: {bad}",
+            bad = one_line(&bad)
+        ),
+        fix,
+    )
+}
+
+/// A [`BadInput`] as one line (its file, key and problem, not its fix).
+fn one_line(bad: &BadInput) -> String {
+    let mut s = String::new();
+    if let Some(f) = &bad.file {
+        s.push_str(&format!("{}: ", f.display()));
+    }
+    if let Some(k) = &bad.key {
+        s.push_str(&format!("key `{k}`: "));
+    }
+    s.push_str(&bad.problem);
+    s
 }
 
 /// Apply a child recipe on top of its parent: image fields override one by

@@ -442,6 +442,76 @@ fn a_missing_parent_is_bad_input() {
 }
 
 #[test]
+fn a_wrong_type_names_the_key_the_type_and_the_fix() {
+    let d = Dir::new();
+    let path = d.write(
+        "x.toml",
+        format!("{BASE}\n[[layer]]\nname = \"web\"\npackages = \"lighttpd\"\n"),
+    );
+    let err = load(&path).expect_err("a string where a list belongs must be refused");
+    let text = assert_bad_input(&err, "layer[0].packages");
+    assert!(text.contains(&path.display().to_string()), "{text}");
+    assert!(text.contains("line 9: "), "the line is named: {text}");
+    assert!(text.contains("takes a list"), "the type is named: {text}");
+    assert!(
+        text.contains(r#"fix: write it as a list: packages = ["lighttpd"]"#),
+        "the fix is spelled out: {text}"
+    );
+    assert!(!text.contains("(syntax)"), "not a syntax error: {text}");
+}
+
+/// A parent that is some other file: the child and its `extends` are named,
+/// then the file and what is wrong with it.
+#[test]
+fn extending_a_file_that_is_not_a_recipe_names_the_recipe_and_key() {
+    let d = Dir::new();
+    d.write(
+        "Cargo.toml",
+        "[package]\nname = \"x\"\nversion = \"0.1.0\"\n",
+    );
+    let passwd = d.write("passwd", "root:x:0:0:root:/root:/bin/bash\n");
+    for (parent, says) in [
+        ("Cargo.toml", "unknown field `package`"),
+        (passwd.to_str().expect("a UTF-8 temp path"), "line 1"),
+    ] {
+        let child = d.write("x.toml", format!("extends = \"{parent}\"\n"));
+        let err = load(&child).expect_err("a parent that is not a recipe must be refused");
+        let text = assert_bad_input(&err, "extends");
+        let bad = err.downcast_ref::<BadInput>().expect("a BadInput");
+        assert_eq!(bad.file.as_deref(), Some(child.as_path()), "{text}");
+        assert!(
+            text.starts_with(&format!(
+                "{}: key `extends`: extends = \"{parent}\": is not a kiln recipe: ",
+                child.display()
+            )),
+            "{text}"
+        );
+        assert!(text.contains(says), "the parent's problem is kept: {text}");
+        assert!(
+            text.contains("fix: point extends at a kiln recipe"),
+            "{text}"
+        );
+    }
+}
+
+/// A parent recipe with a mistake of its own is still named as a recipe.
+#[test]
+fn extending_a_recipe_with_a_bad_key_names_both_files() {
+    let d = Dir::new();
+    let parent = d.write("p.toml", format!("[image]\nhostnam = \"x\"\n{BASE}"));
+    let child = d.write("c.toml", "extends = \"p.toml\"\n");
+    let err = load(&child).expect_err("the parent's unknown key must be refused");
+    let text = assert_bad_input(&err, "extends");
+    assert!(text.contains("is a recipe with an error"), "{text}");
+    assert!(text.contains(&parent.display().to_string()), "{text}");
+    assert!(text.contains("key `image.hostnam`"), "{text}");
+    assert!(
+        text.contains("fix: fix the recipe it extends: remove or rename it"),
+        "{text}"
+    );
+}
+
+#[test]
 fn reusing_a_parents_layer_name_is_bad_input_in_the_child() {
     let (d, _, _) = extends_dirs();
     let child = d.write(
@@ -566,13 +636,13 @@ fn cases() -> Vec<Case> {
         Case {
             what: "unknown key in [[layer]]",
             edit: Replace(r#"packages = ["curl"]"#, r#"packges = ["curl"]"#),
-            key: "layer.packges",
+            key: "layer[0].packges",
             says: "unknown field",
         },
         Case {
             what: "unknown key in files",
             edit: Replace(r#"mode = "0644""#, r#"mod = "0644""#),
-            key: "layer.mod",
+            key: "layer[0].files[0].mod",
             says: "unknown field",
         },
         Case {
@@ -584,7 +654,7 @@ fn cases() -> Vec<Case> {
         Case {
             what: "src key missing",
             edit: with_file(r#"{ dest = "/opt/f" }"#),
-            key: "layer.src",
+            key: "layer[0].files[0].src",
             says: "missing field",
         },
         Case {
@@ -668,8 +738,35 @@ fn cases() -> Vec<Case> {
         Case {
             what: "size as a number",
             edit: Replace(r#"size = "2GiB""#, "size = 2"),
-            key: "(syntax)",
-            says: "string",
+            key: "image.size",
+            says: "the number 2, but size takes a string",
+        },
+        Case {
+            what: "packages as a string, not a list",
+            edit: Replace(r#"packages = ["curl"]"#, r#"packages = "curl""#),
+            key: "layer[0].packages",
+            says: "the string \"curl\", but packages takes a list",
+        },
+        Case {
+            what: "upgrade as a string",
+            edit: Replace(r#"run = ["true"]"#, "run = [\"true\"]\nupgrade = \"yes\""),
+            key: "layer[0].upgrade",
+            says: "takes true or false",
+        },
+        Case {
+            what: "a file entry that is a string",
+            edit: with_file(r#""files/f""#),
+            key: "layer[0].files[0]",
+            says: "takes a table",
+        },
+        Case {
+            what: "an http port out of range",
+            edit: Replace(
+                "run = [\"true\"]\n",
+                "run = [\"true\"]\n[smoke]\nhttp = [{ port = 70000 }]\n",
+            ),
+            key: "smoke.http[0].port",
+            says: "65535",
         },
         Case {
             what: "bad format",
@@ -766,7 +863,7 @@ run = ["true"]"#,
         Case {
             what: "layer without a name",
             edit: Replace(r#"name = "app""#, ""),
-            key: "layer.name",
+            key: "layer[0].name",
             says: "missing field",
         },
         Case {

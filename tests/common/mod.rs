@@ -302,6 +302,7 @@ pub fn recipe(name: &str, layers: &str) -> String {
 pub struct Run {
     pub args: Vec<String>,
     pub code: Option<i32>,
+    pub status: std::process::ExitStatus,
     pub stdout: String,
     pub stderr: String,
     pub elapsed: Duration,
@@ -391,6 +392,15 @@ impl Kiln {
         }
     }
 
+    /// A given store and a given `--out`, which the caller cleans up.
+    pub fn at(store: &Path, out: &Path) -> Kiln {
+        Kiln {
+            store: store.to_owned(),
+            out: out.to_owned(),
+            _out_tmp: None,
+        }
+    }
+
     /// A given store, with a fresh temp `--out`.
     pub fn with_store(store: &Path) -> Kiln {
         Kiln {
@@ -404,8 +414,19 @@ impl Kiln {
     }
 
     /// Run `kiln --cache STORE --out OUT ARGS…`, then check that it left no
-    /// mount and no staging debris behind (whatever its exit code).
+    /// mount, QEMU process or staging debris behind (whatever its exit code).
     pub fn run<S: AsRef<OsStr>>(&self, args: &[S]) -> Run {
+        self.run_in(args, &[], None)
+    }
+
+    /// [`Kiln::run`] with extra environment (e.g. a PATH without a tool)
+    /// and, if given, another working directory.
+    pub fn run_in<S: AsRef<OsStr>>(
+        &self,
+        args: &[S],
+        env: &[(&str, &str)],
+        dir: Option<&Path>,
+    ) -> Run {
         let mut full: Vec<String> = vec![
             "--cache".into(),
             self.store.display().to_string(),
@@ -418,27 +439,30 @@ impl Kiln {
         );
         let mut cmd = Command::new(Kiln::binary());
         cmd.args(&full).env_remove("KILN_CACHE_DIR");
-        let (code, stdout, stderr, elapsed) = run_with_timeout(cmd, KILN_TIMEOUT);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        if let Some(dir) = dir {
+            cmd.current_dir(dir);
+        }
+        let done = run_with_deadline(cmd, KILN_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
         let run = Run {
             args: full,
-            code,
-            stdout,
-            stderr,
-            elapsed,
+            code: done.status.code(),
+            status: done.status,
+            stdout: String::from_utf8_lossy(&done.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&done.stderr).into_owned(),
+            elapsed: done.elapsed,
         };
         // Shown with the output of a failing test (or with --nocapture).
         eprintln!(
             "kiln {}: exit {:?} in {:.1}s",
-            args.iter()
-                .map(|a| a.as_ref().to_string_lossy())
-                .collect::<Vec<_>>()
-                .join(" "),
+            run.args.join(" "),
             run.code,
-            elapsed.as_secs_f64()
+            run.elapsed.as_secs_f64()
         );
-        assert_no_mounts(&[&self.store, &self.out])
+        assert_no_leftovers(&self.store, &self.out)
             .unwrap_or_else(|m| panic!("{m}\nafter:\n{}", run.show()));
-        assert_tmp_empty(&self.store).unwrap_or_else(|m| panic!("{m}\nafter:\n{}", run.show()));
         run
     }
 
@@ -489,13 +513,27 @@ impl Kiln {
     }
 }
 
-/// Run a command in its own process group with a deadline; on timeout the
-/// whole group is killed and the test fails.
-fn run_with_timeout(
-    mut cmd: Command,
-    timeout: Duration,
-) -> (Option<i32>, String, String, Duration) {
+/// A program that ran to its end.
+#[derive(Debug)]
+pub struct Finished {
+    pub status: std::process::ExitStatus,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub elapsed: Duration,
+}
+
+/// How long a finished program's output may stay open: longer means a
+/// process it started (a QEMU, a daemon) still holds its stdout or stderr.
+pub const OUTPUT_GRACE: Duration = Duration::from_secs(30);
+
+/// Run `cmd` in its own process group with a deadline. stdout and stderr
+/// are drained by threads while the deadline runs (a program that fills a
+/// pipe, or never closes one, cannot stall the wait); past the deadline the
+/// whole group is killed and reaped, and the error says so, with the output
+/// so far.
+pub fn run_with_deadline(mut cmd: Command, timeout: Duration) -> Result<Finished, String> {
     use std::os::unix::process::CommandExt;
+    use std::sync::mpsc;
     let shown = format!("{cmd:?}");
     let started = Instant::now();
     let mut child = cmd
@@ -504,91 +542,109 @@ fn run_with_timeout(
         .stderr(Stdio::piped())
         .process_group(0)
         .spawn()
-        .unwrap_or_else(|e| panic!("starting {shown}: {e}"));
+        .map_err(|e| format!("starting {shown}: {e}"))?;
     let pump = |mut r: Box<dyn Read + Send>| {
+        let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             let mut buf = Vec::new();
-            r.read_to_end(&mut buf)
-                .map(|_| String::from_utf8_lossy(&buf).into_owned())
-        })
+            let read = r.read_to_end(&mut buf).map(|_| buf);
+            // The receiver is gone only if the run already failed.
+            drop(tx.send(read));
+        });
+        rx
     };
     let out = pump(Box::new(child.stdout.take().expect("piped stdout")));
     let err = pump(Box::new(child.stderr.take().expect("piped stderr")));
     let status = loop {
-        if let Some(status) = child
-            .try_wait()
-            .unwrap_or_else(|e| panic!("waiting for {shown}: {e}"))
-        {
-            break status;
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) => {}
+            Err(e) => return Err(format!("waiting for {shown}: {e}")),
         }
         if started.elapsed() > timeout {
-            // SAFETY: kill(2) on the process group we created.
-            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
-            let status = child.wait();
-            panic!("{shown} took more than {timeout:?} and was killed ({status:?})");
+            kill_group(&mut child);
+            let so_far = |rx: &mpsc::Receiver<std::io::Result<Vec<u8>>>| {
+                rx.recv_timeout(Duration::from_secs(2))
+                    .ok()
+                    .and_then(Result::ok)
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .unwrap_or_default()
+            };
+            return Err(format!(
+                "{shown} took more than {timeout:?} and was killed\n--- stdout\n{}\n--- stderr\n{}",
+                so_far(&out),
+                so_far(&err)
+            ));
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
     };
-    let stdout = out
-        .join()
-        .expect("stdout reader")
-        .unwrap_or_else(|e| panic!("reading the stdout of {shown}: {e}"));
-    let stderr = err
-        .join()
-        .expect("stderr reader")
-        .unwrap_or_else(|e| panic!("reading the stderr of {shown}: {e}"));
-    (status.code(), stdout, stderr, started.elapsed())
+    let collect = |rx: mpsc::Receiver<std::io::Result<Vec<u8>>>, which: &str| match rx
+        .recv_timeout(OUTPUT_GRACE)
+    {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(e)) => Err(format!("reading the {which} of {shown}: {e}")),
+        Err(_) => Err(format!(
+            "{shown} exited ({status}) but its {which} stayed open for {OUTPUT_GRACE:?}: \
+                 a process it started is still running"
+        )),
+    };
+    let stdout = collect(out, "stdout")?;
+    let stderr = collect(err, "stderr")?;
+    Ok(Finished {
+        status,
+        stdout,
+        stderr,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// SIGKILL the process group `child` leads and its direct children that
+/// left the group (kiln starts QEMU in a group of its own), then reap
+/// `child`.
+fn kill_group(child: &mut std::process::Child) {
+    let group = child.id() as i32;
+    for pid in children_of(child.id()) {
+        // SAFETY: kill(2) on a child of the process this harness started.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    // SAFETY: kill(2) on the process group this harness created.
+    if unsafe { libc::kill(-group, libc::SIGKILL) } != 0 {
+        eprintln!(
+            "warning: killing process group {group}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    if let Err(e) = child.wait() {
+        eprintln!("warning: reaping process {group}: {e}");
+    }
 }
 
 /// Run a tool that must succeed; returns its stdout and stderr.
 #[track_caller]
 pub fn tool(program: &str, args: &[&OsStr], env: &[(&str, &str)]) -> (Vec<u8>, String) {
+    tool_with_timeout(program, args, env, TOOL_TIMEOUT).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`tool`] with a given timeout, as a `Result`: the error says why (it
+/// failed, or it ran past `timeout` and was killed).
+pub fn tool_with_timeout(
+    program: &str,
+    args: &[&OsStr],
+    env: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<(Vec<u8>, String), String> {
     let mut cmd = Command::new(program);
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.args(args);
     for (k, v) in env {
         cmd.env(k, v);
     }
     let shown = format!("{cmd:?}");
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("starting {shown}: {e}"));
-    let mut stdout_pipe = child.stdout.take().expect("piped stdout");
-    let out = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        stdout_pipe.read_to_end(&mut buf).map(|_| buf)
-    });
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .expect("piped stderr")
-        .read_to_string(&mut stderr)
-        .unwrap_or_else(|e| panic!("reading the stderr of {shown}: {e}"));
-    let started = Instant::now();
-    let status = loop {
-        if let Some(s) = child
-            .try_wait()
-            .unwrap_or_else(|e| panic!("waiting for {shown}: {e}"))
-        {
-            break s;
-        }
-        if started.elapsed() > TOOL_TIMEOUT {
-            child
-                .kill()
-                .unwrap_or_else(|e| panic!("killing {shown}: {e}"));
-            panic!("{shown} took more than {TOOL_TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let stdout = out
-        .join()
-        .expect("stdout reader")
-        .unwrap_or_else(|e| panic!("reading the stdout of {shown}: {e}"));
-    assert!(status.success(), "{shown} failed ({status}):\n{stderr}");
-    (stdout, stderr)
+    let done = run_with_deadline(cmd, timeout)?;
+    let stderr = String::from_utf8_lossy(&done.stderr).into_owned();
+    if !done.status.success() {
+        return Err(format!("{shown} failed ({}):\n{stderr}", done.status));
+    }
+    Ok((done.stdout, stderr))
 }
 
 // ------------------------------------------------------------ JSON reports
@@ -820,6 +876,111 @@ pub fn assert_tmp_empty(store: &Path) -> Result<(), String> {
             store.join("tmp").display()
         ))
     }
+}
+
+/// Everything a finished kiln run must not leave behind: a mount, a QEMU
+/// process, a staging dir.
+pub fn assert_no_leftovers(store: &Path, out: &Path) -> Result<(), String> {
+    assert_no_mounts(&[store, out])?;
+    assert_no_orphan_qemu(&[store, out])?;
+    assert_tmp_empty(store)
+}
+
+/// No QEMU process that mentions any of `paths` on its command line has
+/// lost the kiln that started it. (QEMU under a live kiln, e.g. another
+/// test's build into the same shared store, is not a leftover.)
+pub fn assert_no_orphan_qemu(paths: &[&Path]) -> Result<(), String> {
+    let orphans: Vec<String> = qemu_processes()
+        .into_iter()
+        .filter(|q| {
+            paths
+                .iter()
+                .any(|p| q.cmdline.contains(&*p.to_string_lossy()))
+        })
+        .filter(|q| comm(q.ppid).as_deref() != Some("kiln"))
+        .map(|q| format!("pid {} (parent {}): {}", q.pid, q.ppid, q.cmdline))
+        .collect();
+    if orphans.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "QEMU processes left running:\n{}",
+            orphans.join("\n")
+        ))
+    }
+}
+
+/// A running (not zombie) QEMU process.
+#[derive(Debug)]
+pub struct Qemu {
+    pub pid: u32,
+    pub ppid: u32,
+    pub cmdline: String,
+}
+
+/// One process, from `/proc/PID/stat`.
+struct ProcStat {
+    pid: u32,
+    comm: String,
+    state: String,
+    ppid: u32,
+}
+
+/// Every process on the machine; one that exits while being read is left out.
+fn processes() -> Vec<ProcStat> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // The command name is in parentheses and may hold spaces.
+            let (comm, rest) = stat.split_once(" (")?.1.rsplit_once(") ")?;
+            let mut fields = rest.split_whitespace();
+            let state = fields.next()?.to_owned();
+            let ppid = fields.next()?.parse().ok()?;
+            Some(ProcStat {
+                pid,
+                comm: comm.to_owned(),
+                state,
+                ppid,
+            })
+        })
+        .collect()
+}
+
+/// Every live `qemu-system-*` process on the machine.
+pub fn qemu_processes() -> Vec<Qemu> {
+    processes()
+        .into_iter()
+        .filter(|p| p.comm.starts_with("qemu-system") && p.state != "Z")
+        .filter_map(|p| {
+            let raw = std::fs::read(format!("/proc/{}/cmdline", p.pid)).ok()?;
+            let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+            Some(Qemu {
+                pid: p.pid,
+                ppid: p.ppid,
+                cmdline,
+            })
+        })
+        .collect()
+}
+
+/// The pids whose parent is `parent`.
+fn children_of(parent: u32) -> Vec<u32> {
+    processes()
+        .into_iter()
+        .filter(|p| p.ppid == parent)
+        .map(|p| p.pid)
+        .collect()
+}
+
+/// The command name of a process, if it is alive.
+fn comm(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|c| c.trim().to_owned())
 }
 
 /// No mount in this process's mount namespace (the host's) mentions any
@@ -1196,18 +1357,15 @@ fn copy_tree(from: &Path, to: &Path) {
 }
 
 /// `kiln --cache SHARED --out OUT ARGS…`, whatever its exit code (for the
-/// tests that boot VMs and look at stderr themselves).
+/// tests that boot VMs and look at stderr themselves), through the harness:
+/// a timeout, then the leftover checks of [`Kiln::run`].
 pub fn kiln_output(out: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(Kiln::binary())
-        .arg("--cache")
-        .arg(shared_store())
-        .arg("--out")
-        .arg(out)
-        .args(args)
-        .env_remove("KILN_CACHE_DIR")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("running kiln {args:?}: {e}"))
+    let run = Kiln::at(&shared_store(), out).run(args);
+    std::process::Output {
+        status: run.status,
+        stdout: run.stdout.into_bytes(),
+        stderr: run.stderr.into_bytes(),
+    }
 }
 
 /// An output, for assertion messages.
