@@ -27,6 +27,7 @@ pub mod manifest;
 pub mod provenance;
 pub mod repro;
 pub mod sbom;
+pub mod smoke;
 pub mod tree;
 pub mod verify;
 
