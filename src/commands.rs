@@ -265,6 +265,7 @@ fn smoke_stage(
     record::smoke::write(
         &record::smoke::path_for(&summary.image),
         store.root(),
+        &recipe.image.name,
         &record::smoke::statement(&disk, &report, None),
     )
     .context("writing the smoke record")?;
@@ -450,6 +451,7 @@ pub fn smoke(global: &Global, args: &SmokeArgs) -> Result<()> {
     record::smoke::write(
         &record_path,
         &store_root(global),
+        &recipe.image.name,
         &record::smoke::statement(
             &record::smoke::Disk {
                 path: &args.image,
@@ -943,7 +945,7 @@ pub fn log(global: &Global, args: &LogArgs) -> Result<()> {
     };
     let verdicts: Vec<record::smoke::Verdict> = records
         .iter()
-        .map(|r| record::smoke::verdict_in_store(&root, &r.image_sha256))
+        .map(|r| record::smoke::verdict_in_store(&root, &r.name, &r.image_sha256))
         .collect();
     if global.json {
         let mut values = Vec::new();

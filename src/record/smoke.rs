@@ -21,8 +21,9 @@
 //!
 //! `kiln build` writes it after its smoke (a cached pass writes the record
 //! of that pass again), and `kiln smoke IMAGE` beside IMAGE. A copy is
-//! kept in the store as `state-v1/smoke-records/<disk sha256>.json`, which
-//! is how `kiln log` shows each build's verdict. The statement is unsigned,
+//! kept in the store as `state-v1/smoke-records/<name>/<disk sha256>.json`
+//! (the latest verdict on that disk for that image name), which is how
+//! `kiln log` shows each build's verdict. The statement is unsigned,
 //! like the provenance.
 
 use std::path::{Path, PathBuf};
@@ -225,22 +226,26 @@ pub fn path_for(image: &Path) -> PathBuf {
     image.with_file_name(format!("{stem}.smoke.json"))
 }
 
-fn store_path(store_root: &Path, sha256: &str) -> PathBuf {
+/// Per image name: recipes that differ only in their checks (or in their
+/// name) make the same disk, and each has its own verdict.
+fn store_path(store_root: &Path, name: &str, sha256: &str) -> PathBuf {
     store_root
         .join("state-v1")
         .join(STORE_DIR)
+        .join(name)
         .join(format!("{sha256}.json"))
 }
 
 /// Write the record to `path` (readable by everyone, like the other
-/// records) and its copy into the store at `store_root`.
-pub fn write(path: &Path, store_root: &Path, statement: &Statement) -> Result<()> {
+/// records) and its copy into the store at `store_root`, as the latest
+/// verdict on that disk for the image `name`.
+pub fn write(path: &Path, store_root: &Path, name: &str, statement: &Statement) -> Result<()> {
     crate::store::write_json_atomic(path, statement)?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
         .with_context(|| format!("chmod 644 {}", path.display()))?;
     let sha256 = &statement.subject[0].digest.sha256;
-    crate::store::write_json_atomic(&store_path(store_root, sha256), statement)
+    crate::store::write_json_atomic(&store_path(store_root, name, sha256), statement)
 }
 
 /// What a record says about a disk, as `kiln inspect` and `kiln log` show it.
@@ -322,9 +327,10 @@ pub fn verdict(record: &Path, disk_sha256: &str) -> Verdict {
     })
 }
 
-/// The verdict the store holds for a disk, by its sha256.
-pub fn verdict_in_store(store_root: &Path, disk_sha256: &str) -> Verdict {
-    verdict(&store_path(store_root, disk_sha256), disk_sha256)
+/// The latest verdict the store holds on a disk (by its sha256) for the
+/// image `name`.
+pub fn verdict_in_store(store_root: &Path, name: &str, disk_sha256: &str) -> Verdict {
+    verdict(&store_path(store_root, name, disk_sha256), disk_sha256)
 }
 
 impl Verdict {
@@ -473,7 +479,7 @@ mod tests {
             &report(true),
             None,
         );
-        write(&path, dir.path(), &s).unwrap();
+        write(&path, dir.path(), "web", &s).unwrap();
         match verdict(&path, &sha) {
             Verdict::Recorded(summary) => {
                 assert!(summary.passed);
@@ -481,7 +487,11 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(verdict_in_store(dir.path(), &sha), verdict(&path, &sha));
+        assert_eq!(
+            verdict_in_store(dir.path(), "web", &sha),
+            verdict(&path, &sha)
+        );
+        assert_eq!(verdict_in_store(dir.path(), "db", &sha), Verdict::None);
         let other = "c".repeat(64);
         assert!(matches!(
             verdict(&path, &other),
