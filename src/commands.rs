@@ -262,13 +262,10 @@ fn smoke_stage(
         path: &summary.image,
         sha256: &summary.sha256,
     };
-    record::smoke::write(
-        &record::smoke::path_for(&summary.image),
-        store.root(),
-        &recipe.image.name,
-        &record::smoke::statement(&disk, &report, None),
-    )
-    .context("writing the smoke record")?;
+    let statement = record::smoke::statement(&disk, &report, None);
+    record::smoke::write(&record::smoke::path_for(&summary.image), &statement)
+        .and_then(|()| record::smoke::keep_in_store(store.root(), &recipe.image.name, &statement))
+        .context("writing the smoke record")?;
     let failed = (!report.passed).then(|| SmokeFailed {
         image: summary.image.display().to_string(),
         failure: report.failure_text(),
@@ -448,20 +445,25 @@ pub fn smoke(global: &Global, args: &SmokeArgs) -> Result<()> {
         .zip(old_sha256.as_deref())
         .map(|(path, sha256)| record::smoke::Disk { path, sha256 });
     let record_path = record::smoke::path_for(&args.image);
-    record::smoke::write(
-        &record_path,
-        &store_root(global),
-        &recipe.image.name,
-        &record::smoke::statement(
-            &record::smoke::Disk {
-                path: &args.image,
-                sha256: &sha256,
-            },
-            &report,
-            old.as_ref(),
-        ),
-    )
-    .context("writing the smoke record")?;
+    let statement = record::smoke::statement(
+        &record::smoke::Disk {
+            path: &args.image,
+            sha256: &sha256,
+        },
+        &report,
+        old.as_ref(),
+    );
+    record::smoke::write(&record_path, &statement).context("writing the smoke record")?;
+    // Only the recipe's own test is the image's verdict in `kiln log`.
+    let own_test = args.checks.is_empty()
+        && args.http.is_empty()
+        && args.timeout.is_none()
+        && !args.no_volumes
+        && args.upgrade_from.is_none();
+    if own_test {
+        record::smoke::keep_in_store(&store_root(global), &recipe.image.name, &statement)
+            .context("keeping the smoke record in the store")?;
+    }
     if global.json {
         print_json(&report)?;
     } else {

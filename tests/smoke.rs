@@ -329,6 +329,11 @@ fn one_boot_reports_every_check_failing_or_not() {
     let recipe = images().recipes.join("web.toml");
     let expected = common::smoke_checks(&recipe);
     let sb = Sandbox::new();
+    // A test with extra checks is not the image's verdict in `kiln log`.
+    let kept = common::shared_store()
+        .join("state-v1/smoke-records/web")
+        .join(format!("{}.json", sha256(&img)));
+    let kept_before = std::fs::read(&kept).ok();
     let failing = "echo kiln-test-output; exit 7";
     let out = sb
         .command(
@@ -351,6 +356,11 @@ fn one_boot_reports_every_check_failing_or_not() {
         .unwrap();
     assert_eq!(out.status.code(), Some(3), "{}", common::describe(&out));
     sb.assert_clean();
+    assert_eq!(
+        std::fs::read(&kept).ok(),
+        kept_before,
+        "kiln smoke --check kept its record as the image's verdict"
+    );
     // The failing check runs after the recipe's seed and checks; the extra
     // HTTP check after the recipe's.
     let failing_n = expected.seed.len() + expected.checks.len() + 1;

@@ -24,7 +24,10 @@
 //! kept in the store as `state-v1/smoke-records/<name>/<disk sha256>.json`
 //! (the latest verdict on that disk for that image name), which is how
 //! `kiln log` shows each build's verdict. The statement is unsigned,
-//! like the provenance.
+//! like the provenance. `kiln smoke` keeps its record in the store only
+//! when it ran the recipe's own checks on its own volumes (no `--check`,
+//! `--http`, `--timeout`, `--no-volumes` or `--upgrade-from`): another test
+//! is not the image's verdict.
 
 use std::path::{Path, PathBuf};
 
@@ -236,14 +239,17 @@ fn store_path(store_root: &Path, name: &str, sha256: &str) -> PathBuf {
         .join(format!("{sha256}.json"))
 }
 
-/// Write the record to `path` (readable by everyone, like the other
-/// records) and its copy into the store at `store_root`, as the latest
-/// verdict on that disk for the image `name`.
-pub fn write(path: &Path, store_root: &Path, name: &str, statement: &Statement) -> Result<()> {
+/// Write the record to `path`, readable by everyone like the other records.
+pub fn write(path: &Path, statement: &Statement) -> Result<()> {
     crate::store::write_json_atomic(path, statement)?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
-        .with_context(|| format!("chmod 644 {}", path.display()))?;
+        .with_context(|| format!("chmod 644 {}", path.display()))
+}
+
+/// Keep the record in the store at `store_root` as the latest verdict on
+/// its disk for the image `name`, which `kiln log` shows.
+pub fn keep_in_store(store_root: &Path, name: &str, statement: &Statement) -> Result<()> {
     let sha256 = &statement.subject[0].digest.sha256;
     crate::store::write_json_atomic(&store_path(store_root, name, sha256), statement)
 }
@@ -479,7 +485,8 @@ mod tests {
             &report(true),
             None,
         );
-        write(&path, dir.path(), "web", &s).unwrap();
+        write(&path, &s).unwrap();
+        keep_in_store(dir.path(), "web", &s).unwrap();
         match verdict(&path, &sha) {
             Verdict::Recorded(summary) => {
                 assert!(summary.passed);
