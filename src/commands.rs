@@ -15,8 +15,11 @@ use crate::error::{BadInput, Drift, SmokeFailed};
 use crate::lock::Locks;
 use crate::plan::{self, Freshness};
 use crate::recipe;
-use crate::recipe::{Recipe, SmokeSpec};
+use crate::recipe::Recipe;
 use crate::record;
+use crate::smoke::stage::seed_then_checks;
+use crate::smoke::upgrade::Upgrade;
+use crate::smoke::volumes::VolumeDisks;
 use crate::smoke::{SmokeOptions, SmokeReport};
 use crate::store::Store;
 use crate::ui::{table, Ui};
@@ -138,6 +141,9 @@ pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
             println!("{line}");
         }
         print!("{}", summary.text());
+        if let Some(smoke) = &summary.smoke {
+            print!("{}", smoke.checks_text());
+        }
     }
     keep_log(&summary, &log_path)?;
     if args.check_repro {
@@ -175,27 +181,8 @@ fn keep_log(summary: &Summary, log_path: &Path) -> Result<()> {
     }
 }
 
-/// Where a passing smoke of this image with these checks is remembered.
-fn smoke_cache(store: &Store, image_key: &str, spec: &SmokeSpec) -> PathBuf {
-    let http: Vec<String> = spec
-        .http
-        .iter()
-        .map(|h| format!("{} {} {} {:?}", h.port, h.path, h.status, h.contains))
-        .collect();
-    let text = format!(
-        "{image_key}\n{}\n{}\n{}\n{}",
-        spec.timeout.as_secs(),
-        spec.checks.join("\n"),
-        http.join("\n"),
-        spec.seed.join("\n")
-    );
-    store.state_dir("smoke").join(format!(
-        "{}.json",
-        &crate::plan::key::bytes_digest(text.as_bytes())[..32]
-    ))
-}
-
-/// Boot the built image, unless this image already passed these checks.
+/// The build's smoke stage: boot (or recall a pass), add its row, write
+/// the smoke record beside the provenance.
 fn smoke_stage(
     global: &Global,
     args: &BuildArgs,
@@ -204,136 +191,117 @@ fn smoke_stage(
     ui: &Ui,
     summary: &mut Summary,
 ) -> Result<()> {
-    let cache = smoke_cache(store, &summary.image_key, &recipe.smoke);
-    if !args.force_smoke {
-        if let Ok(report) = crate::store::read_json::<SmokeReport>(&cache) {
-            summary.rows.push(Row {
-                stage: "smoke".into(),
-                key: summary.image_key[..12].to_owned(),
-                status: Status::Cached,
-                reason: Some("passed before".into()),
-                seconds: 0.0,
-            });
-            summary.smoke = Some(report);
-            return Ok(());
-        }
-    }
-    let disks = VolumeDisks::new(&recipe.volumes, None)?;
-    let opts = SmokeOptions {
+    let image_key = crate::plan::Key::parse(&summary.image_key)
+        .with_context(|| format!("`{}` is not an image key", summary.image_key))?;
+    let done = crate::smoke::stage::Stage {
+        store,
+        image_key,
+        disk: &summary.image,
+        disk_sha256: &summary.sha256,
+        recipe,
         accel: args.vm.accel,
         firmware: args.vm.firmware.clone(),
-        state_dir: store.state_dir("host"),
         log_path: global.out.join(format!("{}.smoke.log", recipe.image.name)),
         verbose: global.verbose,
-        volumes: disks.volumes.clone(),
-        wait_poweroff: false,
-        keep_overlay: None,
-    };
-    let stage = ui.stage("smoke", "booting in QEMU");
-    let outcome = crate::smoke::run(&summary.image, &seed_then_checks(&recipe.smoke), &opts);
-    match outcome {
-        Ok(Ok(report)) => {
-            let seconds = stage.done("passed");
-            let why = format!(
-                "{} ready in {:.1}s, {}/{} checks",
-                report.accel, report.boot_secs, report.checks_passed, report.checks_total
-            );
-            summary.rows.push(Row {
-                stage: "smoke".into(),
-                key: summary.image_key[..12].to_owned(),
-                status: Status::Passed,
-                reason: Some(why),
-                seconds,
-            });
-            crate::store::write_json_atomic(&cache, &report)?;
-            summary.smoke = Some(report);
-            Ok(())
-        }
-        Ok(Err(failure)) => {
-            let seconds = stage.failed();
-            summary.rows.push(Row {
-                stage: "smoke".into(),
-                key: summary.image_key[..12].to_owned(),
-                status: Status::Failed,
-                reason: Some(first_line(&failure.to_string())),
-                seconds,
-            });
-            Err(SmokeFailed {
-                image: summary.image.display().to_string(),
-                failure: failure.to_string(),
-                log: opts.log_path.display().to_string(),
-            }
-            .into())
-        }
-        Err(e) => {
-            stage.failed();
-            Err(e.context("running the smoke boot"))
-        }
+        force: args.force_smoke,
     }
+    .run(ui)?;
+    let report = done.report;
+    let (status, why) = if done.cached {
+        (Status::Cached, "passed before".to_owned())
+    } else if report.passed {
+        (Status::Passed, smoke_line(&report))
+    } else {
+        let why = report.failure.as_ref().map(ToString::to_string);
+        (Status::Failed, first_line(&why.unwrap_or_default()))
+    };
+    summary
+        .rows
+        .push(Row::new("smoke", &image_key, status).because(why).took(done.seconds));
+    let disk = record::smoke::Disk {
+        path: &summary.image,
+        sha256: &summary.sha256,
+    };
+    let statement = record::smoke::statement(&disk, &report, None);
+    record::smoke::write(&record::smoke::path_for(&summary.image), &statement)
+        .and_then(|()| record::smoke::keep_in_store(store.root(), &recipe.image.name, &statement))
+        .context("writing the smoke record")?;
+    let failed = (!report.passed).then(|| SmokeFailed {
+        image: summary.image.display().to_string(),
+        failure: report.failure_text(),
+        log: report.log.display().to_string(),
+    });
+    summary.smoke = Some(report);
+    failed.map_or(Ok(()), |f| Err(f.into()))
+}
+
+/// `tcg ready in 41.2s, 7/7 checks`.
+fn smoke_line(r: &SmokeReport) -> String {
+    let ready = r
+        .boot_secs
+        .map_or_else(|| "never ready".to_owned(), |b| format!("ready in {b:.1}s"));
+    format!(
+        "{} {ready}, {}/{} checks",
+        r.accel, r.checks_passed, r.checks_total
+    )
 }
 
 fn first_line(text: &str) -> String {
     text.lines().next().unwrap_or("").to_owned()
 }
 
-/// A plain smoke writes the seed data and reads it back in one boot.
-fn seed_then_checks(spec: &SmokeSpec) -> SmokeSpec {
-    SmokeSpec {
-        checks: spec.seed.iter().chain(&spec.checks).cloned().collect(),
-        ..spec.clone()
+/// The recipe `image` was built from, as its `NAME.build.json` beside it
+/// says. Without it kiln cannot know the image's checks, and judging the
+/// boot alone would pass an image whose checks fail: that is an error.
+fn recipe_of(image: &Path) -> Result<PathBuf> {
+    let stem = image
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let report = image.with_file_name(format!("{stem}.build.json"));
+    let fix = format!(
+        "pass --recipe RECIPE, the recipe {} was built from, so its checks run",
+        image.display()
+    );
+    if !report.is_file() {
+        return Err(BadInput::new(
+            &report,
+            "recipe",
+            format!(
+                "{} has no build report, so kiln cannot tell which recipe's checks to run",
+                image.display()
+            ),
+            fix,
+        )
+        .into());
     }
-}
-
-/// Blank disks for a recipe's data volumes: in a temp dir removed on
-/// drop, or kept (and reused when already there) in a given dir.
-struct VolumeDisks {
-    volumes: Vec<crate::smoke::Volume>,
-    _tmp: Option<tempfile::TempDir>,
-}
-
-impl VolumeDisks {
-    fn new(specs: &[crate::recipe::VolumeSpec], keep: Option<&Path>) -> Result<VolumeDisks> {
-        if specs.is_empty() {
-            return Ok(VolumeDisks {
-                volumes: Vec::new(),
-                _tmp: None,
-            });
-        }
-        let (dir, tmp) = match keep {
-            Some(dir) => {
-                std::fs::create_dir_all(dir)
-                    .with_context(|| format!("creating {}", dir.display()))?;
-                (dir.to_owned(), None)
-            }
-            None => {
-                let tmp = tempfile::Builder::new()
-                    .prefix("kiln-volumes-")
-                    .tempdir()
-                    .context("creating a temp dir for volume disks")?;
-                (tmp.path().to_owned(), Some(tmp))
-            }
-        };
-        let mut volumes = Vec::new();
-        for v in specs {
-            let path = dir.join(format!("{}.qcow2", v.name));
-            if !path.exists() {
-                crate::cmd::Cmd::new("qemu-img")
-                    .args(["create", "-q", "-f", "qcow2"])
-                    .arg(&path)
-                    .arg(v.size.to_string())
-                    .run()?;
-            }
-            volumes.push(crate::smoke::Volume {
-                path,
-                serial: crate::assemble::volume_serial(v),
-            });
-        }
-        Ok(VolumeDisks { volumes, _tmp: tmp })
+    let summary: Summary = crate::store::read_json(&report).map_err(|e| {
+        BadInput::new(
+            &report,
+            "recipe",
+            format!("the build report is damaged ({e:#})"),
+            fix.clone(),
+        )
+    })?;
+    let recipe = PathBuf::from(&summary.recipe);
+    if !recipe.is_file() {
+        return Err(BadInput::new(
+            &report,
+            "recipe",
+            format!(
+                "names the recipe {}, which does not exist",
+                recipe.display()
+            ),
+            fix,
+        )
+        .into());
     }
+    Ok(recipe)
 }
 
 /// `kiln smoke IMAGE`: always boots (no cache), with the checks of the
-/// recipe the image was built from, plus any given on the command line.
+/// recipe the image was built from, plus any given on the command line,
+/// and writes the smoke record beside IMAGE.
 pub fn smoke(global: &Global, args: &SmokeArgs) -> Result<()> {
     // As root, QEMU runs in kiln's own pid namespace: not even a `kill -9`
     // of kiln leaves it running.
@@ -351,29 +319,12 @@ pub fn smoke(global: &Global, args: &SmokeArgs) -> Result<()> {
         }
     }
     crate::cmd::require_tools(&[crate::cmd::SMOKE_TOOLS])?;
-    let stem = args
-        .image
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let dir = args.image.parent().unwrap_or(Path::new("."));
     let recipe_path = match &args.recipe {
-        Some(r) => Some(r.clone()),
-        None => crate::store::read_json::<Summary>(&dir.join(format!("{stem}.build.json")))
-            .ok()
-            .map(|s| PathBuf::from(s.recipe))
-            .filter(|p| p.is_file()),
+        Some(r) => r.clone(),
+        None => recipe_of(&args.image)?,
     };
-    let recipe = recipe_path.as_deref().map(recipe::load).transpose()?;
-    let mut spec = match &recipe {
-        Some(r) => r.smoke.clone(),
-        None => SmokeSpec {
-            timeout: std::time::Duration::from_secs(180),
-            checks: vec![],
-            http: vec![],
-            seed: vec![],
-        },
-    };
+    let recipe = recipe::load(&recipe_path)?;
+    let mut spec = recipe.smoke.clone();
     spec.checks.extend(args.checks.iter().cloned());
     for h in &args.http {
         spec.http.push(parse_http_arg(h)?);
@@ -381,125 +332,126 @@ pub fn smoke(global: &Global, args: &SmokeArgs) -> Result<()> {
     if let Some(t) = args.timeout {
         spec.timeout = std::time::Duration::from_secs(t);
     }
-    let volume_specs = match (&recipe, args.no_volumes) {
-        (Some(r), false) => r.volumes.clone(),
-        _ => Vec::new(),
+    if args.upgrade_from.is_some() && spec.seed.is_empty() {
+        return Err(BadInput::new(
+            &recipe_path,
+            "smoke.seed",
+            "--upgrade-from needs seed commands, and the recipe has no [smoke] seed",
+            "add seed = [\"...\"] to the recipe's [smoke]: commands that write the data the checks then look for",
+        )
+        .into());
+    }
+    let volume_specs = if args.no_volumes {
+        Vec::new()
+    } else {
+        recipe.volumes.clone()
     };
     let disks = VolumeDisks::new(&volume_specs, args.keep_volumes.as_deref())?;
-    let state_dir = args
-        .state_dir
-        .clone()
-        .unwrap_or_else(|| store_root(global).join("state-v1/host"));
-    let log_path = args
-        .log
-        .clone()
-        .unwrap_or_else(|| dir.join(format!("{stem}.smoke.log")));
+    let dir = args.image.parent().unwrap_or(Path::new("."));
+    let log_path = args.log.clone().unwrap_or_else(|| {
+        let stem = args.image.file_stem().unwrap_or_default().to_string_lossy();
+        dir.join(format!("{stem}.smoke.log"))
+    });
     let opts = SmokeOptions {
         accel: args.vm.accel,
         firmware: args.vm.firmware.clone(),
-        state_dir,
-        log_path: log_path.clone(),
+        state_dir: args
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| store_root(global).join("state-v1/host")),
+        log_path,
         verbose: global.verbose,
         volumes: disks.volumes.clone(),
         wait_poweroff: false,
-        keep_overlay: None,
+        keep_overlay: args.keep_overlay.clone(),
     };
     let ui = Ui::new(global.json);
 
-    if let Some(old) = &args.upgrade_from {
-        if spec.seed.is_empty() {
-            return Err(BadInput::arg(
-                format!("--upgrade-from needs seed commands, and {} has no [smoke] seed", recipe_path.as_deref().unwrap_or(Path::new("the image's recipe")).display()),
-                "add seed = [\"...\"] to the recipe's [smoke]: commands that write the data the checks then look for",
-            )
-            .into());
-        }
-        let seed_spec = SmokeSpec {
-            timeout: spec.timeout,
-            checks: spec.seed.clone(),
-            http: Vec::new(),
-            seed: Vec::new(),
-        };
-        let seed_opts = SmokeOptions {
-            log_path: log_path.with_extension("seed.log"),
-            wait_poweroff: true,
-            ..opts.clone()
-        };
-        let stage = ui.stage(
-            "smoke (old)",
-            &format!("booting {} and seeding its volumes", old.display()),
-        );
-        match crate::smoke::run(old, &seed_spec, &seed_opts) {
-            Ok(Ok(_)) => {
-                stage.done("seeded, shut down cleanly");
-            }
-            Ok(Err(failure)) => {
-                stage.failed();
+    let (report, what) = match &args.upgrade_from {
+        Some(old) => match crate::smoke::upgrade::run(old, &args.image, &spec, &opts, &ui)? {
+            Upgrade::SeedFailed(seeded) => {
                 return Err(SmokeFailed {
                     image: old.display().to_string(),
-                    failure: format!("boot 1 of 2 (the old image), seeding: {failure}"),
-                    log: seed_opts.log_path.display().to_string(),
+                    failure: format!(
+                        "boot 1 of 2 (the old image), seeding: {}",
+                        seeded.failure_text()
+                    ),
+                    log: seeded.log.display().to_string(),
                 }
                 .into());
             }
-            Err(e) => {
-                stage.failed();
-                return Err(e);
-            }
+            Upgrade::Checked(report) => (
+                report,
+                "boot 2 of 2 (the new image, on the old image's volumes), checks: ",
+            ),
+        },
+        None => {
+            let stage = ui.stage("smoke", &format!("booting {}", args.image.display()));
+            let report = crate::smoke::run(&args.image, &seed_then_checks(&spec), &opts);
+            match &report {
+                Ok(r) if r.passed => stage.done("passed"),
+                _ => stage.failed(),
+            };
+            (report?, "")
+        }
+    };
+    let digest = |p: &Path| {
+        crate::plan::key::file_digest(p).with_context(|| format!("hashing {}", p.display()))
+    };
+    let sha256 = digest(&args.image)?;
+    let old_sha256 = args.upgrade_from.as_deref().map(digest).transpose()?;
+    let old = args
+        .upgrade_from
+        .as_deref()
+        .zip(old_sha256.as_deref())
+        .map(|(path, sha256)| record::smoke::Disk { path, sha256 });
+    let record_path = record::smoke::path_for(&args.image);
+    let statement = record::smoke::statement(
+        &record::smoke::Disk {
+            path: &args.image,
+            sha256: &sha256,
+        },
+        &report,
+        old.as_ref(),
+    );
+    record::smoke::write(&record_path, &statement).context("writing the smoke record")?;
+    // Only the recipe's own test is the image's verdict in `kiln log`.
+    let own_test = args.checks.is_empty()
+        && args.http.is_empty()
+        && args.timeout.is_none()
+        && !args.no_volumes
+        && args.upgrade_from.is_none();
+    if own_test {
+        record::smoke::keep_in_store(&store_root(global), &recipe.image.name, &statement)
+            .context("keeping the smoke record in the store")?;
+    }
+    if global.json {
+        print_json(&report)?;
+    } else {
+        println!(
+            "{} {}: {}, {:.1}s in all; firmware {}; console in {}; record in {}",
+            args.image.display(),
+            if report.passed { "passed" } else { "FAILED" },
+            smoke_line(&report),
+            report.total_secs,
+            report.firmware,
+            report.log.display(),
+            record_path.display()
+        );
+        print!("{}", report.checks_text());
+        if let Some(note) = &report.note {
+            println!("note: {note}");
         }
     }
-
-    let what = if args.upgrade_from.is_some() {
-        "boot 2 of 2 (the new image, on the old image's volumes), checks: "
-    } else {
-        ""
-    };
-    let spec = if args.upgrade_from.is_some() {
-        spec
-    } else {
-        seed_then_checks(&spec)
-    };
-    let opts = SmokeOptions {
-        keep_overlay: args.keep_overlay.clone(),
-        ..opts
-    };
-    let stage = ui.stage("smoke", &format!("booting {}", args.image.display()));
-    match crate::smoke::run(&args.image, &spec, &opts) {
-        Ok(Ok(report)) => {
-            stage.done("passed");
-            if global.json {
-                print_json(&report)
-            } else {
-                println!(
-                    "{} passed: {} ready in {:.1}s, {}/{} checks, {:.1}s in all; console in {}",
-                    args.image.display(),
-                    report.accel,
-                    report.boot_secs,
-                    report.checks_passed,
-                    report.checks_total,
-                    report.total_secs,
-                    report.log.display()
-                );
-                if let Some(note) = &report.note {
-                    println!("note: {note}");
-                }
-                Ok(())
-            }
-        }
-        Ok(Err(failure)) => {
-            stage.failed();
-            Err(SmokeFailed {
-                image: args.image.display().to_string(),
-                failure: format!("{what}{failure}"),
-                log: opts.log_path.display().to_string(),
-            }
-            .into())
-        }
-        Err(e) => {
-            stage.failed();
-            Err(e)
-        }
+    if report.passed {
+        return Ok(());
     }
+    Err(SmokeFailed {
+        image: args.image.display().to_string(),
+        failure: format!("{what}{}", report.failure_text()),
+        log: report.log.display().to_string(),
+    }
+    .into())
 }
 
 /// `PORT:PATH:STATUS[:CONTAINS]`.
@@ -802,13 +754,25 @@ fn age(seconds: u64) -> String {
 pub fn inspect(global: &Global, args: &InspectArgs) -> Result<()> {
     let path = record::manifest::path_for(&args.image);
     let m = record::manifest::read(&path)?;
+    // The verdict is checked against the disk itself when it is there: a
+    // record is about one disk, not about whatever now has its name.
+    let disk = path.with_file_name(&m.image.file);
+    let disk_sha256 = if disk.is_file() {
+        crate::plan::key::file_digest(&disk)
+            .with_context(|| format!("hashing {}", disk.display()))?
+    } else {
+        m.image.sha256.clone()
+    };
+    let smoke = record::smoke::verdict(&record::smoke::path_for(&path), &disk_sha256);
     if global.json {
         let mut value = serde_json::to_value(&m).context("serialising the manifest")?;
         // The summary leaves out the file list; the manifest itself has it.
         value["files"] = serde_json::json!(m.files.as_ref().map(Vec::len));
+        value["smoke"] = serde_json::to_value(&smoke).context("serialising the smoke verdict")?;
         return print_json(&value);
     }
     print!("{}", record::manifest::summary(&m));
+    println!("{:<12}{}", "smoke", smoke.text());
     Ok(())
 }
 
@@ -864,12 +828,23 @@ pub fn log(global: &Global, args: &LogArgs) -> Result<()> {
     } else {
         Vec::new()
     };
+    let verdicts: Vec<record::smoke::Verdict> = records
+        .iter()
+        .map(|r| record::smoke::verdict_in_store(&root, &r.name, &r.image_sha256))
+        .collect();
     if global.json {
-        return print_json(&records);
+        let mut values = Vec::new();
+        for (r, v) in records.iter().zip(&verdicts) {
+            let mut value = serde_json::to_value(r).context("serialising a history record")?;
+            value["smoke"] = serde_json::to_value(v).context("serialising a smoke verdict")?;
+            values.push(value);
+        }
+        return print_json(&values);
     }
     let rows: Vec<Vec<String>> = records
         .iter()
-        .map(|r| {
+        .zip(&verdicts)
+        .map(|(r, verdict)| {
             let changes = if r.first {
                 "first build".to_owned()
             } else if r.changes.is_empty() {
@@ -883,6 +858,7 @@ pub fn log(global: &Global, args: &LogArgs) -> Result<()> {
                 r.sudo_user.clone().unwrap_or_else(|| r.user.clone()),
                 r.host.clone(),
                 r.image_sha256[..12].to_owned(),
+                verdict.short(),
                 changes,
             ]
         })
@@ -890,7 +866,7 @@ pub fn log(global: &Global, args: &LogArgs) -> Result<()> {
     print!(
         "{}",
         table(
-            &["TIME", "IMAGE", "USER", "HOST", "SHA256", "PACKAGES"],
+            &["TIME", "IMAGE", "USER", "HOST", "SHA256", "SMOKE", "PACKAGES"],
             &rows
         )
     );

@@ -68,9 +68,15 @@ fn db_passes_its_smoke_on_a_blank_volume() {
     );
     let summary: serde_json::Value = serde_json::from_slice(&db.build.stdout).unwrap();
     let smoke = &summary["smoke"];
-    // The seed and every check ran (seed, golden's 3, db's 4) and passed.
-    assert_eq!(smoke["checks_total"], 8, "{summary:#}");
-    assert_eq!(smoke["checks_passed"], 8, "{summary:#}");
+    // The seed and every check (golden's, then db's) ran and passed.
+    let expected = common::smoke_checks(&db.recipes.join("db.toml"));
+    assert!(
+        !expected.seed.is_empty(),
+        "db.toml has a seed: {expected:?}"
+    );
+    let total = expected.seed.len() + expected.checks.len() + expected.http;
+    assert_eq!(smoke["checks_total"], total, "{summary:#}");
+    assert_eq!(smoke["checks_passed"], total, "{summary:#}");
     // The manifest names the volume.
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(db.out.join("db.manifest.json")).unwrap()).unwrap();
@@ -216,6 +222,26 @@ fn rows_survive_an_upgrade_to_a_rebuilt_image() {
         volumes.join("pgdata.qcow2").is_file(),
         "--keep-volumes kept no disk"
     );
+    // The record is about the new disk, and names the old one it upgraded.
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(db.out.join("db.smoke.json")).unwrap()).unwrap();
+    assert_eq!(record["predicate"]["result"], "PASSED", "{record:#}");
+    let sha256 = |p: &std::path::Path| {
+        let (out, _) = common::tool("sha256sum", &[p.as_os_str()], &[]);
+        String::from_utf8_lossy(&out)
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(record["subject"][0]["digest"]["sha256"], sha256(&new));
+    let old_disk = record["predicate"]["configuration"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "upgrade-from:db-old.qcow2")
+        .unwrap_or_else(|| panic!("no upgrade-from in {record:#}"));
+    assert_eq!(old_disk["digest"]["sha256"], sha256(&old));
 }
 
 #[test]

@@ -307,6 +307,56 @@ impl ImageInputs {
     }
 }
 
+/// Bump when what a remembered smoke pass holds changes.
+const SMOKE_DOMAIN: &str = "kiln-smoke-v2";
+
+/// Everything a smoke pass depends on: the image and the checks it ran.
+/// A pass is remembered under this key, so the same image with the same
+/// checks is not booted again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SmokeInputs {
+    pub image: Key,
+    pub timeout_secs: u64,
+    /// Run in this order in the guest: the seed, then the checks.
+    pub seed: Vec<String>,
+    pub checks: Vec<String>,
+    pub http: Vec<crate::recipe::HttpCheck>,
+}
+
+impl SmokeInputs {
+    pub fn key(&self) -> Key {
+        let SmokeInputs {
+            image,
+            timeout_secs,
+            seed,
+            checks,
+            http,
+        } = self;
+        let mut h = KeyHasher::new(SMOKE_DOMAIN);
+        h.opt_key("image", Some(*image));
+        h.bytes("timeout", &timeout_secs.to_le_bytes());
+        h.list("seed", seed);
+        h.list("checks", checks);
+        h.bytes("http", &(http.len() as u64).to_le_bytes());
+        for c in http {
+            let crate::recipe::HttpCheck {
+                port,
+                path,
+                status,
+                contains,
+            } = c;
+            h.bytes("port", &port.to_le_bytes());
+            h.str("path", path);
+            h.bytes("status", &status.to_le_bytes());
+            match contains {
+                Some(text) => h.str("contains", text),
+                None => h.bytes("no-contains", b""),
+            }
+        }
+        h.finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -371,6 +421,46 @@ mod tests {
         let mut v = base.clone();
         v.files[0].src = "renamed".into();
         assert_eq!(v.key(), k);
+    }
+
+    #[test]
+    fn every_smoke_input_changes_the_smoke_key() {
+        let base = SmokeInputs {
+            image: inputs(&["x"]).key(),
+            timeout_secs: 180,
+            seed: vec![],
+            checks: vec!["true".into()],
+            http: vec![crate::recipe::HttpCheck {
+                port: 80,
+                path: "/".into(),
+                status: 200,
+                contains: None,
+            }],
+        };
+        let k = base.key();
+        let mut v = base.clone();
+        v.image = inputs(&["y"]).key();
+        assert_ne!(v.key(), k);
+        let mut v = base.clone();
+        v.timeout_secs = 181;
+        assert_ne!(v.key(), k);
+        // A seed command is not the same as a check command.
+        let mut v = base.clone();
+        v.seed = v.checks.split_off(0);
+        assert_ne!(v.key(), k);
+        let mut v = base.clone();
+        v.http[0].port = 8080;
+        assert_ne!(v.key(), k);
+        let mut v = base.clone();
+        v.http[0].path = "/x".into();
+        assert_ne!(v.key(), k);
+        let mut v = base.clone();
+        v.http[0].status = 204;
+        assert_ne!(v.key(), k);
+        let mut v = base.clone();
+        v.http[0].contains = Some(String::new());
+        assert_ne!(v.key(), k);
+        assert_eq!(base.clone().key(), k);
     }
 
     #[test]

@@ -9,6 +9,8 @@
 //!                           root filesystem, who/where/when, the recipe's git commit
 //! out/NAME.spdx.json        SPDX 2.3 SBOM of the installed Debian packages (purls)
 //! out/NAME.provenance.json  in-toto Statement v1, SLSA provenance v1 predicate
+//! out/NAME.smoke.json       after the smoke boot: in-toto Statement v1,
+//!                           test-result predicate (see `smoke`)
 //! <store>/state-v1/history/NAME.jsonl   one line per build, appended
 //! ```
 //!
@@ -27,6 +29,7 @@ pub mod manifest;
 pub mod provenance;
 pub mod repro;
 pub mod sbom;
+pub mod smoke;
 pub mod tree;
 pub mod verify;
 

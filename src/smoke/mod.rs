@@ -32,8 +32,19 @@
 //! checks, and fails if the recipe has in-guest checks, since they could
 //! not run (a check that did not run did not pass).
 //!
-//! Results: `Ok(Ok(report))` passed, `Ok(Err(failure))` the image failed
-//! (exit code 3), `Err` kiln itself broke or was interrupted.
+//! # Every check, every time
+//!
+//! A boot under TCG costs a minute, so one boot tells everything: the
+//! guest runs every in-guest check whatever the earlier ones did, and kiln
+//! makes every HTTP check once the guest said `done`. The report carries
+//! each result (passed or failed, exit code, output tail), and the verdict
+//! is a failure when any of them failed. A boot-level failure (a panic,
+//! emergency mode, a timeout, failed units, a boot that never finished)
+//! is the verdict on its own: the HTTP checks are not made then, though
+//! the in-guest results that did come back are kept in the report.
+//!
+//! Results: `Ok(report)` with `report.failure` `None` passed, `Some` the
+//! image failed (exit code 3); `Err` kiln itself broke or was interrupted.
 
 mod accel;
 mod console;
@@ -41,6 +52,9 @@ mod firmware;
 mod guest;
 mod http;
 mod qemu;
+pub mod stage;
+pub mod upgrade;
+pub mod volumes;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -111,15 +125,22 @@ pub struct Volume {
 /// How long a guest may take to power off cleanly once it said `done`.
 const POWEROFF_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// A passed smoke.
+/// What one smoke boot found, pass or fail.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SmokeReport {
+    /// Whether the image passed: no failure, every check passed.
+    pub passed: bool,
+    /// Why it failed, when it did.
+    pub failure: Option<SmokeFailure>,
     /// `kvm` or `tcg`.
     pub accel: String,
-    /// From QEMU's start to the guest reporting the boot finished.
-    pub boot_secs: f64,
+    /// From QEMU's start to the guest reporting the boot finished; `None`
+    /// when the boot never got that far.
+    pub boot_secs: Option<f64>,
     /// The whole smoke stage, firmware lookup to verdict.
     pub total_secs: f64,
+    /// Every check that was run, in-guest ones first, then HTTP.
+    pub checks: Vec<CheckResult>,
     /// In-guest checks plus HTTP checks.
     pub checks_passed: usize,
     pub checks_total: usize,
@@ -127,14 +148,122 @@ pub struct SmokeReport {
     pub system_state: String,
     /// The guest's systemd, when it printed it.
     pub systemd_version: Option<u32>,
-    pub firmware: String,
+    pub firmware: FirmwareUsed,
     pub log: PathBuf,
     /// Anything the user should know about a pass (e.g. old systemd).
     pub note: Option<String>,
+    /// Unix seconds when the verdict was reached.
+    pub finished: u64,
+}
+
+/// The firmware a smoke booted with.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FirmwareUsed {
+    /// The code (or combined) image QEMU mapped.
+    pub path: PathBuf,
+    pub sha256: String,
+    /// Where it was found (`--firmware`, `./firmware`, a system package).
+    pub origin: String,
+}
+
+impl fmt::Display for FirmwareUsed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.path.display(), self.origin)
+    }
+}
+
+/// Which kind of check a result is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    /// A shell command run in the guest.
+    Guest,
+    /// A GET kiln makes from the host.
+    Http,
+}
+
+/// One check's result.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CheckResult {
+    pub kind: CheckKind,
+    /// 1-based, counted within its kind: `check 2`, `http 1`.
+    pub index: usize,
+    /// The command, or `GET :PORT/PATH` with what it expects.
+    pub check: String,
+    pub passed: bool,
+    /// An in-guest check's exit code; `None` when it never reported one
+    /// (and always for HTTP checks).
+    pub exit_code: Option<i32>,
+    /// An in-guest check's last lines of output; for an HTTP check, what
+    /// came back (and what was expected, when it failed).
+    pub output: Vec<String>,
+}
+
+impl CheckResult {
+    /// `check 2` or `http 1`: the name records and messages use.
+    pub fn name(&self) -> String {
+        match self.kind {
+            CheckKind::Guest => format!("check {}", self.index),
+            CheckKind::Http => format!("http {}", self.index),
+        }
+    }
+}
+
+impl fmt::Display for CheckResult {
+    /// One line (`✓ check 1 `cmd` exited 0`), then for a failure its output.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mark = if self.passed { "passed" } else { "FAILED" };
+        match self.kind {
+            CheckKind::Guest => {
+                write!(f, "{mark} {} `{}`", self.name(), self.check)?;
+                match self.exit_code {
+                    Some(code) => write!(f, " exited {code}")?,
+                    None => write!(f, " reported no result")?,
+                }
+            }
+            CheckKind::Http => write!(f, "{mark} {} {}", self.name(), self.check)?,
+        }
+        if self.passed {
+            return Ok(());
+        }
+        if self.output.is_empty() {
+            return write!(f, " (no output)");
+        }
+        write!(f, "; its last output:")?;
+        for line in &self.output {
+            write!(f, "\n      {line}")?;
+        }
+        Ok(())
+    }
+}
+
+impl SmokeReport {
+    /// Every check's result, one per line (failures with their output).
+    pub fn checks_text(&self) -> String {
+        self.checks.iter().map(|c| format!("  {c}\n")).collect()
+    }
+
+    /// The error of a failed smoke: why, then every check's result.
+    pub fn failure_text(&self) -> String {
+        let why = self
+            .failure
+            .as_ref()
+            .map_or_else(|| "passed".to_owned(), ToString::to_string);
+        if self.checks.is_empty() {
+            return why;
+        }
+        format!(
+            "{why}\n  {} of {} checks passed:\n{}",
+            self.checks_passed,
+            self.checks_total,
+            self.checks_text().trim_end()
+        )
+    }
 }
 
 /// Why an image failed its smoke.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum SmokeFailure {
     /// QEMU exited at once, with its stderr.
     QemuFailed {
@@ -168,18 +297,11 @@ pub enum SmokeFailure {
     FailedUnits {
         units: Vec<String>,
     },
-    /// An in-guest check exited non-zero (or never reported).
-    CheckFailed {
-        index: usize,
-        command: String,
-        exit_code: Option<i32>,
-        tail: Vec<String>,
-    },
-    HttpMismatch {
-        port: u16,
-        path: String,
-        expected: String,
-        got: String,
+    /// The boot was fine; some checks failed (each is in the report).
+    ChecksFailed {
+        /// Names of the failed checks, `check 2`, `http 1`.
+        failed: Vec<String>,
+        total: usize,
     },
     /// systemd < 256 (or no credential import): the checks could not run.
     ChecksCannotRun {
@@ -239,34 +361,12 @@ impl fmt::Display for SmokeFailure {
             SmokeFailure::FailedUnits { units } => {
                 write!(f, "units failed during boot: {}", units.join(", "))
             }
-            SmokeFailure::CheckFailed {
-                index,
-                command,
-                exit_code,
-                tail,
-            } => {
-                match exit_code {
-                    Some(code) => {
-                        write!(f, "check {index} `{command}` failed with exit code {code}")?
-                    }
-                    None => write!(f, "check {index} `{command}` reported no result")?,
-                }
-                if tail.is_empty() {
-                    write!(f, " (no output)")
-                } else {
-                    write!(f, "; its last output:")?;
-                    lines(f, tail)
-                }
-            }
-            SmokeFailure::HttpMismatch {
-                port,
-                path,
-                expected,
-                got,
-            } => {
+            SmokeFailure::ChecksFailed { failed, total } => {
                 write!(
                     f,
-                    "HTTP check on guest port {port} path {path}: expected {expected}, got {got}"
+                    "{} of {total} checks failed: {}",
+                    failed.len(),
+                    failed.join(", ")
                 )
             }
             SmokeFailure::ChecksCannotRun {
@@ -304,14 +404,16 @@ impl fmt::Display for SmokeFailure {
 }
 
 /// Boot `disk` and run `spec`'s checks. See the module docs.
-pub fn run(
-    disk: &Path,
-    spec: &SmokeSpec,
-    opts: &SmokeOptions,
-) -> Result<Result<SmokeReport, SmokeFailure>> {
+pub fn run(disk: &Path, spec: &SmokeSpec, opts: &SmokeOptions) -> Result<SmokeReport> {
     let started = Instant::now();
     cmd::check_interrupt()?;
     let firmware = find_firmware(opts.firmware.as_deref())?;
+    let firmware_used = FirmwareUsed {
+        path: firmware.code.clone(),
+        sha256: crate::plan::key::file_digest(&firmware.code)
+            .with_context(|| format!("hashing firmware {}", firmware.code.display()))?,
+        origin: firmware.origin.clone(),
+    };
     std::fs::create_dir_all(&opts.state_dir)
         .with_context(|| format!("creating {}", opts.state_dir.display()))?;
     let (accel, fallback_note) = accel::choose(opts.accel, &firmware, &opts.state_dir)?;
@@ -391,6 +493,8 @@ pub fn run(
         log,
         guest: GuestReport::default(),
         pending: Vec::new(),
+        ready_at: None,
+        results: Vec::new(),
     };
     let mut vm = qemu::Vm::spawn(&args, Some(&channel_path))?;
     let boot_started = Instant::now();
@@ -416,23 +520,33 @@ pub fn run(
         Err(e) => format!("stopped: {e:#}"),
     };
     watch.log.finish(&watch.console, &verdict)?;
-    let passed = outcome?;
-    Ok(passed.map(|ready| SmokeReport {
+    let outcome = outcome?;
+    let results = std::mem::take(&mut watch.results);
+    let checks_passed = results.iter().filter(|c| c.passed).count();
+    let (failure, note) = match outcome {
+        Ok(ready) => (None, ready.note),
+        Err(failure) => (Some(failure), None),
+    };
+    Ok(SmokeReport {
+        passed: failure.is_none(),
+        failure,
         accel: accel.to_owned(),
-        boot_secs: round(ready.boot.as_secs_f64()),
+        boot_secs: watch.ready_at.map(|d| round(d.as_secs_f64())),
         total_secs: round(started.elapsed().as_secs_f64()),
-        checks_passed: ready.checks_passed,
+        checks_passed,
         checks_total: spec.checks.len() + spec.http.len(),
+        checks: results,
         system_state: watch
             .guest
             .state
             .clone()
             .unwrap_or_else(|| "unknown".to_owned()),
         systemd_version: watch.guest.systemd,
-        firmware: format!("{} ({})", firmware.code.display(), firmware.origin),
+        firmware: firmware_used,
         log: opts.log_path.clone(),
-        note: ready.note,
-    }))
+        note,
+        finished: crate::store::now(),
+    })
 }
 
 fn round(secs: f64) -> f64 {
@@ -463,8 +577,6 @@ struct GuestReport {
 
 /// How a pass went.
 struct Ready {
-    boot: Duration,
-    checks_passed: usize,
     note: Option<String>,
 }
 
@@ -481,6 +593,11 @@ struct Watch<'a> {
     /// Bytes of an unfinished UTF-8 character between reads, per stream.
     pending: Vec<u8>,
     pending_channel: Vec<u8>,
+    /// When the guest reported its boot finished (or a login prompt, for
+    /// an old systemd), from QEMU's start.
+    ready_at: Option<Duration>,
+    /// Each check's result, as they are judged.
+    results: Vec<CheckResult>,
 }
 
 impl Watch<'_> {
@@ -520,7 +637,6 @@ impl Watch<'_> {
     ) -> Result<Result<Ready, SmokeFailure>> {
         let timeout = self.spec.timeout;
         let mut fatal: Option<(SmokeFailure, Instant)> = None;
-        let mut ready_at: Option<Duration> = None;
         let mut login_at: Option<Instant> = None;
         loop {
             cmd::check_interrupt()?;
@@ -538,11 +654,12 @@ impl Watch<'_> {
                         }
                         match event {
                             Event::Marker(Marker::Done(n)) => {
-                                return self.judge(n, ready_at.unwrap_or(boot_started.elapsed()));
+                                self.ready_at.get_or_insert_with(|| boot_started.elapsed());
+                                return self.judge(n);
                             }
                             Event::Marker(m) => {
                                 if matches!(m, Marker::State(_)) {
-                                    ready_at = Some(boot_started.elapsed());
+                                    self.ready_at = Some(boot_started.elapsed());
                                 }
                                 self.record(m);
                             }
@@ -611,7 +728,8 @@ impl Watch<'_> {
                     .is_some_and(|v| v < SYSTEMD_WITH_CREDENTIALS);
                 let unknown = self.guest.systemd.is_none();
                 if fatal.is_none() && (old || (unknown && at.elapsed() > UNIT_START_GRACE)) {
-                    return self.judge_without_unit(boot_started.elapsed());
+                    self.ready_at = Some(boot_started.elapsed());
+                    return self.judge_without_unit();
                 }
             }
             if boot_started.elapsed() > timeout && fatal.is_none() {
@@ -675,9 +793,29 @@ impl Watch<'_> {
         }
     }
 
-    /// The guest said `done`: decide.
-    fn judge(&mut self, reported: usize, boot: Duration) -> Result<Result<Ready, SmokeFailure>> {
+    /// The guest said `done`: collect every in-guest result, make every
+    /// HTTP check unless the boot itself failed, then decide.
+    fn judge(&mut self, reported: usize) -> Result<Result<Ready, SmokeFailure>> {
         let g = &self.guest;
+        let complete = reported == self.spec.checks.len();
+        self.results = self
+            .spec
+            .checks
+            .iter()
+            .enumerate()
+            .map(|(i, command)| {
+                let n = i + 1;
+                let exit_code = g.exits.get(&n).copied();
+                CheckResult {
+                    kind: CheckKind::Guest,
+                    index: n,
+                    check: command.clone(),
+                    passed: exit_code == Some(0) && complete,
+                    exit_code,
+                    output: g.outputs.get(&n).cloned().unwrap_or_default(),
+                }
+            })
+            .collect();
         if !g.failed_units.is_empty() {
             return Ok(Err(SmokeFailure::FailedUnits {
                 units: g.failed_units.clone(),
@@ -690,30 +828,12 @@ impl Watch<'_> {
                 jobs: g.jobs.clone(),
             }));
         }
-        for (i, command) in self.spec.checks.iter().enumerate() {
-            let n = i + 1;
-            let exit = g.exits.get(&n).copied();
-            if exit != Some(0) || reported != self.spec.checks.len() {
-                return Ok(Err(SmokeFailure::CheckFailed {
-                    index: n,
-                    command: command.clone(),
-                    exit_code: exit,
-                    tail: g.outputs.get(&n).cloned().unwrap_or_default(),
-                }));
-            }
-        }
-        if let Err(failure) = self.http_checks()? {
-            return Ok(Err(failure));
-        }
-        Ok(Ok(Ready {
-            boot,
-            checks_passed: self.spec.checks.len() + self.spec.http.len(),
-            note: None,
-        }))
+        self.http_checks()?;
+        Ok(self.verdict(None))
     }
 
     /// No check unit ran (old systemd): a login prompt is the best sign.
-    fn judge_without_unit(&mut self, boot: Duration) -> Result<Result<Ready, SmokeFailure>> {
+    fn judge_without_unit(&mut self) -> Result<Result<Ready, SmokeFailure>> {
         let version = self.guest.systemd;
         if !self.spec.checks.is_empty() {
             return Ok(Err(SmokeFailure::ChecksCannotRun {
@@ -721,43 +841,59 @@ impl Watch<'_> {
                 checks: self.spec.checks.len(),
             }));
         }
-        if let Err(failure) = self.http_checks()? {
-            return Ok(Err(failure));
-        }
+        self.http_checks()?;
         self.guest.state = Some("login prompt".to_owned());
         let v = version.map_or("an unknown systemd".to_owned(), |v| format!("systemd {v}"));
-        Ok(Ok(Ready {
-            boot,
-            checks_passed: self.spec.http.len(),
-            note: Some(format!(
-                "{v} did not run kiln's check unit; the boot was judged by its login prompt only, \
-                 so failed units were not looked for"
-            )),
-        }))
+        Ok(self.verdict(Some(format!(
+            "{v} did not run kiln's check unit; the boot was judged by its login prompt only, \
+             so failed units were not looked for"
+        ))))
     }
 
-    fn http_checks(&mut self) -> Result<Result<(), SmokeFailure>> {
-        for check in &self.spec.http {
+    /// Passed when every result passed.
+    fn verdict(&self, note: Option<String>) -> Result<Ready, SmokeFailure> {
+        let failed: Vec<String> = self
+            .results
+            .iter()
+            .filter(|c| !c.passed)
+            .map(CheckResult::name)
+            .collect();
+        if failed.is_empty() {
+            Ok(Ready { note })
+        } else {
+            Err(SmokeFailure::ChecksFailed {
+                failed,
+                total: self.results.len(),
+            })
+        }
+    }
+
+    /// Make every HTTP check, adding each result.
+    fn http_checks(&mut self) -> Result<()> {
+        for (i, check) in self.spec.http.iter().enumerate() {
             let host_port = self.ports[&check.port];
             let got = http::get(host_port, &check.path)?;
+            let request = format!("GET :{}{}", check.port, check.path);
             let line = match &got {
-                Ok(r) => format!(
-                    "HTTP GET :{}{} -> status {}",
-                    check.port, check.path, r.status
-                ),
-                Err(why) => format!("HTTP GET :{}{} -> {why}", check.port, check.path),
+                Ok(r) => format!("HTTP {request} -> status {}", r.status),
+                Err(why) => format!("HTTP {request} -> {why}"),
             };
             self.log.note(&line)?;
-            if let Err((expected, got)) = http::judge(check, &got) {
-                return Ok(Err(SmokeFailure::HttpMismatch {
-                    port: check.port,
-                    path: check.path.clone(),
-                    expected,
-                    got,
-                }));
-            }
+            let verdict = http::judge(check, &got);
+            let output = match &verdict {
+                Ok(()) => vec![line],
+                Err((expected, got)) => vec![format!("expected {expected}, got {got}")],
+            };
+            self.results.push(CheckResult {
+                kind: CheckKind::Http,
+                index: i + 1,
+                check: request,
+                passed: verdict.is_ok(),
+                exit_code: None,
+                output,
+            });
         }
-        Ok(Ok(()))
+        Ok(())
     }
 
     fn with_tail(&self, failure: SmokeFailure) -> SmokeFailure {
@@ -827,35 +963,86 @@ mod tests {
     fn failures_read_as_plain_words() {
         let cases = [
             (
-                SmokeFailure::CheckFailed {
-                    index: 2,
-                    command: "systemctl is-active nginx".into(),
-                    exit_code: Some(3),
-                    tail: vec!["inactive".into()],
+                SmokeFailure::ChecksFailed {
+                    failed: vec!["check 2".into(), "http 1".into()],
+                    total: 5,
                 },
-                "check 2 `systemctl is-active nginx` failed with exit code 3; its last output:\n    inactive",
+                "2 of 5 checks failed: check 2, http 1",
             ),
             (
-                SmokeFailure::FailedUnits { units: vec!["a.service".into(), "b.mount".into()] },
+                SmokeFailure::FailedUnits {
+                    units: vec!["a.service".into(), "b.mount".into()],
+                },
                 "units failed during boot: a.service, b.mount",
             ),
             (
-                SmokeFailure::HttpMismatch {
-                    port: 80,
-                    path: "/".into(),
-                    expected: "status 200".into(),
-                    got: "status 404, body \"\"".into(),
+                SmokeFailure::Timeout {
+                    secs: 180,
+                    waiting_for: "x".into(),
+                    tail: vec!["a".into(), "b".into()],
                 },
-                "HTTP check on guest port 80 path /: expected status 200, got status 404, body \"\"",
-            ),
-            (
-                SmokeFailure::Timeout { secs: 180, waiting_for: "x".into(), tail: vec!["a".into(), "b".into()] },
                 "timed out after 180s waiting for x; last console lines:\n    a\n    b",
             ),
         ];
         for (failure, want) in cases {
             assert_eq!(failure.to_string(), want);
         }
+    }
+
+    fn result(kind: CheckKind, index: usize, passed: bool, exit: Option<i32>) -> CheckResult {
+        CheckResult {
+            kind,
+            index,
+            check: match kind {
+                CheckKind::Guest => "systemctl is-active nginx".into(),
+                CheckKind::Http => "GET :80/".into(),
+            },
+            passed,
+            exit_code: exit,
+            output: if passed {
+                vec![]
+            } else {
+                vec!["inactive".into()]
+            },
+        }
+    }
+
+    #[test]
+    fn a_failure_lists_every_check_with_its_result() {
+        let report = SmokeReport {
+            passed: false,
+            failure: Some(SmokeFailure::ChecksFailed {
+                failed: vec!["check 2".into(), "http 1".into()],
+                total: 3,
+            }),
+            accel: "tcg".into(),
+            boot_secs: Some(40.0),
+            total_secs: 50.0,
+            checks: vec![
+                result(CheckKind::Guest, 1, true, Some(0)),
+                result(CheckKind::Guest, 2, false, Some(3)),
+                result(CheckKind::Http, 1, false, None),
+            ],
+            checks_passed: 1,
+            checks_total: 3,
+            system_state: "running".into(),
+            systemd_version: Some(257),
+            firmware: FirmwareUsed {
+                path: "/fw".into(),
+                sha256: "0".repeat(64),
+                origin: "test".into(),
+            },
+            log: "/log".into(),
+            note: None,
+            finished: 0,
+        };
+        assert_eq!(
+            report.failure_text(),
+            "2 of 3 checks failed: check 2, http 1\n  1 of 3 checks passed:\n  \
+             passed check 1 `systemctl is-active nginx` exited 0\n  \
+             FAILED check 2 `systemctl is-active nginx` exited 3; its last output:\n      inactive\n  \
+             FAILED http 1 GET :80/; its last output:\n      inactive"
+        );
     }
 
     #[test]

@@ -1377,3 +1377,44 @@ pub fn describe(out: &std::process::Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     )
 }
+
+/// A recipe's `[smoke]` as kiln merges it: a recipe's seed, checks and
+/// HTTP checks come after those of the recipe it `extends`. Read from the
+/// TOML here, so tests derive counts and check numbers from the recipes
+/// instead of hard-coding them.
+#[derive(Debug, Default, Clone)]
+pub struct SmokeChecks {
+    pub seed: Vec<String>,
+    pub checks: Vec<String>,
+    pub http: usize,
+}
+
+pub fn smoke_checks(recipe: &Path) -> SmokeChecks {
+    let text = std::fs::read_to_string(recipe)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", recipe.display()));
+    let doc: toml::Table =
+        toml::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", recipe.display()));
+    let mut merged = match doc.get("extends").and_then(|v| v.as_str()) {
+        Some(parent) => smoke_checks(&recipe.parent().expect("a recipe has a folder").join(parent)),
+        None => SmokeChecks::default(),
+    };
+    let strings = |key: &str| -> Vec<String> {
+        doc.get("smoke")
+            .and_then(|s| s.get(key))
+            .and_then(|v| v.as_array())
+            .map(|a| {
+                a.iter()
+                    .map(|v| v.as_str().expect("a smoke command is a string").to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    merged.seed.extend(strings("seed"));
+    merged.checks.extend(strings("checks"));
+    merged.http += doc
+        .get("smoke")
+        .and_then(|s| s.get("http"))
+        .and_then(|v| v.as_array())
+        .map_or(0, Vec::len);
+    merged
+}
