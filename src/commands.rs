@@ -259,6 +259,7 @@ fn smoke_stage(
         accel: args.vm.accel,
         firmware: args.vm.firmware.clone(),
         state_dir: store.state_dir("host"),
+        firmware_dir: store.root().join("firmware-v1"),
         log_path: global.out.join(format!("{}.smoke.log", recipe.image.name)),
         verbose: global.verbose,
         volumes: disks.volumes.clone(),
@@ -433,6 +434,7 @@ pub fn smoke(global: &Global, args: &SmokeArgs) -> Result<()> {
         accel: args.vm.accel,
         firmware: args.vm.firmware.clone(),
         state_dir,
+        firmware_dir: store_root(global).join("firmware-v1"),
         log_path: log_path.clone(),
         verbose: global.verbose,
         volumes: disks.volumes.clone(),
@@ -506,13 +508,14 @@ pub fn smoke(global: &Global, args: &SmokeArgs) -> Result<()> {
                 print_json(&report)
             } else {
                 println!(
-                    "{} passed: {} ready in {:.1}s, {}/{} checks, {:.1}s in all; console in {}",
+                    "{} passed: {} ready in {:.1}s, {}/{} checks, {:.1}s in all; firmware {}; console in {}",
                     args.image.display(),
                     report.accel,
                     report.boot_secs,
                     report.checks_passed,
                     report.checks_total,
                     report.total_secs,
+                    report.firmware,
                     report.log.display()
                 );
                 if let Some(note) = &report.note {

@@ -133,7 +133,7 @@ pub fn cache_path(state_dir: &Path, kernel: &str, qemu: &str) -> PathBuf {
     state_dir.join(format!("kvm-probe-v1-{hex}.json"))
 }
 
-fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+pub(super) fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let dir = path.parent().context("cache path has no parent")?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut tmp = tempfile::NamedTempFile::new_in(dir)

@@ -85,6 +85,8 @@ pub struct SmokeOptions {
     pub firmware: Option<PathBuf>,
     /// A folder in the store for the cached KVM verdict (created if missing).
     pub state_dir: PathBuf,
+    /// The store's `firmware-v1/`, for the bundled firmware of last resort.
+    pub firmware_dir: PathBuf,
     /// The serial console is written here, pass or fail.
     pub log_path: PathBuf,
     /// Also stream the console to stderr.
@@ -311,7 +313,7 @@ pub fn run(
 ) -> Result<Result<SmokeReport, SmokeFailure>> {
     let started = Instant::now();
     cmd::check_interrupt()?;
-    let firmware = find_firmware(opts.firmware.as_deref())?;
+    let firmware = find_firmware(opts.firmware.as_deref(), &opts.firmware_dir)?;
     std::fs::create_dir_all(&opts.state_dir)
         .with_context(|| format!("creating {}", opts.state_dir.display()))?;
     let (accel, fallback_note) = accel::choose(opts.accel, &firmware, &opts.state_dir)?;
@@ -429,7 +431,7 @@ pub fn run(
             .clone()
             .unwrap_or_else(|| "unknown".to_owned()),
         systemd_version: watch.guest.systemd,
-        firmware: format!("{} ({})", firmware.code.display(), firmware.origin),
+        firmware: firmware.describe(),
         log: opts.log_path.clone(),
         note: ready.note,
     }))
