@@ -491,7 +491,7 @@ impl Kiln {
 
 /// Run a command in its own process group with a deadline; on timeout the
 /// whole group is killed and the test fails.
-fn run_with_timeout(
+pub fn run_with_timeout(
     mut cmd: Command,
     timeout: Duration,
 ) -> (Option<i32>, String, String, Duration) {
