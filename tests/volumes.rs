@@ -68,9 +68,9 @@ fn db_passes_its_smoke_on_a_blank_volume() {
     );
     let summary: serde_json::Value = serde_json::from_slice(&db.build.stdout).unwrap();
     let smoke = &summary["smoke"];
-    // The seed and every check ran (seed, golden's 3, db's 4) and passed.
-    assert_eq!(smoke["checks_total"], 8, "{summary:#}");
-    assert_eq!(smoke["checks_passed"], 8, "{summary:#}");
+    // The seed and every check ran (seed, golden's 6, db's 4) and passed.
+    assert_eq!(smoke["checks_total"], 11, "{summary:#}");
+    assert_eq!(smoke["checks_passed"], 11, "{summary:#}");
     // The manifest names the volume.
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(db.out.join("db.manifest.json")).unwrap()).unwrap();
