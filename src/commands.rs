@@ -215,9 +215,11 @@ fn smoke_stage(
         let why = report.failure.as_ref().map(ToString::to_string);
         (Status::Failed, first_line(&why.unwrap_or_default()))
     };
-    summary
-        .rows
-        .push(Row::new("smoke", &image_key, status).because(why).took(done.seconds));
+    summary.rows.push(
+        Row::new("smoke", &image_key, status)
+            .because(why)
+            .took(done.seconds),
+    );
     let disk = record::smoke::Disk {
         path: &summary.image,
         sha256: &summary.sha256,
@@ -359,6 +361,7 @@ pub fn smoke(global: &Global, args: &SmokeArgs) -> Result<()> {
             .state_dir
             .clone()
             .unwrap_or_else(|| store_root(global).join("state-v1/host")),
+        firmware_dir: store_root(global).join("firmware-v1"),
         log_path,
         verbose: global.verbose,
         volumes: disks.volumes.clone(),

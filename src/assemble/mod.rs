@@ -294,7 +294,9 @@ fn set_times(
         let quoted = debugfs_quote(&f.path);
         let t = f.mtime.min(epoch as i64);
         for field in ["mtime", "atime", "ctime"] {
-            script.push_str(&format!("sif {quoted} {field} {t}\n"));
+            // `@`: without it debugfs first tries the digits as YYYYMMDDhhmm[ss]
+            // and turns many times into other dates (1744297585 into 2288).
+            script.push_str(&format!("sif {quoted} {field} @{t}\n"));
         }
     }
     let script_path = scratch.join("times.debugfs");

@@ -27,7 +27,7 @@ use sha2::{Digest, Sha256};
 /// Bump when the meaning of a layer's inputs changes.
 const LAYER_DOMAIN: &str = "kiln-layer-v1";
 /// Bump when assembly produces different bytes from the same layers.
-pub const ASSEMBLY_VERSION: &str = "kiln-image-v2";
+pub const ASSEMBLY_VERSION: &str = "kiln-image-v3";
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Key([u8; 32]);

@@ -7,14 +7,24 @@
 //! 2. the repo's `firmware/` folder: `./firmware` in the current directory,
 //!    then the `firmware/` folder of the source tree kiln was built from;
 //! 3. the system's OVMF: Debian/Ubuntu, Fedora, Arch paths;
-//! 4. (not done) the `ovmf-prebuilt` crate's bundled `OVMF-pure-efi.fd`:
-//!    see firmware/README.md.
+//! 4. the firmware of last resort: `OVMF-pure-efi.fd` of the `ovmf-prebuilt`
+//!    crate at 0.1.0-alpha.1, built into kiln (see build.rs) so that a
+//!    machine without OVMF can still boot images. QEMU needs it as a file:
+//!    it is written once into the store, `firmware-v1/<sha256>.fd`, and
+//!    checked against its sha256 on every use. (Later versions of the
+//!    crate download the firmware at run time, which cannot work offline.)
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{Context, Result};
+use sha2::{Digest, Sha256};
 
 use crate::error::BadInput;
+
+/// The bundled firmware: a combined CODE+VARS image.
+const BUNDLED: &[u8] = include_bytes!(env!("KILN_OVMF_PREBUILT"));
+/// Names the bundled firmware in messages and the smoke report.
+pub const BUNDLED_NAME: &str = "ovmf-prebuilt 0.1.0-alpha.1";
 
 /// A firmware to boot with.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,30 +59,64 @@ const SYSTEM_DIRS: &[(&str, &str)] = &[
 ];
 
 /// Find firmware, in the order documented at the top of this file.
-pub fn find_firmware(explicit: Option<&Path>) -> Result<Firmware> {
+/// `store_dir` is the store's `firmware-v1/`, where the bundled firmware is
+/// written when nothing else is found.
+pub fn find_firmware(explicit: Option<&Path>, store_dir: &Path) -> Result<Firmware> {
+    let system: Vec<(PathBuf, String)> = SYSTEM_DIRS
+        .iter()
+        .map(|(dir, what)| (PathBuf::from(dir), format!("{dir} ({what})")))
+        .collect();
+    lookup(explicit, &repo_dirs(), &system, store_dir)
+}
+
+/// [`find_firmware`] with the folders to search given, for tests.
+fn lookup(
+    explicit: Option<&Path>,
+    repo: &[PathBuf],
+    system: &[(PathBuf, String)],
+    store_dir: &Path,
+) -> Result<Firmware> {
     if let Some(path) = explicit {
         return from_explicit(path);
     }
-    let mut looked = Vec::new();
-    for dir in repo_dirs() {
-        if let Some(fw) = search_dir(&dir, &format!("{}", dir.display())) {
+    let repo = repo.iter().map(|d| (d.clone(), d.display().to_string()));
+    for (dir, origin) in repo.chain(system.iter().cloned()) {
+        if let Some(fw) = search_dir(&dir, &origin) {
             return Ok(fw);
         }
-        looked.push(dir.display().to_string());
     }
-    for (dir, what) in SYSTEM_DIRS {
-        if let Some(fw) = search_dir(Path::new(dir), &format!("{dir} ({what})")) {
-            return Ok(fw);
-        }
-        looked.push((*dir).to_owned());
+    bundled(store_dir)
+}
+
+/// The bundled firmware as a file in `store_dir`, written there (atomically)
+/// on first use and checked on every use after.
+fn bundled(store_dir: &Path) -> Result<Firmware> {
+    let digest = hex(&Sha256::digest(BUNDLED));
+    let path = store_dir.join(format!("{digest}.fd"));
+    let intact = match std::fs::read(&path) {
+        Ok(bytes) => hex(&Sha256::digest(&bytes)) == digest,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    if !intact {
+        crate::files::write_atomic(&path, BUNDLED).with_context(|| {
+            format!(
+                "writing kiln's bundled firmware ({BUNDLED_NAME}) to {}; \
+                 fix: make the store writable, or install OVMF (Debian/Ubuntu: `apt-get install ovmf`) \
+                 or pass --firmware PATH",
+                path.display()
+            )
+        })?;
     }
-    bail!(
-        "no UEFI firmware (OVMF) found; looked in {}.\n  \
-         fix: install it (Debian/Ubuntu: `apt-get install ovmf`, Fedora: `dnf install edk2-ovmf`, \
-         Arch: `pacman -S edk2-ovmf`), or pass --firmware PATH, or put OVMF_CODE.fd and \
-         OVMF_VARS.fd in firmware/",
-        looked.join(", ")
-    )
+    Ok(Firmware {
+        code: path,
+        vars: None,
+        origin: format!("{BUNDLED_NAME}, bundled with kiln"),
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The repo's `firmware/` folders: the current directory's, then the
@@ -203,16 +247,92 @@ mod tests {
     fn explicit_code_file_finds_its_vars_or_says_what_is_missing() {
         let d = tempfile::tempdir().unwrap();
         let code = touch(d.path(), "OVMF_CODE.4m.fd");
-        let err = find_firmware(Some(&code)).unwrap_err();
+        let store = d.path().join("store");
+        let err = find_firmware(Some(&code), &store).unwrap_err();
         assert!(
             format!("{err:#}").contains("OVMF_VARS.4m.fd is not beside it"),
             "{err:#}"
         );
         let vars = touch(d.path(), "OVMF_VARS.4m.fd");
-        let fw = find_firmware(Some(&code)).unwrap();
+        let fw = find_firmware(Some(&code), &store).unwrap();
         assert_eq!(fw.vars, Some(vars));
         assert!(fw.origin.starts_with("--firmware "));
-        let err = find_firmware(Some(&d.path().join("missing.fd"))).unwrap_err();
+        let err = find_firmware(Some(&d.path().join("missing.fd")), &store).unwrap_err();
         assert!(err.is::<BadInput>());
+        assert!(
+            !store.exists(),
+            "an explicit firmware never touches the store"
+        );
+    }
+
+    /// Folders `explicit`, `repo`, `system`, each holding a combined image,
+    /// and an empty store folder.
+    fn four_places(d: &Path) -> [PathBuf; 4] {
+        let places = ["explicit", "repo", "system", "store"].map(|n| d.join(n));
+        for dir in &places[..3] {
+            std::fs::create_dir(dir).unwrap();
+            touch(dir, "OVMF.fd");
+        }
+        places
+    }
+
+    #[test]
+    fn lookup_order_is_explicit_repo_system_then_bundled() {
+        let d = tempfile::tempdir().unwrap();
+        let [explicit, repo, system, store] = four_places(d.path());
+        let find = |explicit: Option<&Path>| {
+            lookup(
+                explicit,
+                std::slice::from_ref(&repo),
+                &[(system.clone(), "system".to_owned())],
+                &store,
+            )
+            .unwrap()
+        };
+        assert_eq!(find(Some(&explicit)).code, explicit.join("OVMF.fd"));
+        assert_eq!(find(None).code, repo.join("OVMF.fd"));
+        std::fs::remove_file(repo.join("OVMF.fd")).unwrap();
+        let fw = find(None);
+        assert_eq!(
+            (fw.code, fw.origin),
+            (system.join("OVMF.fd"), "system".to_owned())
+        );
+        assert!(
+            !store.exists(),
+            "the bundled firmware is written only when used"
+        );
+        std::fs::remove_file(system.join("OVMF.fd")).unwrap();
+        let fw = find(None);
+        assert!(fw.code.starts_with(&store), "{}", fw.code.display());
+        assert_eq!(fw.vars, None);
+        assert!(fw.origin.contains(BUNDLED_NAME), "{}", fw.origin);
+    }
+
+    #[test]
+    fn the_bundled_firmware_is_written_once_by_its_digest_and_repaired() {
+        let d = tempfile::tempdir().unwrap();
+        let store = d.path().join("firmware-v1");
+        let fw = bundled(&store).unwrap();
+        let name = format!("{}.fd", hex(&Sha256::digest(BUNDLED)));
+        assert_eq!(fw.code, store.join(&name));
+        assert_eq!(std::fs::read(&fw.code).unwrap(), BUNDLED);
+        // The firmware QEMU can boot: a 2 MiB flash image.
+        assert_eq!(BUNDLED.len(), 2 << 20);
+        std::fs::write(&fw.code, b"damaged").unwrap();
+        assert_eq!(bundled(&store).unwrap().code, fw.code);
+        assert_eq!(
+            std::fs::read(&fw.code).unwrap(),
+            BUNDLED,
+            "a damaged copy is rewritten"
+        );
+        let names: Vec<_> = std::fs::read_dir(&store)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            names,
+            [std::ffi::OsString::from(name)],
+            "no temp file is left beside it"
+        );
     }
 }

@@ -99,6 +99,8 @@ pub struct SmokeOptions {
     pub firmware: Option<PathBuf>,
     /// A folder in the store for the cached KVM verdict (created if missing).
     pub state_dir: PathBuf,
+    /// The store's `firmware-v1/`, for the bundled firmware of last resort.
+    pub firmware_dir: PathBuf,
     /// The serial console is written here, pass or fail.
     pub log_path: PathBuf,
     /// Also stream the console to stderr.
@@ -407,7 +409,7 @@ impl fmt::Display for SmokeFailure {
 pub fn run(disk: &Path, spec: &SmokeSpec, opts: &SmokeOptions) -> Result<SmokeReport> {
     let started = Instant::now();
     cmd::check_interrupt()?;
-    let firmware = find_firmware(opts.firmware.as_deref())?;
+    let firmware = find_firmware(opts.firmware.as_deref(), &opts.firmware_dir)?;
     let firmware_used = FirmwareUsed {
         path: firmware.code.clone(),
         sha256: crate::plan::key::file_digest(&firmware.code)

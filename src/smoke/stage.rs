@@ -110,6 +110,7 @@ impl Stage<'_> {
             accel: self.accel,
             firmware: self.firmware.clone(),
             state_dir: self.store.state_dir("host"),
+            firmware_dir: self.store.root().join("firmware-v1"),
             log_path: self.log_path.clone(),
             verbose: self.verbose,
             volumes: disks.volumes.clone(),
