@@ -38,7 +38,7 @@ pub struct Global {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Build a recipe's layers and image (then boot it, once smoke exists)
+    /// Build a recipe's layers and image, then boot it and run its smoke checks
     Build(BuildArgs),
     /// Show each step's key, and whether it is cached or must be built and why
     Plan(PlanArgs),

@@ -5,13 +5,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use crate::build::{self, BuildOptions, Summary};
-use crate::build::{Row, Status};
 use crate::cli::{
     BuildArgs, CacheCommand, DiffArgs, Global, InspectArgs, LockArgs, LogArgs, PlanArgs, SmokeArgs,
     VerifyArgs,
 };
 use crate::error::{BadInput, Drift, SmokeFailed};
+use crate::layers::{self, BuildOptions, Summary};
+use crate::layers::{Row, Status};
 use crate::lock::Locks;
 use crate::plan::{self, Freshness};
 use crate::recipe;
@@ -62,7 +62,7 @@ fn prepare(
     crate::cmd::require_tools(tools)?;
     // From here on a `kill -9` of kiln takes every process it started with it.
     crate::cmd::isolate_processes()?;
-    crate::build::mount::enter_private_namespace()?;
+    crate::layers::mount::enter_private_namespace()?;
     let store = Store::open(&store_root(global))?;
     crate::cmd::set_tool_tmp(&store.root().join("tmp"));
     store.clean_stale_staging()?;
@@ -113,7 +113,7 @@ pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
         layers_only: false,
         fresh_resolve: args.update.is_some(),
     };
-    let (_, mut summary) = build::build(&recipe, &mut locks, &store, &opts, &ui).map_err(|e| {
+    let (_, mut summary) = layers::build(&recipe, &mut locks, &store, &opts, &ui).map_err(|e| {
         let e = if crate::store::is_disk_full(&e) {
             e.context(format!(
                 "the filesystem holding the store ({}) is full; nothing was added to the store: free space (`kiln cache gc`) and build again",
@@ -513,7 +513,7 @@ pub fn lock(global: &Global, args: &LockArgs) -> Result<()> {
         layers_only: true,
         fresh_resolve: args.update.is_some(),
     };
-    build::build(&recipe, &mut locks, &store, &opts, &ui)
+    layers::build(&recipe, &mut locks, &store, &opts, &ui)
         .map_err(|e| e.context(format!("the full log is in {}", log_path.display())))?;
     let written = locks.save_changed()?;
     let plan = plan::make(&recipe, &locks)?;

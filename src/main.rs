@@ -1,12 +1,13 @@
 //! kiln: bake immutable VM images. See README.md.
 
 mod assemble;
-mod build;
 mod cli;
 mod cmd;
 mod commands;
+mod disk;
 mod error;
 mod files;
+mod layers;
 mod lock;
 mod packages;
 mod plan;

@@ -145,7 +145,11 @@ run = ["echo ran > /opt/kiln-test/run-marker"]
 fn building_again_is_all_cache_hits() {
     require_build();
     let d = RecipeDir::new();
-    d.write("files/hello.txt", "hello again\n");
+    // New content each run, so the first build below always builds the image.
+    d.write(
+        "files/hello.txt",
+        format!("hello again {}\n", common::nonce()),
+    );
     let layers = r#"
 [[layer]]
 name = "tools"
@@ -177,6 +181,31 @@ run = ["echo ran > /opt/kiln-test/again-marker"]
         (&first.image_key, &first.sha256)
     );
     assert_eq!(sha256_file(&second.image), second.sha256);
+
+    // The no-op run wrote out/NAME.build.log anew; the log of the run that
+    // built the image is kept in the store, and the no-op log says where.
+    assert_eq!(first.row("image").status, "built");
+    let kept = first
+        .build_log
+        .clone()
+        .expect("the summary names the kept log");
+    assert_eq!(second.build_log.as_ref(), Some(&kept));
+    let kept_text =
+        std::fs::read_to_string(&kept).unwrap_or_else(|e| panic!("{}: {e}", kept.display()));
+    assert!(
+        kept_text.contains("mke2fs"),
+        "the kept log is the assembling run's:\n{kept_text}"
+    );
+    let noop_log = kiln.out.join(format!("{}.build.log", first.image_name()));
+    let noop_text = std::fs::read_to_string(&noop_log).unwrap();
+    assert!(
+        !noop_text.contains("mke2fs"),
+        "the no-op run assembled nothing:\n{noop_text}"
+    );
+    assert!(
+        noop_text.contains(&format!("its log is {}", kept.display())),
+        "the no-op log points at the kept one:\n{noop_text}"
+    );
     let plan = kiln.plan(&recipe);
     assert!(
         plan.steps

@@ -45,29 +45,23 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::build::mount::Mounts;
-use crate::build::steps::{resolve_in_root, write_file};
 use crate::cmd::Cmd;
+use crate::disk::{debugfs_quote, ESP_TYPE, FILES_JSON, ROOT_LABEL, ROOT_TYPE, SECTOR};
 use crate::error::BadInput;
+use crate::layers::mount::Mounts;
+use crate::layers::steps::{resolve_in_root, write_file};
 use crate::plan::{ImagePlan, Key};
 use crate::recipe::{units::show_size, Format, VolumeSpec};
 use crate::record::tree::{self, FileEntry};
 pub use volumes::serial as volume_serial;
 
-const SECTOR: u64 = 512;
 const MIB: u64 = 1 << 20;
 /// Room before the ESP and after the root for the GPT and its backup.
 const GPT_GAP: u64 = MIB;
-const ESP_TYPE: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
-/// "Linux root (x86-64)" from the Discoverable Partitions Specification.
-const ROOT_TYPE: &str = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709";
 const ESP_MIN: u64 = 64 * MIB;
 /// Slack on the ESP beyond the UKI (FAT overhead, room for a second UKI).
 const ESP_SLACK: u64 = 16 * MIB;
 const STUB: &str = "/usr/lib/systemd/boot/efi/linuxx64.efi.stub";
-pub const ROOT_LABEL: &str = "root";
-/// The record of every path of the root filesystem, beside the disk.
-pub const FILES_JSON: &str = "files.json";
 
 /// Paths (relative to the root) that say when or where the image was built,
 /// not what is in it; removed from the image (not from the layers).
@@ -325,11 +319,6 @@ fn set_times(
     }
     std::fs::remove_file(&script_path)
         .with_context(|| format!("removing {}", script_path.display()))
-}
-
-/// Quote a path for debugfs's command parser (a doubled quote is a quote).
-pub fn debugfs_quote(path: &str) -> String {
-    format!("\"{}\"", path.replace('"', "\"\""))
 }
 
 fn round_up(n: u64, to: u64) -> u64 {

@@ -17,9 +17,9 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use crate::build::steps::{resolve_in_root, write_file};
 use crate::cmd::log_line;
 use crate::error::BadInput;
+use crate::layers::steps::{resolve_in_root, write_file};
 use crate::recipe::VolumeSpec;
 
 /// How long the boot waits for a volume's disk before going on without it
@@ -99,7 +99,7 @@ pub fn prepare(root: &Path, volumes: &[VolumeSpec], recipe: &Path) -> Result<()>
                     .with_context(|| format!("emptying {}", dir.display()))?;
             }
         }
-        crate::build::steps::create_dirs(&dir)?;
+        crate::layers::steps::create_dirs(&dir)?;
         let (user, group) = v
             .owner
             .split_once(':')

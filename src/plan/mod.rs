@@ -8,6 +8,7 @@
 
 pub mod freshness;
 pub mod key;
+pub mod sources;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -20,13 +21,18 @@ use crate::lock::{Locks, StepLock};
 use crate::recipe::{BaseSpec, FileSpec, ImageSpec, Recipe};
 pub use key::{FileInput, ImageInputs, Key, StepInputs, StepKind};
 
+/// The SOURCE_DATE_EPOCH of builds until the lock file provides one: no
+/// timestamp in an image is later than this (2023-11-14T22:13:20Z). An
+/// input of the image key.
+pub const DEFAULT_SOURCE_DATE_EPOCH: u64 = 1_700_000_000;
+
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub recipe: Recipe,
     pub steps: Vec<Step>,
     pub image: ImagePlan,
     /// The archive the build uses: the recipe's mirror or the host's.
-    pub mirrors: Option<crate::build::sources::Mirrors>,
+    pub mirrors: Option<crate::plan::sources::Mirrors>,
 }
 
 #[derive(Debug, Clone)]
@@ -103,13 +109,14 @@ pub struct ImagePlan {
 }
 
 /// Resolve a recipe into steps and keys. Reads the copied files (for their
-/// digests) and nothing else.
+/// digests) and the host's apt sources (the archive, unless the recipe sets
+/// a mirror: its URLs are written into the image, so they are inputs).
 pub fn make(recipe: &Recipe, locks: &Locks) -> Result<Plan> {
     let mut steps = Vec::new();
     // The archive the image's apt sources will name: the recipe's mirror or
     // the host's (read now, as the build will).
     let mirrors =
-        crate::build::sources::mirrors(recipe.base.mirror.as_deref(), Path::new("/etc/apt"));
+        crate::plan::sources::mirrors(recipe.base.mirror.as_deref(), Path::new("/etc/apt"));
     let archive: Vec<String> = match &mirrors {
         Some(m) => vec![m.main.clone(), m.security.clone()],
         None => Vec::new(),
@@ -232,7 +239,7 @@ pub fn make(recipe: &Recipe, locks: &Locks) -> Result<Plan> {
             .collect(),
         epoch: locks
             .source_date_epoch()
-            .unwrap_or(crate::record::DEFAULT_SOURCE_DATE_EPOCH),
+            .unwrap_or(DEFAULT_SOURCE_DATE_EPOCH),
     };
     let key = inputs.key();
     Ok(Plan {

@@ -67,7 +67,7 @@ pub fn append(store: &Store, m: &Manifest) -> Result<Record> {
             .collect(),
         changes: previous
             .as_deref()
-            .map(|p| crate::build::steps::package_changes(p, &m.packages))
+            .map(|p| crate::layers::steps::package_changes(p, &m.packages))
             .unwrap_or_default(),
         first: previous.is_none(),
         git: m.git.clone(),

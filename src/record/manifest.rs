@@ -92,7 +92,7 @@ pub fn make(facts: &BuildFacts) -> Result<Manifest> {
     let files_path = facts
         .store
         .image_dir(&facts.image.key)
-        .join(crate::assemble::FILES_JSON);
+        .join(crate::disk::FILES_JSON);
     let files = if files_path.is_file() {
         Some(crate::store::read_json::<Vec<FileEntry>>(&files_path)?)
     } else {

@@ -40,9 +40,7 @@ use anyhow::{Context, Result};
 use crate::plan::Plan;
 use crate::store::{ImageEntry, Store};
 
-/// The SOURCE_DATE_EPOCH of builds until the lock file provides one: no
-/// timestamp in an image is later than this (2023-11-14T22:13:20Z).
-pub const DEFAULT_SOURCE_DATE_EPOCH: u64 = 1_700_000_000;
+pub use crate::plan::DEFAULT_SOURCE_DATE_EPOCH;
 
 /// What the records of one build are made from.
 pub struct BuildFacts<'a> {

@@ -27,8 +27,8 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use super::tree::{self, FileEntry};
-use crate::build::{self, BuildOptions, Summary};
 use crate::cmd::Cmd;
+use crate::layers::{self, BuildOptions, Summary};
 use crate::lock::Locks;
 use crate::recipe::Recipe;
 use crate::store::Store;
@@ -86,7 +86,7 @@ pub fn check(
     );
     let mut locks = locks.clone();
     let (plan, second) = crate::cmd::with_other_caller_state(OTHER_UMASK, OTHER_TZ, || {
-        build::build(recipe, &mut locks, &second_store, &second_opts, ui)
+        layers::build(recipe, &mut locks, &second_store, &second_opts, ui)
     })
     .context("the second build of --check-repro")?;
     let mut report = ReproReport {
@@ -98,7 +98,7 @@ pub fn check(
     };
     if !report.reproducible {
         let key = plan.image.key;
-        let files = |s: &Store| s.image_dir(&key).join(crate::assemble::FILES_JSON);
+        let files = |s: &Store| s.image_dir(&key).join(crate::disk::FILES_JSON);
         report.first_difference = Some(first_difference(
             &first.image,
             &files(store),
@@ -204,23 +204,13 @@ fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
 
 /// Name the place of a byte in a kiln disk.
 fn locate(raw: &Path, offset: u64) -> Result<String> {
-    let out = Cmd::new("sfdisk").arg("--json").arg(raw).output()?;
-    let table: serde_json::Value =
-        serde_json::from_slice(&out.stdout).context("parsing sfdisk --json")?;
-    let parts = table["partitiontable"]["partitions"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    for p in &parts {
-        let (Some(start), Some(size)) = (p["start"].as_u64(), p["size"].as_u64()) else {
-            continue;
-        };
-        let (start, end) = (start * 512, (start + size) * 512);
+    for p in crate::disk::partitions(raw)? {
+        let (start, end) = (p.start, p.start + p.size);
         if !(start..end).contains(&offset) {
             continue;
         }
-        let name = p["name"].as_str().unwrap_or("?");
-        if name != crate::assemble::ROOT_LABEL {
+        let name = p.name.as_str();
+        if name != crate::disk::ROOT_LABEL {
             return Ok(format!("partition `{name}`, byte {} of it", offset - start));
         }
         let block = (offset - start) / 4096;

@@ -189,30 +189,9 @@ pub fn image(
     })
 }
 
-/// The byte offset of the partition named `root` (or typed as an x86-64
-/// root) in a raw GPT disk.
+/// The byte offset of the root partition in a raw GPT disk.
 pub fn root_offset(raw: &Path) -> Result<u64> {
-    let out = Cmd::new("sfdisk").arg("--json").arg(raw).output()?;
-    let table: serde_json::Value =
-        serde_json::from_slice(&out.stdout).context("parsing sfdisk --json")?;
-    let parts = table["partitiontable"]["partitions"]
-        .as_array()
-        .context("sfdisk shows no partitions")?;
-    let root = parts
-        .iter()
-        .find(|p| p["name"] == crate::assemble::ROOT_LABEL)
-        .or_else(|| {
-            parts.iter().find(|p| {
-                p["type"]
-                    .as_str()
-                    .is_some_and(|t| t.eq_ignore_ascii_case("4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"))
-            })
-        })
-        .with_context(|| format!("{} has no root partition", raw.display()))?;
-    let start = root["start"]
-        .as_u64()
-        .context("sfdisk gave no start for the root partition")?;
-    Ok(start * 512)
+    Ok(crate::disk::root_partition(raw)?.start)
 }
 
 /// Dump the root filesystem of `image` into `dump` (created if missing)
@@ -261,10 +240,7 @@ fn fs_metadata(
 ) -> Result<BTreeMap<String, (u32, u32, u32)>> {
     let mut script = String::new();
     for e in entries.iter().filter(|e| e.kind == Kind::Dir) {
-        script.push_str(&format!(
-            "ls -p {}\n",
-            crate::assemble::debugfs_quote(&e.path)
-        ));
+        script.push_str(&format!("ls -p {}\n", crate::disk::debugfs_quote(&e.path)));
     }
     let script_path = scratch.join("ls.debugfs");
     std::fs::write(&script_path, script)

@@ -18,11 +18,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use super::Store;
-use crate::build::sources::Mirrors;
 use crate::cmd::Cmd;
 use crate::error::BadInput;
 use crate::lock::LockedPackage;
 use crate::plan::key::file_digest;
+use crate::plan::sources::Mirrors;
 
 const DEBS: &str = "debs-v1";
 

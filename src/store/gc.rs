@@ -410,12 +410,15 @@ pub fn collect(store: &Store, keep: usize, dry_run: bool) -> Result<Collected> {
         if !dry_run {
             remove_entry(store, path)?;
             if let Some(key) = Key::parse(&r.name) {
-                let lock = store.lock_path(&key.hex());
-                match std::fs::remove_file(&lock) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                        return Err(e).with_context(|| format!("removing {}", lock.display()))
+                // Its lock file, and for an image the log of the run that built it.
+                let log = crate::layers::kept_log(store, &key);
+                for file in [store.lock_path(&key.hex()), log] {
+                    match std::fs::remove_file(&file) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                            return Err(e).with_context(|| format!("removing {}", file.display()))
+                        }
+                        _ => {}
                     }
-                    _ => {}
                 }
             }
         }

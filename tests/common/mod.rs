@@ -659,6 +659,9 @@ pub struct BuildReport {
     pub kernel: String,
     pub rows: Vec<BuildRow>,
     pub seconds: f64,
+    /// Where the log of the run that built the image is kept.
+    #[serde(default)]
+    pub build_log: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

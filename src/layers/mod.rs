@@ -1,4 +1,6 @@
-//! The build: pin the recipe's unlocked steps, bring every step into the
+//! The layers (`src/layers`, not `src/build`: that name reads as generated
+//! output to many tools and `.gitignore` templates, and this module holds
+//! how the layers are made): pin the recipe's unlocked steps, bring every step into the
 //! store, assemble the image, export it to `out/` and write its records.
 //!
 //! [`build`] reads as that list of stages; each has its own error context
@@ -12,7 +14,7 @@
 
 pub mod mount;
 mod resolve;
-pub mod sources;
+
 pub mod steps;
 
 use std::path::{Path, PathBuf};
@@ -176,7 +178,7 @@ pub fn build(
     let started_unix = store::now();
     // Layers see a fixed clock (their keys do not cover one); the image is
     // clamped to its lock's time at assembly.
-    steps::set_source_date_epoch(crate::record::DEFAULT_SOURCE_DATE_EPOCH);
+    steps::set_source_date_epoch(crate::plan::DEFAULT_SOURCE_DATE_EPOCH);
     let plan = plan::make(recipe, locks)?;
     let mut run = Run {
         // The plan read the archive the apt sources will name; the steps use it.

@@ -18,10 +18,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use super::mount::Mounts;
-use super::sources::Mirrors;
 use crate::cmd::Cmd;
 use crate::error::BadInput;
 use crate::plan::key::bytes_digest;
+use crate::plan::sources::Mirrors;
 use crate::recipe::{BaseSpec, FileSpec};
 use crate::store::{Package, PackageChange, Store};
 
@@ -300,7 +300,7 @@ fn clean_up(root: &Path, scaffolding: Scaffolding) -> Result<()> {
 
 fn sources_digest(root: &Path) -> String {
     let mut text = std::fs::read(root.join("etc/apt/sources.list")).unwrap_or_default();
-    for f in super::sources::source_parts(&root.join("etc/apt")) {
+    for f in crate::plan::sources::source_parts(&root.join("etc/apt")) {
         text.extend(
             f.file_name()
                 .map(|n| n.as_encoded_bytes().to_vec())
