@@ -64,11 +64,12 @@ TEST := $(CARGO) test --release --locked
 # ($$KILN_TEST_STORE, default /var/tmp/kiln-test-store) whose base layer
 # `cli` builds first, so the cold base is built once; the private group
 # builds into stores of its own (cold builds for reproducibility, seeded
-# copies for crash and disk-full cases; firmware only boots golden from the
-# warm store, with the system firmware hidden). Inside a binary, tests run one at a
+# copies for crash and disk-full cases). Every test that builds in the warm
+# store is in the shared group: two runs of apt on one store's shared apt
+# cache at once would contend for its lock. Inside a binary, tests run one at a
 # time: kiln builds are heavy and the machine may have two cores.
-TESTS_SHARED  := build lock bad_input drift smoke volumes
-TESTS_PRIVATE := record reliability firmware
+TESTS_SHARED  := build lock bad_input drift smoke volumes firmware
+TESTS_PRIVATE := record reliability
 TESTS_ALL     := cli $(TESTS_SHARED) $(TESTS_PRIVATE)
 
 # The edit-run loop: no boots. `cli` builds golden's base once into the warm

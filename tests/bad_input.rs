@@ -148,7 +148,7 @@ fn catalog() -> Vec<Case> {
             store: StoreKind::Empty,
             env: vec![("PATH", "/nonexistent".into())],
             exit: FAILURE,
-            says: vec!["`mmdebstrap` is not installed", "make deps"],
+            says: vec!["mmdebstrap (package mmdebstrap)", "make deps"],
         },
         Case {
             name: "dpkg-query not installed",
@@ -156,7 +156,7 @@ fn catalog() -> Vec<Case> {
             store: StoreKind::Seeded,
             env: vec![("PATH", "/nonexistent".into())],
             exit: FAILURE,
-            says: vec!["`dpkg-query` is not installed"],
+            says: vec!["dpkg-query (package dpkg)", "make deps"],
         },
     ];
     // Broken lock files beside a good recipe.
