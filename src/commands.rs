@@ -265,38 +265,23 @@ fn recipe_of(image: &Path) -> Result<PathBuf> {
         "pass --recipe RECIPE, the recipe {} was built from, so its checks run",
         image.display()
     );
+    let bad = |problem: String| -> anyhow::Error {
+        BadInput::new(&report, "recipe", problem, fix.clone()).into()
+    };
     if !report.is_file() {
-        return Err(BadInput::new(
-            &report,
-            "recipe",
-            format!(
-                "{} has no build report, so kiln cannot tell which recipe's checks to run",
-                image.display()
-            ),
-            fix,
-        )
-        .into());
+        return Err(bad(format!(
+            "{} has no build report, so kiln cannot tell which recipe's checks to run",
+            image.display()
+        )));
     }
-    let summary: Summary = crate::store::read_json(&report).map_err(|e| {
-        BadInput::new(
-            &report,
-            "recipe",
-            format!("the build report is damaged ({e:#})"),
-            fix.clone(),
-        )
-    })?;
+    let summary: Summary = crate::store::read_json(&report)
+        .map_err(|e| bad(format!("the build report is damaged ({e:#})")))?;
     let recipe = PathBuf::from(&summary.recipe);
     if !recipe.is_file() {
-        return Err(BadInput::new(
-            &report,
-            "recipe",
-            format!(
-                "names the recipe {}, which does not exist",
-                recipe.display()
-            ),
-            fix,
-        )
-        .into());
+        return Err(bad(format!(
+            "names the recipe {}, which does not exist",
+            recipe.display()
+        )));
     }
     Ok(recipe)
 }

@@ -9,13 +9,30 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 /// Replace `path` with `data` atomically, creating its folder if needed.
+/// The file is private to its owner (mode 0600), like every temp file.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    write_atomic_mode(path, data, None)
+}
+
+/// A record published beside the disk, readable by everyone like the disk
+/// (mode 0644), as pretty JSON, atomically.
+pub fn publish_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    write_atomic_mode(path, &json(path, value)?, Some(0o644))
+}
+
+fn write_atomic_mode(path: &Path, data: &[u8], mode: Option<u32>) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut tmp = tempfile::NamedTempFile::new_in(dir)
         .with_context(|| format!("creating a temp file in {}", dir.display()))?;
     tmp.write_all(data)
         .with_context(|| format!("writing {}", path.display()))?;
+    if let Some(mode) = mode {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("chmod {mode:o} {}", tmp.path().display()))?;
+    }
     tmp.as_file()
         .sync_all()
         .with_context(|| format!("syncing {}", path.display()))?;
@@ -27,10 +44,14 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
 
 /// `value` as pretty JSON with a final newline, atomically.
 pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    write_atomic(path, &json(path, value)?)
+}
+
+fn json<T: Serialize>(path: &Path, value: &T) -> Result<Vec<u8>> {
     let mut data = serde_json::to_vec_pretty(value)
         .with_context(|| format!("serialising {}", path.display()))?;
     data.push(b'\n');
-    write_atomic(path, &data)
+    Ok(data)
 }
 
 /// Copy `from` to `to` atomically.
@@ -55,6 +76,17 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("a.json")]);
+    }
+
+    #[test]
+    fn a_published_record_is_world_readable_and_a_private_file_is_not() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (public, private) = (dir.path().join("p.json"), dir.path().join("q.json"));
+        publish_json(&public, &1).unwrap();
+        write_json_atomic(&private, &1).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!((mode(&public), mode(&private)), (0o644, 0o600));
     }
 
     #[test]

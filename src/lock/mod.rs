@@ -159,15 +159,7 @@ impl LockFile {
              # installs. Commit it. `kiln lock --update [LAYER]` re-resolves; `kiln build`\n\
              # installs exactly these versions and checks every .deb against its sha256.\n\n{body}"
         );
-        let dir = path.parent().unwrap_or(Path::new("."));
-        let mut tmp = tempfile::NamedTempFile::new_in(dir)
-            .with_context(|| format!("creating a temp file in {}", dir.display()))?;
-        use std::io::Write;
-        tmp.write_all(text.as_bytes())
-            .with_context(|| format!("writing {}", path.display()))?;
-        tmp.persist(path)
-            .with_context(|| format!("writing {}", path.display()))?;
-        Ok(())
+        crate::files::write_atomic(path, text.as_bytes())
     }
 }
 

@@ -37,6 +37,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
+use crate::files::publish_json;
 use crate::plan::Plan;
 use crate::store::{ImageEntry, Store};
 
@@ -74,19 +75,14 @@ pub fn write_all(facts: &BuildFacts) -> Result<Written> {
         sbom: facts.out_dir.join(format!("{name}.spdx.json")),
         provenance: facts.out_dir.join(format!("{name}.provenance.json")),
     };
-    crate::store::write_json_atomic(&written.manifest, &manifest)?;
-    crate::store::write_json_atomic(&written.sbom, &sbom::spdx(&manifest))?;
+    // Records are published, like the disk: readable by everyone.
+    publish_json(&written.manifest, &manifest)?;
+    publish_json(&written.sbom, &sbom::spdx(&manifest))?;
     let materials = provenance::materials(facts)?;
-    crate::store::write_json_atomic(
+    publish_json(
         &written.provenance,
         &provenance::statement(&manifest, &materials),
     )?;
-    // Records are published, like the disk: readable by everyone.
-    for path in [&written.manifest, &written.sbom, &written.provenance] {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
-            .with_context(|| format!("chmod 644 {}", path.display()))?;
-    }
     history::append(facts.store, &manifest).context("appending to the build history")?;
     Ok(written)
 }

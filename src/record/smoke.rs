@@ -31,7 +31,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
 use crate::smoke::{CheckKind, SmokeReport};
@@ -241,10 +241,7 @@ fn store_path(store_root: &Path, name: &str, sha256: &str) -> PathBuf {
 
 /// Write the record to `path`, readable by everyone like the other records.
 pub fn write(path: &Path, statement: &Statement) -> Result<()> {
-    crate::store::write_json_atomic(path, statement)?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
-        .with_context(|| format!("chmod 644 {}", path.display()))
+    crate::files::publish_json(path, statement)
 }
 
 /// Keep the record in the store at `store_root` as the latest verdict on
