@@ -194,11 +194,9 @@ pub fn build(
     };
 
     let plan = run.resolve(plan, recipe, locks)?;
+    let recipe_path = std::fs::canonicalize(&recipe.path).unwrap_or_else(|_| recipe.path.clone());
     let summary = |run: Run, image, entry: Option<&ImageEntry>, build_log| Summary {
-        recipe: std::fs::canonicalize(&recipe.path)
-            .unwrap_or_else(|_| recipe.path.clone())
-            .display()
-            .to_string(),
+        recipe: recipe_path.display().to_string(),
         image,
         image_key: entry.map(|e| e.key.hex()).unwrap_or_default(),
         sha256: entry.map(|e| e.sha256.clone()).unwrap_or_default(),
@@ -221,9 +219,7 @@ pub fn build(
     let image = export(store, &entry, &recipe.image.name, &opts.out_dir)?;
     let build_log = keep_build_log(store, &entry, built)?;
     run.remember(&plan)?;
-    let lock_path = crate::lock::path_for(
-        &std::fs::canonicalize(&recipe.path).unwrap_or_else(|_| recipe.path.clone()),
-    );
+    let lock_path = crate::lock::path_for(&recipe_path);
     crate::record::write_all(&crate::record::BuildFacts {
         plan: &plan,
         store,
@@ -235,10 +231,8 @@ pub fn build(
         started: started_unix,
     })
     .context("writing the manifest, SBOM, provenance and history")?;
-    Ok((
-        plan.clone(),
-        summary(run, image, Some(&entry), Some(build_log)),
-    ))
+    let summary = summary(run, image, Some(&entry), Some(build_log));
+    Ok((plan, summary))
 }
 
 /// One build's progress through the stages.
