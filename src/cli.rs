@@ -50,12 +50,42 @@ pub enum Command {
     Cache(CacheArgs),
     /// Summarise a built image from its manifest
     Inspect(InspectArgs),
-    /// Check a disk, or a live root directory, against its manifest (exit 4 on drift)
+    /// Check a disk, or a live root directory, against its manifest, and a
+    /// disk's signature with --trusted-key (exit 4 on drift or a bad signature)
     Verify(VerifyArgs),
     /// List the builds of a recipe (or of every recipe), newest first
     Log(LogArgs),
     /// What changed between two built images: packages, files, layer keys
     Diff(DiffArgs),
+    /// Make signing keys: `kiln key new NAME`
+    Key(KeyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct KeyArgs {
+    #[command(subcommand)]
+    pub command: KeyCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Write a new Ed25519 signing key NAME.key (mode 0600: keep it out of
+    /// git) and its public half NAME.pub, for `--signing-key` and
+    /// `kiln verify --trusted-key`; never overwrites a file
+    New(KeyNewArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct KeyNewArgs {
+    /// The key's name, the keyid of its signatures (e.g. build-2025)
+    pub name: String,
+    /// Where to write the files (created if missing)
+    #[arg(long, value_name = "DIR", default_value = ".")]
+    pub dir: PathBuf,
+    /// Also write an RSA-2048 key NAME.sb.key and a self-signed certificate
+    /// NAME.sb.crt for UEFI Secure Boot (with openssl)
+    #[arg(long)]
+    pub secure_boot: bool,
 }
 
 #[derive(Debug, Args)]
@@ -125,10 +155,16 @@ pub struct BuildArgs {
     pub force_smoke: bool,
     #[command(flatten)]
     pub vm: VmArgs,
+    #[command(flatten)]
+    pub secure_boot_key: SecureBootKeyArgs,
     /// Then build it again into an empty temporary store (a full cold build)
     /// and fail, naming the first difference, unless the two disks are identical
     #[arg(long)]
     pub check_repro: bool,
+    /// Sign the provenance with this key (NAME.key from `kiln key new`):
+    /// writes out/NAME.provenance.intoto.jsonl [default: $KILN_SIGNING_KEY]
+    #[arg(long, value_name = "FILE")]
+    pub signing_key: Option<PathBuf>,
 }
 
 /// How to run QEMU.
@@ -140,6 +176,21 @@ pub struct VmArgs {
     /// UEFI firmware (OVMF_CODE); its VARS file is looked for beside it
     #[arg(long, value_name = "FILE")]
     pub firmware: Option<PathBuf>,
+    /// Boot with UEFI Secure Boot enforced: auto is on for a signed image
+    #[arg(long, value_enum, default_value = "auto")]
+    pub secure_boot: crate::smoke::SecureBootMode,
+}
+
+/// The Secure Boot key pair a build signs the UKI with (never in a recipe).
+#[derive(Debug, Args, Clone)]
+pub struct SecureBootKeyArgs {
+    /// Sign the UKI with this RSA private key (PEM, mode 0600; NAME.sb.key;
+    /// or KILN_SECURE_BOOT_KEY=FILE)
+    #[arg(long, value_name = "KEY")]
+    pub secure_boot_key: Option<PathBuf>,
+    /// The key's X.509 certificate (PEM; NAME.sb.crt; or KILN_SECURE_BOOT_CERT=FILE)
+    #[arg(long, value_name = "CERT")]
+    pub secure_boot_cert: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -181,6 +232,11 @@ pub struct SmokeArgs {
     pub upgrade_from: Option<PathBuf>,
     #[command(flatten)]
     pub vm: VmArgs,
+    /// With Secure Boot on: the certificate to enroll in the firmware's db
+    /// (or KILN_SECURE_BOOT_CERT=FILE; default: the one the image was signed
+    /// with, else Debian's snakeoil test certificate)
+    #[arg(long, value_name = "CERT")]
+    pub secure_boot_cert: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -214,6 +270,11 @@ pub struct VerifyArgs {
     /// this new directory (for --root, diff or inspection)
     #[arg(long, value_name = "DIR", conflicts_with = "root")]
     pub extract: Option<PathBuf>,
+    /// With IMAGE: also check its signed provenance
+    /// (NAME.provenance.intoto.jsonl beside it) against this public key
+    /// (NAME.pub); repeatable, any one trusted key's signature suffices
+    #[arg(long = "trusted-key", value_name = "FILE", conflicts_with = "root")]
+    pub trusted_keys: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -161,6 +161,12 @@ pub const ASSEMBLY_TOOLS: &[Tool] = &[
         "systemd-boot-efi",
     ),
 ];
+/// What signing a UKI for Secure Boot runs, beyond [`ASSEMBLY_TOOLS`].
+pub const SIGNING_TOOLS: &[Tool] = &[
+    tool("openssl", "openssl"),
+    tool("sbsign", "sbsigntool"),
+    tool("sbverify", "sbsigntool"),
+];
 /// What a smoke boot runs.
 pub const SMOKE_TOOLS: &[Tool] = &[
     tool("qemu-system-x86_64", "qemu-system-x86"),

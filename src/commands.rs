@@ -6,10 +6,10 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::cli::{
-    BuildArgs, CacheCommand, DiffArgs, Global, InspectArgs, LockArgs, LogArgs, PlanArgs, SmokeArgs,
-    VerifyArgs,
+    BuildArgs, CacheCommand, DiffArgs, Global, InspectArgs, KeyCommand, LockArgs, LogArgs,
+    PlanArgs, SmokeArgs, VerifyArgs,
 };
-use crate::error::{BadInput, Drift, SmokeFailed};
+use crate::error::{BadInput, Drift, NotVerified, SmokeFailed};
 use crate::layers::{self, BuildOptions, Summary};
 use crate::layers::{Row, Status};
 use crate::lock::Locks;
@@ -17,6 +17,7 @@ use crate::plan::{self, Freshness};
 use crate::recipe;
 use crate::recipe::Recipe;
 use crate::record;
+use crate::sign::key::{PublicKey, SigningKey};
 use crate::smoke::stage::seed_then_checks;
 use crate::smoke::upgrade::Upgrade;
 use crate::smoke::volumes::VolumeDisks;
@@ -51,7 +52,7 @@ fn prepare(
     global: &Global,
     recipe_path: &Path,
     what: &str,
-    tools: &[&[crate::cmd::Tool]],
+    tools: impl FnOnce(&Recipe) -> Vec<&'static [crate::cmd::Tool]>,
 ) -> Result<Prepared> {
     // Bad input is exit 2 whoever runs kiln: validate before asking for root.
     let recipe = recipe::load(recipe_path)?;
@@ -59,7 +60,7 @@ fn prepare(
     plan::make(&recipe, &locks)?;
     require_root(what)?;
     // Before anything is downloaded or the store is touched.
-    crate::cmd::require_tools(tools)?;
+    crate::cmd::require_tools(&tools(&recipe))?;
     // From here on a `kill -9` of kiln takes every process it started with it.
     crate::cmd::isolate_processes()?;
     crate::layers::mount::enter_private_namespace()?;
@@ -87,6 +88,28 @@ fn prepare(
 }
 
 pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
+    // A bad key is bad input: refused before anything is built.
+    let signing_key = args
+        .signing_key
+        .clone()
+        .or_else(signing_key_from_env)
+        .as_deref()
+        .map(SigningKey::load)
+        .transpose()?;
+    let signing = &args.secure_boot_key;
+    let signer = crate::assemble::secure_boot::load(
+        signing
+            .secure_boot_key
+            .clone()
+            .or_else(|| path_from_env("KILN_SECURE_BOOT_KEY"))
+            .as_deref(),
+        signing
+            .secure_boot_cert
+            .clone()
+            .or_else(|| path_from_env("KILN_SECURE_BOOT_CERT"))
+            .as_deref(),
+    )?
+    .map(|key| crate::assemble::secure_boot::Signer { key, reuse: None });
     let Prepared {
         recipe,
         mut locks,
@@ -95,12 +118,14 @@ pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
     } = {
         use crate::cmd::{ASSEMBLY_TOOLS, LAYER_TOOLS, SMOKE_TOOLS};
         let smoke: &[crate::cmd::Tool] = if args.no_smoke { &[] } else { SMOKE_TOOLS };
-        prepare(
-            global,
-            &args.recipe,
-            "build",
-            &[LAYER_TOOLS, ASSEMBLY_TOOLS, smoke],
-        )?
+        let signing = match signer {
+            Some(_) => crate::cmd::SIGNING_TOOLS,
+            None => &[],
+        };
+        prepare(global, &args.recipe, "build", |r| {
+            let exports = crate::export::tools(&r.image.formats);
+            vec![LAYER_TOOLS, ASSEMBLY_TOOLS, signing, smoke, exports]
+        })?
     };
     let forgotten = match &args.update {
         Some(layer) => crate::lock::forget(&recipe, &mut locks, layer)?,
@@ -112,6 +137,8 @@ pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
         out_dir: global.out.clone(),
         layers_only: false,
         fresh_resolve: args.update.is_some(),
+        signing_key,
+        secure_boot: signer,
     };
     let (_, mut summary) = layers::build(&recipe, &mut locks, &store, &opts, &ui).map_err(|e| {
         let e = if crate::store::is_disk_full(&e) {
@@ -141,13 +168,21 @@ pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
             println!("{line}");
         }
         print!("{}", summary.text());
+        if let Some(key) = &opts.signing_key {
+            println!(
+                "signed by key {}: {}",
+                key.name,
+                record::signed::path_for(&summary.image).display()
+            );
+        }
         if let Some(smoke) = &summary.smoke {
             print!("{}", smoke.checks_text());
         }
     }
     keep_log(&summary, &log_path)?;
     if args.check_repro {
-        let report = crate::record::repro::check(&recipe, &locks, &summary, &store, &ui)
+        let signer = opts.secure_boot.as_ref();
+        let report = crate::record::repro::check(&recipe, &locks, &summary, &store, &ui, signer)
             .map_err(|e| e.context(format!("the full log is in {}", log_path.display())))?;
         if global.json {
             print_json(&report)?;
@@ -166,6 +201,20 @@ pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
         }
     }
     smoke
+}
+
+/// `KILN_SIGNING_KEY`, unless unset or empty (as a shell's `VAR=` means).
+fn signing_key_from_env() -> Option<PathBuf> {
+    path_from_env("KILN_SIGNING_KEY")
+}
+
+/// A file named by an environment variable, which kiln reads itself rather
+/// than through clap: set but empty means unset, as in a shell's
+/// `KILN_SIGNING_KEY= kiln build`.
+fn path_from_env(name: &str) -> Option<PathBuf> {
+    std::env::var_os(name)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
 }
 
 /// A run that built the image keeps its log in the store (the next run of
@@ -204,6 +253,11 @@ fn smoke_stage(
         log_path: global.out.join(format!("{}.smoke.log", recipe.image.name)),
         verbose: global.verbose,
         force: args.force_smoke,
+        secure_boot: crate::smoke::secure_boot::for_image(
+            args.vm.secure_boot,
+            &summary.image,
+            None,
+        )?,
     }
     .run(ui)?;
     let report = done.report;
@@ -225,16 +279,29 @@ fn smoke_stage(
         sha256: &summary.sha256,
     };
     let statement = record::smoke::statement(&disk, &report, None);
-    record::smoke::write(&record::smoke::path_for(&summary.image), &statement)
+    let recorded = record::smoke::write(&record::smoke::path_for(&summary.image), &statement)
         .and_then(|()| record::smoke::keep_in_store(store.root(), &recipe.image.name, &statement))
-        .context("writing the smoke record")?;
+        .context("writing the smoke record");
     let failed = (!report.passed).then(|| SmokeFailed {
         image: summary.image.display().to_string(),
         failure: report.failure_text(),
         log: report.log.display().to_string(),
     });
     summary.smoke = Some(report);
-    failed.map_or(Ok(()), |f| Err(f.into()))
+    smoke_outcome(failed, recorded)
+}
+
+/// A failed smoke is the verdict (exit 3) even when its record could not be
+/// written too; that second error rides along as context.
+fn smoke_outcome(failed: Option<SmokeFailed>, recorded: Result<()>) -> Result<()> {
+    match (failed, recorded) {
+        (None, recorded) => recorded,
+        (Some(f), Ok(())) => Err(f.into()),
+        (Some(f), Err(e)) => {
+            Err(anyhow::Error::from(f)
+                .context(format!("{e:#}; and the image failed its smoke test")))
+        }
+    }
 }
 
 /// `tcg ready in 41.2s, 7/7 checks`.
@@ -242,8 +309,13 @@ fn smoke_line(r: &SmokeReport) -> String {
     let ready = r
         .boot_secs
         .map_or_else(|| "never ready".to_owned(), |b| format!("ready in {b:.1}s"));
+    let secure_boot = if r.secure_boot.is_some() {
+        ", Secure Boot on"
+    } else {
+        ""
+    };
     format!(
-        "{} {ready}, {}/{} checks",
+        "{} {ready}, {}/{} checks{secure_boot}",
         r.accel, r.checks_passed, r.checks_total
     )
 }
@@ -352,6 +424,14 @@ pub fn smoke(global: &Global, args: &SmokeArgs) -> Result<()> {
         volumes: disks.volumes.clone(),
         wait_poweroff: false,
         keep_overlay: args.keep_overlay.clone(),
+        secure_boot: crate::smoke::secure_boot::for_image(
+            args.vm.secure_boot,
+            &args.image,
+            args.secure_boot_cert
+                .clone()
+                .or_else(|| path_from_env("KILN_SECURE_BOOT_CERT"))
+                .as_deref(),
+        )?,
     };
     let ui = Ui::new(global.json);
 
@@ -402,17 +482,22 @@ pub fn smoke(global: &Global, args: &SmokeArgs) -> Result<()> {
         &report,
         old.as_ref(),
     );
-    record::smoke::write(&record_path, &statement).context("writing the smoke record")?;
     // Only the recipe's own test is the image's verdict in `kiln log`.
     let own_test = args.checks.is_empty()
         && args.http.is_empty()
         && args.timeout.is_none()
         && !args.no_volumes
         && args.upgrade_from.is_none();
-    if own_test {
-        record::smoke::keep_in_store(&store_root(global), &recipe.image.name, &statement)
-            .context("keeping the smoke record in the store")?;
-    }
+    let recorded = record::smoke::write(&record_path, &statement)
+        .context("writing the smoke record")
+        .and_then(|()| {
+            if own_test {
+                record::smoke::keep_in_store(&store_root(global), &recipe.image.name, &statement)
+                    .context("keeping the smoke record in the store")
+            } else {
+                Ok(())
+            }
+        });
     if global.json {
         print_json(&report)?;
     } else {
@@ -431,15 +516,12 @@ pub fn smoke(global: &Global, args: &SmokeArgs) -> Result<()> {
             println!("note: {note}");
         }
     }
-    if report.passed {
-        return Ok(());
-    }
-    Err(SmokeFailed {
+    let failed = (!report.passed).then(|| SmokeFailed {
         image: args.image.display().to_string(),
         failure: format!("{what}{}", report.failure_text()),
         log: report.log.display().to_string(),
-    }
-    .into())
+    });
+    smoke_outcome(failed, recorded)
 }
 
 /// `PORT:PATH:STATUS[:CONTAINS]`.
@@ -486,7 +568,9 @@ pub fn lock(global: &Global, args: &LockArgs) -> Result<()> {
         mut locks,
         store,
         log_path,
-    } = prepare(global, &args.recipe, "lock", &[crate::cmd::LAYER_TOOLS])?;
+    } = prepare(global, &args.recipe, "lock", |_| {
+        vec![crate::cmd::LAYER_TOOLS]
+    })?;
     let forgotten = match &args.update {
         Some(layer) => crate::lock::forget(&recipe, &mut locks, layer)?,
         None => crate::lock::Forgotten::none(),
@@ -497,6 +581,8 @@ pub fn lock(global: &Global, args: &LockArgs) -> Result<()> {
         out_dir: global.out.clone(),
         layers_only: true,
         fresh_resolve: args.update.is_some(),
+        signing_key: None,
+        secure_boot: None,
     };
     layers::build(&recipe, &mut locks, &store, &opts, &ui)
         .map_err(|e| e.context(format!("the full log is in {}", log_path.display())))?;
@@ -508,7 +594,7 @@ pub fn lock(global: &Global, args: &LockArgs) -> Result<()> {
         .iter()
         .zip(&steps)
         .filter(|(_, f)| **f != Freshness::Cached)
-        .map(|(s, _)| s.id())
+        .map(|(s, _)| s.id().into())
         .collect();
     if image != Freshness::Cached {
         next_build.push("image".into());
@@ -656,7 +742,7 @@ pub fn cache(global: &Global, command: &CacheCommand) -> Result<()> {
                     .iter()
                     .map(|r| {
                         vec![
-                            r.kind.to_owned(),
+                            r.kind.as_str().to_owned(),
                             r.key[..12].to_owned(),
                             r.what.clone(),
                             r.result.clone(),
@@ -669,10 +755,7 @@ pub fn cache(global: &Global, command: &CacheCommand) -> Result<()> {
                     table(&["KIND", "KEY", "WHAT", "RESULT", "SECONDS"], &table_rows)
                 );
             }
-            let corrupt = rows
-                .iter()
-                .filter(|r| r.result.starts_with("corrupt"))
-                .count();
+            let corrupt = rows.iter().filter(|r| !r.intact).count();
             if corrupt > 0 {
                 anyhow::bail!(
                     "{corrupt} corrupt entr{} moved to {}; the next build rebuilds {}",
@@ -752,25 +835,53 @@ pub fn inspect(global: &Global, args: &InspectArgs) -> Result<()> {
         m.image.sha256.clone()
     };
     let smoke = record::smoke::verdict(&record::smoke::path_for(&path), &disk_sha256);
+    let signed = record::signed::claim(&path, &m.image.file, &disk_sha256);
     if global.json {
         let mut value = serde_json::to_value(&m).context("serialising the manifest")?;
         // The summary leaves out the file list; the manifest itself has it.
         value["files"] = serde_json::json!(m.files.as_ref().map(Vec::len));
         value["smoke"] = serde_json::to_value(&smoke).context("serialising the smoke verdict")?;
+        value["signature"] = serde_json::to_value(&signed).context("serialising the signature")?;
         return print_json(&value);
     }
     print!("{}", record::manifest::summary(&m));
     println!("{:<12}{}", "smoke", smoke.text());
+    println!("{:<12}{}", "signed", signed.text());
     Ok(())
 }
 
 pub fn verify(global: &Global, args: &VerifyArgs) -> Result<()> {
+    let trusted = args
+        .trusted_keys
+        .iter()
+        .map(|k| PublicKey::load(k))
+        .collect::<Result<Vec<_>>>()?;
     let report = match (&args.image, &args.root) {
         (Some(image), None) => {
             require_root("verify IMAGE")?;
             let path = record::verify::manifest_for(image, args.manifest.as_deref());
             let m = record::manifest::read(&path)?;
-            record::verify::image(image, &m, &path, args.extract.as_deref())?
+            // The signature first: it says whether the manifest is worth
+            // comparing the disk with.
+            let signature = (!trusted.is_empty())
+                .then(|| record::signed::check(image, &m, &path, &trusted))
+                .transpose()?;
+            match record::verify::image(image, &m, &path, args.extract.as_deref()) {
+                Ok(report) => report.with_signature(signature),
+                // A damaged disk may not even be readable: its failed
+                // signature check is still the verdict.
+                Err(e) => match signature.filter(|c| !c.ok()) {
+                    Some(check) => {
+                        print!("{}", check.text());
+                        return Err(NotVerified(format!(
+                            "{}; and the disk could not be compared with its manifest: {e:#}",
+                            check.failures.join("; ")
+                        ))
+                        .into());
+                    }
+                    None => return Err(e),
+                },
+            }
         }
         (None, Some(root)) => {
             let path = args.manifest.as_deref().ok_or_else(|| BadInput::arg("--root needs --manifest FILE", "pass the manifest the system was built from, e.g. --manifest out/web.manifest.json"))?;
@@ -786,6 +897,9 @@ pub fn verify(global: &Global, args: &VerifyArgs) -> Result<()> {
     }
     if report.clean {
         return Ok(());
+    }
+    if let Some(check) = report.signature.as_ref().filter(|c| !c.ok()) {
+        return Err(NotVerified(check.failures.join("; ")).into());
     }
     let d = &report.differences;
     Err(Drift(format!(
@@ -880,4 +994,76 @@ pub fn diff(global: &Global, args: &DiffArgs) -> Result<()> {
     }
     print!("{}", record::diff::text(&d));
     Ok(())
+}
+
+/// `kiln key new NAME`.
+pub fn key(global: &Global, command: &KeyCommand) -> Result<()> {
+    match command {
+        KeyCommand::New(args) => {
+            let files = crate::sign::key::new(&args.dir, &args.name, args.secure_boot)?;
+            if global.json {
+                return print_json(&files.all());
+            }
+            println!(
+                "wrote {} (private, mode 0600: keep it out of git; give it to `kiln build --signing-key`)",
+                files.key.display()
+            );
+            println!(
+                "wrote {} (public: give it to `kiln verify --trusted-key`)",
+                files.public.display()
+            );
+            if let Some((key, cert)) = &files.secure_boot {
+                println!(
+                    "wrote {} (private Secure Boot key, mode 0600)",
+                    key.display()
+                );
+                println!(
+                    "wrote {} (its self-signed certificate, CN={})",
+                    cert.display(),
+                    args.name
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failed() -> SmokeFailed {
+        SmokeFailed {
+            image: "out/web.qcow2".into(),
+            failure: "check 2 failed".into(),
+            log: "out/web.smoke.log".into(),
+        }
+    }
+
+    #[test]
+    fn a_failed_smoke_stays_exit_3_when_its_record_cannot_be_written() {
+        let unwritable = || Err(anyhow::anyhow!("out/web.smoke.json: disk full"));
+        let both = smoke_outcome(Some(failed()), unwritable()).unwrap_err();
+        assert_eq!(
+            crate::error::exit_code(&both),
+            crate::error::exit::SMOKE_FAILED
+        );
+        let text = format!("{both:#}");
+        assert!(
+            text.contains("disk full") && text.contains("check 2 failed"),
+            "{text}"
+        );
+
+        let only_record = smoke_outcome(None, unwritable()).unwrap_err();
+        assert_eq!(
+            crate::error::exit_code(&only_record),
+            crate::error::exit::FAILURE
+        );
+        assert!(smoke_outcome(None, Ok(())).is_ok());
+        let only_smoke = smoke_outcome(Some(failed()), Ok(())).unwrap_err();
+        assert_eq!(
+            crate::error::exit_code(&only_smoke),
+            crate::error::exit::SMOKE_FAILED
+        );
+    }
 }

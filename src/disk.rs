@@ -65,6 +65,34 @@ fn parse_sfdisk_json(json: &[u8]) -> Result<Vec<Partition>> {
         .collect()
 }
 
+/// Copy the UKI (`EFI/BOOT/BOOTX64.EFI` on the ESP) of a built disk
+/// (qcow2 or raw) to `dest`, through a raw copy in `scratch` (sparse,
+/// removed afterwards).
+pub fn read_uki(disk: &Path, dest: &Path, scratch: &Path) -> Result<()> {
+    let raw = scratch.join("read-uki.raw");
+    Cmd::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(disk)
+        .arg(&raw)
+        .run()?;
+    let esp = partitions(&raw)?
+        .into_iter()
+        .find(|p| p.type_guid.eq_ignore_ascii_case(ESP_TYPE))
+        .with_context(|| format!("{} has no ESP", disk.display()));
+    let copied = esp.and_then(|esp| {
+        Cmd::new("mcopy")
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .arg("-i")
+            .arg(format!("{}@@{}", raw.display(), esp.start))
+            .arg("::/EFI/BOOT/BOOTX64.EFI")
+            .arg(dest)
+            .run()
+            .with_context(|| format!("reading the UKI off {}", disk.display()))
+    });
+    let removed = std::fs::remove_file(&raw).with_context(|| format!("removing {}", raw.display()));
+    crate::cmd::keep_first_error(copied, removed)
+}
+
 /// The root partition of a raw disk image.
 pub fn root_partition(raw: &Path) -> Result<Partition> {
     partitions(raw)?

@@ -10,6 +10,7 @@ pub mod exit {
     pub const FAILURE: i32 = 1;
     pub const BAD_INPUT: i32 = 2;
     pub const SMOKE_FAILED: i32 = 3;
+    /// Drift, or a signature that does not verify.
     pub const DRIFT: i32 = 4;
     pub const INTERRUPTED: i32 = 130;
 }
@@ -34,6 +35,16 @@ impl BadInput {
         BadInput {
             file: Some(file.to_owned()),
             key: Some(key.into()),
+            problem: problem.into(),
+            fix: fix.into(),
+        }
+    }
+
+    /// A whole file that is wrong (a key file), not one key in it.
+    pub fn file(path: &Path, problem: impl Into<String>, fix: impl Into<String>) -> BadInput {
+        BadInput {
+            file: Some(path.to_owned()),
+            key: None,
             problem: problem.into(),
             fix: fix.into(),
         }
@@ -77,6 +88,13 @@ pub struct SmokeFailed {
 #[error("drift: {0}")]
 pub struct Drift(pub String);
 
+/// `kiln verify --trusted-key` found no good signature for the disk and
+/// manifest (one line per failed check). Exit code 4, like drift: the
+/// image is not what was built, or not by whom it should be.
+#[derive(Debug, thiserror::Error)]
+#[error("not verified: {0}")]
+pub struct NotVerified(pub String);
+
 /// Map an error chain to the process exit code.
 pub fn exit_code(err: &anyhow::Error) -> i32 {
     for cause in err.chain() {
@@ -86,7 +104,7 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
         if cause.is::<SmokeFailed>() {
             return exit::SMOKE_FAILED;
         }
-        if cause.is::<Drift>() {
+        if cause.is::<Drift>() || cause.is::<NotVerified>() {
             return exit::DRIFT;
         }
         if cause.is::<crate::cmd::Interrupted>() {

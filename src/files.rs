@@ -17,7 +17,12 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
 /// A record published beside the disk, readable by everyone like the disk
 /// (mode 0644), as pretty JSON, atomically.
 pub fn publish_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    write_atomic_mode(path, &json(path, value)?, Some(0o644))
+    publish(path, &json(path, value)?)
+}
+
+/// A published record's bytes (see [`publish_json`]), as they are.
+pub fn publish(path: &Path, data: &[u8]) -> Result<()> {
+    write_atomic_mode(path, data, Some(0o644))
 }
 
 fn write_atomic_mode(path: &Path, data: &[u8], mode: Option<u32>) -> Result<()> {
@@ -47,7 +52,8 @@ pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     write_atomic(path, &json(path, value)?)
 }
 
-fn json<T: Serialize>(path: &Path, value: &T) -> Result<Vec<u8>> {
+/// `value` as the bytes [`publish_json`] writes: pretty JSON and a newline.
+pub fn json<T: Serialize>(path: &Path, value: &T) -> Result<Vec<u8>> {
     let mut data = serde_json::to_vec_pretty(value)
         .with_context(|| format!("serialising {}", path.display()))?;
     data.push(b'\n');

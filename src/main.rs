@@ -6,6 +6,7 @@ mod cmd;
 mod commands;
 mod disk;
 mod error;
+mod export;
 mod files;
 mod layers;
 mod lock;
@@ -13,6 +14,7 @@ mod packages;
 mod plan;
 mod recipe;
 mod record;
+mod sign;
 mod smoke;
 mod store;
 mod ui;
@@ -35,6 +37,7 @@ fn main() {
         cli::Command::Verify(args) => commands::verify(&cli.global, args),
         cli::Command::Log(args) => commands::log(&cli.global, args),
         cli::Command::Diff(args) => commands::diff(&cli.global, args),
+        cli::Command::Key(args) => commands::key(&cli.global, &args.command),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

@@ -95,6 +95,7 @@ fn catalog() -> Vec<Case> {
         case("negative size", with_base("").replace("2GiB", "-1GiB"), BAD_INPUT, &["image.size", "not a size"]),
         case("size of 1 PiB", with_base("").replace("2GiB", "1048576GiB"), BAD_INPUT, &["image.size", "outside the range"]),
         case("unknown format", with_base("").replace("size = \"2GiB\"", "size = \"2GiB\"\nformat = \"vmdk\""), BAD_INPUT, &["image.format", "vmdk"]),
+        case("unknown export format", with_base("").replace("size = \"2GiB\"", "size = \"2GiB\"\nformats = [\"vmdk\", \"ova\"]"), BAD_INPUT, &["image.formats[1]", "unknown format `ova`", "containerdisk"]),
         case("hostname with a leading dash", with_base("").replace("size = \"2GiB\"", "size = \"2GiB\"\nhostname = \"-oops\""), BAD_INPUT, &["image.hostname"]),
         case("cmdline with a newline", with_base("").replace("size = \"2GiB\"", "size = \"2GiB\"\ncmdline = \"console=ttyS0\\ninit=/bin/sh\""), BAD_INPUT, &["image.cmdline"]),
         case("cmdline that sets root=", with_base("").replace("size = \"2GiB\"", "size = \"2GiB\"\ncmdline = \"root=/dev/sda1\""), BAD_INPUT, &["image.cmdline", "root="]),

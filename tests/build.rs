@@ -685,3 +685,57 @@ fn plan_with_an_empty_store_builds_everything_and_creates_nothing() {
 fn a_missing_tool_fails_the_test_and_says_what_to_install() {
     require_tools(&[("kiln-test-no-such-tool", "kiln-test-package")]);
 }
+
+#[test]
+fn two_builds_resolving_packages_at_once_share_the_stores_apt_caches() {
+    require_build();
+    // Two recipes whose `packages` steps are new (their parents carry a
+    // nonce) and unlocked, so both run apt against the store's shared apt
+    // caches. apt gives up at once on a cache another apt has locked; kiln
+    // must make the second run wait instead.
+    let d = RecipeDir::new();
+    let kiln = [Kiln::shared(), Kiln::shared()];
+    let recipes: Vec<_> = ["a", "b"]
+        .iter()
+        .map(|name| {
+            d.write(&format!("files/{name}.txt"), format!("{name} {}\n", nonce()));
+            let layers = format!(
+                "[[layer]]\nname = \"marker\"\nfiles = [{{ src = \"files/{name}.txt\", dest = \"/etc/kiln-{name}.txt\" }}]\n\n\
+                 [[layer]]\nname = \"tools\"\npackages = [\"hello\"]\n"
+            );
+            d.write_recipe(&format!("{name}.toml"), recipe(&format!("kt-apt-{name}"), &layers), &kiln[0])
+        })
+        .collect();
+    let mut cleanup = ForgetOnDrop::new(&kiln[0].store);
+    let runs: Vec<Run> = std::thread::scope(|s| {
+        let handles: Vec<_> = recipes
+            .iter()
+            .zip(&kiln)
+            .map(|(r, k)| {
+                s.spawn(move || {
+                    k.run(&[
+                        OsStr::new("--json"),
+                        OsStr::new("build"),
+                        OsStr::new("--no-smoke"),
+                        r.as_os_str(),
+                    ])
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (run, r) in runs.iter().zip(&recipes) {
+        cleanup.add(
+            &kiln[0].plan(r),
+            &["marker/files", "tools/packages", "image"],
+        );
+        run.assert_code(0);
+        let report: BuildReport = run.json();
+        assert_eq!(
+            report.row("tools/packages").status,
+            "built",
+            "{}",
+            run.show()
+        );
+    }
+}

@@ -757,6 +757,24 @@ fn gc_keeps_the_newest_images_and_their_layers() {
         "cache du",
     );
 
+    // Remembered smoke passes: one for a disk that stays (web v3), one for
+    // a disk that goes (web v1), one unreadable. gc keeps only the first.
+    let disk_of = |image: &str| -> String {
+        let entry = std::fs::read_to_string(store.join("images-v1").join(image).join("image.json"))
+            .unwrap();
+        serde_json::from_str::<serde_json::Value>(&entry).unwrap()["sha256"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let passes = store.join("state-v1/smoke");
+    std::fs::create_dir_all(&passes).unwrap();
+    for (file, disk) in [("kept.json", &keys[2].0), ("gone.json", &keys[0].0)] {
+        let pass = serde_json::json!({ "disk_sha256": disk_of(disk), "report": {} });
+        std::fs::write(passes.join(file), pass.to_string()).unwrap();
+    }
+    std::fs::write(passes.join("garbled.json"), "{").unwrap();
+
     let listed = |d: &str| listing(&store.join(d));
     let before = (listed("layers-v1"), listed("images-v1"));
     let dry = s
@@ -784,7 +802,12 @@ fn gc_keeps_the_newest_images_and_their_layers() {
         .unwrap();
     ok(&gc, "gc");
     let text = String::from_utf8_lossy(&gc.stdout);
-    assert!(text.contains("removed 2 entries, freed"), "{text}");
+    assert!(text.contains("removed 4 entries, freed"), "{text}");
+    assert_eq!(
+        listing(&passes),
+        ["kept.json"],
+        "gc must remove the smoke passes of removed disks and unreadable ones, and keep the rest"
+    );
     let (layers, images) = (listed("layers-v1"), listed("images-v1"));
     assert!(
         !images.contains(&keys[0].0) && !layers.contains(&keys[0].1),
@@ -1006,21 +1029,6 @@ fn gc_keeps_every_layer_when_a_kept_images_chain_cannot_be_read() {
     }
 }
 
-/// A folder of symlinks to every program on the host's PATH but `drop`.
-fn path_without(dir: &Path, drop: &str) -> std::ffi::OsString {
-    std::fs::create_dir_all(dir).unwrap();
-    for bin in ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin"] {
-        for entry in std::fs::read_dir(bin).into_iter().flatten().flatten() {
-            let name = entry.file_name();
-            let link = dir.join(&name);
-            if name != drop && !link.exists() {
-                std::os::unix::fs::symlink(entry.path(), link).unwrap();
-            }
-        }
-    }
-    dir.as_os_str().to_owned()
-}
-
 #[test]
 fn a_missing_tool_fails_before_anything_is_downloaded() {
     let s = Scratch::new();
@@ -1028,7 +1036,7 @@ fn a_missing_tool_fails_before_anything_is_downloaded() {
     // be downloaded into it first.
     let store = s.path().join("cold-store");
     let recipe = s.recipe("notool", "");
-    let path = path_without(&s.path().join("bin"), "mmdebstrap");
+    let path = common::path_without(&s.path().join("bin"), "mmdebstrap");
     let started = Instant::now();
     let out = s
         .kiln(&store)
@@ -1055,7 +1063,7 @@ fn a_missing_tool_fails_before_anything_is_downloaded() {
     );
 
     // The smoke boot's programs are needed only when it boots.
-    let path = path_without(&s.path().join("bin2"), "qemu-system-x86_64");
+    let path = common::path_without(&s.path().join("bin2"), "qemu-system-x86_64");
     let out = s
         .kiln(&store)
         .env("PATH", &path)

@@ -15,11 +15,11 @@ use sha2::{Digest, Sha256};
 /// One VM at a time: the machine has two cores.
 static ONE_VM: Mutex<()> = Mutex::new(());
 
-/// Built once per test run: a copy of `recipes/` (so locks are written
-/// there, not in the checkout), its out dir, web built without smoke, and
-/// a copy of web whose ESP lost its UKI.
+/// Built once per test run, in `<shared store>.smoke-test/` (emptied by
+/// the next run): a copy of `recipes/` (so locks are written there, not in
+/// the checkout), its out dir, web built without smoke, and a copy of web
+/// whose ESP lost its UKI.
 struct Images {
-    _dir: tempfile::TempDir,
     recipes: PathBuf,
     out: PathBuf,
     web: PathBuf,
@@ -34,13 +34,10 @@ fn images() -> &'static Images {
             ("qemu-system-x86_64", "qemu-system-x86"),
             ("mdel", "mtools"),
         ]);
-        let dir = tempfile::Builder::new()
-            .prefix("kiln-smoke-")
-            .tempdir()
-            .unwrap();
-        let recipes = dir.path().join("recipes");
+        let dir = common::once_per_run_dir("smoke-test");
+        let recipes = dir.join("recipes");
         common::copy_recipes(&recipes);
-        let out = dir.path().join("out");
+        let out = dir.join("out");
         let run = common::kiln_output(
             &out,
             &[
@@ -57,9 +54,8 @@ fn images() -> &'static Images {
         );
         let web = out.join("web.qcow2");
         let bad = out.join("noboot.qcow2");
-        empty_esp(&web, &bad, dir.path());
+        empty_esp(&web, &bad, &dir);
         Images {
-            _dir: dir,
             recipes,
             out,
             web,

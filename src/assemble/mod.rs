@@ -39,6 +39,7 @@
 //! The merged tree is walked once, before mke2fs, to record every path
 //! (`files.json`, kept beside the disk in the store: see `record::tree`).
 
+pub mod secure_boot;
 mod volumes;
 
 use std::path::{Path, PathBuf};
@@ -92,11 +93,14 @@ pub const IMAGE_DEBRIS: &[&str] = &[
 pub struct Assembled {
     pub disk: PathBuf,
     pub kernel: String,
+    /// How the UKI was signed, when it was.
+    pub secure_boot: Option<secure_boot::SignedUki>,
 }
 
 /// Assemble `lowers` (topmost first) into `staging/disk.{qcow2,raw}` and
 /// `staging/files.json`. `epoch` is the build's SOURCE_DATE_EPOCH: no
-/// timestamp in the disk is later than it.
+/// timestamp in the disk is later than it. With `signer` the UKI is signed
+/// for Secure Boot (see [`secure_boot`]).
 pub fn assemble(
     image: &ImagePlan,
     vols: &[VolumeSpec],
@@ -104,6 +108,7 @@ pub fn assemble(
     staging: &Path,
     recipe_path: &Path,
     epoch: u64,
+    signer: Option<&secure_boot::Signer>,
 ) -> Result<Assembled> {
     let spec = &image.spec;
     let key = image.key;
@@ -134,6 +139,10 @@ pub fn assemble(
     let kernel = pick_kernel(&merged)?;
     let uki = staging.join("uki.efi");
     make_uki(&merged, &kernel, &spec.cmdline, &uki, staging, epoch)?;
+    // The last change to the UKI: any byte changed after it voids the signature.
+    let signed = signer
+        .map(|s| secure_boot::sign(&uki, s, staging))
+        .transpose()?;
 
     let needed = tree_bytes(&merged)?;
     // ext4 needs room for its metadata and a reserve beyond the files.
@@ -230,7 +239,11 @@ pub fn assemble(
             qcow
         }
     };
-    Ok(Assembled { disk, kernel })
+    Ok(Assembled {
+        disk,
+        kernel,
+        secure_boot: signed,
+    })
 }
 
 /// Remove [`IMAGE_DEBRIS`] through the overlay (whiteouts in the image's

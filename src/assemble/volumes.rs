@@ -100,11 +100,10 @@ pub fn prepare(root: &Path, volumes: &[VolumeSpec], recipe: &Path) -> Result<()>
             }
         }
         crate::layers::steps::create_dirs(&dir)?;
-        let (user, group) = v
-            .owner
-            .split_once(':')
-            .expect("owner was validated as user:group");
-        tmpfiles.push_str(&format!("d {} 0755 {user} {group} -\n", v.mount));
+        tmpfiles.push_str(&format!(
+            "d {} 0755 {} {} -\n",
+            v.mount, v.owner.user, v.owner.group
+        ));
     }
     write_file(
         &root.join("etc/tmpfiles.d/kiln-volumes.conf"),
@@ -123,7 +122,7 @@ mod tests {
             mount: mount.into(),
             size: 1 << 30,
             filesystem: "ext4".into(),
-            owner: "postgres:postgres".into(),
+            owner: crate::recipe::Owner::parse("postgres:postgres").unwrap(),
         }
     }
 

@@ -41,6 +41,10 @@ pub struct BuildOptions {
     /// Resolve unlocked steps against the archive even when the store has a
     /// recent resolution of the same inputs (`--update`).
     pub fresh_resolve: bool,
+    /// Sign the provenance with this key.
+    pub signing_key: Option<crate::sign::key::SigningKey>,
+    /// Sign the UKI for Secure Boot (`--secure-boot-key`, `--secure-boot-cert`).
+    pub secure_boot: Option<assemble::secure_boot::Signer>,
 }
 
 /// What happened to a stage of a run.
@@ -193,7 +197,11 @@ pub fn build(
         rows: Vec::new(),
     };
 
-    let plan = run.resolve(plan, recipe, locks)?;
+    let plan = run.resolve(plan, recipe, locks)?.signed_with(
+        opts.secure_boot
+            .as_ref()
+            .map(|s| s.key.fingerprint.as_str()),
+    );
     let recipe_path = std::fs::canonicalize(&recipe.path).unwrap_or_else(|_| recipe.path.clone());
     let summary = |run: Run, image, entry: Option<&ImageEntry>, build_log| Summary {
         recipe: recipe_path.display().to_string(),
@@ -217,6 +225,15 @@ pub fn build(
         .image(&plan, waited)
         .with_context(|| format!("assembling the image of {}", recipe.path.display()))?;
     let image = export(store, &entry, &recipe.image.name, &opts.out_dir)?;
+    let (outputs, rows) = crate::export::export_all(
+        store,
+        &entry,
+        &recipe.image,
+        &opts.out_dir,
+        opts.refresh,
+        ui,
+    )?;
+    run.rows.extend(rows);
     let build_log = keep_build_log(store, &entry, built)?;
     run.remember(&plan)?;
     let lock_path = crate::lock::path_for(&recipe_path);
@@ -225,10 +242,12 @@ pub fn build(
         store,
         image: &entry,
         exported: &image,
+        outputs: &outputs,
         out_dir: &opts.out_dir,
         lock: lock_path.is_file().then_some(lock_path.as_path()),
         source_date_epoch: plan.image.inputs.epoch,
         started: started_unix,
+        signing_key: opts.signing_key.as_ref(),
     })
     .context("writing the manifest, SBOM, provenance and history")?;
     let summary = summary(run, image, Some(&entry), Some(build_log));
@@ -363,7 +382,8 @@ impl Run<'_> {
             return Ok((store.image_entry(&key)?, false));
         };
         let stage = self.ui.stage("image", &format!("assembling ({reason})"));
-        match build_image(plan, store, &self.lowers, self.opts.refresh) {
+        let signer = self.opts.secure_boot.as_ref();
+        match build_image(plan, store, &self.lowers, self.opts.refresh, signer) {
             Ok(entry) => {
                 let seconds = stage.done("built");
                 self.rows.push(
@@ -388,7 +408,7 @@ impl Run<'_> {
             steps: plan
                 .steps
                 .iter()
-                .map(|s| (s.id(), s.inputs.clone()))
+                .map(|s| (s.id().into(), s.inputs.clone()))
                 .collect(),
             image: Some(plan.image.inputs.clone()),
         };
@@ -649,7 +669,7 @@ fn publish_step(store: &Store, built: Built, step: &Step, replace: bool) -> Resu
     } = built;
     let entry = LayerEntry {
         key: step.key,
-        id: step.id(),
+        id: step.id().into(),
         inputs: step.inputs.clone(),
         changes,
         packages,
@@ -665,6 +685,7 @@ fn build_image(
     store: &Store,
     lowers: &[PathBuf],
     replace: bool,
+    signer: Option<&assemble::secure_boot::Signer>,
 ) -> Result<ImageEntry> {
     let started = Instant::now();
     let staging = store.staging()?;
@@ -675,6 +696,7 @@ fn build_image(
         staging.path(),
         &plan.recipe.path,
         plan.image.inputs.epoch,
+        signer,
     )?;
     let sha256 = plan::key::file_digest(&assembled.disk)
         .with_context(|| format!("hashing {}", assembled.disk.display()))?;
@@ -689,8 +711,10 @@ fn build_image(
             .into_owned(),
         sha256,
         kernel: assembled.kernel,
+        secure_boot: assembled.secure_boot,
         seconds: started.elapsed().as_secs_f64(),
         created: store::now(),
+        built_by: Some(crate::record::builder()),
     };
     store::write_json_atomic(&staging.path().join("image.json"), &entry)?;
     store.publish(staging, &store.image_dir(&plan.image.key), replace)?;
@@ -700,44 +724,13 @@ fn build_image(
 /// Copy the image to `out/NAME.EXT`, unless the copy there is already this
 /// image (same size and mtime as when kiln wrote it).
 fn export(store: &Store, entry: &ImageEntry, name: &str, out_dir: &Path) -> Result<PathBuf> {
-    std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let ext = Path::new(&entry.file)
         .extension()
         .and_then(|e| e.to_str())
         .unwrap_or("img");
     let dest = out_dir.join(format!("{name}.{ext}"));
-    let stamp_path = out_dir.join(format!(".{name}.stamp"));
-    let stamp = |p: &Path| -> Option<String> {
-        let m = std::fs::metadata(p).ok()?;
-        use std::os::unix::fs::MetadataExt;
-        Some(format!(
-            "{} {} {}.{}",
-            entry.sha256,
-            m.len(),
-            m.mtime(),
-            m.mtime_nsec()
-        ))
-    };
-    if stamp(&dest).is_some_and(|s| std::fs::read_to_string(&stamp_path).is_ok_and(|t| t == s)) {
-        return Ok(dest);
-    }
+    let stamp = out_dir.join(format!(".{name}.stamp"));
     let src = store.image_dir(&entry.key).join(&entry.file);
-    let tmp = out_dir.join(format!(".{name}.{ext}.tmp"));
-    if let Err(e) = crate::cmd::Cmd::new("cp")
-        .args(["--sparse=always", "--reflink=auto"])
-        .arg(&src)
-        .arg(&tmp)
-        .run()
-    {
-        // Interrupted or out of space: leave no half copy in out/.
-        if let Err(r) = std::fs::remove_file(&tmp) {
-            crate::cmd::log_line(&format!("warning: removing {}: {r}", tmp.display()));
-        }
-        return Err(e);
-    }
-    std::fs::rename(&tmp, &dest)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
-    let s = stamp(&dest).context("stat of the exported image")?;
-    std::fs::write(&stamp_path, s).with_context(|| format!("writing {}", stamp_path.display()))?;
+    crate::export::publish(&src, &entry.sha256, &dest, &stamp)?;
     Ok(dest)
 }

@@ -67,7 +67,7 @@ pub fn pin(
 }
 
 /// A locked step must have installed exactly its pins.
-pub fn check(step: &str, lock: &StepLock, changes: &[PackageChange]) -> Result<()> {
+pub fn check(step: &crate::plan::StepId, lock: &StepLock, changes: &[PackageChange]) -> Result<()> {
     let mut installed: Vec<String> = changes
         .iter()
         .filter_map(|c| c.new.as_ref().map(|v| format!("{} {v}", c.name)))
@@ -84,7 +84,7 @@ pub fn check(step: &str, lock: &StepLock, changes: &[PackageChange]) -> Result<(
     }
     let extra: Vec<&String> = installed.iter().filter(|i| !pinned.contains(i)).collect();
     let missing: Vec<&String> = pinned.iter().filter(|p| !installed.contains(p)).collect();
-    let layer = step.split('/').next().unwrap_or(step);
+    let layer = step.layer();
     bail!(
         "step {step} did not install exactly its locked packages (installed but not locked: {extra:?}; locked but not installed: {missing:?}); \
          the lock no longer fits the layers below it: re-resolve with `kiln lock --update {layer}`"

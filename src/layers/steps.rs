@@ -209,9 +209,12 @@ fn remove_empty_dirs(dir: &Path) -> std::io::Result<()> {
     std::fs::remove_dir(dir)
 }
 
-/// Upper-dir files created only for the build, removed before publishing.
+/// Upper-dir files created only for the build, removed before publishing;
+/// and, for a step that uses the store's shared apt caches, the lock that
+/// keeps other kiln runs' apt out of them meanwhile.
 struct Scaffolding {
     created: Vec<PathBuf>,
+    _apt_caches: Option<crate::store::lock::Lock>,
 }
 
 /// Inside the chroot, where a locked step's repository and apt state live
@@ -251,9 +254,21 @@ fn enter_chroot(
         Ok(_) => {}
     }
     let mut lists_used = Vec::new();
+    let mut apt_caches = None;
     match apt {
         None => {}
         Some(Source::Archive) => {
+            // apt locks these caches with fcntl and gives up at once when
+            // another apt holds them: another kiln run on this store waits
+            // here instead of failing.
+            apt_caches = Some(crate::store::lock::lock(
+                &ctx.store.lock_path("apt-caches"),
+                crate::store::lock::Mode::Exclusive,
+                "another kiln run's apt step to finish with the store's apt caches",
+                || {
+                    eprintln!("waiting for another kiln run's apt step (the store's apt caches are in use)…")
+                },
+            )?);
             mounts.bind(
                 &ctx.store.apt_archives(),
                 &root.join("var/cache/apt/archives"),
@@ -277,7 +292,13 @@ fn enter_chroot(
             .with_context(|| format!("writing {}", dir.display()))?;
         }
     }
-    Ok((Scaffolding { created }, lists_used))
+    Ok((
+        Scaffolding {
+            created,
+            _apt_caches: apt_caches,
+        },
+        lists_used,
+    ))
 }
 
 /// After the chroot's own mounts are gone: remove the scaffolding, and
@@ -556,10 +577,7 @@ pub fn copy_files(root: &Path, files: &[FileSpec], origin: &Path, layer: &str) -
                 "copy to a path whose directories are real directories inside the image",
             )
         })?;
-        let (user, grp) = f
-            .owner
-            .split_once(':')
-            .expect("owner was validated as user:group");
+        let (user, grp) = (&f.owner.user, &f.owner.group);
         let uid = lookup(&passwd, user).ok_or_else(|| {
             BadInput::new(
                 origin,

@@ -102,10 +102,23 @@ impl LockFile {
             }
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
-        let lock: LockFile = toml::from_str(&text).map_err(|e| {
-            let key = e.message().split('`').nth(1).unwrap_or("(syntax)").to_owned();
-            BadInput::new(path, key, format!("the lock file is damaged: {}", e.message().trim()), "restore it from version control, or delete it and run `kiln lock` to resolve it again")
-        })?;
+        // Like a recipe: a syntax error names its line, a wrong shape the
+        // key path where it was found.
+        let damaged = |key: String, e: &toml::de::Error| {
+            BadInput::new(
+                path,
+                key,
+                format!(
+                    "the lock file is damaged: {}",
+                    crate::recipe::at_line(&text, e, e.message().trim())
+                ),
+                "restore it from version control, or delete it and run `kiln lock` to resolve it again",
+            )
+        };
+        let document =
+            toml::Deserializer::parse(&text).map_err(|e| damaged("(syntax)".into(), &e))?;
+        let lock: LockFile = serde_path_to_error::deserialize(document)
+            .map_err(|e| damaged(e.path().to_string(), e.inner()))?;
         if lock.version != LOCK_VERSION {
             return Err(BadInput::new(
                 path,
@@ -292,7 +305,13 @@ pub fn forget(recipe: &Recipe, locks: &mut Locks, layer: &str) -> Result<Forgott
         plan.steps
             .iter()
             .filter(|s| s.is_locked_kind() && (layer.is_empty() || s.layer == layer))
-            .map(|s| (s.origin.clone(), s.id(), locks.remove(&s.origin, &s.id())))
+            .map(|s| {
+                (
+                    s.origin.clone(),
+                    s.id().into(),
+                    locks.remove(&s.origin, &s.id()),
+                )
+            })
             .collect(),
     ))
 }
@@ -311,7 +330,7 @@ impl Forgotten {
             // The versions the layer below had, so an upgrade shows old -> new.
             let below = plan
                 .as_ref()
-                .and_then(|p| p.steps.iter().find(|s| s.id() == *id))
+                .and_then(|p| p.steps.iter().find(|s| *s.id() == **id))
                 .and_then(|s| s.inputs.parent)
                 .and_then(|k| store.layer_entry(&k).ok())
                 .map(|e| {
@@ -337,6 +356,25 @@ impl Forgotten {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_damaged_lock_names_the_line_or_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("web.lock");
+        let error = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            let e = LockFile::load(&path).unwrap_err();
+            let bad = e.downcast_ref::<BadInput>().expect("bad input");
+            (bad.key.clone().unwrap_or_default(), bad.problem.clone())
+        };
+        let (key, problem) = error("version = 1\n[steps\n");
+        assert_eq!(key, "(syntax)");
+        assert!(problem.contains("line 2"), "{problem}");
+        let (key, _) = error("version = \"one\"\n");
+        assert_eq!(key, "version");
+        let (key, _) = error("version = 1\n[steps.\"app/packages\"]\nspec = 3\n");
+        assert_eq!(key, "steps.app/packages.spec");
+    }
 
     fn pkg(name: &str, version: &str) -> LockedPackage {
         LockedPackage {

@@ -46,7 +46,7 @@ pub fn step_freshness(
     } else if store.has_layer(&step.key) {
         Freshness::Cached
     } else {
-        Freshness::Build(super::reason(&step.inputs, state.steps.get(&step.id())))
+        Freshness::Build(super::reason(&step.inputs, state.steps.get(&*step.id())))
     }
 }
 
@@ -102,7 +102,7 @@ impl PlanReport {
             .iter()
             .zip(steps)
             .map(|(s, f)| PlanRow {
-                stage: s.id(),
+                stage: s.id().into(),
                 key: s.key.hex(),
                 freshness: f,
             })

@@ -282,6 +282,12 @@ pub struct ImageInputs {
     pub volumes: Vec<String>,
     /// SOURCE_DATE_EPOCH: no timestamp in the image is later (from the lock).
     pub epoch: u64,
+    /// The SHA-256 fingerprint of the certificate whose key signs the UKI
+    /// for Secure Boot (never the key itself: a key needs no secret). An
+    /// unsigned image leaves it out of the hash, so its key is the one it
+    /// had before kiln could sign.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure_boot: Option<String>,
 }
 
 impl ImageInputs {
@@ -294,6 +300,7 @@ impl ImageInputs {
             cmdline,
             volumes,
             epoch,
+            secure_boot,
         } = self;
         let mut h = KeyHasher::new(ASSEMBLY_VERSION);
         h.opt_key("top", Some(*top));
@@ -303,6 +310,41 @@ impl ImageInputs {
         h.str("cmdline", cmdline);
         h.list("volumes", volumes);
         h.bytes("epoch", &epoch.to_le_bytes());
+        if let Some(fingerprint) = secure_boot {
+            h.str("secure-boot-cert", fingerprint);
+        }
+        h.finish()
+    }
+}
+
+/// Bump when a deployable file made from the same disk has other bytes.
+const EXPORT_DOMAIN: &str = "kiln-export-v1";
+
+/// Everything a deployable file made from an image depends on (see
+/// `export`). The image key covers the disk's bytes and its
+/// SOURCE_DATE_EPOCH (the archives' clock); the recipe's `formats` list is
+/// not in the image key, so adding a format converts, never reassembles.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportInputs {
+    pub image: Key,
+    /// `vmdk`, `containerdisk`, … as in the recipe.
+    pub format: String,
+    /// The disk's name inside an archive, when it depends on the image's
+    /// name (a containerDisk's `/disk/NAME.qcow2`); empty otherwise.
+    pub inner_name: String,
+}
+
+impl ExportInputs {
+    pub fn key(&self) -> Key {
+        let ExportInputs {
+            image,
+            format,
+            inner_name,
+        } = self;
+        let mut h = KeyHasher::new(EXPORT_DOMAIN);
+        h.opt_key("image", Some(*image));
+        h.str("format", format);
+        h.str("inner_name", inner_name);
         h.finish()
     }
 }
@@ -321,6 +363,9 @@ pub struct SmokeInputs {
     pub seed: Vec<String>,
     pub checks: Vec<String>,
     pub http: Vec<crate::recipe::HttpCheck>,
+    /// With Secure Boot on, the fingerprint of the certificate enrolled in
+    /// the firmware's db; a boot without it leaves it out of the hash.
+    pub secure_boot: Option<String>,
 }
 
 impl SmokeInputs {
@@ -331,6 +376,7 @@ impl SmokeInputs {
             seed,
             checks,
             http,
+            secure_boot,
         } = self;
         let mut h = KeyHasher::new(SMOKE_DOMAIN);
         h.opt_key("image", Some(*image));
@@ -352,6 +398,9 @@ impl SmokeInputs {
                 Some(text) => h.str("contains", text),
                 None => h.bytes("no-contains", b""),
             }
+        }
+        if let Some(fingerprint) = secure_boot {
+            h.str("secure-boot-db", fingerprint);
         }
         h.finish()
     }
@@ -436,8 +485,12 @@ mod tests {
                 status: 200,
                 contains: None,
             }],
+            secure_boot: None,
         };
         let k = base.key();
+        let mut v = base.clone();
+        v.secure_boot = Some("ab".into());
+        assert_ne!(v.key(), k);
         let mut v = base.clone();
         v.image = inputs(&["y"]).key();
         assert_ne!(v.key(), k);
@@ -461,6 +514,61 @@ mod tests {
         v.http[0].contains = Some(String::new());
         assert_ne!(v.key(), k);
         assert_eq!(base.clone().key(), k);
+    }
+
+    fn image_inputs() -> ImageInputs {
+        ImageInputs {
+            top: inputs(&["x"]).key(),
+            size: 2 << 30,
+            format: "qcow2".into(),
+            hostname: "web".into(),
+            cmdline: "console=ttyS0".into(),
+            volumes: vec![],
+            epoch: 1_700_000_000,
+            secure_boot: None,
+        }
+    }
+
+    #[test]
+    fn signing_changes_the_image_key_and_no_signing_keeps_it() {
+        let unsigned = image_inputs();
+        // Pinned: an unsigned image keeps the key (and so the disk) it had
+        // before kiln could sign.
+        assert_eq!(
+            unsigned.key().hex(),
+            "6b97bf4020388ba52a894fd39752eb52864dd1dff91c1e182c3c708b15057b84"
+        );
+        let mut signed = unsigned.clone();
+        signed.secure_boot = Some("11".repeat(32));
+        assert_ne!(signed.key(), unsigned.key());
+        let mut other_cert = signed.clone();
+        other_cert.secure_boot = Some("22".repeat(32));
+        assert_ne!(other_cert.key(), signed.key());
+        // image.json of an unsigned image is as it was.
+        let json = serde_json::to_string(&unsigned).unwrap();
+        assert!(!json.contains("secure_boot"), "{json}");
+        let back: ImageInputs = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, unsigned);
+    }
+
+    #[test]
+    fn every_export_input_changes_the_export_key() {
+        let base = ExportInputs {
+            image: inputs(&["x"]).key(),
+            format: "vmdk".into(),
+            inner_name: String::new(),
+        };
+        let k = base.key();
+        let mut v = base.clone();
+        v.image = inputs(&["y"]).key();
+        assert_ne!(v.key(), k);
+        let mut v = base.clone();
+        v.format = "vhd".into();
+        assert_ne!(v.key(), k);
+        let mut v = base.clone();
+        v.inner_name = "web".into();
+        assert_ne!(v.key(), k);
+        assert_eq!(base.key(), k);
     }
 
     #[test]

@@ -76,12 +76,58 @@ impl Step {
     }
 
     /// `layer/kind`, or `base`: stable across builds of one recipe.
-    pub fn id(&self) -> String {
-        if self.inputs.kind == StepKind::Base {
-            "base".to_owned()
+    pub fn id(&self) -> StepId {
+        StepId::new(&self.layer, self.inputs.kind)
+    }
+}
+
+/// A step's name in locks, records and messages: `layer/kind` (e.g.
+/// `app/packages`), or `base`. It reads as the string it is written as;
+/// [`StepId::layer`] gives the layer without splitting that string again.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StepId {
+    text: String,
+    layer_len: usize,
+}
+
+impl StepId {
+    pub fn new(layer: &str, kind: StepKind) -> StepId {
+        if kind == StepKind::Base {
+            StepId {
+                text: "base".to_owned(),
+                layer_len: 4,
+            }
         } else {
-            format!("{}/{}", self.layer, self.inputs.kind.as_str())
+            StepId {
+                text: format!("{layer}/{}", kind.as_str()),
+                layer_len: layer.len(),
+            }
         }
+    }
+
+    /// The layer the step belongs to (`base` for the base), as
+    /// `kiln lock --update` takes it.
+    pub fn layer(&self) -> &str {
+        &self.text[..self.layer_len]
+    }
+}
+
+impl std::ops::Deref for StepId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.text
+    }
+}
+
+impl std::fmt::Display for StepId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl From<StepId> for String {
+    fn from(id: StepId) -> String {
+        id.text
     }
 }
 
@@ -188,7 +234,7 @@ pub fn make(recipe: &Recipe, locks: &Locks) -> Result<Plan> {
                         src: f.src_name.clone(),
                         dest: f.dest.clone(),
                         mode: f.mode,
-                        owner: f.owner.clone(),
+                        owner: f.owner.to_string(),
                         sha256,
                     })
                 })
@@ -240,6 +286,7 @@ pub fn make(recipe: &Recipe, locks: &Locks) -> Result<Plan> {
         epoch: locks
             .source_date_epoch()
             .unwrap_or(DEFAULT_SOURCE_DATE_EPOCH),
+        secure_boot: None,
     };
     let key = inputs.key();
     Ok(Plan {
@@ -248,6 +295,17 @@ pub fn make(recipe: &Recipe, locks: &Locks) -> Result<Plan> {
         image: ImagePlan { inputs, key, spec },
         mirrors,
     })
+}
+
+impl Plan {
+    /// This plan with its UKI signed for Secure Boot by the key of the
+    /// certificate with this fingerprint (or unsigned): the image key
+    /// changes, the steps do not.
+    pub fn signed_with(mut self, fingerprint: Option<&str>) -> Plan {
+        self.image.inputs.secure_boot = fingerprint.map(str::to_owned);
+        self.image.key = self.image.inputs.key();
+        self
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -332,6 +390,9 @@ pub enum Reason {
     ParentChanged,
     /// The image's own settings changed (size, hostname, cmdline, volumes).
     ImageSpecChanged,
+    /// Signed for Secure Boot now and not before, or the other way round,
+    /// or with another certificate.
+    SecureBootChanged,
 }
 
 impl std::fmt::Display for Reason {
@@ -345,6 +406,7 @@ impl std::fmt::Display for Reason {
             Reason::LockChanged => f.write_str("lock changed"),
             Reason::ParentChanged => f.write_str("parent changed"),
             Reason::ImageSpecChanged => f.write_str("image settings changed"),
+            Reason::SecureBootChanged => f.write_str("Secure Boot signing changed"),
         }
     }
 }
@@ -387,7 +449,23 @@ pub fn image_reason(current: &ImageInputs, last: Option<&ImageInputs>) -> Reason
     match last {
         None => Reason::NotInStore,
         Some(last) if last.top != current.top => Reason::ParentChanged,
+        Some(last) if last.secure_boot != current.secure_boot => Reason::SecureBootChanged,
         Some(last) if last != current => Reason::ImageSpecChanged,
         Some(_) => Reason::NotInStore,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_step_id_reads_as_written_and_knows_its_layer() {
+        let id = StepId::new("app-server", StepKind::Packages);
+        assert_eq!(&*id, "app-server/packages");
+        assert_eq!(id.layer(), "app-server");
+        let base = StepId::new("ignored", StepKind::Base);
+        assert_eq!(base.to_string(), "base");
+        assert_eq!(base.layer(), "base");
     }
 }

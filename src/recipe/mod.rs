@@ -66,7 +66,11 @@ pub struct ImageSpec {
     pub name: String,
     /// Size of the root filesystem, in bytes.
     pub size: u64,
+    /// The disk that is smoked and that the records describe.
     pub format: Format,
+    /// The other deployable files wanted in `out/`, in the recipe's order,
+    /// without `format` itself (see `export`).
+    pub formats: Vec<ExportFormat>,
     pub hostname: String,
     /// Extra kernel arguments; kiln adds `root=LABEL=root ro` itself.
     pub cmdline: String,
@@ -85,6 +89,56 @@ impl Format {
             Format::Qcow2 => "qcow2",
             Format::Raw => "raw",
         }
+    }
+}
+
+/// A deployable file made from the assembled disk (`[image] formats`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExportFormat {
+    Qcow2,
+    Raw,
+    Vmdk,
+    Vhd,
+    Gce,
+    ContainerDisk,
+}
+
+impl ExportFormat {
+    pub const ALL: [ExportFormat; 6] = [
+        ExportFormat::Qcow2,
+        ExportFormat::Raw,
+        ExportFormat::Vmdk,
+        ExportFormat::Vhd,
+        ExportFormat::Gce,
+        ExportFormat::ContainerDisk,
+    ];
+
+    /// As written in a recipe.
+    pub fn name(self) -> &'static str {
+        match self {
+            ExportFormat::Qcow2 => "qcow2",
+            ExportFormat::Raw => "raw",
+            ExportFormat::Vmdk => "vmdk",
+            ExportFormat::Vhd => "vhd",
+            ExportFormat::Gce => "gce",
+            ExportFormat::ContainerDisk => "containerdisk",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<ExportFormat> {
+        ExportFormat::ALL.into_iter().find(|f| f.name() == text)
+    }
+
+    /// The same file as the primary disk of this format, if it is one.
+    pub fn is(self, primary: Format) -> bool {
+        self.name() == primary.extension()
+    }
+}
+
+impl std::fmt::Display for ExportFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -118,7 +172,7 @@ pub struct FileSpec {
     /// Absolute path inside the image, normalised.
     pub dest: String,
     pub mode: u32,
-    pub owner: String,
+    pub owner: Owner,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -127,7 +181,46 @@ pub struct VolumeSpec {
     pub mount: String,
     pub size: u64,
     pub filesystem: String,
-    pub owner: String,
+    pub owner: Owner,
+}
+
+/// A recipe's `owner = "user:group"`: each part a name or a number, looked
+/// up in the image (not on the host) when the file or volume is made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    pub user: String,
+    pub group: String,
+}
+
+impl Owner {
+    pub fn root() -> Owner {
+        Owner {
+            user: "root".into(),
+            group: "root".into(),
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Owner, String> {
+        let part_ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 32
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-".contains(c))
+        };
+        match text.split_once(':') {
+            Some((user, group)) if part_ok(user) && part_ok(group) => Ok(Owner {
+                user: user.to_owned(),
+                group: group.to_owned(),
+            }),
+            _ => Err(format!("`{}` is not user:group", truncate(text))),
+        }
+    }
+}
+
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.user, self.group)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -196,7 +289,7 @@ fn parse(path: &Path, text: &str) -> Result<RawRecipe, BadInput> {
 }
 
 /// `line N: message`, when the error knows where it is.
-fn at_line(text: &str, e: &toml::de::Error, message: &str) -> String {
+pub(crate) fn at_line(text: &str, e: &toml::de::Error, message: &str) -> String {
     match e.span() {
         Some(s) => {
             let line = text[..s.start.min(text.len())].lines().count().max(1);
@@ -430,6 +523,7 @@ fn merge(parent: Merged, child: RawRecipe, child_path: &Path) -> Merged {
             name: ci.name.or(pi.name),
             size: ci.size.or(pi.size),
             format: ci.format.or(pi.format),
+            formats: ci.formats.or(pi.formats),
             hostname: ci.hostname.or(pi.hostname),
             cmdline: ci.cmdline.or(pi.cmdline),
         }),
@@ -520,10 +614,11 @@ fn resolve(path: &Path, merged: Merged, sources: Vec<PathBuf>) -> Result<Recipe>
             return Err(bad(
                 "image.format",
                 format!("unknown format `{other}`"),
-                "use \"qcow2\" or \"raw\"",
+                "use \"qcow2\" or \"raw\"; other deployable files go in `formats`",
             ))
         }
     };
+    let formats = export_formats(path, raw_image.formats.unwrap_or_default(), format)?;
     let hostname = raw_image.hostname.unwrap_or_else(|| name.clone());
     check_hostname(&hostname).map_err(|why| {
         bad(
@@ -646,6 +741,7 @@ fn resolve(path: &Path, merged: Merged, sources: Vec<PathBuf>) -> Result<Recipe>
             name,
             size,
             format,
+            formats,
             hostname,
             cmdline,
         },
@@ -655,6 +751,39 @@ fn resolve(path: &Path, merged: Merged, sources: Vec<PathBuf>) -> Result<Recipe>
         volumes,
         smoke,
     })
+}
+
+/// `[image] formats`: each a known format, listed once. The primary
+/// `format` may be listed too (Packer users list every file they want); it
+/// is made once, as the primary.
+fn export_formats(path: &Path, names: Vec<String>, primary: Format) -> Result<Vec<ExportFormat>> {
+    let all: Vec<&str> = ExportFormat::ALL.iter().map(|f| f.name()).collect();
+    let mut formats = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let key = format!("image.formats[{i}]");
+        let Some(format) = ExportFormat::parse(name) else {
+            return Err(BadInput::new(
+                path,
+                key,
+                format!("unknown format `{}`", truncate(name)),
+                format!("use one of {}", all.join(", ")),
+            )
+            .into());
+        };
+        if names[..i].contains(name) {
+            return Err(BadInput::new(
+                path,
+                key,
+                format!("`{name}` is listed twice"),
+                "list each format once",
+            )
+            .into());
+        }
+        if !format.is(primary) {
+            formats.push(format);
+        }
+    }
+    Ok(formats)
 }
 
 fn resolve_layer(i: usize, layer: RawLayer, origin: &Path) -> Result<LayerSpec> {
@@ -767,8 +896,7 @@ fn resolve_file(origin: &Path, dir: &Path, key: &str, file: RawFile) -> Result<F
                 "write it as a string of octal digits, e.g. \"0644\"",
             )
         })?;
-    let owner = owner.unwrap_or_else(|| "root:root".to_owned());
-    check_owner(&owner).map_err(|why| {
+    let owner = parse_owner(owner).map_err(|why| {
         bad(
             "owner",
             why,
@@ -829,8 +957,7 @@ fn resolve_volume(path: &Path, i: usize, v: RawVolume) -> Result<VolumeSpec> {
             "use ext4, xfs or btrfs",
         ));
     }
-    let owner = owner.unwrap_or_else(|| "root:root".to_owned());
-    check_owner(&owner).map_err(|why| {
+    let owner = parse_owner(owner).map_err(|why| {
         bad(
             "owner",
             why,
@@ -978,17 +1105,9 @@ fn check_package(p: &str) -> Result<(), String> {
     }
 }
 
-fn check_owner(owner: &str) -> Result<(), String> {
-    let part_ok = |s: &str| {
-        !s.is_empty()
-            && s.len() <= 32
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "_-".contains(c))
-    };
-    match owner.split_once(':') {
-        Some((u, g)) if part_ok(u) && part_ok(g) => Ok(()),
-        _ => Err(format!("`{}` is not user:group", truncate(owner))),
-    }
+/// The recipe's `owner`, root:root when unset.
+fn parse_owner(owner: Option<String>) -> Result<Owner, String> {
+    owner.as_deref().map_or(Ok(Owner::root()), Owner::parse)
 }
 
 /// An absolute path inside the image, with `.` and duplicate slashes

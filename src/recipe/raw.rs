@@ -23,6 +23,7 @@ pub struct RawImage {
     pub name: Option<String>,
     pub size: Option<String>,
     pub format: Option<String>,
+    pub formats: Option<Vec<String>>,
     pub hostname: Option<String>,
     pub cmdline: Option<String>,
 }

@@ -79,7 +79,7 @@ fn keys(recipe: &Path) -> (Vec<(String, Key)>, Key) {
     let plan = plan::make(&recipe, &crate::lock::Locks::default())
         .unwrap_or_else(|e| panic!("planning: {e:#}"));
     (
-        plan.steps.iter().map(|s| (s.id(), s.key)).collect(),
+        plan.steps.iter().map(|s| (s.id().into(), s.key)).collect(),
         plan.image.key,
     )
 }
@@ -295,6 +295,7 @@ size = "3GiB"
 hostname = "golden"
 cmdline = "console=ttyS0 quiet"
 format = "raw"
+formats = ["raw", "vmdk"]
 {BASE}
 [[layer]]
 name = "security"
@@ -360,6 +361,7 @@ fn extends_appends_layers_and_overrides_image_fields_one_by_one() {
     assert_eq!(child.image.size, 3 << 30);
     assert_eq!(child.image.cmdline, "console=ttyS0 quiet");
     assert_eq!(child.image.format, Format::Raw);
+    assert_eq!(child.image.formats, [ExportFormat::Vmdk]);
 
     let volumes: Vec<&str> = child.volumes.iter().map(|v| v.name.as_str()).collect();
     assert_eq!(volumes, ["logs", "data"]);
@@ -775,6 +777,33 @@ fn cases() -> Vec<Case> {
             says: "vmdk",
         },
         Case {
+            what: "an unknown export format",
+            edit: Replace(
+                r#"format = "qcow2""#,
+                "format = \"qcow2\"\nformats = [\"vmdk\", \"vhdx\"]",
+            ),
+            key: "image.formats[1]",
+            says: "unknown format `vhdx`",
+        },
+        Case {
+            what: "an export format listed twice",
+            edit: Replace(
+                r#"format = "qcow2""#,
+                "format = \"qcow2\"\nformats = [\"gce\", \"vhd\", \"gce\"]",
+            ),
+            key: "image.formats[2]",
+            says: "`gce` is listed twice",
+        },
+        Case {
+            what: "formats as a string, not a list",
+            edit: Replace(
+                r#"format = "qcow2""#,
+                "format = \"qcow2\"\nformats = \"vmdk\"",
+            ),
+            key: "image.formats",
+            says: "takes a list",
+        },
+        Case {
             what: "bad mode (not octal)",
             edit: with_file(r#"{ src = "files/f", dest = "/opt/f", mode = "0999" }"#),
             key: "layer.app.files[0].mode",
@@ -1009,4 +1038,50 @@ fn dest_is_normalised() {
     for bad in ["etc/motd", "/etc/../shadow", "/", "//", "/etc/\nx"] {
         assert!(normalize_dest(bad).is_err(), "{bad:?} must be refused");
     }
+}
+
+#[test]
+fn export_formats_are_not_in_the_image_key() {
+    // A new deployable format is converted from the same disk: adding one
+    // must not assemble the image again.
+    let d = Dir::new();
+    d.write("files/index.html", "hi");
+    d.write("files/motd", "motd");
+    let plain = d.write("a.toml", layered_recipe());
+    let with = d.write(
+        "b.toml",
+        layered_recipe().replace(
+            "hostname = \"web\"",
+            "hostname = \"web\"\nformats = [\"qcow2\", \"vhd\", \"containerdisk\"]",
+        ),
+    );
+    assert_eq!(keys(&plain).1, keys(&with).1);
+    let recipe = load(&with).expect("loads");
+    assert_eq!(
+        recipe.image.formats,
+        [ExportFormat::Vhd, ExportFormat::ContainerDisk],
+        "the primary qcow2 is made once, as the primary"
+    );
+}
+
+#[test]
+fn a_bad_export_format_names_the_key_and_every_choice() {
+    let d = Dir::new();
+    d.write("files/index.html", "hi");
+    d.write("files/motd", "motd");
+    let path = d.write(
+        "r.toml",
+        layered_recipe().replace(
+            "hostname = \"web\"",
+            "hostname = \"web\"\nformats = [\"raw\", \"ova\"]",
+        ),
+    );
+    let err = load(&path).expect_err("ova is not a format");
+    let bad = err.downcast_ref::<BadInput>().expect("bad input");
+    assert_eq!(bad.key.as_deref(), Some("image.formats[1]"));
+    assert_eq!(bad.file.as_deref(), Some(path.as_path()));
+    assert_eq!(
+        bad.fix,
+        "use one of qcow2, raw, vmdk, vhd, gce, containerdisk"
+    );
 }

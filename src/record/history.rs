@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::manifest::{Git, Manifest};
+use super::manifest::{Built, Git, Manifest};
 use crate::store::{Package, PackageChange, Store};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -39,7 +39,9 @@ fn dir(store: &Store) -> PathBuf {
     store.state_dir("history")
 }
 
-pub fn append(store: &Store, m: &Manifest) -> Result<Record> {
+/// Append the build of `m` by `run` (who ran it, when: on a cache hit, not
+/// the run that assembled the image, which is the manifest's `built`).
+pub fn append(store: &Store, m: &Manifest, run: &Built) -> Result<Record> {
     let dir = dir(store);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let last_path = dir.join(format!("{}.packages.json", m.name));
@@ -49,12 +51,12 @@ pub fn append(store: &Store, m: &Manifest) -> Result<Record> {
         None
     };
     let record = Record {
-        time: m.built.finished.clone(),
+        time: run.finished.clone(),
         name: m.name.clone(),
         recipe: m.recipe.first().map(|r| r.path.clone()).unwrap_or_default(),
-        user: m.built.user.clone(),
-        sudo_user: m.built.sudo_user.clone(),
-        host: m.built.host.clone(),
+        user: run.user.clone(),
+        sudo_user: run.sudo_user.clone(),
+        host: run.host.clone(),
         image_key: m.image.key.hex(),
         image_sha256: m.image.sha256.clone(),
         steps: m

@@ -10,7 +10,7 @@ use super::BuildFacts;
 use crate::cmd::Cmd;
 use crate::plan::key::file_digest;
 use crate::plan::Key;
-use crate::store::Package;
+use crate::store::{BuiltBy, ImageEntry, Package};
 
 pub const SCHEMA: &str = "kiln-manifest-v1";
 
@@ -26,6 +26,9 @@ pub struct Manifest {
     pub source_date_epoch: u64,
     pub steps: Vec<StepRecord>,
     pub image: ImageRecord,
+    /// The other deployable files made from the image (`[image] formats`).
+    #[serde(default)]
+    pub outputs: Vec<crate::export::Output>,
     pub packages: Vec<Package>,
     pub built: Built,
     /// The recipe folder's git state; null when it is not in a git checkout
@@ -36,6 +39,11 @@ pub struct Manifest {
     /// Every path of the root filesystem; null for an image assembled
     /// before kiln recorded files (rebuild it with --refresh).
     pub files: Option<Vec<FileEntry>>,
+    /// The UKI's Secure Boot signature: the digest of the UKI before
+    /// signing (reproducible), of the signed one, and the certificate.
+    /// Absent for an unsigned image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure_boot: Option<crate::assemble::secure_boot::SignedUki>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,6 +71,8 @@ pub struct ImageRecord {
     pub kernel: String,
 }
 
+/// Who assembled the image, where, and when (from the image's entry in the
+/// store, so a run that finds the image cached reports the same).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Built {
     pub user: String,
@@ -70,6 +80,32 @@ pub struct Built {
     pub host: String,
     pub started: String,
     pub finished: String,
+}
+
+impl Built {
+    /// A run of `by`, between two Unix times.
+    pub fn of_run(by: BuiltBy, started: u64, finished: u64) -> Built {
+        let BuiltBy {
+            user,
+            sudo_user,
+            host,
+        } = by;
+        Built {
+            user,
+            sudo_user,
+            host,
+            started: super::rfc3339(started),
+            finished: super::rfc3339(finished),
+        }
+    }
+
+    /// The assembly of `image`. An entry made before kiln recorded who
+    /// assembled it is credited to this run's user and host.
+    fn of_image(image: &ImageEntry) -> Built {
+        let by = image.built_by.clone().unwrap_or_else(super::builder);
+        let seconds = image.seconds.max(0.0).ceil() as u64;
+        Built::of_run(by, image.created.saturating_sub(seconds), image.created)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,7 +135,6 @@ pub fn make(facts: &BuildFacts) -> Result<Manifest> {
         crate::cmd::log_line(&format!("warning: {} is missing (image assembled by an older kiln): the manifest has no file list", files_path.display()));
         None
     };
-    let (user, sudo_user) = super::user();
     let folder = plan
         .recipe
         .path
@@ -122,7 +157,7 @@ pub fn make(facts: &BuildFacts) -> Result<Manifest> {
             .steps
             .iter()
             .map(|s| StepRecord {
-                id: s.id(),
+                id: s.id().into(),
                 layer: s.layer.clone(),
                 key: s.key,
             })
@@ -141,14 +176,9 @@ pub fn make(facts: &BuildFacts) -> Result<Manifest> {
             format: plan.image.inputs.format.clone(),
             kernel: facts.image.kernel.clone(),
         },
+        outputs: facts.outputs.to_vec(),
         packages,
-        built: Built {
-            user,
-            sudo_user,
-            host: super::hostname(),
-            started: super::rfc3339(facts.started),
-            finished: super::rfc3339(crate::store::now()),
-        },
+        built: Built::of_image(facts.image),
         git: git_state(folder),
         volumes: plan
             .recipe
@@ -157,6 +187,7 @@ pub fn make(facts: &BuildFacts) -> Result<Manifest> {
             .map(|v| v.mount.clone())
             .collect(),
         files,
+        secure_boot: facts.image.secure_boot.clone(),
     })
 }
 
@@ -289,6 +320,16 @@ pub fn summary(m: &Manifest) -> String {
     }
     if !m.volumes.is_empty() {
         line(&mut s, "volumes", m.volumes.join(", "));
+    }
+    if let Some(sb) = &m.secure_boot {
+        line(
+            &mut s,
+            "secure boot",
+            format!(
+                "UKI signed by certificate sha256 {} (unsigned UKI sha256 {})",
+                sb.certificate_sha256, sb.unsigned_sha256
+            ),
+        );
     }
     s
 }

@@ -8,7 +8,10 @@
 //!                           image key and sha256, packages, every path of the
 //!                           root filesystem, who/where/when, the recipe's git commit
 //! out/NAME.spdx.json        SPDX 2.3 SBOM of the installed Debian packages (purls)
-//! out/NAME.provenance.json  in-toto Statement v1, SLSA provenance v1 predicate
+//! out/NAME.provenance.json  in-toto Statement v1, SLSA provenance v1 predicate;
+//!                           subjects: the disk and the manifest
+//! out/NAME.provenance.intoto.jsonl   with a signing key: that statement in a
+//!                           signed DSSE envelope (see `signed`)
 //! out/NAME.smoke.json       after the smoke boot: in-toto Statement v1,
 //!                           test-result predicate (see `smoke`)
 //! <store>/state-v1/history/NAME.jsonl   one line per build, appended
@@ -17,7 +20,10 @@
 //! The file list is made once, when the image is assembled (the merged
 //! layers are walked before mke2fs, see `assemble`), and kept in the store
 //! beside the disk as `images-v1/<key>/files.json`, so a cached image gets
-//! the same manifest as a freshly built one.
+//! the same manifest as a freshly built one. So is who built the image and
+//! when (`built`: the run that assembled it): the records of a no-op
+//! rebuild are byte-identical to the last ones, and so is their signature.
+//! The history says who ran each build.
 //!
 //! `verify` compares a disk (read without mounting: qemu-img to raw, then
 //! `debugfs rdump`) or a live root directory with a manifest; `repro`
@@ -29,17 +35,20 @@ pub mod manifest;
 pub mod provenance;
 pub mod repro;
 pub mod sbom;
+pub mod signed;
 pub mod smoke;
 pub mod tree;
 pub mod verify;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result};
+use sha2::Digest;
 
-use crate::files::publish_json;
+use crate::files::{publish, publish_json};
 use crate::plan::Plan;
-use crate::store::{ImageEntry, Store};
+use crate::sign::key::SigningKey;
+use crate::store::{BuiltBy, ImageEntry, Store};
 
 pub use crate::plan::DEFAULT_SOURCE_DATE_EPOCH;
 
@@ -50,41 +59,65 @@ pub struct BuildFacts<'a> {
     pub image: &'a ImageEntry,
     /// The exported disk, `out/NAME.qcow2`.
     pub exported: &'a Path,
+    /// The deployable files of `[image] formats`, in `out/`.
+    pub outputs: &'a [crate::export::Output],
     pub out_dir: &'a Path,
     /// `recipes/NAME.lock`, once locks exist.
     pub lock: Option<&'a Path>,
     pub source_date_epoch: u64,
     /// Unix seconds when the build started.
     pub started: u64,
+    /// Sign the provenance with this key (`--signing-key`).
+    pub signing_key: Option<&'a SigningKey>,
 }
 
-/// The files written for one build.
-pub struct Written {
-    pub manifest: PathBuf,
-    pub sbom: PathBuf,
-    pub provenance: PathBuf,
-}
-
-/// Write the manifest, SBOM and provenance to `out/`, and append the build
-/// to the recipe's history in the store.
-pub fn write_all(facts: &BuildFacts) -> Result<Written> {
+/// Write the manifest, SBOM and provenance to `out/`, the signed provenance
+/// when there is a key (removing a stale one when there is not), and append
+/// the build to the recipe's history in the store.
+pub fn write_all(facts: &BuildFacts) -> Result<()> {
     let name = &facts.plan.recipe.image.name;
     let manifest = manifest::make(facts).context("making the manifest")?;
-    let written = Written {
-        manifest: facts.out_dir.join(format!("{name}.manifest.json")),
-        sbom: facts.out_dir.join(format!("{name}.spdx.json")),
-        provenance: facts.out_dir.join(format!("{name}.provenance.json")),
-    };
+    let manifest_path = facts.out_dir.join(format!("{name}.manifest.json"));
+    let provenance_path = facts.out_dir.join(format!("{name}.provenance.json"));
     // Records are published, like the disk: readable by everyone.
-    publish_json(&written.manifest, &manifest)?;
-    publish_json(&written.sbom, &sbom::spdx(&manifest))?;
+    let manifest_bytes = crate::files::json(&manifest_path, &manifest)?;
+    publish(&manifest_path, &manifest_bytes)?;
+    let sbom = facts.out_dir.join(format!("{name}.spdx.json"));
+    publish_json(&sbom, &sbom::spdx(&manifest))?;
     let materials = provenance::materials(facts)?;
-    publish_json(
-        &written.provenance,
-        &provenance::statement(&manifest, &materials),
-    )?;
-    history::append(facts.store, &manifest).context("appending to the build history")?;
-    Ok(written)
+    let statement = provenance::statement(
+        &manifest,
+        &crate::plan::key::hex(&sha2::Sha256::digest(&manifest_bytes)),
+        &materials,
+    );
+    // The envelope signs exactly the bytes of the provenance file.
+    let statement_bytes = crate::files::json(&provenance_path, &statement)?;
+    publish(&provenance_path, &statement_bytes)?;
+    let signed_path = signed::path_for(facts.exported);
+    match facts.signing_key {
+        Some(key) => signed::write(&signed_path, &statement_bytes, key)?,
+        None => {
+            if signed::remove_stale(&signed_path)? {
+                eprintln!(
+                    "removed {}: it signed an earlier build, and this one had no signing key (--signing-key or KILN_SIGNING_KEY)",
+                    signed_path.display()
+                );
+            }
+        }
+    }
+    let run = manifest::Built::of_run(builder(), facts.started, crate::store::now());
+    history::append(facts.store, &manifest, &run).context("appending to the build history")?;
+    Ok(())
+}
+
+/// Who is building, on which host.
+pub fn builder() -> BuiltBy {
+    let (user, sudo_user) = user();
+    BuiltBy {
+        user,
+        sudo_user,
+        host: hostname(),
+    }
 }
 
 /// `2023-11-14T22:13:20Z` from Unix seconds.

@@ -1,11 +1,16 @@
 //! `out/NAME.provenance.json`: an in-toto Statement v1 whose predicate is
 //! SLSA provenance v1 (<https://slsa.dev/spec/v1.0/provenance>).
 //!
-//! The subject is the exported disk (file name and sha256). The resolved
+//! The subjects are the exported disk and its manifest (file name and
+//! sha256 of each): a signature on the statement then vouches for the disk
+//! and, through the manifest, for every file in it. The resolved
 //! dependencies are the recipe files, the lock, every copied file, and every
 //! installed Debian package as a purl, with the .deb's sha256 from the lock's
 //! pins (a package no pin names, e.g. one a `run` step installed, has none).
-//! The statement is unsigned: signing belongs to whoever publishes.
+//! This file is unsigned; with a signing key the same bytes are also
+//! written signed (`signed`). Nothing in it changes from one run to the
+//! next for the same image: `runDetails` holds the image's assembly, which
+//! a cached image keeps.
 
 use anyhow::Result;
 use serde::Serialize;
@@ -101,10 +106,20 @@ pub fn materials(facts: &BuildFacts) -> Result<Vec<Material>> {
     Ok(out)
 }
 
-pub fn statement(m: &Manifest, materials: &[Material]) -> Value {
+/// The manifest's subject name: `NAME.manifest.json`, as `write_all` names it.
+pub fn manifest_subject(m: &Manifest) -> String {
+    format!("{}.manifest.json", m.name)
+}
+
+/// The statement about the disk `m` describes and the manifest itself,
+/// whose sha256 is `manifest_sha256`.
+pub fn statement(m: &Manifest, manifest_sha256: &str, materials: &[Material]) -> Value {
     json!({
         "_type": STATEMENT_TYPE,
-        "subject": [{ "name": m.image.file, "digest": { "sha256": m.image.sha256 } }],
+        "subject": [
+            { "name": m.image.file, "digest": { "sha256": m.image.sha256 } },
+            { "name": manifest_subject(m), "digest": { "sha256": manifest_sha256 } },
+        ],
         "predicateType": PREDICATE_TYPE,
         "predicate": {
             "buildDefinition": {

@@ -27,6 +27,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use super::tree::{self, FileEntry};
+use crate::assemble::secure_boot::{Reuse, Signer};
 use crate::cmd::Cmd;
 use crate::layers::{self, BuildOptions, Summary};
 use crate::lock::Locks;
@@ -66,20 +67,33 @@ impl ReproReport {
 
 /// Build the recipe again, with the same locks, into an empty store and
 /// compare with `first`.
+///
+/// A signed image's second build reuses the first build's signature when
+/// its unsigned UKI is the one the first build signed (see
+/// `assemble::secure_boot`): an Authenticode signature carries its signing
+/// time, everything else must be identical.
 pub fn check(
     recipe: &Recipe,
     locks: &Locks,
     first: &Summary,
     store: &Store,
     ui: &Ui,
+    signer: Option<&Signer>,
 ) -> Result<ReproReport> {
     let scratch = store.staging().context("creating a scratch store")?;
     let second_store = Store::open(&scratch.path().join("store"))?;
+    let secure_boot = match signer {
+        Some(signer) => Some(reuse_first_signature(first, store, signer, scratch.path())?),
+        None => None,
+    };
     let second_opts = BuildOptions {
         refresh: false,
         out_dir: scratch.path().join("out"),
         layers_only: false,
         fresh_resolve: false,
+        // The second build is compared, never published: nothing to sign.
+        signing_key: None,
+        secure_boot,
     };
     eprintln!(
         "check-repro: building again into an empty store, with umask {OTHER_UMASK:03o} and TZ={OTHER_TZ}"
@@ -108,6 +122,32 @@ pub fn check(
         )?);
     }
     Ok(report)
+}
+
+/// A signer for the second build that puts the first build's signed UKI
+/// on the ESP if the second build's unsigned UKI is the same.
+fn reuse_first_signature(
+    first: &Summary,
+    store: &Store,
+    signer: &Signer,
+    scratch: &Path,
+) -> Result<Signer> {
+    let key = crate::plan::Key::parse(&first.image_key)
+        .with_context(|| format!("`{}` is not an image key", first.image_key))?;
+    let signed = store
+        .image_entry(&key)?
+        .secure_boot
+        .context("the first build's image is not signed, though a Secure Boot key was given")?;
+    let signed_uki = scratch.join("first-build-uki.efi");
+    crate::disk::read_uki(&first.image, &signed_uki, scratch)
+        .context("reading the first build's signed UKI")?;
+    Ok(Signer {
+        key: signer.key.clone(),
+        reuse: Some(Reuse {
+            signed_uki,
+            unsigned_sha256: signed.unsigned_sha256,
+        }),
+    })
 }
 
 /// Where two builds of the same image first differ.

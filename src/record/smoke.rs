@@ -10,8 +10,10 @@
 //! - `result` `PASSED` or `FAILED`, and `passedTests` / `failedTests`
 //!   naming `boot` and each check (`check 2: systemctl is-active nginx`,
 //!   `http 1: GET :80/`);
-//! - `configuration`: the firmware (its path and sha256) and, for an
-//!   upgrade test, the old disk the volumes were seeded on;
+//! - `configuration`: the firmware (its path and sha256), with Secure
+//!   Boot on the certificate enrolled in its db (`secure-boot-db`, its
+//!   SHA-256 fingerprint), and, for an upgrade test, the old disk the
+//!   volumes were seeded on;
 //! - `kilnSmoke`, an extension field (the in-toto parsing rules let
 //!   producers add them, and consumers ignore what they do not know): each
 //!   check with its exit code and output tail, the accelerator, boot-to-ready
@@ -108,6 +110,10 @@ pub struct KilnSmoke {
     pub checks: Vec<RecordedCheck>,
     pub checks_passed: usize,
     pub checks_total: usize,
+    /// Whether the firmware enforced Secure Boot (the enrolled
+    /// certificate is in `configuration` as `secure-boot-db`).
+    #[serde(default)]
+    pub secure_boot: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -166,6 +172,19 @@ pub fn statement(disk: &Disk, report: &SmokeReport, upgrade_from: Option<&Disk>)
         }),
         annotations: Some(serde_json::json!({ "origin": report.firmware.origin })),
     }];
+    if let Some(sb) = &report.secure_boot {
+        configuration.push(Descriptor {
+            name: "secure-boot-db".to_owned(),
+            uri: None,
+            digest: Some(DigestSet {
+                sha256: sb.certificate_sha256.clone(),
+            }),
+            annotations: Some(serde_json::json!({
+                "origin": sb.certificate_origin,
+                "varsTemplate": sb.vars_template,
+            })),
+        });
+    }
     if let Some(old) = upgrade_from {
         configuration.push(Descriptor {
             name: format!("upgrade-from:{}", file_name(old.path)),
@@ -214,6 +233,7 @@ pub fn statement(disk: &Disk, report: &SmokeReport, upgrade_from: Option<&Disk>)
                     .collect(),
                 checks_passed: report.checks_passed,
                 checks_total: report.checks_total,
+                secure_boot: report.secure_boot.is_some(),
             },
         },
     }
@@ -430,6 +450,7 @@ mod tests {
                 sha256: "f".repeat(64),
                 origin: "test".into(),
             },
+            secure_boot: None,
             log: "out/web.smoke.log".into(),
             note: None,
             finished: 1_700_000_000,
@@ -466,6 +487,36 @@ mod tests {
             "2023-11-14T22:13:20Z"
         );
         assert_eq!(v["predicate"]["kilnSmoke"]["checks"][1]["result"], "FAILED");
+    }
+
+    #[test]
+    fn a_record_says_whether_secure_boot_was_on_and_with_which_certificate() {
+        let disk = Disk {
+            path: Path::new("out/web.qcow2"),
+            sha256: &"a".repeat(64),
+        };
+        let v = serde_json::to_value(statement(&disk, &report(true), None)).unwrap();
+        assert_eq!(v["predicate"]["kilnSmoke"]["secureBoot"], false);
+        assert_eq!(v["predicate"]["configuration"].as_array().unwrap().len(), 1);
+        let mut on = report(true);
+        on.secure_boot = Some(crate::smoke::secure_boot::SecureBootUsed {
+            certificate_sha256: "c".repeat(64),
+            certificate_origin: "test".into(),
+            vars_template: "/usr/share/OVMF/OVMF_VARS_4M.fd".into(),
+        });
+        let v = serde_json::to_value(statement(&disk, &on, None)).unwrap();
+        assert_eq!(v["predicate"]["kilnSmoke"]["secureBoot"], true);
+        let db = &v["predicate"]["configuration"][1];
+        assert_eq!(db["name"], "secure-boot-db");
+        assert_eq!(db["digest"]["sha256"], "c".repeat(64));
+        // A record written before kiln knew Secure Boot reads as off.
+        let mut old = v.clone();
+        old["predicate"]["kilnSmoke"]
+            .as_object_mut()
+            .unwrap()
+            .remove("secureBoot");
+        let back: Statement = serde_json::from_value(old).unwrap();
+        assert!(!back.predicate.kiln_smoke.secure_boot);
     }
 
     #[test]

@@ -62,13 +62,31 @@ pub struct Report {
     /// Paths the manifest lists that the check cannot read (device nodes
     /// and fifos are not dumped by debugfs).
     pub unchecked: usize,
+    /// With `--trusted-key`: the signature check.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signature: Option<super::signed::Check>,
+    /// Nothing drifted and, when checked, the signature is good.
     pub clean: bool,
 }
 
 impl Report {
+    /// The report with a signature check added.
+    pub fn with_signature(mut self, check: Option<super::signed::Check>) -> Report {
+        self.clean &= check.as_ref().is_none_or(super::signed::Check::ok);
+        self.signature = check;
+        self
+    }
+
+    fn drifted(&self) -> bool {
+        !self.differences.is_empty() || self.disk_digest.is_some()
+    }
+
     /// A readable report, for people.
     pub fn text(&self) -> String {
         let mut s = format!("{} against {}\n", self.target, self.manifest);
+        if let Some(check) = &self.signature {
+            s.push_str(&check.text());
+        }
         if let Some(d) = &self.disk_digest {
             s.push_str(&format!(
                 "disk sha256 differs: manifest {} , disk {}\n",
@@ -88,7 +106,7 @@ impl Report {
         for p in &self.differences.removed {
             s.push_str(&format!("removed   {p}\n"));
         }
-        if self.clean {
+        if !self.drifted() {
             s.push_str("clean: every path matches the manifest");
         } else {
             s.push_str(&format!(
@@ -139,6 +157,7 @@ pub fn root(
         differences,
         ignored,
         unchecked: 0,
+        signature: None,
         clean,
     })
 }
@@ -185,6 +204,7 @@ pub fn image(
         differences,
         ignored,
         unchecked,
+        signature: None,
         clean,
     })
 }

@@ -34,6 +34,30 @@ pub enum Accel {
     Tcg,
 }
 
+/// The accelerator a boot runs with, once `auto` is decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    Kvm,
+    Tcg,
+}
+
+impl Engine {
+    /// QEMU's name for it (`-accel NAME`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Engine::Kvm => "kvm",
+            Engine::Tcg => "tcg",
+        }
+    }
+}
+
+impl std::fmt::Display for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The verdict on KVM, as cached.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Verdict {
@@ -43,16 +67,16 @@ pub struct Verdict {
     pub reason: String,
 }
 
-/// The accelerator to use (`kvm` or `tcg`), and the one line to tell the
-/// user when `auto` fell back to TCG.
+/// The accelerator to use, and the one line to tell the user when `auto`
+/// fell back to TCG.
 pub fn choose(
     accel: Accel,
     firmware: &Firmware,
     state_dir: &Path,
-) -> Result<(&'static str, Option<String>)> {
+) -> Result<(Engine, Option<String>)> {
     match accel {
-        Accel::Kvm => Ok(("kvm", None)),
-        Accel::Tcg => Ok(("tcg", None)),
+        Accel::Kvm => Ok((Engine::Kvm, None)),
+        Accel::Tcg => Ok((Engine::Tcg, None)),
         Accel::Auto => {
             if let Err(e) = std::fs::OpenOptions::new()
                 .read(true)
@@ -60,7 +84,7 @@ pub fn choose(
                 .open("/dev/kvm")
             {
                 return Ok((
-                    "tcg",
+                    Engine::Tcg,
                     Some(format!(
                         "KVM is not available (/dev/kvm: {e}); using TCG, which is slower"
                     )),
@@ -68,10 +92,10 @@ pub fn choose(
             }
             let verdict = verdict(firmware, state_dir)?;
             if verdict.usable {
-                Ok(("kvm", None))
+                Ok((Engine::Kvm, None))
             } else {
                 Ok((
-                    "tcg",
+                    Engine::Tcg,
                     Some(format!(
                         "KVM does not work on this host ({}); using TCG, which is slower",
                         verdict.reason
@@ -143,7 +167,7 @@ fn probe(firmware: &Firmware) -> Result<(bool, String)> {
     std::fs::copy(template, &vars_copy)
         .with_context(|| format!("copying {}", template.display()))?;
     let args = qemu::args(&VmConfig {
-        accel: "kvm",
+        accel: Engine::Kvm,
         firmware,
         vars_copy: &vars_copy,
         disk: None,
@@ -153,6 +177,7 @@ fn probe(firmware: &Firmware) -> Result<(bool, String)> {
         channel: None,
         memory_mib: 128,
         cpus: 1,
+        secure_boot: false,
     });
     let started = Instant::now();
     let mut vm = Vm::spawn(&args, None)?;

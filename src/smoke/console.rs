@@ -36,6 +36,11 @@ pub enum Event {
     /// The firmware could not boot the disk: it failed to load the disk's
     /// boot entry, fell back to network boot, or started its own shell.
     NotBootable(String),
+    /// Secure Boot refused a boot option's image: OVMF's "BdsDxe: failed
+    /// to load Boot0001 …: Access Denied" for a UKI whose signature it does
+    /// not accept, "failed to start …: Security Violation" for one whose
+    /// verdict was deferred (its built-in shell, say).
+    SecurityViolation(String),
     /// A getty's "NAME login: " prompt.
     LoginPrompt,
     /// "systemd 257.9-1 running in system mode": the guest's systemd.
@@ -110,6 +115,11 @@ impl Console {
             events.push(Event::Marker(m));
             return;
         }
+        // Before "failed to load": a refused signature is its own failure.
+        if is_security_violation(line) {
+            events.push(Event::SecurityViolation(line.trim().to_owned()));
+            return;
+        }
         if line.starts_with("BdsDxe: failed") || line.contains("No bootable option") {
             self.firmware_lines.push(line.trim().to_owned());
         }
@@ -144,6 +154,17 @@ impl Console {
             events.push(Event::SystemdVersion(v));
         }
     }
+}
+
+/// The firmware's boot manager refused an image for its signature: with
+/// Secure Boot on, edk2's LoadImage returns EFI_ACCESS_DENIED for an image
+/// that fails verification (unsigned, signed by a key not in db, or changed
+/// after signing) and EFI_SECURITY_VIOLATION when it deferred the verdict.
+fn is_security_violation(line: &str) -> bool {
+    let line = line.trim();
+    let boot_option =
+        line.starts_with("BdsDxe: failed to load") || line.starts_with("BdsDxe: failed to start");
+    boot_option && (line.ends_with(": Access Denied") || line.ends_with(": Security Violation"))
 }
 
 /// Parse one of kiln's marker lines. The marker may follow other text on
@@ -350,6 +371,42 @@ mod tests {
                 "{gave_up}"
             );
         }
+    }
+
+    #[test]
+    fn a_refused_signature_is_a_security_violation_not_an_empty_disk() {
+        let cases = [
+            // OVMF (Debian 12's secboot build) refusing an unsigned UKI, or
+            // one changed after signing, painted with escape sequences.
+            "\x1b[2J\x1b[01;01H\x1b[=3h\x1b[2J\x1b[01;01HBdsDxe: failed to load Boot0001 \"UEFI Misc Device\" from PciRoot(0x0)/Pci(0x1,0x0): Access Denied\r\n",
+            // Loaded, then refused at start (the notes' EFI shell case).
+            "BdsDxe: failed to start Boot0002 \"EFI Internal Shell\" from Fv(7CB8BDC9-F8EB-4F34-AAEA-3EE4AF6516A1)/FvFile(7C04A583-9E3E-4F1C-AD65-E05268D0B4D1): Security Violation\n",
+        ];
+        for text in cases {
+            let ev = events(text);
+            assert!(
+                matches!(&ev[..], [Event::SecurityViolation(l)] if l.starts_with("BdsDxe: failed to") && l.contains("Boot000")),
+                "{text:?}: {ev:?}"
+            );
+        }
+        // A line split across reads is seen once it is whole.
+        let mut c = Console::new(M);
+        assert!(c
+            .feed("BdsDxe: failed to load Boot0001 \"UEFI Misc Device\": Access De")
+            .1
+            .is_empty());
+        assert_eq!(c.feed("nied\r\n").1.len(), 1);
+        // A disk with nothing to boot is still that, not a refusal.
+        assert!(matches!(
+            &events("BdsDxe: failed to load Boot0001 \"UEFI Misc Device\" from PciRoot(0x0): Not Found\n")[..],
+            [Event::NotBootable(_)]
+        ));
+        // The words in a guest's own output are not the firmware's verdict
+        // only when they come as a kiln marker.
+        assert!(matches!(
+            &events("KILN-SMOKE-00ff out 1 Security Violation\n")[..],
+            [Event::Marker(Marker::Out(1, _))]
+        ));
     }
 
     #[test]

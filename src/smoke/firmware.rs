@@ -45,6 +45,13 @@ const PAIRS: &[(&str, &str)] = &[
     ("OVMF_CODE.fd", "OVMF_VARS.fd"),
 ];
 const COMBINED: &[&str] = &["OVMF.fd", "OVMF-pure-efi.fd", "OVMF.4m.fd"];
+/// Secure Boot builds (with SMM) and their blank VARS templates: Debian,
+/// Arch, older Fedora. See `smoke::secure_boot`.
+const SECURE_BOOT_PAIRS: &[(&str, &str)] = &[
+    ("OVMF_CODE_4M.secboot.fd", "OVMF_VARS_4M.fd"),
+    ("OVMF_CODE.secboot.4m.fd", "OVMF_VARS.4m.fd"),
+    ("OVMF_CODE.secboot.fd", "OVMF_VARS.fd"),
+];
 
 /// System folders holding OVMF, by distribution.
 const SYSTEM_DIRS: &[(&str, &str)] = &[
@@ -67,6 +74,63 @@ pub fn find_firmware(explicit: Option<&Path>, store_dir: &Path) -> Result<Firmwa
         .map(|(dir, what)| (PathBuf::from(dir), format!("{dir} ({what})")))
         .collect();
     lookup(explicit, &repo_dirs(), &system, store_dir)
+}
+
+/// Find the Secure Boot build of the firmware, in the same places as
+/// [`find_firmware`] but never the bundled firmware, which has no Secure
+/// Boot. An explicit CODE file is taken as it is (with the VARS template
+/// beside it); a folder is searched for a Secure Boot pair.
+pub fn find_secure_boot_firmware(explicit: Option<&Path>) -> Result<Firmware> {
+    let system: Vec<(PathBuf, String)> = SYSTEM_DIRS
+        .iter()
+        .map(|(dir, what)| (PathBuf::from(dir), format!("{dir} ({what})")))
+        .collect();
+    lookup_secure_boot(explicit, &repo_dirs(), &system)
+}
+
+fn lookup_secure_boot(
+    explicit: Option<&Path>,
+    repo: &[PathBuf],
+    system: &[(PathBuf, String)],
+) -> Result<Firmware> {
+    let search = |dir: &Path, origin: &str| {
+        SECURE_BOOT_PAIRS.iter().find_map(|(code, vars)| {
+            let (code, vars) = (dir.join(code), dir.join(vars));
+            (code.is_file() && vars.is_file()).then(|| Firmware {
+                code,
+                vars: Some(vars),
+                origin: origin.to_owned(),
+            })
+        })
+    };
+    if let Some(path) = explicit {
+        let origin = format!("--firmware {}", path.display());
+        if path.is_dir() {
+            return search(path, &origin)
+                .ok_or_else(|| super::secure_boot::no_firmware_error(&[origin]));
+        }
+        // A Secure Boot CODE file's VARS template does not share its name.
+        let dir = path.parent().unwrap_or(Path::new("."));
+        if let Some(fw) = search(dir, &origin).filter(|fw| fw.code == path) {
+            return Ok(fw);
+        }
+        return from_explicit(path);
+    }
+    let places: Vec<(PathBuf, String)> = repo
+        .iter()
+        .map(|d| (d.clone(), d.display().to_string()))
+        .chain(system.iter().cloned())
+        .collect();
+    places
+        .iter()
+        .find_map(|(dir, origin)| search(dir, origin))
+        .ok_or_else(|| {
+            let searched: Vec<String> = places
+                .iter()
+                .map(|(d, _)| d.display().to_string())
+                .collect();
+            super::secure_boot::no_firmware_error(&searched)
+        })
 }
 
 /// [`find_firmware`] with the folders to search given, for tests.
@@ -232,6 +296,37 @@ mod tests {
         let vars = touch(d.path(), "OVMF_VARS_4M.fd");
         let fw = search_dir(d.path(), "test").unwrap();
         assert_eq!((fw.code, fw.vars), (code, Some(vars)));
+    }
+
+    #[test]
+    fn secure_boot_firmware_is_the_secboot_build_with_the_blank_vars() {
+        let d = tempfile::tempdir().unwrap();
+        let (repo, system) = (d.path().join("repo"), d.path().join("system"));
+        std::fs::create_dir(&repo).unwrap();
+        std::fs::create_dir(&system).unwrap();
+        // The plain pair alone is no Secure Boot firmware, and the bundled
+        // one is never taken.
+        touch(&system, "OVMF_CODE_4M.fd");
+        touch(&system, "OVMF_VARS_4M.fd");
+        touch(&system, "OVMF.fd");
+        let sys = [(system.clone(), "system".to_owned())];
+        let err = lookup_secure_boot(None, std::slice::from_ref(&repo), &sys).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("OVMF_CODE_4M.secboot.fd") && msg.contains("no Secure Boot"),
+            "{msg}"
+        );
+        assert!(msg.contains(&system.display().to_string()), "{msg}");
+        let code = touch(&system, "OVMF_CODE_4M.secboot.fd");
+        let fw = lookup_secure_boot(None, std::slice::from_ref(&repo), &sys).unwrap();
+        assert_eq!(
+            (fw.code, fw.vars),
+            (code.clone(), Some(system.join("OVMF_VARS_4M.fd")))
+        );
+        // An explicit CODE file finds its template beside it.
+        let fw = lookup_secure_boot(Some(&code), &[], &[]).unwrap();
+        assert_eq!(fw.vars, Some(system.join("OVMF_VARS_4M.fd")));
+        assert!(fw.origin.starts_with("--firmware "));
     }
 
     #[test]

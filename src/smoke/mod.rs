@@ -52,6 +52,7 @@ mod firmware;
 mod guest;
 mod http;
 mod qemu;
+pub mod secure_boot;
 pub mod stage;
 pub mod upgrade;
 pub mod volumes;
@@ -69,6 +70,7 @@ use anyhow::{Context, Result};
 pub use accel::Accel;
 #[allow(unused_imports)] // the build stage and main.rs will use them
 pub use firmware::{find_firmware, Firmware};
+pub use secure_boot::SecureBootMode;
 
 use crate::cmd;
 use crate::recipe::SmokeSpec;
@@ -114,6 +116,9 @@ pub struct SmokeOptions {
     /// Keep what the VM wrote to its root disk in this qcow2 overlay (on
     /// the built disk) instead of a throwaway one; implies a clean shutdown.
     pub keep_overlay: Option<PathBuf>,
+    /// Boot with Secure Boot enforced and this certificate in the db (see
+    /// `secure_boot`); `None` boots without Secure Boot.
+    pub secure_boot: Option<secure_boot::DbCert>,
 }
 
 /// A data volume's disk for the VM.
@@ -151,6 +156,10 @@ pub struct SmokeReport {
     /// The guest's systemd, when it printed it.
     pub systemd_version: Option<u32>,
     pub firmware: FirmwareUsed,
+    /// With Secure Boot on, the certificate enrolled in the db; `None`
+    /// when the boot was without Secure Boot.
+    #[serde(default)]
+    pub secure_boot: Option<secure_boot::SecureBootUsed>,
     pub log: PathBuf,
     /// Anything the user should know about a pass (e.g. old systemd).
     pub note: Option<String>,
@@ -182,6 +191,8 @@ pub enum CheckKind {
     Guest,
     /// A GET kiln makes from the host.
     Http,
+    /// kiln's own in-guest check that Secure Boot is on (only when it is).
+    SecureBoot,
 }
 
 /// One check's result.
@@ -207,6 +218,7 @@ impl CheckResult {
         match self.kind {
             CheckKind::Guest => format!("check {}", self.index),
             CheckKind::Http => format!("http {}", self.index),
+            CheckKind::SecureBoot => "secure-boot".to_owned(),
         }
     }
 }
@@ -224,6 +236,14 @@ impl fmt::Display for CheckResult {
                 }
             }
             CheckKind::Http => write!(f, "{mark} {} {}", self.name(), self.check)?,
+            CheckKind::SecureBoot => {
+                write!(f, "{mark} {}: {}", self.name(), self.check)?;
+                if !self.passed {
+                    if let Some(code) = self.exit_code {
+                        write!(f, " (exited {code})")?;
+                    }
+                }
+            }
         }
         if self.passed {
             return Ok(());
@@ -275,6 +295,11 @@ pub enum SmokeFailure {
     /// The firmware found nothing it could boot.
     NotBootable {
         detail: String,
+    },
+    /// Secure Boot refused the UKI: not signed by a certificate in the db,
+    /// or changed after signing.
+    SecurityViolation {
+        line: String,
     },
     KernelPanic {
         line: String,
@@ -337,6 +362,17 @@ impl fmt::Display for SmokeFailure {
             }
             SmokeFailure::NotBootable { detail } => {
                 write!(f, "the firmware found nothing to boot ({detail}); is there an EFI/BOOT/BOOTX64.EFI on the ESP?")
+            }
+            SmokeFailure::SecurityViolation { line } => {
+                write!(
+                    f,
+                    "Secure Boot refused to start the image's UKI (EFI/BOOT/BOOTX64.EFI): {line}\n  \
+                     the firmware runs only what a certificate in its db signed, and this UKI is not signed \
+                     by that certificate, or it changed after it was signed\n  \
+                     fix: sign it (kiln build --secure-boot-key KEY --secure-boot-cert CERT) and enroll that \
+                     certificate (the default for a signed image; else --secure-boot-cert CERT); rebuild an image \
+                     whose disk was modified; or boot without Secure Boot (--secure-boot off)"
+                )
             }
             SmokeFailure::KernelPanic { line, tail } => {
                 write!(f, "the kernel panicked: {line}\n  last console lines:")?;
@@ -409,7 +445,10 @@ impl fmt::Display for SmokeFailure {
 pub fn run(disk: &Path, spec: &SmokeSpec, opts: &SmokeOptions) -> Result<SmokeReport> {
     let started = Instant::now();
     cmd::check_interrupt()?;
-    let firmware = find_firmware(opts.firmware.as_deref(), &opts.firmware_dir)?;
+    let firmware = match &opts.secure_boot {
+        Some(_) => firmware::find_secure_boot_firmware(opts.firmware.as_deref())?,
+        None => find_firmware(opts.firmware.as_deref(), &opts.firmware_dir)?,
+    };
     let firmware_used = FirmwareUsed {
         path: firmware.code.clone(),
         sha256: crate::plan::key::file_digest(&firmware.code)
@@ -418,7 +457,13 @@ pub fn run(disk: &Path, spec: &SmokeSpec, opts: &SmokeOptions) -> Result<SmokeRe
     };
     std::fs::create_dir_all(&opts.state_dir)
         .with_context(|| format!("creating {}", opts.state_dir.display()))?;
-    let (accel, fallback_note) = accel::choose(opts.accel, &firmware, &opts.state_dir)?;
+    // The KVM probe boots the firmware alone, without SMM: a Secure Boot
+    // build would refuse that, so it probes with the plain firmware.
+    let probe_firmware = match &opts.secure_boot {
+        Some(_) => find_firmware(None, &opts.firmware_dir)?,
+        None => firmware.clone(),
+    };
+    let (accel, fallback_note) = accel::choose(opts.accel, &probe_firmware, &opts.state_dir)?;
     if let Some(note) = fallback_note {
         eprintln!("kiln: {note}");
     }
@@ -430,8 +475,39 @@ pub fn run(disk: &Path, spec: &SmokeSpec, opts: &SmokeOptions) -> Result<SmokeRe
         .context("creating a temp dir for the smoke boot")?;
     let vars_copy = tmp.path().join("efivars.fd");
     let template = firmware.vars.as_ref().unwrap_or(&firmware.code);
-    std::fs::copy(template, &vars_copy)
-        .with_context(|| format!("copying firmware {}", template.display()))?;
+    let secure_boot_used = match &opts.secure_boot {
+        Some(cert) => {
+            secure_boot::enroll(template, cert, &vars_copy, tmp.path())?;
+            Some(secure_boot::SecureBootUsed {
+                certificate_sha256: cert.fingerprint.clone(),
+                certificate_origin: cert.origin.clone(),
+                vars_template: template.clone(),
+            })
+        }
+        None => {
+            std::fs::copy(template, &vars_copy)
+                .with_context(|| format!("copying firmware {}", template.display()))?;
+            None
+        }
+    };
+    // With Secure Boot on, kiln's own check that the guest sees it on runs
+    // last, after the recipe's.
+    let with_check;
+    let (spec, secure_boot_check) = match &opts.secure_boot {
+        Some(_) => {
+            with_check = SmokeSpec {
+                checks: spec
+                    .checks
+                    .iter()
+                    .cloned()
+                    .chain([secure_boot::GUEST_CHECK.to_owned()])
+                    .collect(),
+                ..spec.clone()
+            };
+            (&with_check, Some(with_check.checks.len()))
+        }
+        None => (spec, None),
+    };
     let overlay = match &opts.keep_overlay {
         Some(path) if path.exists() => anyhow::bail!(
             "{} already exists; --keep-overlay makes a new file",
@@ -481,6 +557,7 @@ pub fn run(disk: &Path, spec: &SmokeSpec, opts: &SmokeOptions) -> Result<SmokeRe
         channel: Some(&channel_path),
         memory_mib: qemu::MEMORY_MIB,
         cpus: qemu::CPUS,
+        secure_boot: opts.secure_boot.is_some(),
     });
     let command = qemu::display(&args);
 
@@ -497,6 +574,7 @@ pub fn run(disk: &Path, spec: &SmokeSpec, opts: &SmokeOptions) -> Result<SmokeRe
         pending: Vec::new(),
         ready_at: None,
         results: Vec::new(),
+        secure_boot_check,
     };
     let mut vm = qemu::Vm::spawn(&args, Some(&channel_path))?;
     let boot_started = Instant::now();
@@ -532,7 +610,7 @@ pub fn run(disk: &Path, spec: &SmokeSpec, opts: &SmokeOptions) -> Result<SmokeRe
     Ok(SmokeReport {
         passed: failure.is_none(),
         failure,
-        accel: accel.to_owned(),
+        accel: accel.to_string(),
         boot_secs: watch.ready_at.map(|d| round(d.as_secs_f64())),
         total_secs: round(started.elapsed().as_secs_f64()),
         checks_passed,
@@ -545,6 +623,7 @@ pub fn run(disk: &Path, spec: &SmokeSpec, opts: &SmokeOptions) -> Result<SmokeRe
             .unwrap_or_else(|| "unknown".to_owned()),
         systemd_version: watch.guest.systemd,
         firmware: firmware_used,
+        secure_boot: secure_boot_used,
         log: opts.log_path.clone(),
         note,
         finished: crate::store::now(),
@@ -600,6 +679,9 @@ struct Watch<'a> {
     ready_at: Option<Duration>,
     /// Each check's result, as they are judged.
     results: Vec<CheckResult>,
+    /// The number of kiln's own Secure Boot check among the in-guest
+    /// checks, when Secure Boot is on.
+    secure_boot_check: Option<usize>,
 }
 
 impl Watch<'_> {
@@ -689,6 +771,10 @@ impl Watch<'_> {
                             }
                             Event::NotBootable(detail) => {
                                 fatal = Some((SmokeFailure::NotBootable { detail }, Instant::now()))
+                            }
+                            Event::SecurityViolation(line) => {
+                                fatal =
+                                    Some((SmokeFailure::SecurityViolation { line }, Instant::now()))
                             }
                         }
                     }
@@ -787,6 +873,9 @@ impl Watch<'_> {
         match (g.begun, &g.state, g.current_check) {
             (false, _, _) => "the guest to boot and start kiln's check unit".to_owned(),
             (true, None, _) => "the boot to finish (systemctl is-system-running)".to_owned(),
+            (true, Some(_), Some(n)) if self.secure_boot_check == Some(n) => {
+                "kiln's Secure Boot check (the SecureBoot EFI variable) to finish".to_owned()
+            }
             (true, Some(_), Some(n)) => {
                 let cmd = self.spec.checks.get(n - 1).map_or("?", String::as_str);
                 format!("check {n} `{cmd}` to finish")
@@ -808,10 +897,19 @@ impl Watch<'_> {
             .map(|(i, command)| {
                 let n = i + 1;
                 let exit_code = g.exits.get(&n).copied();
+                let (kind, index, check) = if self.secure_boot_check == Some(n) {
+                    (
+                        CheckKind::SecureBoot,
+                        1,
+                        secure_boot::GUEST_CHECK_NAME.to_owned(),
+                    )
+                } else {
+                    (CheckKind::Guest, n, command.clone())
+                };
                 CheckResult {
-                    kind: CheckKind::Guest,
-                    index: n,
-                    check: command.clone(),
+                    kind,
+                    index,
+                    check,
                     passed: exit_code == Some(0) && complete,
                     exit_code,
                     output: g.outputs.get(&n).cloned().unwrap_or_default(),
@@ -998,6 +1096,7 @@ mod tests {
             check: match kind {
                 CheckKind::Guest => "systemctl is-active nginx".into(),
                 CheckKind::Http => "GET :80/".into(),
+                CheckKind::SecureBoot => secure_boot::GUEST_CHECK_NAME.into(),
             },
             passed,
             exit_code: exit,
@@ -1034,6 +1133,7 @@ mod tests {
                 sha256: "0".repeat(64),
                 origin: "test".into(),
             },
+            secure_boot: None,
             log: "/log".into(),
             note: None,
             finished: 0,
@@ -1045,6 +1145,63 @@ mod tests {
              FAILED check 2 `systemctl is-active nginx` exited 3; its last output:\n      inactive\n  \
              FAILED http 1 GET :80/; its last output:\n      inactive"
         );
+    }
+
+    #[test]
+    fn the_secure_boot_check_and_a_refused_uki_read_as_plain_words() {
+        assert_eq!(
+            result(CheckKind::SecureBoot, 1, true, Some(0)).to_string(),
+            "passed secure-boot: Secure Boot is on in the guest (its SecureBoot EFI variable is 1)"
+        );
+        let mut off = result(CheckKind::SecureBoot, 1, false, Some(1));
+        off.output = vec!["SecureBoot variable (attributes, value):   6   0   0   0   0".into()];
+        assert_eq!(
+            off.to_string(),
+            "FAILED secure-boot: Secure Boot is on in the guest (its SecureBoot EFI variable is 1) (exited 1); \
+             its last output:\n      SecureBoot variable (attributes, value):   6   0   0   0   0"
+        );
+        let refused = SmokeFailure::SecurityViolation {
+            line: "BdsDxe: failed to load Boot0001 \"UEFI Misc Device\" from PciRoot(0x0)/Pci(0x1,0x0): Access Denied".into(),
+        }
+        .to_string();
+        for words in [
+            "Secure Boot refused to start the image's UKI",
+            "Access Denied",
+            "changed after it was signed",
+            "--secure-boot-key KEY --secure-boot-cert CERT",
+            "--secure-boot off",
+        ] {
+            assert!(refused.contains(words), "{words:?} not in {refused}");
+        }
+    }
+
+    #[test]
+    fn the_secure_boot_check_is_valid_shell_that_reads_the_last_byte() {
+        // The check's own logic, on a fake variable file: attributes 6, value 1 or 0.
+        let d = tempfile::tempdir().unwrap();
+        let var = d.path().join("SecureBoot");
+        let check = secure_boot::GUEST_CHECK.replace(
+            "/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c",
+            &var.display().to_string(),
+        );
+        assert_ne!(check, secure_boot::GUEST_CHECK, "the path is in the check");
+        let run = |bytes: &[u8]| {
+            std::fs::write(&var, bytes).unwrap();
+            std::process::Command::new("sh")
+                .args(["-c", &check])
+                .output()
+                .unwrap()
+        };
+        let on = run(&[6, 0, 0, 0, 1]);
+        assert!(on.status.success(), "{on:?}");
+        assert!(String::from_utf8_lossy(&on.stdout).contains("6   0   0   0   1"));
+        assert!(!run(&[6, 0, 0, 0, 0]).status.success());
+        std::fs::remove_file(&var).unwrap();
+        assert!(!std::process::Command::new("sh")
+            .args(["-c", &check])
+            .status()
+            .unwrap()
+            .success());
     }
 
     #[test]

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 
+use super::accel::Engine;
 use super::firmware::Firmware;
 use crate::cmd::{self, Cmd};
 
@@ -63,7 +64,7 @@ pub fn create_overlay(disk: &Path, overlay: &Path) -> Result<()> {
 /// Everything the command line is built from.
 pub struct VmConfig<'a> {
     /// `kvm` or `tcg`.
-    pub accel: &'a str,
+    pub accel: Engine,
     pub firmware: &'a Firmware,
     /// The throwaway copy of the firmware's VARS (or of a combined image).
     pub vars_copy: &'a Path,
@@ -81,7 +82,22 @@ pub struct VmConfig<'a> {
     pub channel: Option<&'a Path>,
     pub memory_mib: u32,
     pub cpus: u32,
+    /// Enforce Secure Boot: the firmware must be a Secure Boot build, which
+    /// needs SMM (so q35) and its flash marked secure.
+    pub secure_boot: bool,
 }
+
+/// QEMU arguments for a Secure Boot firmware: SMM, which only q35 has; the
+/// variable flash writable from SMM alone, so the guest OS cannot rewrite
+/// the keys; S3 off, which older edk2 builds with SMM require.
+pub const SECURE_BOOT_ARGS: &[&str] = &[
+    "-machine",
+    "q35,smm=on",
+    "-global",
+    "driver=cfi.pflash01,property=secure,value=on",
+    "-global",
+    "ICH9-LPC.disable_s3=1",
+];
 
 fn drive(spec: String) -> [OsString; 2] {
     ["-drive".into(), spec.into()]
@@ -96,11 +112,14 @@ fn opt(value: &Path) -> String {
 pub fn args(c: &VmConfig) -> Vec<OsString> {
     let mut a: Vec<OsString> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(OsString::from));
-    push(&["-accel", c.accel]);
-    if c.accel == "kvm" {
+    push(&["-accel", c.accel.as_str()]);
+    if c.accel == Engine::Kvm {
         push(&["-cpu", "host"]);
     }
     push(&["-m", &c.memory_mib.to_string(), "-smp", &c.cpus.to_string()]);
+    if c.secure_boot {
+        push(SECURE_BOOT_ARGS);
+    }
     // No default devices, no display, no monitor: the serial console on
     // stdout is the only output; -no-reboot turns a guest reboot (a panic,
     // a triple fault) into QEMU exiting.
@@ -359,7 +378,7 @@ mod tests {
         )];
         let smbios = vec!["io.systemd.credential.binary:x=YQ==".to_owned()];
         let c = VmConfig {
-            accel: "tcg",
+            accel: Engine::Tcg,
             firmware: &fw,
             vars_copy: Path::new("/tmp/k/vars.fd"),
             disk: Some(Path::new("/tmp/k/overlay.qcow2")),
@@ -369,6 +388,7 @@ mod tests {
             channel: Some(Path::new("/tmp/k/channel")),
             memory_mib: 1024,
             cpus: 2,
+            secure_boot: false,
         };
         let line = joined(&args(&c));
         for want in [
@@ -388,6 +408,43 @@ mod tests {
             !line.contains("snapshot"),
             "the overlay replaces snapshot=on"
         );
+        for absent in ["-machine", "smm", "cfi.pflash01", "disable_s3"] {
+            assert!(
+                !line.contains(absent),
+                "{absent} without Secure Boot:\n{line}"
+            );
+        }
+    }
+
+    #[test]
+    fn command_line_with_secure_boot() {
+        let fw = Firmware {
+            code: "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd".into(),
+            vars: Some("/usr/share/OVMF/OVMF_VARS_4M.fd".into()),
+            origin: "test".into(),
+        };
+        let c = VmConfig {
+            accel: Engine::Tcg,
+            firmware: &fw,
+            vars_copy: Path::new("/tmp/k/efivars.fd"),
+            disk: Some(Path::new("/tmp/k/overlay.qcow2")),
+            volumes: &[],
+            smbios: &[],
+            forwards: &[],
+            channel: None,
+            memory_mib: 1024,
+            cpus: 2,
+            secure_boot: true,
+        };
+        let line = joined(&args(&c));
+        for want in [
+            "-accel tcg -m 1024 -smp 2 -machine q35,smm=on \
+             -global driver=cfi.pflash01,property=secure,value=on -global ICH9-LPC.disable_s3=1",
+            "-drive if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.secboot.fd",
+            "-drive if=pflash,format=raw,unit=1,file=/tmp/k/efivars.fd",
+        ] {
+            assert!(line.contains(want), "missing {want:?} in\n{line}");
+        }
     }
 
     #[test]
@@ -398,7 +455,7 @@ mod tests {
             origin: "test".into(),
         };
         let c = VmConfig {
-            accel: "kvm",
+            accel: Engine::Kvm,
             firmware: &fw,
             vars_copy: Path::new("/tmp/k/OVMF.fd"),
             disk: None,
@@ -408,6 +465,7 @@ mod tests {
             channel: None,
             memory_mib: 128,
             cpus: 1,
+            secure_boot: false,
         };
         let line = joined(&args(&c));
         assert!(

@@ -35,6 +35,8 @@ pub struct Stage<'a> {
     pub verbose: bool,
     /// Boot even when a pass is remembered.
     pub force: bool,
+    /// Boot with Secure Boot on, enrolling this certificate.
+    pub secure_boot: Option<super::secure_boot::DbCert>,
 }
 
 /// How the stage went.
@@ -61,8 +63,9 @@ pub fn seed_then_checks(spec: &SmokeSpec) -> SmokeSpec {
     }
 }
 
-/// The key a pass of `spec` on the image `image_key` is remembered under.
-pub fn cache_key(image_key: Key, spec: &SmokeSpec) -> Key {
+/// The key a pass of `spec` on the image `image_key` is remembered under,
+/// with Secure Boot on and this certificate enrolled when there is one.
+pub fn cache_key(image_key: Key, spec: &SmokeSpec, secure_boot: Option<&str>) -> Key {
     let SmokeSpec {
         timeout,
         checks,
@@ -75,6 +78,7 @@ pub fn cache_key(image_key: Key, spec: &SmokeSpec) -> Key {
         seed: seed.clone(),
         checks: checks.clone(),
         http: http.clone(),
+        secure_boot: secure_boot.map(str::to_owned),
     }
     .key()
 }
@@ -83,7 +87,11 @@ impl Stage<'_> {
     fn cache_path(&self) -> PathBuf {
         self.store.state_dir("smoke").join(format!(
             "{}.json",
-            cache_key(self.image_key, &self.recipe.smoke)
+            cache_key(
+                self.image_key,
+                &self.recipe.smoke,
+                self.secure_boot.as_ref().map(|c| c.fingerprint.as_str())
+            )
         ))
     }
 
@@ -116,6 +124,7 @@ impl Stage<'_> {
             volumes: disks.volumes.clone(),
             wait_poweroff: false,
             keep_overlay: None,
+            secure_boot: self.secure_boot.clone(),
         };
         let stage = ui.stage("smoke", "booting in QEMU");
         let report = match super::run(self.disk, &seed_then_checks(&self.recipe.smoke), &opts) {
@@ -162,6 +171,10 @@ mod tests {
         assert_eq!(one.checks, ["seed", "check"]);
         assert!(one.seed.is_empty());
         let image = Key::parse(&"a".repeat(64)).unwrap();
-        assert_ne!(cache_key(image, &spec), cache_key(image, &one));
+        assert_ne!(cache_key(image, &spec, None), cache_key(image, &one, None));
+        assert_ne!(
+            cache_key(image, &spec, None),
+            cache_key(image, &spec, Some("ab"))
+        );
     }
 }

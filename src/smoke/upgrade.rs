@@ -37,10 +37,13 @@ pub fn run(
         http: Vec::new(),
         seed: Vec::new(),
     };
+    // The old image only writes the data; Secure Boot is the new one's test
+    // (the old one may be unsigned, or signed by another key).
     let seed_opts = SmokeOptions {
         log_path: opts.log_path.with_extension("seed.log"),
         wait_poweroff: true,
         keep_overlay: None,
+        secure_boot: None,
         ..opts.clone()
     };
     let stage = ui.stage(

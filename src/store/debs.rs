@@ -83,7 +83,7 @@ impl Store {
         suite: &str,
         repo: &Path,
         lock_path: &Path,
-        step: &str,
+        step: &crate::plan::StepId,
     ) -> Result<()> {
         std::fs::create_dir_all(repo).with_context(|| format!("creating {}", repo.display()))?;
         // Everything the cache lacks, in one download (apt fetches in
@@ -134,7 +134,7 @@ impl Store {
                     unavailable.len(),
                     unavailable.join("\n    ")
                 ),
-                format!("re-resolve against today's archive with `kiln lock --update {}`", step.split('/').next().unwrap_or(step)),
+                format!("re-resolve against today's archive with `kiln lock --update {}`", step.layer()),
             )
             .into());
         }

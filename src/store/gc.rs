@@ -387,6 +387,47 @@ pub fn collect(store: &Store, keep: usize, dry_run: bool) -> Result<Collected> {
             ));
         }
     }
+    // Remembered smoke passes (`state-v1/smoke`, see smoke::stage) count
+    // only for the disk they name: a pass whose disk no kept image has can
+    // never be used again. One that cannot be read is never used either.
+    let kept_disks: BTreeSet<String> = kept_images
+        .iter()
+        .filter_map(|k| store.image_entry(k).ok().map(|e| e.sha256))
+        .collect();
+    let passes = store.state_dir("smoke");
+    if passes.is_dir() {
+        #[derive(serde::Deserialize)]
+        struct Pass {
+            disk_sha256: String,
+        }
+        for entry in
+            std::fs::read_dir(&passes).with_context(|| format!("reading {}", passes.display()))?
+        {
+            let path = entry
+                .with_context(|| format!("reading {}", passes.display()))?
+                .path();
+            let disk = crate::store::read_json::<Pass>(&path).map(|p| p.disk_sha256);
+            if disk.as_ref().is_ok_and(|d| kept_disks.contains(d)) {
+                continue;
+            }
+            removed.push((
+                Removed {
+                    kind: "smoke pass",
+                    name: path
+                        .file_name()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                        .into_owned(),
+                    what: match disk {
+                        Ok(d) => format!("of disk sha256 {}", &d[..d.len().min(12)]),
+                        Err(_) => "unreadable".into(),
+                    },
+                    bytes: 0,
+                },
+                path,
+            ));
+        }
+    }
     let corrupt = store.root().join(CORRUPT);
     for entry in
         std::fs::read_dir(&corrupt).with_context(|| format!("reading {}", corrupt.display()))?

@@ -112,8 +112,23 @@ pub struct ImageEntry {
     pub file: String,
     pub sha256: String,
     pub kernel: String,
+    /// How the UKI was signed for Secure Boot; absent when it was not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure_boot: Option<crate::assemble::secure_boot::SignedUki>,
     pub seconds: f64,
     pub created: u64,
+    /// Who assembled it, where: with `created`, the manifest's `built`,
+    /// the same for every later run that finds the image cached. `None`
+    /// in an entry made before kiln recorded it.
+    #[serde(default)]
+    pub built_by: Option<BuiltBy>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuiltBy {
+    pub user: String,
+    pub sudo_user: Option<String>,
+    pub host: String,
 }
 
 /// `store-format.json`.
@@ -482,13 +497,32 @@ impl Store {
     }
 }
 
+/// The two kinds of cache entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryKind {
+    Layer,
+    Image,
+}
+
+impl EntryKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryKind::Layer => "layer",
+            EntryKind::Image => "image",
+        }
+    }
+}
+
 /// One row of `kiln cache verify`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Verified {
-    pub kind: &'static str,
+    pub kind: EntryKind,
     pub key: String,
     pub what: String,
-    /// `intact` or `corrupt: …`.
+    /// False when the entry did not match its seal and was moved aside.
+    pub intact: bool,
+    /// `intact` or `corrupt: …; moved to …`, for people.
     pub result: String,
     pub seconds: f64,
 }
@@ -497,25 +531,29 @@ pub struct Verified {
 /// move corrupt ones aside. The caller holds the store lock exclusively.
 pub fn verify_all(store: &Store, depth: integrity::Depth) -> Result<Vec<Verified>> {
     let mut rows = Vec::new();
-    for (kind, section) in [("layer", LAYERS), ("image", IMAGES)] {
+    for (kind, section) in [(EntryKind::Layer, LAYERS), (EntryKind::Image, IMAGES)] {
         for key in store.keys(section)? {
             let dir = store.root.join(section).join(key.hex());
             let what = match kind {
-                "layer" => store.layer_entry(&key).map(|e| e.id).unwrap_or_default(),
-                _ => store.image_entry(&key).map(|e| e.file).unwrap_or_default(),
+                EntryKind::Layer => store.layer_entry(&key).map(|e| e.id).unwrap_or_default(),
+                EntryKind::Image => store.image_entry(&key).map(|e| e.file).unwrap_or_default(),
             };
             let started = std::time::Instant::now();
-            let result = match integrity::check(&dir, depth)? {
-                integrity::Verdict::Intact => "intact".to_owned(),
+            let (intact, result) = match integrity::check(&dir, depth)? {
+                integrity::Verdict::Intact => (true, "intact".to_owned()),
                 integrity::Verdict::Corrupt(why) => {
                     let aside = store.quarantine(&dir)?;
-                    format!("corrupt: {why}; moved to {}", aside.display())
+                    (
+                        false,
+                        format!("corrupt: {why}; moved to {}", aside.display()),
+                    )
                 }
             };
             rows.push(Verified {
                 kind,
                 key: key.hex(),
                 what,
+                intact,
                 result,
                 seconds: started.elapsed().as_secs_f64(),
             });

@@ -65,6 +65,22 @@ pub const BUILD_TOOLS: &[(&str, &str)] = &[
     ("dpkg-query", "dpkg"),
     ("chroot", "coreutils"),
 ];
+
+/// A folder of symlinks to every program on the host's PATH but `drop`.
+pub fn path_without(dir: &Path, drop: &str) -> std::ffi::OsString {
+    std::fs::create_dir_all(dir).unwrap();
+    for bin in ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin"] {
+        for entry in std::fs::read_dir(bin).into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            let link = dir.join(&name);
+            if name != drop && !link.exists() {
+                std::os::unix::fs::symlink(entry.path(), link).unwrap();
+            }
+        }
+    }
+    dir.as_os_str().to_owned()
+}
+
 /// Programs the tests use to look inside a disk without mounting it.
 pub const INSPECT_TOOLS: &[(&str, &str)] = &[
     ("qemu-img", "qemu-utils"),
@@ -151,6 +167,23 @@ pub fn shared_store() -> PathBuf {
     std::env::var_os(STORE_ENV)
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(DEFAULT_STORE))
+}
+
+/// `<shared store>.<name>`, emptied and made anew: the work folder of a
+/// test binary's once-per-run images, kept in a static. A static is never
+/// dropped, so a TempDir there would leave a copy behind every run; this
+/// folder is instead emptied by the next run.
+pub fn once_per_run_dir(name: &str) -> PathBuf {
+    let store = shared_store();
+    let dir = store.with_file_name(format!(
+        "{}.{name}",
+        store.file_name().unwrap().to_string_lossy()
+    ));
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).unwrap_or_else(|e| panic!("removing {}: {e}", dir.display()));
+    }
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+    dir
 }
 
 /// A temp dir on the same filesystem as the shared store (so copies into
