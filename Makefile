@@ -11,6 +11,7 @@ KILN  := target/release/kiln
 # Debian package : a file it provides. `make deps` installs the packages
 # whose file is missing, with one `apt-get update` first.
 DEPS := \
+	cryptsetup-bin:/usr/sbin/veritysetup \
 	mmdebstrap:/usr/bin/mmdebstrap \
 	e2fsprogs:/usr/sbin/mke2fs \
 	e2fsprogs:/usr/sbin/debugfs \

@@ -3,7 +3,9 @@
 //!
 //! GPT with two partitions: a FAT ESP holding the UKI at
 //! `/EFI/BOOT/BOOTX64.EFI`, then an ext4 root labelled [`ROOT_LABEL`], typed
-//! as an x86-64 root by the Discoverable Partitions Specification.
+//! as an x86-64 root by the Discoverable Partitions Specification. A sealed
+//! image (`[image] verity = true`) has a third, the root's dm-verity hash
+//! tree, typed as the x86-64 root-verity partition (see `assemble::verity`).
 
 use std::path::Path;
 
@@ -16,8 +18,13 @@ pub const SECTOR: u64 = 512;
 pub const ESP_TYPE: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
 /// "Linux root (x86-64)" from the Discoverable Partitions Specification.
 pub const ROOT_TYPE: &str = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709";
+/// "Linux root verity (x86-64)" from the Discoverable Partitions
+/// Specification: the dm-verity hash tree of a sealed image's root.
+pub const ROOT_VERITY_TYPE: &str = "2C7357ED-EBD2-46D9-AEC1-23D437EC2BF5";
 /// The root filesystem's label and its GPT partition name.
 pub const ROOT_LABEL: &str = "root";
+/// The GPT partition name of a sealed image's hash tree.
+pub const ROOT_VERITY_NAME: &str = "root-verity";
 /// The record of every path of the root filesystem, beside the disk in the
 /// store.
 pub const FILES_JSON: &str = "files.json";
@@ -27,6 +34,8 @@ pub const FILES_JSON: &str = "files.json";
 pub struct Partition {
     pub name: String,
     pub type_guid: String,
+    /// The partition's own GUID, as sfdisk prints it (upper case).
+    pub uuid: String,
     pub start: u64,
     pub size: u64,
 }
@@ -58,6 +67,7 @@ fn parse_sfdisk_json(json: &[u8]) -> Result<Vec<Partition>> {
             Ok(Partition {
                 name: p["name"].as_str().unwrap_or("").to_owned(),
                 type_guid: p["type"].as_str().unwrap_or("").to_owned(),
+                uuid: p["uuid"].as_str().unwrap_or("").to_owned(),
                 start: start * SECTOR,
                 size: size * SECTOR,
             })
@@ -91,6 +101,13 @@ pub fn read_uki(disk: &Path, dest: &Path, scratch: &Path) -> Result<()> {
     });
     let removed = std::fs::remove_file(&raw).with_context(|| format!("removing {}", raw.display()));
     crate::cmd::keep_first_error(copied, removed)
+}
+
+/// The root-verity (hash tree) partition of a raw disk image, if it has one.
+pub fn verity_partition(raw: &Path) -> Result<Option<Partition>> {
+    Ok(partitions(raw)?
+        .into_iter()
+        .find(|p| p.type_guid.eq_ignore_ascii_case(ROOT_VERITY_TYPE)))
 }
 
 /// The root partition of a raw disk image.

@@ -40,6 +40,7 @@
 //! (`files.json`, kept beside the disk in the store: see `record::tree`).
 
 pub mod secure_boot;
+pub mod verity;
 mod volumes;
 
 use std::path::{Path, PathBuf};
@@ -47,7 +48,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 
 use crate::cmd::Cmd;
-use crate::disk::{debugfs_quote, ESP_TYPE, FILES_JSON, ROOT_LABEL, ROOT_TYPE, SECTOR};
+use crate::disk::{
+    debugfs_quote, ESP_TYPE, FILES_JSON, ROOT_LABEL, ROOT_TYPE, ROOT_VERITY_NAME, ROOT_VERITY_TYPE,
+    SECTOR,
+};
 use crate::error::BadInput;
 use crate::layers::mount::Mounts;
 use crate::layers::steps::{resolve_in_root, write_file};
@@ -95,6 +99,8 @@ pub struct Assembled {
     pub kernel: String,
     /// How the UKI was signed, when it was.
     pub secure_boot: Option<secure_boot::SignedUki>,
+    /// The root's dm-verity hash tree, for a sealed image.
+    pub verity: Option<verity::Verity>,
 }
 
 /// Assemble `lowers` (topmost first) into `staging/disk.{qcow2,raw}` and
@@ -122,10 +128,13 @@ pub fn assemble(
     mounts.overlay(lowers, Some((&upper, &work)), &merged)?;
 
     // The image's own files go into a throwaway upper dir, never a layer.
-    let fstab = format!(
-        "# Written by kiln.\nLABEL={ROOT_LABEL} / ext4 defaults 0 1\n{}",
-        volumes::fstab(vols)
-    );
+    let root_line = if spec.verity {
+        // Read-only, never checked: the kernel verifies every block.
+        format!("{} / ext4 ro 0 0", verity::MAPPER_ROOT)
+    } else {
+        format!("LABEL={ROOT_LABEL} / ext4 defaults 0 1")
+    };
+    let fstab = format!("# Written by kiln.\n{root_line}\n{}", volumes::fstab(vols));
     write_file(&merged.join("etc/fstab"), fstab.as_bytes(), 0o644)?;
     volumes::prepare(&merged, vols, recipe_path)?;
     write_file(
@@ -137,13 +146,9 @@ pub fn assemble(
     remove_debris(&merged)?;
 
     let kernel = pick_kernel(&merged)?;
-    let uki = staging.join("uki.efi");
-    make_uki(&merged, &kernel, &spec.cmdline, &uki, staging, epoch)?;
-    // The last change to the UKI: any byte changed after it voids the signature.
-    let signed = signer
-        .map(|s| secure_boot::sign(&uki, s, staging))
-        .transpose()?;
-
+    if spec.verity {
+        require_systemd_initrd(&merged, recipe_path)?;
+    }
     let needed = tree_bytes(&merged)?;
     // ext4 needs room for its metadata and a reserve beyond the files.
     if needed + needed / 8 + 32 * MIB > spec.size {
@@ -160,14 +165,65 @@ pub fn assemble(
         .into());
     }
 
+    let mut files = tree::walk(&merged, &|_| false).context("recording the root filesystem")?;
+    for f in &mut files {
+        f.mtime = f.mtime.min(epoch as i64);
+    }
+    crate::store::write_json_atomic(&staging.join(FILES_JSON), &files)?;
+    let root_size = round_up(spec.size, MIB);
+
+    // A sealed root is written to its own file first: its hash tree, and
+    // so the UKI's command line and the partition UUIDs, depend on it.
+    let sealed = if spec.verity {
+        let fs = staging.join("root.ext4");
+        std::fs::File::create(&fs)
+            .and_then(|f| f.set_len(root_size))
+            .with_context(|| format!("creating {}", fs.display()))?;
+        make_root_fs(
+            &fs, 0, root_size, &merged, &files, key, epoch, staging, true,
+        )?;
+        let tree = staging.join("root.verity");
+        let root_hash = verity::format(&fs, &tree, key)?;
+        Some((fs, tree, verity::Verity::new(&root_hash)?))
+    } else {
+        None
+    };
+    let root_args = match &sealed {
+        Some((_, _, v)) => format!("{} ro", v.cmdline()),
+        None => format!("root=LABEL={ROOT_LABEL} ro"),
+    };
+
+    let uki = staging.join("uki.efi");
+    make_uki(
+        &merged,
+        &kernel,
+        &format!("{root_args} {}", spec.cmdline),
+        &uki,
+        staging,
+        epoch,
+    )?;
+    // The last change to the UKI: any byte changed after it voids the signature.
+    let signed = signer
+        .map(|s| secure_boot::sign(&uki, s, staging))
+        .transpose()?;
+
     let uki_len = std::fs::metadata(&uki)
         .with_context(|| format!("reading {}", uki.display()))?
         .len();
     let esp_size = round_up((uki_len + ESP_SLACK).max(ESP_MIN), MIB);
-    let root_size = round_up(spec.size, MIB);
     let esp_start = GPT_GAP;
     let root_start = esp_start + esp_size;
-    let total = root_start + root_size + GPT_GAP;
+    let hash_start = root_start + root_size;
+    let hash_size = match &sealed {
+        Some((_, tree, _)) => round_up(
+            std::fs::metadata(tree)
+                .with_context(|| format!("reading {}", tree.display()))?
+                .len(),
+            MIB,
+        ),
+        None => 0,
+    };
+    let total = hash_start + hash_size + GPT_GAP;
 
     let raw = staging.join("disk.raw");
     let file =
@@ -176,18 +232,24 @@ pub fn assemble(
         .with_context(|| format!("sizing {}", raw.display()))?;
     drop(file);
 
-    let table = format!(
+    let mut table = format!(
         "label: gpt\nlabel-id: {}\nunit: sectors\n\
          start={}, size={}, type={ESP_TYPE}, name=esp, uuid={}\n\
-         start={}, size={}, type={ROOT_TYPE}, name=root, uuid={}\n",
+         start={}, size={}, type={ROOT_TYPE}, name={ROOT_LABEL}, uuid={}\n",
         key.derive_uuid("disk"),
         esp_start / SECTOR,
         esp_size / SECTOR,
         key.derive_uuid("esp-partition"),
         root_start / SECTOR,
         root_size / SECTOR,
-        key.derive_uuid("root-partition"),
+        match &sealed {
+            Some((_, _, v)) => v.data_partition_uuid.clone(),
+            None => key.derive_uuid("root-partition"),
+        },
     );
+    if let Some((_, _, v)) = &sealed {
+        table.push_str(&verity_table_line(hash_start, hash_size, v));
+    }
     Cmd::new("sfdisk")
         .args(["--quiet", "--no-reread", "--no-tell-kernel"])
         .arg(&raw)
@@ -196,30 +258,22 @@ pub fn assemble(
 
     make_esp(&raw, esp_start, esp_size, &uki, key, epoch)?;
 
-    let mut files = tree::walk(&merged, &|_| false).context("recording the root filesystem")?;
-    for f in &mut files {
-        f.mtime = f.mtime.min(epoch as i64);
-    }
-    crate::store::write_json_atomic(&staging.join(FILES_JSON), &files)?;
-
-    let uuid = key.derive_uuid("root-fs");
-    Cmd::new("mke2fs")
-        .env("E2FSPROGS_FAKE_TIME", epoch.to_string())
-        .args([
-            "-q", "-F", "-t", "ext4", "-b", "4096", "-L", ROOT_LABEL, "-U", &uuid,
-        ])
-        .arg("-E")
-        .arg(format!(
-            "offset={root_start},hash_seed={},root_owner=0:0,nodiscard",
-            key.derive_uuid("root-hash-seed")
-        ))
-        .arg("-d")
-        .arg(&merged)
-        .arg(&raw)
-        .arg(format!("{}k", root_size / 1024))
-        .run()
-        .context("writing the root filesystem")?;
-    set_times(&raw, root_start, &files, epoch, staging)?;
+    let verity = match sealed {
+        Some((fs, tree, v)) => {
+            verity::copy_into(&fs, &raw, root_start)?;
+            verity::copy_into(&tree, &raw, hash_start)?;
+            for f in [&fs, &tree] {
+                std::fs::remove_file(f).with_context(|| format!("removing {}", f.display()))?;
+            }
+            Some(v)
+        }
+        None => {
+            make_root_fs(
+                &raw, root_start, root_size, &merged, &files, key, epoch, staging, false,
+            )?;
+            None
+        }
+    };
     mounts.unmount_all()?;
     for d in [&upper, &work, &merged] {
         crate::store::remove_tree(d).with_context(|| format!("removing {}", d.display()))?;
@@ -243,7 +297,87 @@ pub fn assemble(
         disk,
         kernel,
         secure_boot: signed,
+        verity,
     })
+}
+
+/// The sfdisk line of a sealed image's hash partition.
+fn verity_table_line(start: u64, size: u64, v: &verity::Verity) -> String {
+    format!(
+        "start={}, size={}, type={ROOT_VERITY_TYPE}, name={ROOT_VERITY_NAME}, uuid={}\n",
+        start / SECTOR,
+        size / SECTOR,
+        v.hash_partition_uuid
+    )
+}
+
+/// Write the root ext4 from `merged` at `offset` in `target` and pin its
+/// timestamps. A sealed root has no journal: it is never written.
+#[allow(clippy::too_many_arguments)]
+fn make_root_fs(
+    target: &Path,
+    offset: u64,
+    size: u64,
+    merged: &Path,
+    files: &[FileEntry],
+    key: Key,
+    epoch: u64,
+    staging: &Path,
+    sealed: bool,
+) -> Result<()> {
+    let uuid = key.derive_uuid("root-fs");
+    let mut mke2fs = Cmd::new("mke2fs")
+        .env("E2FSPROGS_FAKE_TIME", epoch.to_string())
+        .args([
+            "-q", "-F", "-t", "ext4", "-b", "4096", "-L", ROOT_LABEL, "-U", &uuid,
+        ]);
+    if sealed {
+        mke2fs = mke2fs.args(["-O", "^has_journal"]);
+    }
+    mke2fs
+        .arg("-E")
+        .arg(format!(
+            "offset={offset},hash_seed={},root_owner=0:0,nodiscard",
+            key.derive_uuid("root-hash-seed")
+        ))
+        .arg("-d")
+        .arg(merged)
+        .arg(target)
+        .arg(format!("{}k", size / 1024))
+        .run()
+        .context("writing the root filesystem")?;
+    set_times(target, offset, files, epoch, staging)
+}
+
+/// A sealed root is opened by systemd's veritysetup generator, which runs
+/// only in a systemd initrd: refuse an image that cannot have one rather
+/// than build a disk that never finds its root.
+fn require_systemd_initrd(root: &Path, recipe_path: &Path) -> Result<()> {
+    let has = |rel: &str| std::fs::symlink_metadata(root.join(rel)).is_ok();
+    let missing: Vec<&str> = [
+        ("usr/bin/dracut", "dracut"),
+        ("usr/lib/systemd/systemd-veritysetup", "systemd-cryptsetup"),
+        ("usr/sbin/dmsetup", "dmsetup"),
+    ]
+    .into_iter()
+    .filter(|(path, _)| !has(path))
+    .map(|(_, package)| package)
+    .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(BadInput::new(
+        recipe_path,
+        "image.verity",
+        format!(
+            "a sealed root needs a systemd initrd that opens dm-verity, but the image lacks the package(s) {}",
+            missing.join(", ")
+        ),
+        "add a layer with packages = [\"dracut\", \"systemd-cryptsetup\", \"dmsetup\"] and a dracut \
+         config that adds the systemd-veritysetup module and the dm-verity driver (extend recipes/sealed.toml, \
+         which has both), or remove verity = true",
+    )
+    .into())
 }
 
 /// Remove [`IMAGE_DEBRIS`] through the overlay (whiteouts in the image's
@@ -419,7 +553,7 @@ fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
 fn make_uki(
     root: &Path,
     kernel: &str,
-    cmdline: &str,
+    full_cmdline: &str,
     out: &Path,
     scratch: &Path,
     epoch: u64,
@@ -446,11 +580,8 @@ fn make_uki(
         osrel
     };
     let cmdline_file = scratch.join("cmdline.txt");
-    std::fs::write(
-        &cmdline_file,
-        format!("root=LABEL={ROOT_LABEL} ro {cmdline}"),
-    )
-    .with_context(|| format!("writing {}", cmdline_file.display()))?;
+    std::fs::write(&cmdline_file, full_cmdline)
+        .with_context(|| format!("writing {}", cmdline_file.display()))?;
 
     let stub_end = stub_end(stub)?;
     let size = |p: &Path| {

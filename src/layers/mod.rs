@@ -712,6 +712,7 @@ fn build_image(
         sha256,
         kernel: assembled.kernel,
         secure_boot: assembled.secure_boot,
+        verity: assembled.verity,
         seconds: started.elapsed().as_secs_f64(),
         created: store::now(),
         built_by: Some(crate::record::builder()),

@@ -278,6 +278,10 @@ pub struct ImageInputs {
     pub format: String,
     pub hostname: String,
     pub cmdline: String,
+    /// A sealed (dm-verity) root. Left out of the hash when off, so an
+    /// image without it keeps the key (and the disk) it had before.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub verity: bool,
     /// `name mount size filesystem owner` per volume.
     pub volumes: Vec<String>,
     /// SOURCE_DATE_EPOCH: no timestamp in the image is later (from the lock).
@@ -298,6 +302,7 @@ impl ImageInputs {
             format,
             hostname,
             cmdline,
+            verity,
             volumes,
             epoch,
             secure_boot,
@@ -312,6 +317,9 @@ impl ImageInputs {
         h.bytes("epoch", &epoch.to_le_bytes());
         if let Some(fingerprint) = secure_boot {
             h.str("secure-boot-cert", fingerprint);
+        }
+        if *verity {
+            h.str("verity", "root");
         }
         h.finish()
     }
@@ -523,10 +531,24 @@ mod tests {
             format: "qcow2".into(),
             hostname: "web".into(),
             cmdline: "console=ttyS0".into(),
+            verity: false,
             volumes: vec![],
             epoch: 1_700_000_000,
             secure_boot: None,
         }
+    }
+
+    #[test]
+    fn verity_changes_the_image_key_and_its_absence_keeps_it() {
+        let plain = image_inputs();
+        let mut sealed = plain.clone();
+        sealed.verity = true;
+        assert_ne!(sealed.key(), plain.key());
+        let json = serde_json::to_string(&plain).unwrap();
+        assert!(!json.contains("verity"), "{json}");
+        let json = serde_json::to_string(&sealed).unwrap();
+        let back: ImageInputs = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, sealed);
     }
 
     #[test]

@@ -273,6 +273,7 @@ pub fn make(recipe: &Recipe, locks: &Locks) -> Result<Plan> {
         format: spec.format.extension().to_owned(),
         hostname: spec.hostname.clone(),
         cmdline: spec.cmdline.clone(),
+        verity: spec.verity,
         volumes: recipe
             .volumes
             .iter()

@@ -74,6 +74,9 @@ pub struct ImageSpec {
     pub hostname: String,
     /// Extra kernel arguments; kiln adds `root=LABEL=root ro` itself.
     pub cmdline: String,
+    /// A sealed image: the root is read-only under a dm-verity hash tree
+    /// (see `assemble::verity`).
+    pub verity: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -526,6 +529,7 @@ fn merge(parent: Merged, child: RawRecipe, child_path: &Path) -> Merged {
             formats: ci.formats.or(pi.formats),
             hostname: ci.hostname.or(pi.hostname),
             cmdline: ci.cmdline.or(pi.cmdline),
+            verity: ci.verity.or(pi.verity),
         }),
         (pi, ci) => ci.or(pi),
     };
@@ -744,6 +748,7 @@ fn resolve(path: &Path, merged: Merged, sources: Vec<PathBuf>) -> Result<Recipe>
             formats,
             hostname,
             cmdline,
+            verity: raw_image.verity.unwrap_or(false),
         },
         base,
         base_defined_in: base_file,

@@ -26,6 +26,7 @@ pub struct RawImage {
     pub formats: Option<Vec<String>>,
     pub hostname: Option<String>,
     pub cmdline: Option<String>,
+    pub verity: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -44,6 +44,10 @@ pub struct Manifest {
     /// Absent for an unsigned image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secure_boot: Option<crate::assemble::secure_boot::SignedUki>,
+    /// A sealed image's root hash (and its partitions' UUIDs, which are
+    /// halves of it). Absent for an image that is not sealed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verity: Option<crate::assemble::verity::Verity>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -188,6 +192,7 @@ pub fn make(facts: &BuildFacts) -> Result<Manifest> {
             .collect(),
         files,
         secure_boot: facts.image.secure_boot.clone(),
+        verity: facts.image.verity.clone(),
     })
 }
 
@@ -329,6 +334,13 @@ pub fn summary(m: &Manifest) -> String {
                 "UKI signed by certificate sha256 {} (unsigned UKI sha256 {})",
                 sb.certificate_sha256, sb.unsigned_sha256
             ),
+        );
+    }
+    if let Some(v) = &m.verity {
+        line(
+            &mut s,
+            "sealed",
+            format!("dm-verity root hash {} ({})", v.root_hash, v.options),
         );
     }
     s

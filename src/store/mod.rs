@@ -115,6 +115,9 @@ pub struct ImageEntry {
     /// How the UKI was signed for Secure Boot; absent when it was not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secure_boot: Option<crate::assemble::secure_boot::SignedUki>,
+    /// The root's dm-verity facts; absent for an image that is not sealed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verity: Option<crate::assemble::verity::Verity>,
     pub seconds: f64,
     pub created: u64,
     /// Who assembled it, where: with `created`, the manifest's `built`,
