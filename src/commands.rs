@@ -258,6 +258,7 @@ fn smoke_stage(
             &summary.image,
             None,
         )?,
+        verity: crate::smoke::sealed::for_image(&summary.image)?,
     }
     .run(ui)?;
     let report = done.report;
@@ -432,6 +433,7 @@ pub fn smoke(global: &Global, args: &SmokeArgs) -> Result<()> {
                 .or_else(|| path_from_env("KILN_SECURE_BOOT_CERT"))
                 .as_deref(),
         )?,
+        verity: crate::smoke::sealed::for_image(&args.image)?,
     };
     let ui = Ui::new(global.json);
 

@@ -29,6 +29,9 @@ pub enum Event {
     Marker(Marker),
     /// "Kernel panic - not syncing: ..."
     KernelPanic(String),
+    /// The kernel's dm-verity found a block of a sealed root that does not
+    /// match its hash: "device-mapper: verity: …: data block N is corrupted".
+    RootTampered(String),
     /// systemd's emergency or rescue mode, or dracut's emergency shell.
     Emergency(String),
     /// The initramfs gave up on the root file system and dropped to a shell.
@@ -136,6 +139,8 @@ impl Console {
                 self.firmware_lines.join("; ")
             };
             events.push(Event::NotBootable(why));
+        } else if crate::smoke::sealed::is_verity_error(line) {
+            events.push(Event::RootTampered(line.trim().to_owned()));
         } else if line.contains("Kernel panic - not syncing") {
             events.push(Event::KernelPanic(line.trim().to_owned()));
         } else if line.contains("You are in emergency mode")
@@ -317,6 +322,14 @@ mod tests {
             (
                 "[    2.1] Kernel panic - not syncing: VFS: Unable to mount root fs\r\n",
                 |e| matches!(e, Event::KernelPanic(l) if l.contains("VFS")),
+            ),
+            (
+                "[   61.5] device-mapper: verity: 254:0: data block 1234 is corrupted\r\n",
+                |e| matches!(e, Event::RootTampered(l) if l.contains("data block 1234")),
+            ),
+            (
+                "[   61.6] Kernel panic - not syncing: dm-verity device corrupted\n",
+                |e| matches!(e, Event::RootTampered(_)),
             ),
             (
                 "You are in emergency mode. After logging in, type \"journalctl -xb\"\n",

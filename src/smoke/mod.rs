@@ -52,6 +52,7 @@ mod firmware;
 mod guest;
 mod http;
 mod qemu;
+pub mod sealed;
 pub mod secure_boot;
 pub mod stage;
 pub mod upgrade;
@@ -119,6 +120,9 @@ pub struct SmokeOptions {
     /// Boot with Secure Boot enforced and this certificate in the db (see
     /// `secure_boot`); `None` boots without Secure Boot.
     pub secure_boot: Option<secure_boot::DbCert>,
+    /// A sealed image's root hash, from its manifest: kiln checks the
+    /// guest runs on exactly that root (see `sealed`).
+    pub verity: Option<String>,
 }
 
 /// A data volume's disk for the VM.
@@ -193,6 +197,19 @@ pub enum CheckKind {
     Http,
     /// kiln's own in-guest check that Secure Boot is on (only when it is).
     SecureBoot,
+    /// kiln's own in-guest check of a sealed image's verity root.
+    Sealed,
+}
+
+impl CheckKind {
+    /// What one of kiln's own checks checks.
+    fn builtin_name(self) -> &'static str {
+        match self {
+            CheckKind::SecureBoot => secure_boot::GUEST_CHECK_NAME,
+            CheckKind::Sealed => sealed::GUEST_CHECK_NAME,
+            CheckKind::Guest | CheckKind::Http => "",
+        }
+    }
 }
 
 /// One check's result.
@@ -219,6 +236,7 @@ impl CheckResult {
             CheckKind::Guest => format!("check {}", self.index),
             CheckKind::Http => format!("http {}", self.index),
             CheckKind::SecureBoot => "secure-boot".to_owned(),
+            CheckKind::Sealed => "sealed".to_owned(),
         }
     }
 }
@@ -236,7 +254,7 @@ impl fmt::Display for CheckResult {
                 }
             }
             CheckKind::Http => write!(f, "{mark} {} {}", self.name(), self.check)?,
-            CheckKind::SecureBoot => {
+            CheckKind::SecureBoot | CheckKind::Sealed => {
                 write!(f, "{mark} {}: {}", self.name(), self.check)?;
                 if !self.passed {
                     if let Some(code) = self.exit_code {
@@ -302,6 +320,12 @@ pub enum SmokeFailure {
         line: String,
     },
     KernelPanic {
+        line: String,
+        tail: Vec<String>,
+    },
+    /// A sealed image's kernel found a root block that does not match its
+    /// dm-verity hash: the disk changed after it was built.
+    RootTampered {
         line: String,
         tail: Vec<String>,
     },
@@ -376,6 +400,16 @@ impl fmt::Display for SmokeFailure {
             }
             SmokeFailure::KernelPanic { line, tail } => {
                 write!(f, "the kernel panicked: {line}\n  last console lines:")?;
+                lines(f, tail)
+            }
+            SmokeFailure::RootTampered { line, tail } => {
+                write!(
+                    f,
+                    "root tampered: the guest's kernel read a block of the sealed root that does not match \
+                     its dm-verity hash, so the disk changed after kiln built it: {line}\n  \
+                     rebuild the image (or restore it from its build); `kiln verify IMAGE` recomputes the root hash\n  \
+                     last console lines:"
+                )?;
                 lines(f, tail)
             }
             SmokeFailure::Emergency { line, tail } => {
@@ -490,24 +524,24 @@ pub fn run(disk: &Path, spec: &SmokeSpec, opts: &SmokeOptions) -> Result<SmokeRe
             None
         }
     };
-    // With Secure Boot on, kiln's own check that the guest sees it on runs
-    // last, after the recipe's.
-    let with_check;
-    let (spec, secure_boot_check) = match &opts.secure_boot {
-        Some(_) => {
-            with_check = SmokeSpec {
-                checks: spec
-                    .checks
-                    .iter()
-                    .cloned()
-                    .chain([secure_boot::GUEST_CHECK.to_owned()])
-                    .collect(),
-                ..spec.clone()
-            };
-            (&with_check, Some(with_check.checks.len()))
-        }
-        None => (spec, None),
+    // kiln's own checks run last, after the recipe's: with Secure Boot on,
+    // that the guest sees it on; for a sealed image, that the root is the
+    // verity device of the manifest's root hash.
+    let mut builtin = BTreeMap::new();
+    let mut checks = spec.checks.clone();
+    if opts.secure_boot.is_some() {
+        checks.push(secure_boot::GUEST_CHECK.to_owned());
+        builtin.insert(checks.len(), CheckKind::SecureBoot);
+    }
+    if let Some(root_hash) = &opts.verity {
+        checks.push(sealed::guest_check(root_hash));
+        builtin.insert(checks.len(), CheckKind::Sealed);
+    }
+    let with_checks = SmokeSpec {
+        checks,
+        ..spec.clone()
     };
+    let spec = &with_checks;
     let overlay = match &opts.keep_overlay {
         Some(path) if path.exists() => anyhow::bail!(
             "{} already exists; --keep-overlay makes a new file",
@@ -574,7 +608,7 @@ pub fn run(disk: &Path, spec: &SmokeSpec, opts: &SmokeOptions) -> Result<SmokeRe
         pending: Vec::new(),
         ready_at: None,
         results: Vec::new(),
-        secure_boot_check,
+        builtin,
     };
     let mut vm = qemu::Vm::spawn(&args, Some(&channel_path))?;
     let boot_started = Instant::now();
@@ -679,9 +713,8 @@ struct Watch<'a> {
     ready_at: Option<Duration>,
     /// Each check's result, as they are judged.
     results: Vec<CheckResult>,
-    /// The number of kiln's own Secure Boot check among the in-guest
-    /// checks, when Secure Boot is on.
-    secure_boot_check: Option<usize>,
+    /// The numbers of kiln's own checks among the in-guest checks.
+    builtin: BTreeMap<usize, CheckKind>,
 }
 
 impl Watch<'_> {
@@ -754,6 +787,12 @@ impl Watch<'_> {
                             Event::KernelPanic(line) => {
                                 fatal = Some((
                                     SmokeFailure::KernelPanic { line, tail: vec![] },
+                                    Instant::now() + FATAL_LINGER,
+                                ))
+                            }
+                            Event::RootTampered(line) => {
+                                fatal = Some((
+                                    SmokeFailure::RootTampered { line, tail: vec![] },
                                     Instant::now() + FATAL_LINGER,
                                 ))
                             }
@@ -873,8 +912,11 @@ impl Watch<'_> {
         match (g.begun, &g.state, g.current_check) {
             (false, _, _) => "the guest to boot and start kiln's check unit".to_owned(),
             (true, None, _) => "the boot to finish (systemctl is-system-running)".to_owned(),
-            (true, Some(_), Some(n)) if self.secure_boot_check == Some(n) => {
-                "kiln's Secure Boot check (the SecureBoot EFI variable) to finish".to_owned()
+            (true, Some(_), Some(n)) if self.builtin.contains_key(&n) => {
+                format!(
+                    "kiln's check that {} to finish",
+                    self.builtin[&n].builtin_name()
+                )
             }
             (true, Some(_), Some(n)) => {
                 let cmd = self.spec.checks.get(n - 1).map_or("?", String::as_str);
@@ -897,14 +939,9 @@ impl Watch<'_> {
             .map(|(i, command)| {
                 let n = i + 1;
                 let exit_code = g.exits.get(&n).copied();
-                let (kind, index, check) = if self.secure_boot_check == Some(n) {
-                    (
-                        CheckKind::SecureBoot,
-                        1,
-                        secure_boot::GUEST_CHECK_NAME.to_owned(),
-                    )
-                } else {
-                    (CheckKind::Guest, n, command.clone())
+                let (kind, index, check) = match self.builtin.get(&n) {
+                    Some(&kind) => (kind, 1, kind.builtin_name().to_owned()),
+                    None => (CheckKind::Guest, n, command.clone()),
                 };
                 CheckResult {
                     kind,
@@ -1000,6 +1037,7 @@ impl Watch<'_> {
         let tail = self.console.tail();
         match failure {
             SmokeFailure::KernelPanic { line, .. } => SmokeFailure::KernelPanic { line, tail },
+            SmokeFailure::RootTampered { line, .. } => SmokeFailure::RootTampered { line, tail },
             SmokeFailure::Emergency { line, .. } => SmokeFailure::Emergency { line, tail },
             SmokeFailure::NoRootFs { line, .. } => SmokeFailure::NoRootFs { line, tail },
             other => other,
@@ -1096,7 +1134,7 @@ mod tests {
             check: match kind {
                 CheckKind::Guest => "systemctl is-active nginx".into(),
                 CheckKind::Http => "GET :80/".into(),
-                CheckKind::SecureBoot => secure_boot::GUEST_CHECK_NAME.into(),
+                CheckKind::SecureBoot | CheckKind::Sealed => kind.builtin_name().into(),
             },
             passed,
             exit_code: exit,

@@ -37,6 +37,8 @@ pub struct Stage<'a> {
     pub force: bool,
     /// Boot with Secure Boot on, enrolling this certificate.
     pub secure_boot: Option<super::secure_boot::DbCert>,
+    /// A sealed image's root hash (see `sealed`).
+    pub verity: Option<String>,
 }
 
 /// How the stage went.
@@ -125,6 +127,7 @@ impl Stage<'_> {
             wait_poweroff: false,
             keep_overlay: None,
             secure_boot: self.secure_boot.clone(),
+            verity: self.verity.clone(),
         };
         let stage = ui.stage("smoke", "booting in QEMU");
         let report = match super::run(self.disk, &seed_then_checks(&self.recipe.smoke), &opts) {
