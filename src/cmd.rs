@@ -161,6 +161,9 @@ pub const ASSEMBLY_TOOLS: &[Tool] = &[
         "systemd-boot-efi",
     ),
 ];
+/// What sealing a root (`[image] verity = true`) runs, beyond
+/// [`ASSEMBLY_TOOLS`]; `kiln verify` of a sealed disk too.
+pub const VERITY_TOOLS: &[Tool] = &[tool("veritysetup", "cryptsetup-bin")];
 /// What signing a UKI for Secure Boot runs, beyond [`ASSEMBLY_TOOLS`].
 pub const SIGNING_TOOLS: &[Tool] = &[
     tool("openssl", "openssl"),
@@ -202,6 +205,11 @@ pub fn require_tools(tools: &[&[Tool]]) -> Result<()> {
         packages.join(" "),
         path.to_string_lossy()
     )
+}
+
+/// Whether `program` is on PATH.
+pub fn on_path(program: &str) -> bool {
+    is_installed(program, &std::env::var_os("PATH").unwrap_or_default())
 }
 
 fn is_installed(program: &str, path: &OsStr) -> bool {

@@ -124,7 +124,12 @@ pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
         };
         prepare(global, &args.recipe, "build", |r| {
             let exports = crate::export::tools(&r.image.formats);
-            vec![LAYER_TOOLS, ASSEMBLY_TOOLS, signing, smoke, exports]
+            let verity = if r.image.verity {
+                crate::cmd::VERITY_TOOLS
+            } else {
+                &[]
+            };
+            vec![LAYER_TOOLS, ASSEMBLY_TOOLS, verity, signing, smoke, exports]
         })?
     };
     let forgotten = match &args.update {
@@ -909,11 +914,7 @@ pub fn verify(global: &Global, args: &VerifyArgs) -> Result<()> {
         d.modified.len(),
         d.added.len(),
         d.removed.len(),
-        if report.disk_digest.is_some() {
-            ", disk digest differs"
-        } else {
-            ""
-        }
+        report.drift_extra()
     ))
     .into())
 }

@@ -102,6 +102,16 @@ pub fn cmdline_root_hash(cmdline: &str) -> Option<&str> {
         .find_map(|w| w.strip_prefix("roothash="))
 }
 
+/// The root hash of a `dmsetup table` line of a verity target: `0 SECTORS
+/// verity VERSION DATA HASH DBS HBS BLOCKS HASH_START ALGORITHM DIGEST
+/// SALT [OPTIONS]`.
+pub fn table_root_hash(table: &str) -> Option<String> {
+    let f: Vec<&str> = table.split_whitespace().collect();
+    (f.get(2) == Some(&"verity"))
+        .then(|| f.get(11).map(|h| h.to_ascii_lowercase()))
+        .flatten()
+}
+
 /// Write the hash tree of `data` to `hash` (a new file) and return the
 /// root hash.
 pub fn format(data: &Path, hash: &Path, key: Key) -> Result<String> {
@@ -243,6 +253,13 @@ mod tests {
         assert_eq!(salt(a), salt(a));
         assert_ne!(salt(a), salt(b));
         assert_eq!(salt(a).len(), 64);
+    }
+
+    #[test]
+    fn reads_the_root_hash_of_a_dm_table() {
+        let t = format!("0 4194304 verity 1 252:2 252:3 4096 4096 524288 1 sha256 {HASH} 00 1 panic_on_corruption\n");
+        assert_eq!(table_root_hash(&t), Some(HASH.to_ascii_lowercase()));
+        assert_eq!(table_root_hash("0 4194304 linear 252:2 0"), None);
     }
 
     #[test]

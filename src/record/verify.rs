@@ -10,6 +10,14 @@
 //! A live root (`--root /` on a server) is walked directly, skipping the
 //! paths a running system changes by design ([`DEFAULT_IGNORES`], the
 //! recipe's volumes, and any `--ignore`).
+//!
+//! A sealed image (its manifest has a root hash) is also checked by its
+//! root hash ([`VerityCheck`]): on a disk, the hash tree is computed again
+//! from the root partition and the partition's own tree is verified; on the
+//! running system (`--root /`) the root hash the kernel verifies against
+//! (`veritysetup status`, or `dmsetup table`) and the one on the kernel
+//! command line are compared with the manifest's, in one step and without
+//! walking the files: dm-verity checks every block as it is read.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -19,6 +27,7 @@ use serde::Serialize;
 
 use super::manifest::Manifest;
 use super::tree::{self, under, Differences, FileEntry, Kind};
+use crate::assemble::verity::{self, Verity};
 use crate::cmd::Cmd;
 use crate::plan::key::file_digest;
 
@@ -65,6 +74,9 @@ pub struct Report {
     /// With `--trusted-key`: the signature check.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub signature: Option<super::signed::Check>,
+    /// For a sealed image: its root hash, checked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verity: Option<VerityCheck>,
     /// Nothing drifted and, when checked, the signature is good.
     pub clean: bool,
 }
@@ -78,7 +90,9 @@ impl Report {
     }
 
     fn drifted(&self) -> bool {
-        !self.differences.is_empty() || self.disk_digest.is_some()
+        !self.differences.is_empty()
+            || self.disk_digest.is_some()
+            || self.verity.as_ref().is_some_and(|v| !v.ok)
     }
 
     /// A readable report, for people.
@@ -92,6 +106,9 @@ impl Report {
                 "disk sha256 differs: manifest {} , disk {}\n",
                 d.expected, d.actual
             ));
+        }
+        if let Some(v) = &self.verity {
+            s.push_str(&v.text());
         }
         for m in &self.differences.modified {
             s.push_str(&format!(
@@ -114,11 +131,7 @@ impl Report {
                 self.differences.modified.len(),
                 self.differences.added.len(),
                 self.differences.removed.len(),
-                if self.disk_digest.is_some() {
-                    ", disk digest differs"
-                } else {
-                    ""
-                }
+                self.drift_extra()
             ));
         }
         if !self.ignored.is_empty() {
@@ -127,6 +140,172 @@ impl Report {
         s.push('\n');
         s
     }
+
+    /// `, disk digest differs, root hash differs`: what drifted besides
+    /// paths.
+    pub fn drift_extra(&self) -> String {
+        let mut s = String::new();
+        if self.disk_digest.is_some() {
+            s.push_str(", disk digest differs");
+        }
+        if self.verity.as_ref().is_some_and(|v| !v.ok) {
+            s.push_str(", root hash differs");
+        }
+        s
+    }
+}
+
+/// A sealed image's root hash, checked against its manifest's.
+#[derive(Debug, Clone, Serialize)]
+pub struct VerityCheck {
+    /// The manifest's root hash.
+    pub expected: String,
+    /// The root hash found: computed from the disk's root partition, or
+    /// the one the running kernel verifies against.
+    pub actual: Option<String>,
+    /// Where `actual` came from.
+    pub source: String,
+    /// What does not match, when something does not.
+    pub problems: Vec<String>,
+    pub ok: bool,
+}
+
+impl VerityCheck {
+    fn new(
+        expected: &str,
+        actual: Option<String>,
+        source: &str,
+        mut problems: Vec<String>,
+    ) -> Self {
+        match &actual {
+            Some(a) if a != expected => problems.insert(
+                0,
+                format!("root hash differs: manifest {expected} , {source} {a}"),
+            ),
+            Some(_) => {}
+            None => problems.insert(0, format!("no root hash found ({source})")),
+        }
+        VerityCheck {
+            expected: expected.to_owned(),
+            actual,
+            source: source.to_owned(),
+            ok: problems.is_empty(),
+            problems,
+        }
+    }
+
+    fn text(&self) -> String {
+        if self.ok {
+            format!(
+                "sealed: root hash {} ({}) matches the manifest\n",
+                self.expected, self.source
+            )
+        } else {
+            self.problems.iter().map(|p| format!("{p}\n")).collect()
+        }
+    }
+}
+
+/// Compute a sealed disk's root hash again from its root partition, and
+/// verify the disk's own hash partition against the manifest's root hash.
+fn disk_verity(
+    image: &Path,
+    m: &Manifest,
+    expected: &Verity,
+    scratch: &Path,
+) -> Result<VerityCheck> {
+    crate::cmd::require_tools(&[crate::cmd::VERITY_TOOLS])?;
+    let raw = scratch.join("verity-disk.raw");
+    Cmd::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(image)
+        .arg(&raw)
+        .run()
+        .context("reading the disk")?;
+    let source = "computed from the disk's root partition";
+    let data_part = crate::disk::root_partition(&raw)?;
+    let Some(hash_part) = crate::disk::verity_partition(&raw)? else {
+        return Ok(VerityCheck::new(
+            &expected.root_hash,
+            None,
+            source,
+            vec![
+                "the disk has no root-verity partition, but its manifest records a sealed root"
+                    .to_owned(),
+            ],
+        ));
+    };
+    let mut problems = Vec::new();
+    for (what, part, want) in [
+        ("root", &data_part, &expected.data_partition_uuid),
+        ("root-verity", &hash_part, &expected.hash_partition_uuid),
+    ] {
+        if !part.uuid.eq_ignore_ascii_case(want) {
+            problems.push(format!(
+                "the {what} partition's UUID is {}, not {want} (a half of the root hash)",
+                part.uuid
+            ));
+        }
+    }
+    let data = scratch.join("root.ext4");
+    let hash = scratch.join("root.verity");
+    verity::copy_out(&raw, data_part.start, data_part.size, &data)?;
+    verity::copy_out(&raw, hash_part.start, hash_part.size, &hash)?;
+    std::fs::remove_file(&raw).with_context(|| format!("removing {}", raw.display()))?;
+    let recomputed = scratch.join("recomputed.verity");
+    let actual = verity::format(&data, &recomputed, m.image.key)?;
+    if actual == expected.root_hash {
+        if let Some(said) = verity::verify(&data, &hash, &expected.root_hash) {
+            problems.push(format!(
+                "the disk's root-verity partition does not match its root partition: {said}"
+            ));
+        }
+    }
+    Ok(VerityCheck::new(
+        &expected.root_hash,
+        Some(actual),
+        source,
+        problems,
+    ))
+}
+
+/// The running system's root hash: the one its kernel verifies `/` against
+/// (`veritysetup status root`, else `dmsetup table root`), and `roothash=`
+/// on its command line.
+fn running_verity(expected: &Verity) -> Result<VerityCheck> {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").context("reading /proc/cmdline")?;
+    let mut problems = Vec::new();
+    match verity::cmdline_root_hash(&cmdline) {
+        Some(h) if h.eq_ignore_ascii_case(&expected.root_hash) => {}
+        Some(h) => problems.push(format!(
+            "the kernel command line's roothash= is {h}, not the manifest's"
+        )),
+        None => problems.push(
+            "the kernel command line has no roothash=: this system is not running sealed"
+                .to_owned(),
+        ),
+    }
+    let (actual, source) = if crate::cmd::on_path("veritysetup") {
+        let out = Cmd::new("veritysetup").args(["status", "root"]).output();
+        (
+            out.ok()
+                .and_then(|o| verity::parse_root_hash(&o.stdout_str())),
+            "veritysetup status root",
+        )
+    } else {
+        let out = Cmd::new("dmsetup").args(["table", "root"]).output();
+        (
+            out.ok()
+                .and_then(|o| verity::table_root_hash(&o.stdout_str())),
+            "dmsetup table root",
+        )
+    };
+    Ok(VerityCheck::new(
+        &expected.root_hash,
+        actual,
+        source,
+        problems,
+    ))
 }
 
 fn manifest_files<'a>(m: &'a Manifest, manifest_path: &Path) -> Result<&'a [FileEntry]> {
@@ -142,6 +321,21 @@ pub fn root(
     manifest_path: &Path,
     extra_ignores: &[String],
 ) -> Result<Report> {
+    let running = std::fs::canonicalize(dir).is_ok_and(|d| d == Path::new("/"));
+    if let (Some(expected), true) = (&m.verity, running) {
+        let check = running_verity(expected)?;
+        return Ok(Report {
+            target: dir.display().to_string(),
+            manifest: manifest_path.display().to_string(),
+            disk_digest: None,
+            differences: Differences::default(),
+            ignored: vec![],
+            unchecked: 0,
+            signature: None,
+            clean: check.ok,
+            verity: Some(check),
+        });
+    }
     let mut ignored: Vec<String> = DEFAULT_IGNORES.iter().map(|s| s.to_string()).collect();
     ignored.extend(m.volumes.iter().cloned());
     ignored.extend(extra_ignores.iter().cloned());
@@ -159,6 +353,7 @@ pub fn root(
         unchecked: 0,
         signature: None,
         clean,
+        verity: None,
     })
 }
 
@@ -190,13 +385,19 @@ pub fn image(
         None => scratch.path().join("root"),
     };
     let actual = read_root(image, &root, scratch.path())?;
+    let verity = m
+        .verity
+        .as_ref()
+        .map(|v| disk_verity(image, m, v, scratch.path()))
+        .transpose()?;
     // mke2fs adds lost+found; debugfs does not dump device nodes or fifos.
     let dumpable = |e: &FileEntry| matches!(e.kind, Kind::File | Kind::Dir | Kind::Symlink);
     let unchecked = expected.iter().filter(|e| !dumpable(e)).count();
     let expected: Vec<FileEntry> = expected.iter().filter(|e| dumpable(e)).cloned().collect();
     let ignored = vec!["/lost+found".to_owned()];
     let differences = tree::compare(&expected, &actual, &|p| under(p, "/lost+found"), false);
-    let clean = differences.is_empty() && disk_digest.is_none();
+    let clean =
+        differences.is_empty() && disk_digest.is_none() && verity.as_ref().is_none_or(|v| v.ok);
     Ok(Report {
         target: image.display().to_string(),
         manifest: manifest_path.display().to_string(),
@@ -206,6 +407,7 @@ pub fn image(
         unchecked,
         signature: None,
         clean,
+        verity,
     })
 }
 
