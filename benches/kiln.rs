@@ -12,7 +12,8 @@
 //! `formats` each deployable format made from web's cached disk,
 //! `boot` the smoke and boot-to-ready rows, `lock` the security-lock rows,
 //! `cold` the cold builds, `secure-boot` the smoke with Secure Boot on
-//! beside off.
+//! beside off, `sealed` sealed.toml's assembly and boot beside the same
+//! image unsealed and golden's.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -26,7 +27,15 @@ const SMOKE_RUNS: usize = 3;
 
 /// Whether the row group `name` is wanted (`KILN_BENCH_ONLY`, default all).
 fn wants(name: &str) -> bool {
-    const GROUPS: [&str; 6] = ["build", "formats", "boot", "lock", "cold", "secure-boot"];
+    const GROUPS: [&str; 7] = [
+        "build",
+        "formats",
+        "boot",
+        "lock",
+        "cold",
+        "secure-boot",
+        "sealed",
+    ];
     match std::env::var("KILN_BENCH_ONLY") {
         Err(_) => true,
         Ok(only) => {
@@ -372,6 +381,9 @@ fn main() {
             &format!("bare mmdebstrap {bare:.1} s"),
         ));
     }
+    if wants("sealed") {
+        rows.extend(sealed_rows(&work, &recipes, &warm));
+    }
     if wants("secure-boot") {
         rows.push(secure_boot_row(&work, &recipes, &warm));
     }
@@ -419,23 +431,7 @@ fn secure_boot_row(work: &Path, recipes: &Path, warm: &Path) -> [String; 4] {
     let disk = out.join("golden.qcow2");
     let smoke = |mode: &str| {
         let started = Instant::now();
-        let report = kiln_json(
-            warm,
-            &out,
-            &[
-                "--json",
-                "smoke",
-                "--accel",
-                "tcg",
-                "--secure-boot",
-                mode,
-                // A loaded machine must not turn a slow boot into a failure:
-                // this row measures time.
-                "--timeout",
-                "900",
-                disk.to_str().unwrap(),
-            ],
-        );
+        let report = tcg_smoke(warm, &out, &disk, &["--secure-boot", mode]);
         assert_eq!(report["secure_boot"].is_object(), mode == "on", "{report}");
         started.elapsed().as_secs_f64()
     };
@@ -451,6 +447,81 @@ fn secure_boot_row(work: &Path, recipes: &Path, warm: &Path) -> [String; 4] {
         &format!("≤ 1.3 × off = {:.1} s", 1.3 * off),
         &format!("--secure-boot off {off:.1} s: {:.2}×", on / off),
     )
+}
+
+/// Issue 14: sealed.toml's image assembly beside the same layers assembled
+/// without verity, each assembled again from warm layers (its image entry
+/// removed) in turns; and sealed.toml's boot-to-ready beside golden's,
+/// booted in turns.
+fn sealed_rows(work: &Path, recipes: &Path, warm: &Path) -> Vec<[String; 4]> {
+    let out = work.join("out-sealed");
+    let sealed = recipes.join("sealed.toml");
+    let unsealed = recipes.join("sealed-unsealed.toml");
+    std::fs::write(
+        &unsealed,
+        "extends = \"sealed.toml\"\n\n[image]\nname = \"sealed-unsealed\"\nverity = false\n",
+    )
+    .unwrap();
+    let golden = recipes.join("golden.toml");
+    for recipe in [&golden, &sealed, &unsealed] {
+        kiln(
+            warm,
+            &out,
+            &["build", "--no-smoke", recipe.to_str().unwrap()],
+        );
+    }
+    let assemble = |recipe: &Path| {
+        let image_key = plan_keys(warm, recipe).pop().unwrap();
+        remove_entry(warm, &image_key);
+        let report = kiln_json(
+            warm,
+            &out,
+            &["--json", "build", "--no-smoke", recipe.to_str().unwrap()],
+        );
+        report["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["stage"] == "image")
+            .and_then(|r| r["seconds"].as_f64())
+            .unwrap()
+    };
+    let (mut with, mut without) = (Vec::new(), Vec::new());
+    for _ in 0..CHANGE_RUNS {
+        with.push(assemble(&sealed));
+        without.push(assemble(&unsealed));
+    }
+    let (with, without) = (median(with), median(without));
+    let boot = |name: &str| {
+        tcg_smoke(warm, &out, &out.join(format!("{name}.qcow2")), &[])["boot_secs"]
+            .as_f64()
+            .unwrap()
+    };
+    let (mut sealed_boots, mut golden_boots) = (Vec::new(), Vec::new());
+    for _ in 0..SMOKE_RUNS {
+        let (s, g) = (boot("sealed"), boot("golden"));
+        eprintln!("boot-to-ready: sealed {s:.1} s, golden {g:.1} s");
+        sealed_boots.push(s);
+        golden_boots.push(g);
+    }
+    let (s, g) = (median(sealed_boots), median(golden_boots));
+    vec![
+        row(
+            "sealed.toml image assembly (verity)",
+            with,
+            &format!("≤ 1.2 × unsealed = {:.1} s", 1.2 * without),
+            &format!(
+                "same layers unsealed {without:.1} s: {:.2}×",
+                with / without
+            ),
+        ),
+        row(
+            "sealed.toml boot-to-ready (TCG)",
+            s,
+            &format!("≤ 1.3 × golden = {:.1} s", 1.3 * g),
+            &format!("golden {g:.1} s: {:.2}×", s / g),
+        ),
+    ]
 }
 
 /// Every format of `[image] formats` but the primary qcow2.
@@ -596,6 +667,16 @@ fn before_boot_work(golden: &Path) -> String {
         "no smoke check of golden.toml is left for the image before its boot-time work"
     );
     toml::to_string(&v).unwrap()
+}
+
+/// `kiln --json smoke --accel tcg EXTRA… DISK`, which must pass.
+fn tcg_smoke(store: &Path, out: &Path, disk: &Path, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["--json", "smoke", "--accel", "tcg"];
+    args.extend(extra);
+    // A loaded machine must not turn a slow boot into a failure: these rows
+    // measure time.
+    args.extend(["--timeout", "900", disk.to_str().unwrap()]);
+    kiln_json(store, out, &args)
 }
 
 /// `kiln ARGS` that prints JSON.

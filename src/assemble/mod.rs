@@ -741,6 +741,43 @@ mod tests {
     }
 
     #[test]
+    fn the_hash_partition_is_typed_root_verity_with_the_hash_s_second_half() {
+        let v = verity::Verity::new(&format!("{}{}", "ab".repeat(16), "cd".repeat(16))).unwrap();
+        assert_eq!(
+            verity_table_line(4 * MIB, 17 * MIB, &v),
+            "start=8192, size=34816, type=2C7357ED-EBD2-46D9-AEC1-23D437EC2BF5, \
+             name=root-verity, uuid=cdcdcdcd-cdcd-cdcd-cdcd-cdcdcdcdcdcd\n"
+        );
+        assert_eq!(
+            v.data_partition_uuid,
+            "abababab-abab-abab-abab-abababababab"
+        );
+    }
+
+    #[test]
+    fn a_sealed_root_without_a_systemd_initrd_is_refused_naming_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let recipe = dir.path().join("r.toml");
+        let err = require_systemd_initrd(dir.path(), &recipe).unwrap_err();
+        let bad = err.downcast_ref::<BadInput>().expect("bad input");
+        let text = format!("{err:#}");
+        assert_eq!(bad.key.as_deref(), Some("image.verity"), "{text}");
+        for package in ["dracut", "systemd-cryptsetup", "dmsetup", "sealed.toml"] {
+            assert!(text.contains(package), "{text}");
+        }
+        for rel in [
+            "usr/bin/dracut",
+            "usr/lib/systemd/systemd-veritysetup",
+            "usr/sbin/dmsetup",
+        ] {
+            let p = dir.path().join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, "").unwrap();
+        }
+        require_systemd_initrd(dir.path(), &recipe).unwrap();
+    }
+
+    #[test]
     fn kernel_versions_sort_numerically() {
         let mut v = [
             "6.12.9+deb13-cloud-amd64".to_string(),

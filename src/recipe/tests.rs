@@ -1022,11 +1022,44 @@ fn a_missing_recipe_file_is_bad_input() {
 #[test]
 fn the_shipped_recipes_load() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes");
-    for name in ["golden.toml", "web.toml"] {
+    for name in ["golden.toml", "web.toml", "sealed.toml"] {
         let recipe = load(&root.join(name)).unwrap_or_else(|e| panic!("{name}: {e:#}"));
         plan::make(&recipe, &crate::lock::Locks::default())
             .unwrap_or_else(|e| panic!("{name}: {e:#}"));
     }
+}
+
+#[test]
+fn verity_is_off_by_default_inherited_and_in_the_image_key_only_when_on() {
+    let (d, parent, _) = extends_dirs();
+    assert!(!load(&parent).expect("loads").image.verity);
+    let sealed = d.write(
+        "sealed.toml",
+        "extends = \"parent/golden.toml\"\n[image]\nverity = true\n",
+    );
+    let child = d.write(
+        "child.toml",
+        "extends = \"sealed.toml\"\n[image]\nhostname = \"golden\"\n",
+    );
+    assert!(load(&sealed).expect("loads").image.verity);
+    assert!(load(&child).expect("loads").image.verity, "inherited");
+    let off = d.write(
+        "off.toml",
+        "extends = \"sealed.toml\"\n[image]\nverity = false\n",
+    );
+    assert!(!load(&off).expect("loads").image.verity, "overridden");
+    // Same layers; only the image key differs, and `verity = false`
+    // written out is the same image as no verity at all.
+    let (parent_steps, parent_image) = keys(&parent);
+    let (sealed_steps, sealed_image) = keys(&sealed);
+    assert_eq!(parent_steps, sealed_steps);
+    assert_ne!(parent_image, sealed_image);
+    assert_eq!(keys(&off).1, parent_image);
+    let bad = d.write(
+        "bad.toml",
+        "extends = \"parent/golden.toml\"\n[image]\nverity = \"yes\"\n",
+    );
+    assert_bad_input(&load(&bad).unwrap_err(), "image.verity");
 }
 
 #[test]
