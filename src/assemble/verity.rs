@@ -76,7 +76,7 @@ pub fn salt(key: Key) -> String {
 /// 128 bits, as UUIDs.
 pub fn partition_uuids(root_hash: &str) -> Result<(String, String)> {
     let ok = root_hash.len() >= 64
-        && root_hash.len() % 2 == 0
+        && root_hash.len().is_multiple_of(2)
         && root_hash.bytes().all(|b| b.is_ascii_hexdigit());
     if !ok {
         anyhow::bail!("`{root_hash}` is not a root hash (at least 64 hex digits)");
