@@ -161,8 +161,8 @@ pub const ASSEMBLY_TOOLS: &[Tool] = &[
         "systemd-boot-efi",
     ),
 ];
-/// What sealing a root (`[image] verity = true`) runs, beyond
-/// [`ASSEMBLY_TOOLS`]; `kiln verify` of a sealed disk too.
+/// What `kiln verify` of a sealed disk runs to check its hash partition
+/// (kiln writes the tree itself: see `assemble::verity`).
 pub const VERITY_TOOLS: &[Tool] = &[tool("veritysetup", "cryptsetup-bin")];
 /// What signing a UKI for Secure Boot runs, beyond [`ASSEMBLY_TOOLS`].
 pub const SIGNING_TOOLS: &[Tool] = &[

@@ -124,12 +124,7 @@ pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
         };
         prepare(global, &args.recipe, "build", |r| {
             let exports = crate::export::tools(&r.image.formats);
-            let verity = if r.image.verity {
-                crate::cmd::VERITY_TOOLS
-            } else {
-                &[]
-            };
-            vec![LAYER_TOOLS, ASSEMBLY_TOOLS, verity, signing, smoke, exports]
+            vec![LAYER_TOOLS, ASSEMBLY_TOOLS, signing, smoke, exports]
         })?
     };
     let forgotten = match &args.update {
