@@ -165,6 +165,27 @@ pub struct BuildArgs {
     /// writes out/NAME.provenance.intoto.jsonl [default: $KILN_SIGNING_KEY]
     #[arg(long, value_name = "FILE")]
     pub signing_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+    /// Push every layer of the recipe that the remote cache lacks, signed
+    /// with --signing-key (for CI builders)
+    #[arg(long)]
+    pub push: bool,
+}
+
+/// The shared layer cache on an OCI registry.
+#[derive(Debug, Args, Clone)]
+pub struct RemoteArgs {
+    /// A shared layer cache: oci://HOST[:PORT]/REPOSITORY, or
+    /// oci+http://HOST:PORT/REPOSITORY for a plain-HTTP registry
+    /// [default: $KILN_REMOTE]
+    #[arg(long, value_name = "REF")]
+    pub remote: Option<String>,
+    /// Use a layer from the remote cache only if it is signed by this
+    /// public key (NAME.pub from `kiln key new`); repeatable; without one
+    /// the remote is not read [default: $KILN_TRUSTED_KEY]
+    #[arg(long = "trusted-key", value_name = "FILE")]
+    pub trusted_keys: Vec<PathBuf>,
 }
 
 /// How to run QEMU.
@@ -244,6 +265,9 @@ pub struct PlanArgs {
     /// The recipe to plan
     #[arg(default_value = DEFAULT_RECIPE)]
     pub recipe: PathBuf,
+    /// Also say which steps the remote cache would serve
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 #[derive(Debug, Args)]

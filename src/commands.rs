@@ -110,6 +110,7 @@ pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
             .as_deref(),
     )?
     .map(|key| crate::assemble::secure_boot::Signer { key, reuse: None });
+    let remote = open_remote(&args.remote, args.push, signing_key.is_some())?;
     let Prepared {
         recipe,
         mut locks,
@@ -124,7 +125,18 @@ pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
         };
         prepare(global, &args.recipe, "build", |r| {
             let exports = crate::export::tools(&r.image.formats);
-            vec![LAYER_TOOLS, ASSEMBLY_TOOLS, signing, smoke, exports]
+            let remote_tools: &[crate::cmd::Tool] = match remote {
+                Some(_) => crate::remote::TOOLS,
+                None => &[],
+            };
+            vec![
+                LAYER_TOOLS,
+                ASSEMBLY_TOOLS,
+                signing,
+                smoke,
+                exports,
+                remote_tools,
+            ]
         })?
     };
     let forgotten = match &args.update {
@@ -139,8 +151,10 @@ pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
         fresh_resolve: args.update.is_some(),
         signing_key,
         secure_boot: signer,
+        remote,
+        push: args.push,
     };
-    let (_, mut summary) = layers::build(&recipe, &mut locks, &store, &opts, &ui).map_err(|e| {
+    let (plan, mut summary) = layers::build(&recipe, &mut locks, &store, &opts, &ui).map_err(|e| {
         let e = if crate::store::is_disk_full(&e) {
             e.context(format!(
                 "the filesystem holding the store ({}) is full; nothing was added to the store: free space (`kiln cache gc`) and build again",
@@ -153,6 +167,10 @@ pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
     })?;
     for written in locks.save_changed()? {
         eprintln!("wrote {}", written.display());
+    }
+    if let (Some(remote), true, Some(key)) = (&opts.remote, opts.push, &opts.signing_key) {
+        push_layers(remote, &store, &plan, key)
+            .map_err(|e| e.context(format!("the full log is in {}", log_path.display())))?;
     }
     let smoke = if args.no_smoke {
         Ok(())
@@ -201,6 +219,123 @@ pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
         }
     }
     smoke
+}
+
+/// The remote cache of `--remote` (or `KILN_REMOTE`), with its trusted
+/// keys (`--trusted-key`, or `KILN_TRUSTED_KEY`). Bad input is refused
+/// before anything is built. Without a trusted key the cache is not read,
+/// and kiln says so once.
+fn open_remote(
+    args: &crate::cli::RemoteArgs,
+    push: bool,
+    signing: bool,
+) -> Result<Option<crate::remote::Remote>> {
+    let reference = args
+        .remote
+        .clone()
+        .or_else(|| std::env::var("KILN_REMOTE").ok().filter(|v| !v.is_empty()));
+    let Some(reference) = reference else {
+        if push {
+            return Err(BadInput::arg(
+                "--push needs a remote cache to push to",
+                "add --remote oci://HOST/REPOSITORY (or set KILN_REMOTE)",
+            )
+            .into());
+        }
+        return Ok(None);
+    };
+    let reference = crate::remote::Reference::parse(&reference).map_err(|why| {
+        BadInput::arg(
+            format!("--remote: {why}"),
+            "e.g. --remote oci://registry.example/team/kiln",
+        )
+    })?;
+    if push && !signing {
+        return Err(BadInput::arg(
+            "--push signs every layer it pushes, and no signing key was given",
+            "add --signing-key NAME.key (from `kiln key new NAME`), or set KILN_SIGNING_KEY",
+        )
+        .into());
+    }
+    let mut trusted_paths = args.trusted_keys.clone();
+    if trusted_paths.is_empty() {
+        trusted_paths.extend(path_from_env("KILN_TRUSTED_KEY"));
+    }
+    let trusted = trusted_paths
+        .iter()
+        .map(|k| PublicKey::load(k))
+        .collect::<Result<Vec<_>>>()?;
+    if trusted.is_empty() {
+        eprintln!(
+            "note: the remote cache {reference} is not read: no --trusted-key (or KILN_TRUSTED_KEY) to check its layers with{}",
+            if push { "; it is only pushed to" } else { "" }
+        );
+    }
+    Ok(Some(crate::remote::Remote::new(reference, trusted, push)?))
+}
+
+/// `kiln plan --remote`: which steps to build the remote would serve
+/// (their manifests are fetched and their signatures checked; no blob is).
+fn remote_plan(
+    remote: &crate::remote::Remote,
+    plan: &plan::Plan,
+    report: &mut plan::freshness::PlanReport,
+) -> Result<()> {
+    use plan::freshness::RemoteState;
+    for (step, row) in plan.steps.iter().zip(&mut report.steps) {
+        let pullable = matches!(&row.freshness, Freshness::Build(r)
+            if !matches!(r, plan::Reason::Refresh | plan::Reason::Unlocked));
+        if !pullable || !remote.readable() {
+            continue;
+        }
+        row.remote = Some(match remote.lookup(&step.key) {
+            Ok(Ok(found)) => RemoteState::Pull {
+                bytes: found.size,
+                signed_by: found.signed_by,
+            },
+            Ok(Err(crate::remote::Miss::Absent)) => RemoteState::Absent,
+            Ok(Err(crate::remote::Miss::Down)) => RemoteState::Unavailable,
+            Err(e) => RemoteState::Refused {
+                why: format!("{e:#}"),
+            },
+        });
+    }
+    Ok(())
+}
+
+/// `--push`: every layer of the plan that the remote lacks, signed.
+fn push_layers(
+    remote: &crate::remote::Remote,
+    store: &Store,
+    plan: &plan::Plan,
+    key: &SigningKey,
+) -> Result<()> {
+    // So that `kiln cache gc` does not remove a layer while it is packed.
+    let _store_lock = store.lock_for_build(|| {
+        eprintln!("waiting for `kiln cache gc` or `kiln cache verify` to finish…")
+    })?;
+    let mut present = 0;
+    for step in &plan.steps {
+        crate::cmd::check_interrupt()?;
+        if remote.push(store, &step.key, key)? {
+            eprintln!(
+                "pushed {} ({}) to {}",
+                step.id(),
+                step.key.short(),
+                remote.reference()
+            );
+        } else {
+            present += 1;
+        }
+    }
+    if present > 0 {
+        eprintln!(
+            "{present} layer{} already in {}",
+            if present == 1 { " was" } else { "s were" },
+            remote.reference()
+        );
+    }
+    Ok(())
 }
 
 /// `KILN_SIGNING_KEY`, unless unset or empty (as a shell's `VAR=` means).
@@ -583,6 +718,8 @@ pub fn lock(global: &Global, args: &LockArgs) -> Result<()> {
         fresh_resolve: args.update.is_some(),
         signing_key: None,
         secure_boot: None,
+        remote: None,
+        push: false,
     };
     layers::build(&recipe, &mut locks, &store, &opts, &ui)
         .map_err(|e| e.context(format!("the full log is in {}", log_path.display())))?;
@@ -639,6 +776,9 @@ pub fn plan(global: &Global, args: &PlanArgs) -> Result<()> {
     };
     let mut report = plan::freshness::PlanReport::new(&plan, store.as_ref());
     report.recipe = args.recipe.display().to_string();
+    if let Some(remote) = open_remote(&args.remote, false, false)? {
+        remote_plan(&remote, &plan, &mut report)?;
+    }
     if global.json {
         return print_json(&report);
     }

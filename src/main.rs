@@ -14,6 +14,7 @@ mod packages;
 mod plan;
 mod recipe;
 mod record;
+mod remote;
 mod sign;
 mod smoke;
 mod store;

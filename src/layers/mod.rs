@@ -45,6 +45,11 @@ pub struct BuildOptions {
     pub signing_key: Option<crate::sign::key::SigningKey>,
     /// Sign the UKI for Secure Boot (`--secure-boot-key`, `--secure-boot-cert`).
     pub secure_boot: Option<assemble::secure_boot::Signer>,
+    /// The shared cache (`--remote`): read when it has a trusted key.
+    pub remote: Option<crate::remote::Remote>,
+    /// Push every step of the plan that the remote lacks, signed with
+    /// `signing_key` (`--push`).
+    pub push: bool,
 }
 
 /// What happened to a stage of a run.
@@ -54,6 +59,8 @@ pub enum Status {
     /// Found in the store (or, for the smoke, passed before).
     Cached,
     Built,
+    /// Brought in from the remote cache, verified.
+    Pulled,
     /// The smoke boot passed or failed.
     Passed,
     Failed,
@@ -64,6 +71,7 @@ impl Status {
         match self {
             Status::Cached => "cached",
             Status::Built => "built",
+            Status::Pulled => "pulled",
             Status::Passed => "passed",
             Status::Failed => "failed",
         }
@@ -84,6 +92,9 @@ pub struct Row {
     pub status: Status,
     pub reason: Option<String>,
     pub seconds: f64,
+    /// What a pulled row downloaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
 }
 
 impl Row {
@@ -94,6 +105,7 @@ impl Row {
             status,
             reason: None,
             seconds: 0.0,
+            bytes: None,
         }
     }
 
@@ -336,6 +348,13 @@ impl Run<'_> {
             self.lowers.insert(0, store.layer_tree(&step.key));
             return Ok(None);
         };
+        if !matches!(reason, Reason::Refresh | Reason::Unlocked) {
+            if let Some(row) = self.pull(step)? {
+                self.rows.push(row);
+                self.lowers.insert(0, store.layer_tree(&step.key));
+                return Ok(None);
+            }
+        }
         let stage = self.ui.stage(&step.id(), &format!("building ({reason})"));
         let built = build_step(&self.ctx, step, &self.lowers).and_then(|built| {
             let pins = built.lock.clone();
@@ -369,6 +388,72 @@ impl Run<'_> {
         );
         self.lowers.insert(0, store.layer_tree(&key));
         Ok(pins)
+    }
+
+    /// A step missing from the store, from the remote cache when it has a
+    /// verified layer for the key; `None` means build it. A refused layer
+    /// is one warning line and a local build.
+    fn pull(&self, step: &Step) -> Result<Option<Row>> {
+        let Some(remote) = self.opts.remote.as_ref().filter(|r| r.readable()) else {
+            return Ok(None);
+        };
+        let refused = |e: anyhow::Error| {
+            eprintln!(
+                "warning: {} ({}): the layer in {} is refused: {e:#}; building it locally",
+                step.id(),
+                step.key.short(),
+                remote.reference()
+            );
+        };
+        let found = match remote.lookup(&step.key) {
+            Ok(Ok(found)) => found,
+            Ok(Err(_miss)) => {
+                crate::cmd::log_line(&format!(
+                    "{}: {} has no layer {}",
+                    step.id(),
+                    remote.reference(),
+                    step.key.short()
+                ));
+                return Ok(None);
+            }
+            Err(e) => {
+                refused(e);
+                return Ok(None);
+            }
+        };
+        let stage = self.ui.stage(
+            &step.id(),
+            &format!(
+                "pulling {} from {}",
+                crate::store::gc::human(found.size),
+                remote.reference()
+            ),
+        );
+        match remote.pull(self.ctx.store, &step.key, &found) {
+            Ok(Ok(pulled)) => {
+                let seconds = stage.done("pulled");
+                let mut row = Row::new(step.id(), &step.key, Status::Pulled)
+                    .because(format!(
+                        "{} from {}, signed by {}",
+                        crate::store::gc::human(pulled.bytes),
+                        remote.reference(),
+                        pulled.signed_by
+                    ))
+                    .took(seconds);
+                row.bytes = Some(pulled.bytes);
+                Ok(Some(row))
+            }
+            Ok(Err(_down)) => {
+                stage.failed();
+                Ok(None)
+            }
+            Err(e) => {
+                stage.failed();
+                check_interrupt()?;
+                refused(e);
+                Ok(None)
+            }
+        }
     }
 
     /// Stage 3: the image, from the store or assembled from the lowers.
