@@ -28,6 +28,10 @@ DEPS := \
 	sbsigntool:/usr/bin/sbsign \
 	openssl:/usr/bin/openssl \
 	skopeo:/usr/bin/skopeo \
+	tar:/usr/bin/tar \
+	zstd:/usr/bin/zstd \
+	docker-registry:/usr/bin/docker-registry \
+	apache2-utils:/usr/bin/htpasswd \
 	python3-venv:/usr/lib/python3.11/ensurepip/__init__.py \
 	python3-pip:/usr/lib/python3/dist-packages/pip/__init__.py
 
@@ -91,7 +95,7 @@ TEST := $(CARGO) test --release --locked
 # and its lock on the store's apt caches make concurrent runs wait rather
 # than collide. The lanes are balanced by measured time (README, Testing).
 TESTS_SHARED  := build lock bad_input drift smoke firmware formats sign
-TESTS_PRIVATE := record reliability secure_boot volumes
+TESTS_PRIVATE := record reliability secure_boot volumes remote
 TESTS_ALL     := cli $(TESTS_SHARED) $(TESTS_PRIVATE)
 
 # The edit-run loop: no boots. `cli` builds golden's base once into the warm

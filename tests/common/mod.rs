@@ -706,6 +706,9 @@ pub struct BuildRow {
     pub status: String,
     pub reason: Option<String>,
     pub seconds: f64,
+    /// What a `pulled` row downloaded.
+    #[serde(default)]
+    pub bytes: Option<u64>,
 }
 
 impl BuildReport {
