@@ -169,8 +169,7 @@ pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
         eprintln!("wrote {}", written.display());
     }
     if let (Some(remote), true, Some(key)) = (&opts.remote, opts.push, &opts.signing_key) {
-        push_layers(remote, &store, &plan, key)
-            .map_err(|e| e.context(format!("the full log is in {}", log_path.display())))?;
+        push_layers(remote, &store, &plan, key)?;
     }
     let smoke = if args.no_smoke {
         Ok(())

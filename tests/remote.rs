@@ -517,3 +517,120 @@ fn refused_layers_and_a_stopped_registry_fall_back_to_a_local_build() {
         said[0]
     );
 }
+
+#[test]
+fn a_registry_with_htpasswd_takes_a_push_only_with_the_right_credentials() {
+    require_build();
+    const PASSWORD: &str = "kiln-s3cret-pw";
+    let registry = Registry::start(&[("ci", PASSWORD)]);
+    let a = Kiln::shared();
+    let keys = Keys::new(&a);
+    let d = RecipeDir::new();
+    let recipe = write_recipe(&d, &a);
+    let remote = registry.reference();
+    let home = temp_dir("kiln-remote-home-");
+    let auth_file = home.path().join("auth.json");
+    let home_str = home.path().to_str().unwrap();
+    let auth_str = auth_file.to_str().unwrap();
+    // Only the file kiln is pointed at: not the host's own logins.
+    let env = [
+        ("REGISTRY_AUTH_FILE", auth_str),
+        ("XDG_RUNTIME_DIR", home_str),
+        ("DOCKER_CONFIG", home_str),
+    ];
+    let push = |env: &[(&str, &str)]| {
+        a.run_in(
+            &[
+                "build",
+                recipe.to_str().unwrap(),
+                "--no-smoke",
+                "--remote",
+                &remote,
+                "--push",
+                "--signing-key",
+                &keys.path("ci.key"),
+            ],
+            env,
+            None,
+        )
+    };
+    let login = |password: &str| {
+        let auth = base64_of(&format!("ci:{password}"));
+        std::fs::write(
+            &auth_file,
+            format!(
+                r#"{{"auths": {{"{}": {{"auth": "{auth}"}}}}}}"#,
+                registry.addr
+            ),
+        )
+        .unwrap();
+    };
+
+    std::fs::write(&auth_file, r#"{"auths": {}}"#).unwrap();
+    let run = push(&env);
+    run.assert_code(1);
+    assert!(
+        run.stderr.contains("needs credentials") && run.stderr.contains("podman login"),
+        "{}",
+        run.show()
+    );
+
+    login("not-the-password");
+    let run = push(&env);
+    run.assert_code(1);
+    assert!(
+        run.stderr.contains("refused the credentials of user ci")
+            && run.stderr.contains(auth_str)
+            && !run.stderr.contains("not-the-password"),
+        "{}",
+        run.show()
+    );
+
+    login(PASSWORD);
+    let run = push(&env);
+    run.assert_code(0);
+    assert!(
+        run.stderr
+            .lines()
+            .filter(|l| l.starts_with("pushed "))
+            .count()
+            == 3,
+        "{}",
+        run.show()
+    );
+    // A reader with the same login sees every layer; no run printed the password.
+    let empty = Kiln::with_store(&home.path().join("no-store"));
+    let planned = empty.run_in(
+        &[
+            "--json",
+            "plan",
+            recipe.to_str().unwrap(),
+            "--remote",
+            &remote,
+            "--trusted-key",
+            &keys.path("ci.pub"),
+        ],
+        &env,
+        None,
+    );
+    planned.assert_code(0);
+    let states: serde_json::Value = planned.json();
+    assert!(
+        states["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["stage"] != "image")
+            .all(|s| s["remote"]["state"] == "pull"),
+        "{states:#}"
+    );
+    assert!(!planned.stdout.contains(PASSWORD) && !planned.stderr.contains(PASSWORD));
+    let log = std::fs::read_to_string(a.out.join("kt-remote.build.log")).unwrap();
+    assert!(!log.contains(PASSWORD) && !log.contains(&base64_of(&format!("ci:{PASSWORD}"))));
+    assert!(!run.stderr.contains(PASSWORD));
+}
+
+fn base64_of(text: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(text)
+}

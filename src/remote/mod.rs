@@ -274,11 +274,29 @@ impl Remote {
     /// Push the store's layer `key`, signed, unless the registry has it.
     /// Says whether it pushed. An unavailable registry is an error here.
     pub fn push(&self, store: &Store, key: &Key, signing: &SigningKey) -> Result<bool> {
+        let entry: LayerEntry = store.layer_entry(key)?;
+        self.push_entry(store, key, &entry, signing)
+            .with_context(|| {
+                format!(
+                    "pushing layer {} ({}) to {}",
+                    entry.id,
+                    key.short(),
+                    self.reference()
+                )
+            })
+    }
+
+    fn push_entry(
+        &self,
+        store: &Store,
+        key: &Key,
+        entry: &LayerEntry,
+        signing: &SigningKey,
+    ) -> Result<bool> {
         let tag = tag(key);
         if self.client.has_manifest(&tag)? {
             return Ok(false);
         }
-        let entry: LayerEntry = store.layer_entry(key)?;
         let scratch = store.staging()?;
         let blob = scratch.path().join("layer.tar.zst");
         let pushed = pack(&store.layer_dir(key), &blob).and_then(|()| {
@@ -297,15 +315,7 @@ impl Remote {
             self.client.put_manifest(&tag, &manifest)
         });
         store.remove_staging(scratch)?;
-        pushed.with_context(|| {
-            format!(
-                "pushing layer {} ({}) to {}",
-                entry.id,
-                key.short(),
-                self.reference()
-            )
-        })?;
-        Ok(true)
+        pushed.map(|()| true)
     }
 }
 
