@@ -59,6 +59,33 @@ pub enum Command {
     Diff(DiffArgs),
     /// Make signing keys: `kiln key new NAME`
     Key(KeyArgs),
+    /// Push a built image with its manifest, SBOM and signed provenance to
+    /// an OCI registry as one artifact
+    Push(PushArgs),
+    /// Fetch an image pushed by `kiln push`, verify its signature and every
+    /// digest, then write it to --out (exit 4 when it does not verify)
+    Pull(PullArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// The disk a build wrote (out/NAME.qcow2); its records are beside it
+    pub image: PathBuf,
+    /// Where to: oci://HOST[:PORT]/REPOSITORY[:TAG] (default tag: latest),
+    /// or oci+http://… for a plain-HTTP registry
+    #[arg(value_name = "REF")]
+    pub reference: String,
+}
+
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// oci://HOST[:PORT]/REPOSITORY[:TAG|@sha256:DIGEST]
+    #[arg(value_name = "REF")]
+    pub reference: String,
+    /// Trust images whose provenance this public key signed (NAME.pub);
+    /// repeatable [default: $KILN_TRUSTED_KEY]
+    #[arg(long = "trusted-key", value_name = "FILE")]
+    pub trusted_keys: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args)]

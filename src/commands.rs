@@ -273,6 +273,70 @@ fn open_remote(
     Ok(Some(crate::remote::Remote::new(reference, trusted, push)?))
 }
 
+/// `kiln push IMAGE REF`.
+pub fn push(global: &Global, args: &crate::cli::PushArgs) -> Result<()> {
+    let (reference, tag) = image_ref(&args.reference)?;
+    if tag.starts_with("sha256:") {
+        return Err(BadInput::arg(
+            format!("{}: a push names a tag, not a digest", args.reference),
+            "e.g. oci://registry.example/team/images:web-1",
+        )
+        .into());
+    }
+    let shown = reference.to_string();
+    let digest = crate::remote::image::push(&args.image, reference, &tag)
+        .with_context(|| format!("pushing {} to {shown}:{tag}", args.image.display()))?;
+    if global.json {
+        return print_json(
+            &serde_json::json!({ "reference": format!("{shown}:{tag}"), "digest": digest }),
+        );
+    }
+    println!("pushed {} to {shown}:{tag}", args.image.display());
+    println!("digest: {shown}@{digest}");
+    Ok(())
+}
+
+/// `kiln pull REF`.
+pub fn pull(global: &Global, args: &crate::cli::PullArgs) -> Result<()> {
+    let (reference, target) = image_ref(&args.reference)?;
+    let mut paths = args.trusted_keys.clone();
+    if paths.is_empty() {
+        paths.extend(path_from_env("KILN_TRUSTED_KEY"));
+    }
+    if paths.is_empty() {
+        return Err(BadInput::arg(
+            "kiln pull verifies the image's signature, and no trusted key was given",
+            "add --trusted-key NAME.pub (the public key of the builder's --signing-key), or set KILN_TRUSTED_KEY",
+        )
+        .into());
+    }
+    let trusted = paths
+        .iter()
+        .map(|k| PublicKey::load(k))
+        .collect::<Result<Vec<_>>>()?;
+    let pulled = crate::remote::image::pull(reference, &target, &global.out, &trusted)?;
+    if global.json {
+        return print_json(&pulled);
+    }
+    println!(
+        "pulled {} (sha256 {}), signature: good, by {}",
+        pulled.disk.display(),
+        pulled.sha256,
+        pulled.signed_by.join(", ")
+    );
+    Ok(())
+}
+
+fn image_ref(text: &str) -> Result<(crate::remote::Reference, String)> {
+    crate::remote::image::parse_ref(text).map_err(|why| {
+        BadInput::arg(
+            why,
+            "e.g. oci://registry.example/team/images:web-1, or …/images@sha256:<digest>",
+        )
+        .into()
+    })
+}
+
 /// `kiln plan --remote`: which steps to build the remote would serve
 /// (their manifests are fetched and their signatures checked; no blob is).
 fn remote_plan(

@@ -39,6 +39,8 @@ fn main() {
         cli::Command::Log(args) => commands::log(&cli.global, args),
         cli::Command::Diff(args) => commands::diff(&cli.global, args),
         cli::Command::Key(args) => commands::key(&cli.global, &args.command),
+        cli::Command::Push(args) => commands::push(&cli.global, args),
+        cli::Command::Pull(args) => commands::pull(&cli.global, args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

@@ -634,3 +634,125 @@ fn base64_of(text: &str) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(text)
 }
+
+#[test]
+fn kiln_push_then_pull_gives_the_same_disk_and_refuses_what_does_not_verify() {
+    require_build();
+    require_tools(&[("skopeo", "skopeo")]);
+    let registry = Registry::start(&[]);
+    let a = Kiln::shared();
+    let keys = Keys::new(&a);
+    let d = RecipeDir::new();
+    let recipe = write_recipe(&d, &a);
+    let built = a.build(&recipe, &["--signing-key", &keys.path("ci.key")]);
+    let target = format!(
+        "{}/images:kt-remote-1",
+        registry.reference().replace("/kiln", "")
+    );
+    let pushed = a.run(&[
+        OsStr::new("--json"),
+        OsStr::new("push"),
+        built.image.as_os_str(),
+        OsStr::new(&target),
+    ]);
+    pushed.assert_code(0);
+    let pushed: serde_json::Value = pushed.json();
+    let digest = pushed["digest"].as_str().unwrap().to_owned();
+
+    // An independent client reads the artifact.
+    let (raw, _) = tool(
+        "skopeo",
+        &[
+            OsStr::new("inspect"),
+            OsStr::new("--tls-verify=false"),
+            OsStr::new("--raw"),
+            OsStr::new(&format!(
+                "docker://{}/team/images:kt-remote-1",
+                registry.addr
+            )),
+        ],
+        &[],
+    );
+    let manifest: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+    assert_eq!(manifest["artifactType"], "application/vnd.kiln.image.v1");
+    let titles: Vec<&str> = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            l["annotations"]["org.opencontainers.image.title"]
+                .as_str()
+                .unwrap()
+        })
+        .collect();
+    for file in [
+        "kt-remote.qcow2",
+        "kt-remote.manifest.json",
+        "kt-remote.provenance.intoto.jsonl",
+    ] {
+        assert!(titles.contains(&file), "{titles:?}");
+    }
+
+    // By tag and by digest, into empty folders: the same disk, verified.
+    let by_digest = format!(
+        "{}/images@{digest}",
+        registry.reference().replace("/kiln", "")
+    );
+    for reference in [&target, &by_digest] {
+        let out = temp_dir("kiln-pull-");
+        let reader = Kiln::at(&a.store, out.path());
+        let run = reader.run(&["pull", reference, "--trusted-key", &keys.path("ci.pub")]);
+        run.assert_code(0);
+        assert!(
+            run.stdout.contains("signature: good, by ci"),
+            "{}",
+            run.show()
+        );
+        let disk = out.path().join("kt-remote.qcow2");
+        assert_eq!(sha256_of(&disk), built.sha256, "{}", run.show());
+        assert!(out.path().join("kt-remote.manifest.json").is_file());
+    }
+
+    // A key this reader does not trust: exit 4, nothing written.
+    let out = temp_dir("kiln-pull-");
+    let reader = Kiln::at(&a.store, out.path());
+    let run = reader.run(&["pull", &target, "--trusted-key", &keys.path("other.pub")]);
+    run.assert_code(4);
+    assert!(
+        run.stderr.contains("not signed by a trusted key"),
+        "{}",
+        run.show()
+    );
+    assert_eq!(
+        std::fs::read_dir(out.path()).unwrap().count(),
+        0,
+        "{}",
+        run.show()
+    );
+
+    // The disk changed in the registry's storage: exit 4, nothing written.
+    let disk_digest = manifest["layers"][0]["digest"].as_str().unwrap();
+    let blob = registry.blob_path(disk_digest);
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&blob, &bytes).unwrap();
+    let run = reader.run(&["pull", &target, "--trusted-key", &keys.path("ci.pub")]);
+    run.assert_code(4);
+    assert!(run.stderr.contains("has the digest"), "{}", run.show());
+    assert_eq!(
+        std::fs::read_dir(out.path()).unwrap().count(),
+        0,
+        "{}",
+        run.show()
+    );
+}
+
+fn sha256_of(path: &Path) -> String {
+    let (out, _) = tool("sha256sum", &[path.as_os_str()], &[]);
+    String::from_utf8_lossy(&out)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}

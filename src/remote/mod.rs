@@ -49,6 +49,7 @@
 //! error, after the local build has been published.
 
 pub mod auth;
+pub mod image;
 pub mod registry;
 
 use std::path::Path;

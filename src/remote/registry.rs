@@ -128,6 +128,11 @@ pub fn is_unavailable(e: &anyhow::Error) -> bool {
     e.chain().any(|c| c.is::<Unavailable>())
 }
 
+/// A blob whose bytes are not the ones its descriptor names.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Mismatch(pub String);
+
 /// A request body that can be sent again (a retry or a new challenge).
 enum Body<'a> {
     Empty,
@@ -399,11 +404,17 @@ impl Client {
                 .with_context(|| format!("writing {}", dest.display()))?;
         }
         if got != size {
-            anyhow::bail!("the blob {digest} is {got} bytes where its manifest says {size}");
+            return Err(Mismatch(format!(
+                "the blob {digest} is {got} bytes where its manifest says {size}"
+            ))
+            .into());
         }
         let actual = format!("sha256:{}", crate::plan::key::hex(&hasher.finalize()));
         if actual != digest {
-            anyhow::bail!("the blob served as {digest} has the digest {actual}");
+            return Err(Mismatch(format!(
+                "the blob served as {digest} has the digest {actual}"
+            ))
+            .into());
         }
         file.sync_all()
             .with_context(|| format!("syncing {}", dest.display()))
