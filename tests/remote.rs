@@ -756,3 +756,68 @@ fn sha256_of(path: &Path) -> String {
         .unwrap()
         .to_owned()
 }
+
+#[test]
+fn a_pull_killed_midway_leaves_no_entry_and_the_next_run_pulls() {
+    require_build();
+    let registry = Registry::start(&[]);
+    let a = Kiln::shared();
+    let keys = Keys::new(&a);
+    let d = RecipeDir::new();
+    let recipe = write_recipe(&d, &a);
+    let remote = registry.reference();
+    a.build(
+        &recipe,
+        &[
+            "--remote",
+            &remote,
+            "--push",
+            "--signing-key",
+            &keys.path("ci.key"),
+        ],
+    );
+    let base = a.plan(&recipe).step("base").key.clone();
+
+    let store = temp_dir("kiln-remote-store-");
+    let out = temp_dir("kiln-remote-out-");
+    let trusted = ["--remote", &remote, "--trusted-key", &keys.path("ci.pub")];
+    let mut child = Command::new(Kiln::binary())
+        .args(["--cache", store.path().to_str().unwrap()])
+        .args(["--out", out.path().to_str().unwrap()])
+        .args(["build", recipe.to_str().unwrap(), "--no-smoke"])
+        .args(trusted)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting kiln");
+    // The base's blob is being unpacked into a staging dir: kill -9 there.
+    let started = Instant::now();
+    let unpacking = || {
+        std::fs::read_dir(store.path().join("tmp"))
+            .map(|dir| dir.flatten().any(|e| e.path().join("tree").is_dir()))
+            .unwrap_or(false)
+    };
+    while !unpacking() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "kiln finished before its pull could be killed"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no pull started"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !store.path().join("layers-v1").join(&base).exists(),
+        "a killed pull published the base"
+    );
+
+    // The next run removes the debris and pulls everything.
+    let kiln = Kiln::at(store.path(), out.path());
+    let report = kiln.build(&recipe, &trusted);
+    assert_eq!(report.row("base").status, "pulled", "{:#?}", report.rows);
+    cache_verify_clean(&kiln);
+}

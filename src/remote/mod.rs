@@ -43,9 +43,9 @@
 //!
 //! A refused layer (signature, digest, size, content) is one warning line
 //! naming the step and key, and the step is built locally. A registry that
-//! is unreachable or answers 5xx (after the client's bounded retries) is one
-//! warning for the whole run, which then builds locally and asks it nothing
-//! more. Pushing (`--push`) is what the user asked for: a failed push is an
+//! is unreachable, answers 5xx (after the client's bounded retries) or
+//! refuses our credentials is one warning for the whole run, which then
+//! builds locally and asks it nothing more. Pushing (`--push`) is what the user asked for: a failed push is an
 //! error, after the local build has been published.
 
 pub mod auth;
@@ -155,10 +155,10 @@ impl Remote {
     fn absorb<T>(&self, result: Result<T>) -> Result<std::result::Result<T, Miss>> {
         match result {
             Ok(v) => Ok(Ok(v)),
-            Err(e) if registry::is_unavailable(&e) => {
+            Err(e) if registry::is_unusable(&e) => {
                 if !self.down.replace(true) {
                     eprintln!(
-                        "warning: the registry {} is unavailable ({e:#}); building locally and not asking it again in this run",
+                        "warning: the registry {} is unavailable: {e:#}; building locally and not asking it again in this run",
                         self.reference()
                     );
                 }

@@ -123,9 +123,15 @@ fn valid_component(part: &str) -> bool {
 #[error("{0}")]
 pub struct Unavailable(pub String);
 
-/// Whether an error is the registry being unavailable.
-pub fn is_unavailable(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| c.is::<Unavailable>())
+/// The registry refused this client: no credentials, or wrong ones.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Denied(pub String);
+
+/// Whether an error is about the registry as a whole (unreachable, failing,
+/// or refusing us), not about what was asked of it.
+pub fn is_unusable(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<Unavailable>() || c.is::<Denied>())
 }
 
 /// A blob whose bytes are not the ones its descriptor names.
@@ -237,7 +243,7 @@ impl Client {
                     continue;
                 }
                 Ok(response) if response.status() == 401 => {
-                    anyhow::bail!("{}", self.refused_credentials())
+                    return Err(Denied(self.refused_credentials()).into())
                 }
                 Ok(response) if response.status().is_server_error() || response.status() == 429 => {
                     format!("{what}: the registry answered {}", response.status())
@@ -264,7 +270,7 @@ impl Client {
             Some(Challenge::Basic) => self
                 .credentials
                 .as_ref()
-                .ok_or_else(|| anyhow::anyhow!("{}", self.no_credentials()))?
+                .ok_or_else(|| Denied(self.no_credentials()))?
                 .basic(),
             Some(Challenge::Bearer { realm, service }) => self.token(&realm, service.as_deref())?,
             None => anyhow::bail!(
@@ -293,7 +299,7 @@ impl Client {
             .run(request.body(()).context("a bad token request")?)
             .map_err(|e| Unavailable(format!("asking {realm} for a token: {e}")))?;
         if response.status() == 401 || response.status() == 403 {
-            anyhow::bail!("{}", self.refused_credentials());
+            return Err(Denied(self.refused_credentials()).into());
         }
         if !response.status().is_success() {
             anyhow::bail!(
