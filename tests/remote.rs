@@ -821,3 +821,58 @@ fn a_pull_killed_midway_leaves_no_entry_and_the_next_run_pulls() {
     assert_eq!(report.row("base").status, "pulled", "{:#?}", report.rows);
     cache_verify_clean(&kiln);
 }
+
+#[test]
+fn quick_bad_remote_arguments_exit_2_with_the_fix() {
+    let dir = temp_dir("kiln-remote-args-");
+    let kiln = Kiln::with_store(&dir.path().join("store"));
+    let keys = Keys::new(&kiln);
+    let key = keys.path("ci.key");
+    let recipe = "recipes/golden.toml";
+    let by_digest = format!("oci://127.0.0.1:1/images@sha256:{}", "a".repeat(64));
+    for (args, says) in [
+        (
+            vec!["build", recipe, "--push", "--signing-key", &key],
+            "--push needs a remote cache",
+        ),
+        (
+            vec![
+                "build",
+                recipe,
+                "--remote",
+                "oci://127.0.0.1:1/kiln",
+                "--push",
+            ],
+            "no signing key was given",
+        ),
+        (
+            vec!["build", recipe, "--remote", "http://127.0.0.1:1/kiln"],
+            "oci+http://",
+        ),
+        (
+            vec!["plan", recipe, "--remote", "oci://127.0.0.1:1/Kiln"],
+            "not a repository name",
+        ),
+        (
+            vec!["pull", "oci://127.0.0.1:1/images:web"],
+            "no trusted key was given",
+        ),
+        (
+            vec!["push", "out/web.qcow2", &by_digest],
+            "names a tag, not a digest",
+        ),
+    ] {
+        let env = [
+            ("KILN_SIGNING_KEY", ""),
+            ("KILN_REMOTE", ""),
+            ("KILN_TRUSTED_KEY", ""),
+        ];
+        let run = kiln.run_in(&args, &env, None);
+        run.assert_code(2);
+        assert!(
+            run.stderr.contains(says) && run.stderr.contains("fix: "),
+            "{}",
+            run.show()
+        );
+    }
+}
