@@ -344,14 +344,20 @@ fn remote_plan(
     plan: &plan::Plan,
     report: &mut plan::freshness::PlanReport,
 ) -> Result<()> {
+    use crate::remote::Kind;
     use plan::freshness::RemoteState;
-    for (step, row) in plan.steps.iter().zip(&mut report.steps) {
+    let keys = plan
+        .steps
+        .iter()
+        .map(|s| (Kind::Layer, s.key))
+        .chain([(Kind::Image, plan.image.key)]);
+    for ((kind, key), row) in keys.zip(&mut report.steps) {
         let pullable = matches!(&row.freshness, Freshness::Build(r)
             if !matches!(r, plan::Reason::Refresh | plan::Reason::Unlocked));
         if !pullable || !remote.readable() {
             continue;
         }
-        row.remote = Some(match remote.lookup(&step.key) {
+        row.remote = Some(match remote.lookup(kind, &key) {
             Ok(Ok(found)) => RemoteState::Pull {
                 bytes: found.size,
                 signed_by: found.signed_by,
@@ -366,25 +372,31 @@ fn remote_plan(
     Ok(())
 }
 
-/// `--push`: every layer of the plan that the remote lacks, signed.
+/// `--push`: every layer of the plan and its image that the remote lacks,
+/// signed.
 fn push_layers(
     remote: &crate::remote::Remote,
     store: &Store,
     plan: &plan::Plan,
     key: &SigningKey,
 ) -> Result<()> {
-    // So that `kiln cache gc` does not remove a layer while it is packed.
+    use crate::remote::Kind;
+    // So that `kiln cache gc` does not remove an entry while it is packed.
     let _store_lock = store.lock_for_build(|| {
         eprintln!("waiting for `kiln cache gc` or `kiln cache verify` to finish…")
     })?;
+    let entries = plan
+        .steps
+        .iter()
+        .map(|s| (Kind::Layer, s.id().to_string(), s.key))
+        .chain([(Kind::Image, "image".to_owned(), plan.image.key)]);
     let mut present = 0;
-    for step in &plan.steps {
+    for (kind, id, entry_key) in entries {
         crate::cmd::check_interrupt()?;
-        if remote.push(store, &step.key, key)? {
+        if remote.push(store, kind, &entry_key, &id, key)? {
             eprintln!(
-                "pushed {} ({}) to {}",
-                step.id(),
-                step.key.short(),
+                "pushed {id} ({}) to {}",
+                entry_key.short(),
                 remote.reference()
             );
         } else {
@@ -393,8 +405,8 @@ fn push_layers(
     }
     if present > 0 {
         eprintln!(
-            "{present} layer{} already in {}",
-            if present == 1 { " was" } else { "s were" },
+            "{present} entr{} already in {}",
+            if present == 1 { "y was" } else { "ies were" },
             remote.reference()
         );
     }

@@ -305,7 +305,7 @@ fn an_empty_store_pulls_every_layer_and_assembles_the_same_disk() {
     again.assert_code(0);
     assert!(
         !again.stderr.lines().any(|l| l.starts_with("pushed "))
-            && again.stderr.contains("3 layers were already in"),
+            && again.stderr.contains("4 entries were already in"),
         "{}",
         again.show()
     );
@@ -320,10 +320,8 @@ fn an_empty_store_pulls_every_layer_and_assembles_the_same_disk() {
     planned.assert_code(0);
     let planned: serde_json::Value = planned.json();
     for step in planned["steps"].as_array().unwrap() {
-        if step["stage"] != "image" {
-            assert_eq!(step["remote"]["state"], "pull", "{planned:#}");
-            assert_eq!(step["remote"]["signed_by"], "ci", "{planned:#}");
-        }
+        assert_eq!(step["remote"]["state"], "pull", "{planned:#}");
+        assert_eq!(step["remote"]["signed_by"], "ci", "{planned:#}");
     }
     let pulled = b.build(&recipe, &trust);
     assert_eq!(
@@ -332,7 +330,7 @@ fn an_empty_store_pulls_every_layer_and_assembles_the_same_disk() {
             ("base", "pulled"),
             ("tools/files", "pulled"),
             ("tools/run", "pulled"),
-            ("image", "built")
+            ("image", "pulled")
         ]
         .map(|(a, b)| (a.to_owned(), b.to_owned())),
         "{:#?}",
@@ -351,7 +349,14 @@ fn an_empty_store_pulls_every_layer_and_assembles_the_same_disk() {
     assert_eq!(
         (&pulled.image_key, &pulled.sha256),
         (&first.image_key, &first.sha256),
-        "the disk assembled from pulled layers is not byte-identical"
+        "the pulled image is not the pushed one"
+    );
+    assert!(
+        built
+            .stderr
+            .contains(&format!("pushed image ({})", &first.image_key[..12])),
+        "{}",
+        built.show()
     );
     // Each layer as it was published in the builder's store: same paths,
     // types, modes, owners, xattrs, whiteouts and file contents.
@@ -381,6 +386,16 @@ fn an_empty_store_pulls_every_layer_and_assembles_the_same_disk() {
         "no opaque mark"
     );
     cache_verify_clean(&b);
+
+    // Assembled from the pulled layers (the image entry removed, no
+    // remote), the disk is byte-identical to the builder's.
+    std::fs::remove_dir_all(store_b.path().join("images-v1").join(&first.image_key)).unwrap();
+    let assembled = b.build(&recipe, &[]);
+    assert_eq!(assembled.row("image").status, "built");
+    assert_eq!(
+        assembled.sha256, first.sha256,
+        "the disk assembled from pulled layers is not byte-identical"
+    );
 }
 
 #[test]
@@ -442,8 +457,8 @@ fn refused_layers_and_a_stopped_registry_fall_back_to_a_local_build() {
     );
     run.assert_code(0);
     let said = warnings(&run);
-    assert_eq!(said.len(), 2, "{}", run.show());
-    for (line, stage) in said.iter().zip(["tools/files", "tools/run"]) {
+    assert_eq!(said.len(), 3, "{}", run.show());
+    for (line, stage) in said.iter().zip(["tools/files", "tools/run", "image"]) {
         assert!(
             line.contains(stage)
                 && line.contains(&key_of(stage)[..12])
@@ -594,7 +609,7 @@ fn a_registry_with_htpasswd_takes_a_push_only_with_the_right_credentials() {
             .lines()
             .filter(|l| l.starts_with("pushed "))
             .count()
-            == 3,
+            == 4,
         "{}",
         run.show()
     );

@@ -349,7 +349,7 @@ impl Run<'_> {
             return Ok(None);
         };
         if !matches!(reason, Reason::Refresh | Reason::Unlocked) {
-            if let Some(row) = self.pull(step)? {
+            if let Some(row) = self.pull(crate::remote::Kind::Layer, &step.id(), &step.key)? {
                 self.rows.push(row);
                 self.lowers.insert(0, store.layer_tree(&step.key));
                 return Ok(None);
@@ -390,29 +390,29 @@ impl Run<'_> {
         Ok(pins)
     }
 
-    /// A step missing from the store, from the remote cache when it has a
-    /// verified layer for the key; `None` means build it. A refused layer
-    /// is one warning line and a local build.
-    fn pull(&self, step: &Step) -> Result<Option<Row>> {
+    /// A step or image missing from the store, from the remote cache when
+    /// it has a verified entry for the key; `None` means build it. A
+    /// refused entry is one warning line and a local build.
+    fn pull(&self, kind: crate::remote::Kind, id: &str, key: &plan::Key) -> Result<Option<Row>> {
         let Some(remote) = self.opts.remote.as_ref().filter(|r| r.readable()) else {
             return Ok(None);
         };
         let refused = |e: anyhow::Error| {
             eprintln!(
-                "warning: {} ({}): the layer in {} is refused: {e:#}; building it locally",
-                step.id(),
-                step.key.short(),
+                "warning: {} ({}): the entry in {} is refused: {e:#}; building it locally",
+                id,
+                key.short(),
                 remote.reference()
             );
         };
-        let found = match remote.lookup(&step.key) {
+        let found = match remote.lookup(kind, key) {
             Ok(Ok(found)) => found,
             Ok(Err(_miss)) => {
                 crate::cmd::log_line(&format!(
-                    "{}: {} has no layer {}",
-                    step.id(),
+                    "{}: {} has no entry {}",
+                    id,
                     remote.reference(),
-                    step.key.short()
+                    key.short()
                 ));
                 return Ok(None);
             }
@@ -422,17 +422,17 @@ impl Run<'_> {
             }
         };
         let stage = self.ui.stage(
-            &step.id(),
+            id,
             &format!(
                 "pulling {} from {}",
                 crate::store::gc::human(found.size),
                 remote.reference()
             ),
         );
-        match remote.pull(self.ctx.store, &step.key, &found) {
+        match remote.pull(self.ctx.store, kind, key, &found) {
             Ok(Ok(pulled)) => {
                 let seconds = stage.done("pulled");
-                let mut row = Row::new(step.id(), &step.key, Status::Pulled)
+                let mut row = Row::new(id, key, Status::Pulled)
                     .because(format!(
                         "{} from {}, signed by {}",
                         crate::store::gc::human(pulled.bytes),
@@ -466,6 +466,12 @@ impl Run<'_> {
             self.rows.push(Row::cached("image", &key, waited));
             return Ok((store.image_entry(&key)?, false));
         };
+        if reason != Reason::Refresh {
+            if let Some(row) = self.pull(crate::remote::Kind::Image, "image", &key)? {
+                self.rows.push(row);
+                return Ok((store.image_entry(&key)?, false));
+            }
+        }
         let stage = self.ui.stage("image", &format!("assembling ({reason})"));
         let signer = self.opts.secure_boot.as_ref();
         match build_image(plan, store, &self.lowers, self.opts.refresh, signer) {

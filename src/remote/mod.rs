@@ -64,17 +64,12 @@ use crate::store::{LayerEntry, Store};
 pub use registry::Reference;
 use registry::{Client, MANIFEST_TYPE};
 
-pub const ARTIFACT_TYPE: &str = "application/vnd.kiln.layer.v1";
 pub const LAYER_TYPE: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
 /// The OCI empty descriptor: `{}`.
 pub const EMPTY_TYPE: &str = "application/vnd.oci.empty.v1+json";
 pub const EMPTY_DIGEST: &str =
     "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a";
 pub const EMPTY: &[u8] = b"{}";
-/// Tags of layers: `kl1-<key>` (68 characters, within the tag grammar).
-pub const TAG_PREFIX: &str = "kl1-";
-/// What a layer's signature covers (see [`fingerprint`]).
-pub const FINGERPRINT_VERSION: &str = "kiln-layer-v1";
 /// What GNU tar needs besides itself to write and read a layer blob.
 pub const TOOLS: &[crate::cmd::Tool] = &[
     crate::cmd::Tool {
@@ -87,15 +82,60 @@ pub const TOOLS: &[crate::cmd::Tool] = &[
     },
 ];
 
-/// The tag of a layer key.
-pub fn tag(key: &Key) -> String {
-    format!("{TAG_PREFIX}{}", key.hex())
+/// The two kinds of store entry the cache holds, each with its own tags,
+/// artifact type and signed fingerprint, so that one can never stand in
+/// for the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Layer,
+    /// An assembled image entry (`images-v1/<key>/`: the disk and image.json).
+    Image,
 }
 
-/// The message a layer's signature is over: the key it answers, and the
-/// exact blob (its digest and size).
-pub fn fingerprint(key: &Key, digest: &str, size: u64) -> String {
-    format!("{FINGERPRINT_VERSION};{};{digest};{size}", key.hex())
+impl Kind {
+    /// Tags: `kl1-<key>` / `ki1-<key>` (68 characters, within the grammar).
+    fn tag_prefix(self) -> &'static str {
+        match self {
+            Kind::Layer => "kl1-",
+            Kind::Image => "ki1-",
+        }
+    }
+
+    pub fn artifact_type(self) -> &'static str {
+        match self {
+            Kind::Layer => "application/vnd.kiln.layer.v1",
+            Kind::Image => "application/vnd.kiln.image-entry.v1",
+        }
+    }
+
+    fn fingerprint_version(self) -> &'static str {
+        match self {
+            Kind::Layer => "kiln-layer-v1",
+            Kind::Image => "kiln-image-v1",
+        }
+    }
+
+    fn dir(self, store: &Store, key: &Key) -> std::path::PathBuf {
+        match self {
+            Kind::Layer => store.layer_dir(key),
+            Kind::Image => store.image_dir(key),
+        }
+    }
+}
+
+/// The tag of a key.
+pub fn tag(kind: Kind, key: &Key) -> String {
+    format!("{}{}", kind.tag_prefix(), key.hex())
+}
+
+/// The message an entry's signature is over: its kind, the key it answers,
+/// and the exact blob (its digest and size).
+pub fn fingerprint(kind: Kind, key: &Key, digest: &str, size: u64) -> String {
+    format!(
+        "{};{};{digest};{size}",
+        kind.fingerprint_version(),
+        key.hex()
+    )
 }
 
 /// A remote cache as this run uses it.
@@ -170,21 +210,21 @@ impl Remote {
 
     /// The verified layer the registry has for `key`: one manifest GET.
     /// `Err` is a refusal (the registry's layer is not one to use).
-    pub fn lookup(&self, key: &Key) -> Result<std::result::Result<Found, Miss>> {
+    pub fn lookup(&self, kind: Kind, key: &Key) -> Result<std::result::Result<Found, Miss>> {
         if self.down.get() {
             return Ok(Err(Miss::Down));
         }
-        let manifest = match self.absorb(self.client.manifest(&tag(key)))? {
+        let manifest = match self.absorb(self.client.manifest(&tag(kind, key)))? {
             Ok(Some(m)) => m,
             Ok(None) => return Ok(Err(Miss::Absent)),
             Err(miss) => return Ok(Err(miss)),
         };
-        self.verify(key, &manifest).map(Ok)
+        self.verify(kind, key, &manifest).map(Ok)
     }
 
     /// Check a layer manifest: kiln's artifact for this key, with one blob,
     /// signed by a trusted key over the fingerprint of that blob.
-    fn verify(&self, key: &Key, manifest: &[u8]) -> Result<Found> {
+    fn verify(&self, kind: Kind, key: &Key, manifest: &[u8]) -> Result<Found> {
         let m: serde_json::Value =
             serde_json::from_slice(manifest).context("its manifest is not JSON")?;
         let text = |v: &serde_json::Value, name: &str| -> Result<String> {
@@ -194,8 +234,11 @@ impl Remote {
                 .with_context(|| format!("its manifest has no {name}"))
         };
         let artifact = text(&m, "artifactType")?;
-        if artifact != ARTIFACT_TYPE {
-            anyhow::bail!("its manifest is a {artifact}, not a {ARTIFACT_TYPE}");
+        if artifact != kind.artifact_type() {
+            anyhow::bail!(
+                "its manifest is a {artifact}, not a {}",
+                kind.artifact_type()
+            );
         }
         let layers = m
             .get("layers")
@@ -218,7 +261,7 @@ impl Remote {
             .context("it is not signed (no dev.kiln.signature)")?;
         let keyid = text(&annotations, "dev.kiln.keyid").unwrap_or_default();
         let sig = crate::sign::unb64(&signature).context("its signature is not base64")?;
-        let message = fingerprint(key, &digest, size);
+        let message = fingerprint(kind, key, &digest, size);
         match self
             .trusted
             .iter()
@@ -247,11 +290,12 @@ impl Remote {
     pub fn pull(
         &self,
         store: &Store,
+        kind: Kind,
         key: &Key,
         found: &Found,
     ) -> Result<std::result::Result<Pulled, Miss>> {
         let scratch = store.staging()?;
-        let blob = scratch.path().join("layer.tar.zst");
+        let blob = scratch.path().join("entry.tar.zst");
         let fetched = self.client.get_blob(&found.digest, found.size, &blob);
         if let Err(miss) = self.absorb(fetched)? {
             store.remove_staging(scratch)?;
@@ -259,48 +303,49 @@ impl Remote {
         }
         let staged = store.staging()?;
         let unpacked =
-            unpack(&blob, staged.path()).and_then(|()| check_unpacked(staged.path(), key));
+            unpack(&blob, staged.path()).and_then(|()| check_unpacked(kind, staged.path(), key));
         store.remove_staging(scratch)?;
         if let Err(e) = unpacked {
             store.remove_staging(staged)?;
             return Err(e);
         }
-        store.publish(staged, &store.layer_dir(key), false)?;
+        store.publish(staged, &kind.dir(store, key), false)?;
         Ok(Ok(Pulled {
             bytes: found.size,
             signed_by: found.signed_by.clone(),
         }))
     }
 
-    /// Push the store's layer `key`, signed, unless the registry has it.
+    /// Push the store's entry `key`, signed, unless the registry has it.
     /// Says whether it pushed. An unavailable registry is an error here.
-    pub fn push(&self, store: &Store, key: &Key, signing: &SigningKey) -> Result<bool> {
-        let entry: LayerEntry = store.layer_entry(key)?;
-        self.push_entry(store, key, &entry, signing)
-            .with_context(|| {
-                format!(
-                    "pushing layer {} ({}) to {}",
-                    entry.id,
-                    key.short(),
-                    self.reference()
-                )
-            })
+    pub fn push(
+        &self,
+        store: &Store,
+        kind: Kind,
+        key: &Key,
+        id: &str,
+        signing: &SigningKey,
+    ) -> Result<bool> {
+        self.push_entry(store, kind, key, id, signing)
+            .with_context(|| format!("pushing {id} ({}) to {}", key.short(), self.reference()))
     }
 
     fn push_entry(
         &self,
         store: &Store,
+        kind: Kind,
         key: &Key,
-        entry: &LayerEntry,
+        id: &str,
         signing: &SigningKey,
     ) -> Result<bool> {
-        let tag = tag(key);
+        let tag = tag(kind, key);
         if self.client.has_manifest(&tag)? {
             return Ok(false);
         }
+        let members = members(store, kind, key)?;
         let scratch = store.staging()?;
-        let blob = scratch.path().join("layer.tar.zst");
-        let pushed = pack(&store.layer_dir(key), &blob).and_then(|()| {
+        let blob = scratch.path().join("entry.tar.zst");
+        let pushed = pack(&kind.dir(store, key), &members, &blob).and_then(|()| {
             let digest = format!(
                 "sha256:{}",
                 crate::plan::key::file_digest(&blob)
@@ -312,7 +357,7 @@ impl Remote {
             // distribution refuses a manifest whose blobs it lacks, config included.
             self.client.put_blob_bytes(EMPTY_DIGEST, EMPTY)?;
             self.client.put_blob(&digest, &blob)?;
-            let manifest = layer_manifest(key, &entry.id, &digest, size, signing);
+            let manifest = entry_manifest(kind, key, id, &digest, size, signing);
             self.client.put_manifest(&tag, &manifest)
         });
         store.remove_staging(scratch)?;
@@ -320,20 +365,32 @@ impl Remote {
     }
 }
 
-/// The manifest of a layer artifact (see the module doc), signed.
-pub fn layer_manifest(
+/// The top-level names of a store entry that travel: a layer's
+/// `entry.json` and `tree/`, an image's `image.json` and disk (not its
+/// exports, which are made again from the disk; not the seal, which the
+/// importing store makes itself).
+fn members(store: &Store, kind: Kind, key: &Key) -> Result<Vec<String>> {
+    Ok(match kind {
+        Kind::Layer => vec!["entry.json".into(), "tree".into()],
+        Kind::Image => vec!["image.json".into(), store.image_entry(key)?.file],
+    })
+}
+
+/// The manifest of an entry's artifact (see the module doc), signed.
+pub fn entry_manifest(
+    kind: Kind,
     key: &Key,
     id: &str,
     digest: &str,
     size: u64,
     signing: &SigningKey,
 ) -> Vec<u8> {
-    let fingerprint = fingerprint(key, digest, size);
+    let fingerprint = fingerprint(kind, key, digest, size);
     let signature = crate::sign::b64(&signing.sign(fingerprint.as_bytes()));
     let manifest = json!({
         "schemaVersion": 2,
         "mediaType": MANIFEST_TYPE,
-        "artifactType": ARTIFACT_TYPE,
+        "artifactType": kind.artifact_type(),
         "config": {
             "mediaType": EMPTY_TYPE,
             "digest": EMPTY_DIGEST,
@@ -368,7 +425,7 @@ const TAR_METADATA: &[&str] = &[
 /// Write the layer at `entry_dir` (its `entry.json` and `tree/`) as a
 /// zstd-compressed POSIX tar: names sorted, no access or change times, so
 /// the same tree gives the same bytes.
-fn pack(entry_dir: &Path, dest: &Path) -> Result<()> {
+fn pack(entry_dir: &Path, members: &[String], dest: &Path) -> Result<()> {
     Cmd::new("tar")
         .args(["--create", "--format=posix", "--sort=name"])
         .arg("--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime")
@@ -378,7 +435,8 @@ fn pack(entry_dir: &Path, dest: &Path) -> Result<()> {
         .arg(dest)
         .arg("--directory")
         .arg(entry_dir)
-        .args(["entry.json", "tree"])
+        .arg("--")
+        .args(members)
         .run()
 }
 
@@ -395,29 +453,43 @@ fn unpack(blob: &Path, dest: &Path) -> Result<()> {
         .run()
 }
 
-/// A pulled layer must be a layer entry for `key`, and nothing else.
-fn check_unpacked(dir: &Path, key: &Key) -> Result<()> {
+/// A pulled entry must be an entry of its kind for `key`, and nothing else.
+fn check_unpacked(kind: Kind, dir: &Path, key: &Key) -> Result<()> {
+    let (record, found_key, payload) = match kind {
+        Kind::Layer => {
+            let entry: LayerEntry = crate::store::read_json(&dir.join("entry.json"))
+                .context("its entry.json is not a layer entry")?;
+            ("entry.json", entry.key, "tree".to_owned())
+        }
+        Kind::Image => {
+            let entry: crate::store::ImageEntry = crate::store::read_json(&dir.join("image.json"))
+                .context("its image.json is not an image entry")?;
+            let disk = dir.join(&entry.file);
+            if entry.file.contains('/') || !disk.is_file() {
+                anyhow::bail!("it has no disk {}", entry.file);
+            }
+            let sha256 = crate::plan::key::file_digest(&disk)
+                .with_context(|| format!("hashing {}", disk.display()))?;
+            if sha256 != entry.sha256 {
+                anyhow::bail!("its disk's sha256 is not the one its image.json records");
+            }
+            ("image.json", entry.key, entry.file)
+        }
+    };
+    if found_key != *key {
+        anyhow::bail!("its {record} is for key {}", found_key.short());
+    }
     for item in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let name = item
             .with_context(|| format!("reading {}", dir.display()))?
             .file_name();
-        if !matches!(
-            name.to_str(),
-            Some("entry.json" | "tree" | crate::store::CLAIM)
-        ) {
-            anyhow::bail!(
-                "the layer holds {} besides entry.json and tree/",
-                name.to_string_lossy()
-            );
+        let name = name.to_string_lossy();
+        if name != record && name != payload && name != crate::store::CLAIM {
+            anyhow::bail!("it holds {name} besides {record} and {payload}");
         }
     }
-    if !dir.join("tree").is_dir() {
-        anyhow::bail!("the layer has no tree/");
-    }
-    let entry: LayerEntry = crate::store::read_json(&dir.join("entry.json"))
-        .context("the layer's entry.json is not a layer entry")?;
-    if entry.key != *key {
-        anyhow::bail!("the layer's entry.json is for key {}", entry.key.short());
+    if kind == Kind::Layer && !dir.join("tree").is_dir() {
+        anyhow::bail!("it has no tree/");
     }
     Ok(())
 }
@@ -444,9 +516,9 @@ mod tests {
         let signer = SigningKey::generate("ci");
         let other = SigningKey::generate("other");
         let digest = format!("sha256:{}", "ab".repeat(32));
-        let manifest = layer_manifest(&key(1), "base", &digest, 42, &signer);
+        let manifest = entry_manifest(Kind::Layer, &key(1), "base", &digest, 42, &signer);
         let m: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
-        assert_eq!(m["artifactType"], ARTIFACT_TYPE);
+        assert_eq!(m["artifactType"], "application/vnd.kiln.layer.v1");
         assert_eq!(m["config"]["digest"], EMPTY_DIGEST);
         assert_eq!(m["config"]["size"], 2);
         assert_eq!(m["layers"][0]["mediaType"], LAYER_TYPE);
@@ -454,21 +526,27 @@ mod tests {
             m["annotations"]["dev.kiln.fingerprint"],
             format!("kiln-layer-v1;{};{digest};42", key(1).hex())
         );
-        assert!(tag(&key(1)).len() <= 128);
+        assert_eq!(tag(Kind::Layer, &key(1)).len(), 68);
 
         let trusting = remote(vec![signer.public()]);
-        let found = trusting.verify(&key(1), &manifest).unwrap();
+        let found = trusting.verify(Kind::Layer, &key(1), &manifest).unwrap();
         assert_eq!((found.size, found.signed_by.as_str()), (42, "ci"));
         // Another key's manifest served under this key's tag.
-        let err = trusting.verify(&key(2), &manifest).unwrap_err();
+        let err = trusting
+            .verify(Kind::Layer, &key(2), &manifest)
+            .unwrap_err();
         assert!(err.to_string().contains("does not verify"), "{err}");
         // A size or digest changed in the manifest.
         let grown = String::from_utf8(manifest.clone())
             .unwrap()
             .replace("\"size\":42", "\"size\":43");
-        assert!(trusting.verify(&key(1), grown.as_bytes()).is_err());
+        assert!(trusting
+            .verify(Kind::Layer, &key(1), grown.as_bytes())
+            .is_err());
+        // A layer never stands in for an image entry with the same key.
+        assert!(trusting.verify(Kind::Image, &key(1), &manifest).is_err());
         let err = remote(vec![other.public()])
-            .verify(&key(1), &manifest)
+            .verify(Kind::Layer, &key(1), &manifest)
             .unwrap_err();
         assert!(
             err.to_string().contains("key `ci`") && err.to_string().contains("other"),
