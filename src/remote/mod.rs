@@ -1,10 +1,11 @@
-//! The remote cache: layers shared through an OCI registry, which kiln
-//! treats as untrusted storage (as a Nix binary cache is).
+//! The remote cache: store entries (layers and assembled images) shared
+//! through an OCI registry, which kiln treats as untrusted storage (as a
+//! Nix binary cache is).
 //!
 //! ## Layout
 //!
 //! One repository (`--remote oci://HOST/REPO`, or `KILN_REMOTE`) holds one
-//! immutable tag per layer key. Never a shared mutable "cache" tag, so
+//! immutable tag per key. Never a shared mutable "cache" tag, so
 //! concurrent CI runs cannot race on one, and a hit is one request:
 //!
 //! ```text
@@ -22,7 +23,17 @@
 //!     ├── dev.kiln.fingerprint     kiln-layer-v1;<key>;<blob digest>;<size>
 //!     ├── dev.kiln.signature       base64 Ed25519 signature over the fingerprint
 //!     └── dev.kiln.keyid           the signing key's name (a hint, see sign)
+//!
+//! REPO:ki1-<64 hex image key>      the same for an image entry:
+//!                                  application/vnd.kiln.image-entry.v1, its blob
+//!                                  image.json and the disk; fingerprint
+//!                                  kiln-image-v1;<key>;<blob digest>;<size>
 //! ```
+//!
+//! The kinds differ in tag, artifact type and fingerprint, so a signed
+//! layer can never be served as an image entry or the other way round.
+//! An image's exports (`formats`) do not travel: they are made again from
+//! the pulled disk.
 //!
 //! The signature sits in the manifest rather than in a referrer or a
 //! sibling tag: a key becomes visible with one manifest PUT, the last
@@ -31,12 +42,13 @@
 //!
 //! ## Trust
 //!
-//! A pulled layer is used only when the fingerprint of the blob that was
+//! A pulled entry is used only when the fingerprint of the blob that was
 //! actually downloaded (its sha256 and size, checked while streaming) and
 //! of the key kiln asked for verifies against one of the `--trusted-key`s.
 //! Without a trusted key the registry is not read at all. The blob is
-//! unpacked into a staging dir, its `entry.json` must name the same key,
-//! and it is then published exactly as a local build publishes (sealed,
+//! unpacked into a staging dir, its `entry.json` (`image.json`, whose disk
+//! must also have the recorded sha256) must name the same key, and it is
+//! then published exactly as a local build publishes (sealed,
 //! synced, one rename; see `store`), so a killed pull leaves no entry.
 //!
 //! ## Faults
