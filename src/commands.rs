@@ -266,7 +266,7 @@ fn open_remote(
         .collect::<Result<Vec<_>>>()?;
     if trusted.is_empty() {
         eprintln!(
-            "note: the remote cache {reference} is not read: no --trusted-key (or KILN_TRUSTED_KEY) to check its layers with{}",
+            "note: the remote cache {reference} is not read: no --trusted-key (or KILN_TRUSTED_KEY) to check what it serves{}",
             if push { "; it is only pushed to" } else { "" }
         );
     }
