@@ -226,6 +226,16 @@ pub struct SmokeArgs {
     /// system changed
     #[arg(long, value_name = "FILE")]
     pub keep_overlay: Option<PathBuf>,
+    /// Log in over SSH as root with a throwaway key passed as the
+    /// ssh.authorized_keys.root credential, and run the recipe's ssh_checks
+    /// (as `ssh = true` in its [smoke] does)
+    #[arg(long)]
+    pub ssh: bool,
+    /// With --ssh: pass this public key as root's credential instead of the
+    /// throwaway key's; kiln still logs in with its own key, so the login
+    /// must be refused (a negative test of the image)
+    #[arg(long, value_name = "FILE.pub")]
+    pub ssh_authorized_key: Option<PathBuf>,
     /// Upgrade test: boot OLD with fresh volumes, run the recipe's [smoke] seed,
     /// shut it down, then boot IMAGE with the same volumes and run the checks
     #[arg(long, value_name = "OLD")]

@@ -173,6 +173,30 @@ pub const SMOKE_TOOLS: &[Tool] = &[
     tool("qemu-img", "qemu-utils"),
 ];
 
+/// A smoke that logs in over SSH: the OpenSSH client and its key maker.
+pub const SSH_SMOKE_TOOLS: &[Tool] = &[
+    tool("ssh", "openssh-client"),
+    tool("ssh-keygen", "openssh-client"),
+];
+
+/// A smoke that seeds cloud-init: the seed volume is a FAT image.
+pub const CLOUD_SMOKE_TOOLS: &[Tool] = &[
+    tool("mkfs.fat", "dosfstools"),
+    tool("mcopy", "mtools"),
+];
+
+/// The tools a smoke of `spec` runs.
+pub fn smoke_tools(spec: &crate::recipe::SmokeSpec) -> Vec<&'static [Tool]> {
+    let mut tools = vec![SMOKE_TOOLS];
+    if spec.ssh || spec.cloud_init {
+        tools.push(SSH_SMOKE_TOOLS);
+    }
+    if spec.cloud_init {
+        tools.push(CLOUD_SMOKE_TOOLS);
+    }
+    tools
+}
+
 /// Fail, before any work, naming every program of `tools` that is not
 /// installed and the Debian packages to install. Exit code 1: the host
 /// lacks something, the recipe and arguments are fine.
@@ -409,11 +433,17 @@ pub struct Cmd {
     timeout: Duration,
     stdin: Option<Vec<u8>>,
     clear_env: bool,
+    /// A non-zero exit is the caller's to judge, not an error.
+    any_status: bool,
 }
 
 /// What a finished program printed.
 pub struct Output {
     pub stdout: Vec<u8>,
+    /// Its exit status (always success unless [`Cmd::any_status`]).
+    pub status: std::process::ExitStatus,
+    /// The last lines of its stderr (and of its stdout when not captured).
+    pub tail: Vec<String>,
 }
 
 impl Output {
@@ -432,7 +462,15 @@ impl Cmd {
             timeout: DEFAULT_TIMEOUT,
             stdin: None,
             clear_env: false,
+            any_status: false,
         }
+    }
+
+    /// Return a non-zero exit in [`Output::status`] instead of failing:
+    /// for a program whose exit code is a result (a remote command's).
+    pub fn any_status(mut self) -> Cmd {
+        self.any_status = true;
+        self
     }
 
     pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Cmd {
@@ -645,9 +683,13 @@ impl Cmd {
             "  ({status}, {:.1}s)",
             started.elapsed().as_secs_f64()
         ));
-        if !status.success() {
-            let tail = tail.lock().unwrap_or_else(|e| e.into_inner());
-            let tail: Vec<&str> = tail.iter().map(String::as_str).collect();
+        let tail: Vec<String> = tail
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        if !status.success() && !self.any_status {
             let what = match status.code() {
                 Some(code) => format!("exited with status {code}"),
                 None => format!("was killed ({status})"),
@@ -659,7 +701,11 @@ impl Cmd {
             return keep_first_error(Err(failed), stdin_result);
         }
         stdin_result?;
-        Ok(Output { stdout })
+        Ok(Output {
+            stdout,
+            status,
+            tail,
+        })
     }
 }
 
