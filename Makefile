@@ -28,6 +28,8 @@ DEPS := \
 	sbsigntool:/usr/bin/sbsign \
 	openssl:/usr/bin/openssl \
 	skopeo:/usr/bin/skopeo \
+	openssh-client:/usr/bin/ssh \
+	openssh-client:/usr/bin/ssh-keygen \
 	python3-venv:/usr/lib/python3.11/ensurepip/__init__.py \
 	python3-pip:/usr/lib/python3/dist-packages/pip/__init__.py
 
@@ -90,7 +92,7 @@ TEST := $(CARGO) test --release --locked
 # cases). Both lanes may use the warm store at once: kiln's per-entry locks
 # and its lock on the store's apt caches make concurrent runs wait rather
 # than collide. The lanes are balanced by measured time (README, Testing).
-TESTS_SHARED  := build lock bad_input drift smoke firmware formats sign
+TESTS_SHARED  := build lock bad_input drift smoke firmware formats sign access
 TESTS_PRIVATE := record reliability secure_boot volumes
 TESTS_ALL     := cli $(TESTS_SHARED) $(TESTS_PRIVATE)
 
