@@ -180,10 +180,7 @@ pub const SSH_SMOKE_TOOLS: &[Tool] = &[
 ];
 
 /// A smoke that seeds cloud-init: the seed volume is a FAT image.
-pub const CLOUD_SMOKE_TOOLS: &[Tool] = &[
-    tool("mkfs.fat", "dosfstools"),
-    tool("mcopy", "mtools"),
-];
+pub const CLOUD_SMOKE_TOOLS: &[Tool] = &[tool("mkfs.fat", "dosfstools"), tool("mcopy", "mtools")];
 
 /// The tools a smoke of `spec` runs.
 pub fn smoke_tools(spec: &crate::recipe::SmokeSpec) -> Vec<&'static [Tool]> {
@@ -398,6 +395,15 @@ pub fn isolate_processes() -> Result<()> {
 #[derive(Debug, thiserror::Error)]
 #[error("interrupted")]
 pub struct Interrupted;
+
+/// A program [`Cmd`] killed at its timeout (callers that judge a
+/// program's result, like an SSH check, tell it from other failures).
+#[derive(Debug, thiserror::Error)]
+#[error("`{line}` did not finish within {secs}s and was killed")]
+pub struct TimedOut {
+    pub line: String,
+    pub secs: u64,
+}
 
 pub fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
@@ -650,10 +656,11 @@ impl Cmd {
                 // Reap it so no zombie is left; the group was sent SIGKILL.
                 child.wait().context("reaping a killed child process")?;
                 if timed_out && !interrupted() {
-                    bail!(
-                        "`{line}` did not finish within {}s and was killed",
-                        self.timeout.as_secs()
-                    );
+                    return Err(TimedOut {
+                        line: line.to_owned(),
+                        secs: self.timeout.as_secs(),
+                    }
+                    .into());
                 }
                 return Err(Interrupted.into());
             }

@@ -160,7 +160,10 @@ fn ssh_login_with_a_credential_key_and_fresh_host_keys_at_every_boot() {
     );
     // The guest printed its fingerprints on the console too.
     let log = std::fs::read_to_string(first["log"].as_str().unwrap()).unwrap();
-    assert!(log.contains("SSH host key: 256 SHA256:"), "no fingerprints in the console log");
+    assert!(
+        log.contains("SSH host key: 256 SHA256:"),
+        "no fingerprints in the console log"
+    );
 
     // Boot 2, same disk: root is given another key, so kiln's is refused:
     // its own failure kind, exit 3. The guest made new host keys.
@@ -173,10 +176,7 @@ fn ssh_login_with_a_credential_key_and_fresh_host_keys_at_every_boot() {
         .unwrap();
     assert!(made.status.success(), "{}", common::describe(&made));
     let pubkey = key.with_extension("pub");
-    let (run, second) = smoke(
-        &img,
-        &["--ssh-authorized-key", pubkey.to_str().unwrap()],
-    );
+    let (run, second) = smoke(&img, &["--ssh-authorized-key", pubkey.to_str().unwrap()]);
     run.assert_code(3);
     assert_eq!(second["failure"]["kind"], "ssh_login_refused", "{second:#}");
     assert_eq!(second["failure"]["user"], "root");
@@ -204,7 +204,10 @@ fn cloud_init_takes_host_name_and_user_from_kilns_seed() {
         .into_iter()
         .filter(|p| p.starts_with("/var/lib/cloud/instance") || p.starts_with("/home/kiln"))
         .collect();
-    assert!(instance.is_empty(), "instance data in the image: {instance:?}");
+    assert!(
+        instance.is_empty(),
+        "instance data in the image: {instance:?}"
+    );
     assert_no_host_keys(&img);
 
     let (run, report) = smoke(&img, &[]);
@@ -219,7 +222,10 @@ fn cloud_init_takes_host_name_and_user_from_kilns_seed() {
     );
     // Root's login (ssh.toml's) works in the same boot.
     assert!(!checks_of(&report, "ssh").is_empty(), "{report:#}");
-    assert_eq!(report["checks_passed"], report["checks_total"], "{report:#}");
+    assert_eq!(
+        report["checks_passed"], report["checks_total"],
+        "{report:#}"
+    );
 }
 
 #[test]

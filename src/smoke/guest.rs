@@ -232,14 +232,28 @@ mod tests {
         assert!(s.find("host-key").unwrap() < s.find("say done").unwrap());
         // The real loop, over a fake /etc/ssh.
         let d = tempfile::tempdir().unwrap();
-        std::fs::write(d.path().join("ssh_host_ed25519_key.pub"), "ssh-ed25519 AAAA root@x\n").unwrap();
+        std::fs::write(
+            d.path().join("ssh_host_ed25519_key.pub"),
+            "ssh-ed25519 AAAA root@x\n",
+        )
+        .unwrap();
         let lp = s.find("for k in").unwrap();
-        let line = s[lp..].lines().next().unwrap().replace("/etc/ssh", &d.path().display().to_string());
+        let line = s[lp..]
+            .lines()
+            .next()
+            .unwrap()
+            .replace("/etc/ssh", &d.path().display().to_string());
         let out = std::process::Command::new("sh")
-            .args(["-c", &format!("M=m; say() {{ printf '%s %s\\n' \"$M\" \"$*\"; }}\n{line}")])
+            .args([
+                "-c",
+                &format!("M=m; say() {{ printf '%s %s\\n' \"$M\" \"$*\"; }}\n{line}"),
+            ])
             .output()
             .unwrap();
-        assert_eq!(String::from_utf8_lossy(&out.stdout), "m host-key ssh-ed25519 AAAA root@x\n");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "m host-key ssh-ed25519 AAAA root@x\n"
+        );
     }
 
     #[test]

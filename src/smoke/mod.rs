@@ -1120,7 +1120,13 @@ impl Watch<'_> {
         let mut logins: Vec<(CheckKind, usize, &str, String, String)> = Vec::new();
         if access.root_credential.is_some() {
             for (i, command) in access.root_checks.iter().enumerate() {
-                logins.push((CheckKind::Ssh, i + 1, "root", command.clone(), command.clone()));
+                logins.push((
+                    CheckKind::Ssh,
+                    i + 1,
+                    "root",
+                    command.clone(),
+                    command.clone(),
+                ));
             }
         }
         if let Some((seed, _)) = &access.cloud {
@@ -1137,9 +1143,11 @@ impl Watch<'_> {
         }
         for (kind, index, user, command, check) in logins {
             let outcome = ssh::run(&access.login(user, &access.key), &command)?;
-            self.log.note(&format!("ssh {user}@127.0.0.1 `{check}`: {outcome:?}"))?;
+            self.log
+                .note(&format!("ssh {user}@127.0.0.1 `{check}`: {outcome:?}"))?;
             let (exit_code, output) = match outcome {
-                ssh::Outcome::Ran { exit_code, output } => (exit_code, output),
+                ssh::Outcome::Ran { exit_code, output } => (Some(exit_code), output),
+                ssh::Outcome::TimedOut(why) => (None, vec![why]),
                 ssh::Outcome::Refused(detail) => {
                     return Ok(Some(SmokeFailure::SshLoginRefused {
                         user: user.to_owned(),
@@ -1157,8 +1165,8 @@ impl Watch<'_> {
                 kind,
                 index,
                 check,
-                passed: exit_code == 0,
-                exit_code: Some(exit_code),
+                passed: exit_code == Some(0),
+                exit_code,
                 output,
             });
             if kind == CheckKind::Ssh && index == access.root_checks.len() {
@@ -1180,7 +1188,7 @@ impl Watch<'_> {
                 false,
                 vec!["logged in: the image accepts a key it was not given (a key baked into the image?)".to_owned()],
             ),
-            ssh::Outcome::Failed(why) => (false, vec![why]),
+            ssh::Outcome::Failed(why) | ssh::Outcome::TimedOut(why) => (false, vec![why]),
         };
         self.results.push(CheckResult {
             kind: CheckKind::SshOtherKey,
@@ -1480,13 +1488,20 @@ mod tests {
             result(CheckKind::SshOtherKey, 1, true, None).to_string(),
             "passed ssh-other-key: root's login with a key the guest was not given is refused"
         );
-        assert_eq!(result(CheckKind::CloudInit, 1, true, Some(0)).name(), "cloud-init");
+        assert_eq!(
+            result(CheckKind::CloudInit, 1, true, Some(0)).name(),
+            "cloud-init"
+        );
         let refused = SmokeFailure::SshLoginRefused {
             user: "root".into(),
             detail: "root@127.0.0.1: Permission denied (publickey).".into(),
         };
         let text = refused.to_string();
-        for words in ["refused the SSH login as root", "ssh.authorized_keys.root", "Permission denied"] {
+        for words in [
+            "refused the SSH login as root",
+            "ssh.authorized_keys.root",
+            "Permission denied",
+        ] {
             assert!(text.contains(words), "{words:?} not in {text}");
         }
         let json = serde_json::to_value(&refused).unwrap();

@@ -40,7 +40,7 @@ const KEYGEN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound on the TCP connect and SSH handshake (slow under emulation).
 const CONNECT_TIMEOUT_SECS: u64 = 30;
 /// Bound on one check, login included.
-const CHECK_TIMEOUT: Duration = Duration::from_secs(180);
+const CHECK_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long kiln keeps retrying while nothing answers on the port (the
 /// forward is up before sshd is).
 const RETRY_WINDOW: Duration = Duration::from_secs(30);
@@ -142,6 +142,8 @@ pub enum Outcome {
     Refused(String),
     /// No login: the connection or the host key check failed.
     Failed(String),
+    /// The login or the command did not finish in time (and was killed).
+    TimedOut(String),
 }
 
 /// What ssh's own stderr says, when it exited 255.
@@ -214,11 +216,23 @@ pub fn run(login: &Login, command: &str) -> Result<Outcome> {
     let started = Instant::now();
     loop {
         cmd::check_interrupt()?;
-        let out = Cmd::new("ssh")
+        let out = match Cmd::new("ssh")
             .args(args(login, command))
             .timeout(CHECK_TIMEOUT)
             .any_status()
-            .output()?;
+            .output()
+        {
+            Ok(out) => out,
+            Err(e) => {
+                return match e.downcast::<cmd::TimedOut>() {
+                    Ok(t) => Ok(Outcome::TimedOut(format!(
+                        "ssh did not finish within {}s and was killed",
+                        t.secs
+                    ))),
+                    Err(e) => Err(e),
+                }
+            }
+        };
         match judge(out.status.code(), &out.stdout_str(), &out.tail) {
             Ok(outcome) => return Ok(outcome),
             Err(SshError::Refused(why)) => return Ok(Outcome::Refused(why)),
@@ -304,7 +318,9 @@ mod tests {
             Ok(Outcome::Ran { exit_code: 255, .. })
         ));
         let refused = lines("root@127.0.0.1: Permission denied (publickey).");
-        assert!(matches!(judge(Some(255), "", &refused), Err(SshError::Refused(l)) if l.contains("publickey")));
+        assert!(
+            matches!(judge(Some(255), "", &refused), Err(SshError::Refused(l)) if l.contains("publickey"))
+        );
         for host_key in [
             "Host key verification failed.",
             "No ED25519 host key is known for [127.0.0.1]:2222 and you have requested strict checking.",
@@ -345,7 +361,10 @@ mod tests {
         assert!(pair.public.starts_with("ssh-ed25519 "), "{}", pair.public);
         assert!(pair.public.ends_with(" kiln-smoke"));
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(&pair.private).unwrap().permissions().mode();
+        let mode = std::fs::metadata(&pair.private)
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 }
