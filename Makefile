@@ -103,6 +103,7 @@ check: build
 	$(TEST) --test cli -- --test-threads=1
 	$(TEST) --test bad_input -- --test-threads=1 quick_
 	$(TEST) --test sign -- --test-threads=1 quick_
+	$(TEST) --test access -- --test-threads=1 quick_
 
 # Everything, for CI.
 test: build test-files
