@@ -273,7 +273,8 @@ pub struct VerifyArgs {
     /// The manifest (default: beside the image; required with --root)
     #[arg(long, value_name = "FILE")]
     pub manifest: Option<PathBuf>,
-    /// With --root: another path whose changes are expected (repeatable)
+    /// With --root: another path whose changes are expected, or a prefix
+    /// ending in `*` (repeatable)
     #[arg(long, value_name = "PATH")]
     pub ignore: Vec<String>,
     /// With IMAGE: leave the root filesystem, with its owners and modes, in

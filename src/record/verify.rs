@@ -42,12 +42,7 @@ pub const DEFAULT_IGNORES: &[&str] = &[
     "/etc/resolv.conf",
     "/etc/adjtime",
     "/etc/.pwd.lock",
-    "/etc/ssh/ssh_host_ecdsa_key",
-    "/etc/ssh/ssh_host_ecdsa_key.pub",
-    "/etc/ssh/ssh_host_ed25519_key",
-    "/etc/ssh/ssh_host_ed25519_key.pub",
-    "/etc/ssh/ssh_host_rsa_key",
-    "/etc/ssh/ssh_host_rsa_key.pub",
+    "/etc/ssh/ssh_host_*",
 ];
 
 #[derive(Debug, Clone, Serialize)]
