@@ -281,7 +281,10 @@ mod tests {
         assert!(under("/var", "/var"));
         assert!(under("/var/lib/x", "/var/"));
         assert!(!under("/variable", "/var"));
-        assert!(under("/etc/ssh/ssh_host_rsa_key.pub", "/etc/ssh/ssh_host_*"));
+        assert!(under(
+            "/etc/ssh/ssh_host_rsa_key.pub",
+            "/etc/ssh/ssh_host_*"
+        ));
         assert!(!under("/etc/ssh/sshd_config", "/etc/ssh/ssh_host_*"));
         assert!(under("/anything", "/"));
     }

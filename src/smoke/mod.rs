@@ -22,6 +22,14 @@
 //! networking's host forwards, as soon as it reads `done`. kiln does not
 //! wait for the guest's power-off: once it has a verdict it kills QEMU.
 //!
+//! With an SSH login (`[smoke] ssh`, `cloud_init`), kiln also hands the
+//! guest a throwaway public key (as the `ssh.authorized_keys.root`
+//! credential, or in a cloud-init NoCloud seed volume), forwards a port to
+//! its 22, and the script reports the guest's SSH host public keys before
+//! `done`; kiln then logs in with OpenSSH, checking the host key against
+//! them, and runs the SSH checks like the HTTP ones (see [`ssh`] and
+//! [`cloud`]). A refused login is its own failure, not a failed check.
+//!
 //! While waiting, kiln also reads the console for the ways a boot dies
 //! early (kernel panic, emergency mode, an initramfs that cannot find the
 //! root file system, the firmware's shell when there is nothing to boot)
