@@ -1219,6 +1219,11 @@ impl Watch<'_> {
             }));
         }
         self.http_checks()?;
+        // Without kiln's unit no host key was reported: an SSH login
+        // cannot be checked, and fails saying so.
+        if let Some(failure) = self.ssh_checks()? {
+            return Ok(Err(failure));
+        }
         self.guest.state = Some("login prompt".to_owned());
         let v = version.map_or("an unknown systemd".to_owned(), |v| format!("systemd {v}"));
         Ok(self.verdict(Some(format!(
