@@ -58,7 +58,7 @@ use crate::cmd::{Cmd, Tool};
 use crate::layers::{Row, Status};
 use crate::plan::key::{file_digest, ExportInputs};
 use crate::plan::Key;
-use crate::recipe::{ExportFormat, ImageSpec};
+use crate::recipe::ExportFormat;
 use crate::store::{self, ImageEntry, Store};
 use crate::ui::Ui;
 
@@ -163,28 +163,30 @@ pub fn suffix(format: ExportFormat) -> &'static str {
     }
 }
 
-/// Make (or find in the store) every format of `spec.formats` from the
-/// image `entry`, and publish each to `out_dir`. One summary row per
-/// format; `refresh` converts whatever the store holds.
+/// Make (or find in the store) each of `formats` of the image `entry`,
+/// named `name`, and publish each to `out_dir`. One summary row per
+/// format; `refresh` converts whatever the store holds. The caller holds
+/// the image's key lock.
 pub fn export_all(
     store: &Store,
     entry: &ImageEntry,
-    spec: &ImageSpec,
+    name: &str,
+    formats: &[ExportFormat],
     out_dir: &Path,
     refresh: bool,
     ui: &Ui,
 ) -> Result<(Vec<Output>, Vec<Row>)> {
     let mut outputs = Vec::new();
     let mut rows = Vec::new();
-    for &format in &spec.formats {
+    for &format in formats {
         crate::cmd::check_interrupt()?;
-        let target = Target::new(format, entry.key, &spec.name);
+        let target = Target::new(format, entry.key, name);
         let stage_name = format!("export/{format}");
         let (cached, row) = match cached(store, entry, &target, refresh)? {
             Some(cached) => (cached, Row::new(&stage_name, &target.key, Status::Cached)),
             None => {
                 let stage = ui.stage(&stage_name, "converting");
-                match convert_into_store(store, entry, &target, spec, refresh) {
+                match convert_into_store(store, entry, &target, name, refresh) {
                     Ok(made) => {
                         let seconds = stage.done("built");
                         let row = Row::new(&stage_name, &target.key, Status::Built).took(seconds);
@@ -244,7 +246,7 @@ fn convert_into_store(
     store: &Store,
     entry: &ImageEntry,
     target: &Target,
-    spec: &ImageSpec,
+    name: &str,
     refresh: bool,
 ) -> Result<ExportEntry> {
     let started = Instant::now();
@@ -280,7 +282,7 @@ fn convert_into_store(
                 convert(&disk, ExportFormat::Qcow2, &q).run()?;
                 q
             };
-            oci::write_archive(&qcow2, &spec.name, epoch, &scratch, &out)?;
+            oci::write_archive(&qcow2, name, epoch, &scratch, &out)?;
         }
     }
     store::remove_tree(&scratch).with_context(|| format!("removing {}", scratch.display()))?;
@@ -296,7 +298,12 @@ fn convert_into_store(
     store::write_json_atomic(&staging.path().join(ENTRY), &made)?;
     let exports = store.image_dir(&entry.key).join(EXPORTS);
     std::fs::create_dir_all(&exports).with_context(|| format!("creating {}", exports.display()))?;
-    store.publish(staging, &export_dir(store, entry, &target.key), refresh)?;
+    store.publish_with(
+        staging,
+        &export_dir(store, entry, &target.key),
+        refresh,
+        &[(Path::new(&made.file), &made.sha256)],
+    )?;
     Ok(made)
 }
 

@@ -228,7 +228,8 @@ pub fn build(
     let (outputs, rows) = crate::export::export_all(
         store,
         &entry,
-        &recipe.image,
+        &recipe.image.name,
+        &recipe.image.formats,
         &opts.out_dir,
         opts.refresh,
         ui,
@@ -717,7 +718,12 @@ fn build_image(
         built_by: Some(crate::record::builder()),
     };
     store::write_json_atomic(&staging.path().join("image.json"), &entry)?;
-    store.publish(staging, &store.image_dir(&plan.image.key), replace)?;
+    store.publish_with(
+        staging,
+        &store.image_dir(&plan.image.key),
+        replace,
+        &[(Path::new(&entry.file), &entry.sha256)],
+    )?;
     Ok(entry)
 }
 

@@ -324,7 +324,19 @@ impl Store {
     /// content) and ours is dropped, unless `replace` (`--refresh`) moves the
     /// old one aside first.
     pub fn publish(&self, staged: tempfile::TempDir, dest: &Path, replace: bool) -> Result<()> {
-        integrity::seal(staged.path())
+        self.publish_with(staged, dest, replace, &[])
+    }
+
+    /// [`Store::publish`], with the sha256 of files in the staging dir that
+    /// the caller has just computed (see [`integrity::seal_with`]).
+    pub fn publish_with(
+        &self,
+        staged: tempfile::TempDir,
+        dest: &Path,
+        replace: bool,
+        known: &[(&Path, &str)],
+    ) -> Result<()> {
+        integrity::seal_with(staged.path(), known)
             .with_context(|| format!("sealing {}", staged.path().display()))?;
         sync_filesystem(staged.path())?;
         if replace && dest.exists() {
