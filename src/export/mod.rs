@@ -219,6 +219,84 @@ pub fn export_all(
     Ok((outputs, rows))
 }
 
+/// What `kiln export` made: the files beside the image, and a row each.
+#[derive(Debug, Serialize)]
+pub struct ExportReport {
+    pub image: PathBuf,
+    pub image_key: String,
+    pub outputs: Vec<Output>,
+    pub rows: Vec<Row>,
+}
+
+impl ExportReport {
+    pub fn text(&self) -> String {
+        let rows: Vec<Vec<String>> = self
+            .outputs
+            .iter()
+            .zip(&self.rows)
+            .map(|(o, r)| {
+                vec![
+                    o.format.clone(),
+                    o.file.clone(),
+                    r.status.to_string(),
+                    format!("{:.1}", r.seconds),
+                    o.sha256[..12].to_owned(),
+                ]
+            })
+            .collect();
+        crate::ui::table(&["FORMAT", "FILE", "RESULT", "SECONDS", "SHA256"], &rows)
+            + "not in the image's manifest or signed provenance: list formats in the recipe's [image] formats for that\n"
+    }
+}
+
+/// `kiln export IMAGE --format F`: the image's store entry (named by the
+/// manifest beside IMAGE) converted to each format, written beside IMAGE.
+/// The records are left as the build wrote them: a signed manifest cannot
+/// grow a file after the fact.
+pub fn export_image(
+    store: &Store,
+    image: &Path,
+    formats: &[ExportFormat],
+    ui: &Ui,
+) -> Result<ExportReport> {
+    let manifest_path = crate::record::manifest::path_for(image);
+    let m = crate::record::manifest::read(&manifest_path)?;
+    let key = m.image.key;
+    let _lock = store.lock_key(&key, "the image", || {
+        eprintln!(
+            "another kiln is using image {}; waiting for it",
+            key.short()
+        )
+    })?;
+    let rebuild = format!(
+        "rebuild it with `kiln build {}` and export again",
+        m.recipe.first().map_or("RECIPE", |r| r.path.as_str())
+    );
+    if !store.has_image(&key) {
+        bail!(
+            "image {} ({}) is not in the store {} (removed by `kiln cache gc`?): {rebuild}",
+            key.short(),
+            image.display(),
+            store.root().display()
+        );
+    }
+    if !store.check_before_use(&store.image_dir(&key), |m| eprintln!("{m}"))? {
+        bail!(
+            "image {} was damaged in the store and has been moved aside: {rebuild}",
+            key.short()
+        );
+    }
+    let entry = store.image_entry(&key)?;
+    let dir = image.parent().unwrap_or(Path::new("."));
+    let (outputs, rows) = export_all(store, &entry, &m.name, formats, dir, false, ui)?;
+    Ok(ExportReport {
+        image: image.to_path_buf(),
+        image_key: key.hex(),
+        outputs,
+        rows,
+    })
+}
+
 fn export_dir(store: &Store, entry: &ImageEntry, key: &Key) -> PathBuf {
     store.image_dir(&entry.key).join(EXPORTS).join(key.hex())
 }
