@@ -217,9 +217,8 @@ pub fn build(
     if opts.layers_only {
         return Ok((plan, summary(run, PathBuf::new(), None, None)));
     }
-    run.layers(&plan)?;
-    check_interrupt()?;
-    // Held through the export, so two runs of one recipe never write out/ at once.
+    // Held through the layers (an image in the store needs none of them)
+    // and the export, so two runs of one recipe never write out/ at once.
     let (_image_lock, waited) = lock_key(store, &plan.image.key, "the image")?;
     let (entry, built) = run
         .image(&plan, waited)
@@ -379,9 +378,19 @@ impl Run<'_> {
         let key = plan.image.key;
         let fresh = image_freshness(plan, store, self.opts.refresh, &self.state);
         let Some(reason) = usable(store, &key, &store.image_dir(&key), fresh)? else {
+            // Its layers are not needed, so not checked: a no-op build
+            // reads the image's entry, not every file of every layer.
+            for step in &plan.steps[self.rows.len()..] {
+                self.rows.push(
+                    Row::new(step.id(), &step.key, Status::Cached)
+                        .because("not checked: its image is in the store"),
+                );
+            }
             self.rows.push(Row::cached("image", &key, waited));
             return Ok((store.image_entry(&key)?, false));
         };
+        self.layers(plan)?;
+        check_interrupt()?;
         let stage = self.ui.stage("image", &format!("assembling ({reason})"));
         let signer = self.opts.secure_boot.as_ref();
         match build_image(plan, store, &self.lowers, self.opts.refresh, signer) {
