@@ -159,6 +159,15 @@ pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
     } else {
         smoke_stage(global, args, &recipe, &store, &ui, &mut summary)
     };
+    crate::cmd::log_line(&format!(
+        "time in tools: {}",
+        summary
+            .tools
+            .iter()
+            .map(|t| format!("{} {:.1}s ({}x)", t.tool, t.seconds, t.runs))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
     let report = global.out.join(format!("{}.build.json", recipe.image.name));
     crate::store::write_json_atomic(&report, &summary)?;
     if global.json {

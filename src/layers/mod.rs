@@ -132,6 +132,11 @@ pub struct Summary {
     pub build_log: Option<PathBuf>,
     /// The smoke boot, when it ran or was cached.
     pub smoke: Option<crate::smoke::SmokeReport>,
+    /// Where the time went: seconds in each tool kiln ran (mmdebstrap,
+    /// `apt-get install` in a chroot, mke2fs, …) and in its integrity
+    /// checks, the longest first.
+    #[serde(default)]
+    pub tools: Vec<crate::cmd::ToolTime>,
 }
 
 impl Summary {
@@ -213,6 +218,7 @@ pub fn build(
         seconds: started.elapsed().as_secs_f64(),
         build_log,
         smoke: None,
+        tools: crate::cmd::tool_times(),
     };
     if opts.layers_only {
         return Ok((plan, summary(run, PathBuf::new(), None, None)));

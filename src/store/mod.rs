@@ -336,8 +336,10 @@ impl Store {
         replace: bool,
         known: &[(&Path, &str)],
     ) -> Result<()> {
-        integrity::seal_with(staged.path(), known)
-            .with_context(|| format!("sealing {}", staged.path().display()))?;
+        crate::cmd::timed("seal (integrity)", || {
+            integrity::seal_with(staged.path(), known)
+        })
+        .with_context(|| format!("sealing {}", staged.path().display()))?;
         sync_filesystem(staged.path())?;
         if replace && dest.exists() {
             let aside = self.staging()?.keep();
@@ -431,7 +433,9 @@ impl Store {
     /// rebuilds it; so is one without a valid seal (the store was migrated
     /// when opened). The caller holds the entry's key lock.
     pub fn check_before_use(&self, dir: &Path, report: impl FnOnce(&str)) -> Result<bool> {
-        match integrity::check(dir, integrity::Depth::Meta)? {
+        match crate::cmd::timed("check before use (integrity)", || {
+            integrity::check(dir, integrity::Depth::Meta)
+        })? {
             integrity::Verdict::Intact => Ok(true),
             integrity::Verdict::Corrupt(why) => {
                 let aside = self.quarantine(dir)?;
