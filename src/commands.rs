@@ -1037,6 +1037,41 @@ pub fn key(global: &Global, command: &KeyCommand) -> Result<()> {
     }
 }
 
+/// `kiln export IMAGE --format F…`.
+pub fn export(global: &Global, args: &ExportArgs) -> Result<()> {
+    let formats = args
+        .formats
+        .iter()
+        .map(|f| {
+            crate::recipe::ExportFormat::parse(f).ok_or_else(|| {
+                BadInput::arg(
+                    format!("--format {f}: kiln does not write that format"),
+                    format!(
+                        "use one of {}",
+                        crate::recipe::ExportFormat::ALL
+                            .map(|f| f.name())
+                            .join(", ")
+                    ),
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    // Read before asking for root: a wrong path is bad input for anyone.
+    record::manifest::read(&record::manifest::path_for(&args.image))?;
+    require_root("export")?;
+    crate::cmd::require_tools(&[crate::export::tools(&formats)])?;
+    crate::cmd::isolate_processes()?;
+    let store = Store::open(&store_root(global))?;
+    crate::cmd::set_tool_tmp(&store.root().join("tmp"));
+    let _build = store.lock_for_build(|| eprintln!("waiting for `kiln cache gc` to finish"))?;
+    let report = crate::export::export_image(&store, &args.image, &formats, &Ui::new(global.json))?;
+    if global.json {
+        return print_json(&report);
+    }
+    print!("{}", report.text());
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1075,39 +1110,4 @@ mod tests {
             crate::error::exit::SMOKE_FAILED
         );
     }
-}
-
-/// `kiln export IMAGE --format F…`.
-pub fn export(global: &Global, args: &ExportArgs) -> Result<()> {
-    let formats = args
-        .formats
-        .iter()
-        .map(|f| {
-            crate::recipe::ExportFormat::parse(f).ok_or_else(|| {
-                BadInput::arg(
-                    format!("--format {f}: kiln does not write that format"),
-                    format!(
-                        "use one of {}",
-                        crate::recipe::ExportFormat::ALL
-                            .map(|f| f.name())
-                            .join(", ")
-                    ),
-                )
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    // Read before asking for root: a wrong path is bad input for anyone.
-    record::manifest::read(&record::manifest::path_for(&args.image))?;
-    require_root("export")?;
-    crate::cmd::require_tools(&[crate::export::tools(&formats)])?;
-    crate::cmd::isolate_processes()?;
-    let store = Store::open(&store_root(global))?;
-    crate::cmd::set_tool_tmp(&store.root().join("tmp"));
-    let _build = store.lock_for_build(|| eprintln!("waiting for `kiln cache gc` to finish"))?;
-    let report = crate::export::export_image(&store, &args.image, &formats, &Ui::new(global.json))?;
-    if global.json {
-        return print_json(&report);
-    }
-    print!("{}", report.text());
-    Ok(())
 }
