@@ -59,6 +59,19 @@ pub enum Command {
     Diff(DiffArgs),
     /// Make signing keys: `kiln key new NAME`
     Key(KeyArgs),
+    /// Write other formats of a built image beside it (out/NAME.vmdk, …),
+    /// from its store entry, cached like the recipe's `[image] formats`
+    Export(ExportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The built image (out/NAME.qcow2): its manifest names its store entry
+    pub image: PathBuf,
+    /// A format to write: raw, qcow2, vmdk, vhd, gce or containerdisk
+    /// (give --format again for more)
+    #[arg(long = "format", value_name = "FORMAT", required = true)]
+    pub formats: Vec<String>,
 }
 
 #[derive(Debug, Args)]

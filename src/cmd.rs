@@ -441,6 +441,9 @@ pub struct Cmd {
     clear_env: bool,
     /// A non-zero exit is the caller's to judge, not an error.
     any_status: bool,
+    /// What its time counts as in [`tool_times`] (default: the program's
+    /// file name).
+    label: Option<String>,
 }
 
 /// What a finished program printed.
@@ -469,6 +472,7 @@ impl Cmd {
             stdin: None,
             clear_env: false,
             any_status: false,
+            label: None,
         }
     }
 
@@ -476,6 +480,13 @@ impl Cmd {
     /// for a program whose exit code is a result (a remote command's).
     pub fn any_status(mut self) -> Cmd {
         self.any_status = true;
+        self
+    }
+
+    /// Count this program's time as `label` in [`tool_times`] (e.g.
+    /// `apt-get install` for a chroot's apt-get).
+    pub fn timed_as(mut self, label: impl Into<String>) -> Cmd {
+        self.label = Some(label.into());
         self
     }
 
@@ -573,7 +584,21 @@ impl Cmd {
         }
     }
 
-    fn exec_in(self, mut command: Command, capture: bool, line: &str) -> Result<Output> {
+    fn exec_in(self, command: Command, capture: bool, line: &str) -> Result<Output> {
+        let label = self.label.clone().unwrap_or_else(|| {
+            Path::new(&self.program)
+                .file_name()
+                .unwrap_or(&self.program)
+                .to_string_lossy()
+                .into_owned()
+        });
+        let started = Instant::now();
+        let result = self.spawn_and_wait(command, capture, line);
+        record_time(label, started.elapsed().as_secs_f64());
+        result
+    }
+
+    fn spawn_and_wait(self, mut command: Command, capture: bool, line: &str) -> Result<Output> {
         // SAFETY: the closure runs between fork and exec and only makes
         // async-signal-safe calls (umask, getrlimit, setrlimit).
         unsafe {
@@ -625,6 +650,7 @@ impl Cmd {
             }
         })?;
         let started = Instant::now();
+        let pidfd = pidfd_open(child.id());
         let stdin_writer = self.stdin.map(|data| {
             let mut stdin = child.stdin.take().expect("stdin was piped");
             // Dropping `stdin` at the end closes the pipe: the child sees EOF.
@@ -664,7 +690,7 @@ impl Cmd {
                 }
                 return Err(Interrupted.into());
             }
-            std::thread::sleep(POLL);
+            wait_for_exit(pidfd.as_ref());
         };
         let stdout = out_reader
             .join()
@@ -714,6 +740,81 @@ impl Cmd {
             tail,
         })
     }
+}
+
+/// A descriptor that becomes readable when the process `pid` exits
+/// (Linux 5.3 and later); `None` where there is none.
+fn pidfd_open(pid: u32) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    // SAFETY: a non-negative result is a descriptor that nothing else owns.
+    (fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Wait until the child exits or [`POLL`] passes, whichever is first (so an
+/// interrupt or a timeout is still seen within [`POLL`]): a program that
+/// takes 5 ms no longer costs a 50 ms sleep.
+fn wait_for_exit(pidfd: Option<&std::os::fd::OwnedFd>) {
+    use std::os::fd::AsRawFd;
+    let Some(fd) = pidfd else {
+        std::thread::sleep(POLL);
+        return;
+    };
+    let mut poll = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, for at most POLL. An error (EINTR from
+    // Ctrl-C) just ends this wait early; the caller checks again.
+    let ready = unsafe { libc::poll(&mut poll, 1, POLL.as_millis() as libc::c_int) };
+    if ready < 0 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Seconds spent in each kind of tool during this run, for the summary's
+/// `tools` (where a build's time goes).
+static TIMES: Mutex<Vec<ToolTime>> = Mutex::new(Vec::new());
+
+/// The time a run spent in one tool (or one kind of in-process work).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ToolTime {
+    pub tool: String,
+    pub runs: u32,
+    pub seconds: f64,
+}
+
+/// Add `seconds` of `label` to [`tool_times`].
+pub fn record_time(label: String, seconds: f64) {
+    let mut times = TIMES.lock().unwrap_or_else(|e| e.into_inner());
+    match times.iter_mut().find(|t| t.tool == label) {
+        Some(t) => {
+            t.runs += 1;
+            t.seconds += seconds;
+        }
+        None => times.push(ToolTime {
+            tool: label,
+            runs: 1,
+            seconds,
+        }),
+    }
+}
+
+/// Run `work`, counting its time as `label` in [`tool_times`].
+pub fn timed<T>(label: &str, work: impl FnOnce() -> T) -> T {
+    let started = Instant::now();
+    let result = work();
+    record_time(label.to_owned(), started.elapsed().as_secs_f64());
+    result
+}
+
+/// Every tool's time so far in this run, the longest first.
+pub fn tool_times() -> Vec<ToolTime> {
+    let mut times = TIMES.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    times.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+    times
 }
 
 /// A child's own TMPDIR: a claimed dir in the store's `tmp/` (so a
@@ -791,6 +892,29 @@ pub fn kill_group(pid: u32) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn tool_times_add_up_per_label_longest_first() {
+        // Labels of this test only: other tests run programs at the same time.
+        record_time("kiln-test-short".into(), 0.5);
+        timed("kiln-test-long", || {
+            std::thread::sleep(Duration::from_millis(20))
+        });
+        record_time("kiln-test-short".into(), 0.25);
+        record_time("kiln-test-long".into(), 1.0);
+        let times: Vec<ToolTime> = tool_times()
+            .into_iter()
+            .filter(|t| t.tool.starts_with("kiln-test-"))
+            .collect();
+        assert_eq!(times.len(), 2, "{times:?}");
+        assert_eq!(
+            (times[0].tool.as_str(), times[0].runs),
+            ("kiln-test-long", 2)
+        );
+        assert!(times[0].seconds >= 1.02, "{times:?}");
+        assert_eq!(times[1].runs, 2);
+        assert!((times[1].seconds - 0.75).abs() < 1e-9, "{times:?}");
+    }
+
     use super::*;
 
     #[test]

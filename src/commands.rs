@@ -6,8 +6,8 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::cli::{
-    BuildArgs, CacheCommand, DiffArgs, Global, InspectArgs, KeyCommand, LockArgs, LogArgs,
-    PlanArgs, SmokeArgs, VerifyArgs,
+    BuildArgs, CacheCommand, DiffArgs, ExportArgs, Global, InspectArgs, KeyCommand, LockArgs,
+    LogArgs, PlanArgs, SmokeArgs, VerifyArgs,
 };
 use crate::error::{BadInput, Drift, NotVerified, SmokeFailed};
 use crate::layers::{self, BuildOptions, Summary};
@@ -162,6 +162,15 @@ pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
     } else {
         smoke_stage(global, args, &recipe, &store, &ui, &mut summary)
     };
+    crate::cmd::log_line(&format!(
+        "time in tools: {}",
+        summary
+            .tools
+            .iter()
+            .map(|t| format!("{} {:.1}s ({}x)", t.tool, t.seconds, t.runs))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
     let report = global.out.join(format!("{}.build.json", recipe.image.name));
     crate::store::write_json_atomic(&report, &summary)?;
     if global.json {
@@ -1069,6 +1078,41 @@ pub fn key(global: &Global, command: &KeyCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `kiln export IMAGE --format F…`.
+pub fn export(global: &Global, args: &ExportArgs) -> Result<()> {
+    let formats = args
+        .formats
+        .iter()
+        .map(|f| {
+            crate::recipe::ExportFormat::parse(f).ok_or_else(|| {
+                BadInput::arg(
+                    format!("--format {f}: kiln does not write that format"),
+                    format!(
+                        "use one of {}",
+                        crate::recipe::ExportFormat::ALL
+                            .map(|f| f.name())
+                            .join(", ")
+                    ),
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    // Read before asking for root: a wrong path is bad input for anyone.
+    record::manifest::read(&record::manifest::path_for(&args.image))?;
+    require_root("export")?;
+    crate::cmd::require_tools(&[crate::export::tools(&formats)])?;
+    crate::cmd::isolate_processes()?;
+    let store = Store::open(&store_root(global))?;
+    crate::cmd::set_tool_tmp(&store.root().join("tmp"));
+    let _build = store.lock_for_build(|| eprintln!("waiting for `kiln cache gc` to finish"))?;
+    let report = crate::export::export_image(&store, &args.image, &formats, &Ui::new(global.json))?;
+    if global.json {
+        return print_json(&report);
+    }
+    print!("{}", report.text());
+    Ok(())
 }
 
 #[cfg(test)]

@@ -38,6 +38,7 @@ fn main() {
         cli::Command::Log(args) => commands::log(&cli.global, args),
         cli::Command::Diff(args) => commands::diff(&cli.global, args),
         cli::Command::Key(args) => commands::key(&cli.global, &args.command),
+        cli::Command::Export(args) => commands::export(&cli.global, args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

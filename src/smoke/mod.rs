@@ -635,7 +635,7 @@ pub fn run(disk: &Path, spec: &SmokeSpec, opts: &SmokeOptions) -> Result<SmokeRe
         forwards: &forwards,
         channel: Some(&channel_path),
         memory_mib: qemu::MEMORY_MIB,
-        cpus: qemu::CPUS,
+        cpus: qemu::cpus(accel),
         secure_boot: opts.secure_boot.is_some(),
     });
     let command = qemu::display(&args);
