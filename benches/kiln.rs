@@ -79,6 +79,8 @@ fn main() {
     }
 
     let mut rows: Vec<[String; 4]> = Vec::new();
+    // Where the time of some rows went, from their last run's build.json.
+    let mut breakdowns: Vec<String> = Vec::new();
     if wants("formats") && !wants("build") {
         let noop = median(
             (0..NOOP_RUNS)
@@ -190,6 +192,11 @@ fn main() {
                 })
                 .collect(),
         );
+        breakdowns.push(where_time_went(
+            "web.toml after adding one package",
+            &out,
+            "web",
+        ));
         std::fs::write(&web, &text).unwrap();
         rows.push(row(
             "web.toml after adding one package (curl)",
@@ -351,6 +358,11 @@ fn main() {
                             &["build", "--no-smoke", golden.to_str().unwrap()],
                         )
                     });
+                    breakdowns.push(where_time_went(
+                        &format!("cold build of golden.toml, run {}", i + 1),
+                        &out,
+                        "golden",
+                    ));
                     std::fs::remove_dir_all(&store).unwrap();
                     secs
                 })
@@ -394,6 +406,42 @@ fn main() {
     for [a, b, c, d] in rows {
         println!("{a:<44} {b:>9}  {c:<24} {d}");
     }
+    if !breakdowns.is_empty() {
+        println!("\nwhere the time went (seconds per tool, from the run's build.json):");
+        for b in breakdowns {
+            println!("{b}");
+        }
+    }
+}
+
+/// The `tools` of `out/NAME.build.json` (the last build of NAME) as one
+/// line: each tool's seconds, the longest first; the stages' rows too.
+fn where_time_went(what: &str, out: &Path, name: &str) -> String {
+    let path = out.join(format!("{name}.build.json"));
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let list = |items: &serde_json::Value, name: &str| -> String {
+        items
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["seconds"].as_f64().unwrap() >= 0.05)
+            .map(|t| {
+                format!(
+                    "{} {:.1}",
+                    t[name].as_str().unwrap(),
+                    t["seconds"].as_f64().unwrap()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "  {what} ({:.1} s)\n    stages: {}\n    tools:  {}",
+        summary["seconds"].as_f64().unwrap(),
+        list(&summary["rows"], "stage"),
+        list(&summary["tools"], "tool")
+    )
 }
 
 /// Issue 12: web.toml into a fresh store from a registry that has every

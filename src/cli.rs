@@ -65,6 +65,9 @@ pub enum Command {
     /// Fetch an image pushed by `kiln push`, verify its signature and every
     /// digest, then write it to --out (exit 4 when it does not verify)
     Pull(PullArgs),
+    /// Write other formats of a built image beside it (out/NAME.vmdk, …),
+    /// from its store entry, cached like the recipe's `[image] formats`
+    Export(ExportArgs),
 }
 
 #[derive(Debug, Args)]
@@ -86,6 +89,16 @@ pub struct PullArgs {
     /// repeatable [default: $KILN_TRUSTED_KEY]
     #[arg(long = "trusted-key", value_name = "FILE")]
     pub trusted_keys: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The built image (out/NAME.qcow2): its manifest names its store entry
+    pub image: PathBuf,
+    /// A format to write: raw, qcow2, vmdk, vhd, gce or containerdisk
+    /// (give --format again for more)
+    #[arg(long = "format", value_name = "FORMAT", required = true)]
+    pub formats: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -274,6 +287,16 @@ pub struct SmokeArgs {
     /// system changed
     #[arg(long, value_name = "FILE")]
     pub keep_overlay: Option<PathBuf>,
+    /// Log in over SSH as root with a throwaway key passed as the
+    /// ssh.authorized_keys.root credential, and run the recipe's ssh_checks
+    /// (as `ssh = true` in its [smoke] does)
+    #[arg(long)]
+    pub ssh: bool,
+    /// With --ssh: pass this public key as root's credential instead of the
+    /// throwaway key's; kiln still logs in with its own key, so the login
+    /// must be refused (a negative test of the image)
+    #[arg(long, value_name = "FILE.pub")]
+    pub ssh_authorized_key: Option<PathBuf>,
     /// Upgrade test: boot OLD with fresh volumes, run the recipe's [smoke] seed,
     /// shut it down, then boot IMAGE with the same volumes and run the checks
     #[arg(long, value_name = "OLD")]
@@ -314,7 +337,8 @@ pub struct VerifyArgs {
     /// The manifest (default: beside the image; required with --root)
     #[arg(long, value_name = "FILE")]
     pub manifest: Option<PathBuf>,
-    /// With --root: another path whose changes are expected (repeatable)
+    /// With --root: another path whose changes are expected, or a prefix
+    /// ending in `*` (repeatable)
     #[arg(long, value_name = "PATH")]
     pub ignore: Vec<String>,
     /// With IMAGE: leave the root filesystem, with its owners and modes, in

@@ -6,8 +6,8 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::cli::{
-    BuildArgs, CacheCommand, DiffArgs, Global, InspectArgs, KeyCommand, LockArgs, LogArgs,
-    PlanArgs, SmokeArgs, VerifyArgs,
+    BuildArgs, CacheCommand, DiffArgs, ExportArgs, Global, InspectArgs, KeyCommand, LockArgs,
+    LogArgs, PlanArgs, SmokeArgs, VerifyArgs,
 };
 use crate::error::{BadInput, Drift, NotVerified, SmokeFailed};
 use crate::layers::{self, BuildOptions, Summary};
@@ -117,26 +117,21 @@ pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
         store,
         log_path,
     } = {
-        use crate::cmd::{ASSEMBLY_TOOLS, LAYER_TOOLS, SMOKE_TOOLS};
-        let smoke: &[crate::cmd::Tool] = if args.no_smoke { &[] } else { SMOKE_TOOLS };
+        use crate::cmd::{ASSEMBLY_TOOLS, LAYER_TOOLS};
         let signing = match signer {
             Some(_) => crate::cmd::SIGNING_TOOLS,
             None => &[],
         };
         prepare(global, &args.recipe, "build", |r| {
             let exports = crate::export::tools(&r.image.formats);
-            let remote_tools: &[crate::cmd::Tool] = match remote {
-                Some(_) => crate::remote::TOOLS,
-                None => &[],
-            };
-            vec![
-                LAYER_TOOLS,
-                ASSEMBLY_TOOLS,
-                signing,
-                smoke,
-                exports,
-                remote_tools,
-            ]
+            let mut tools = vec![LAYER_TOOLS, ASSEMBLY_TOOLS, signing, exports];
+            if !args.no_smoke {
+                tools.extend(crate::cmd::smoke_tools(&r.smoke));
+            }
+            if remote.is_some() {
+                tools.push(crate::remote::TOOLS);
+            }
+            tools
         })?
     };
     let forgotten = match &args.update {
@@ -176,6 +171,15 @@ pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
     } else {
         smoke_stage(global, args, &recipe, &store, &ui, &mut summary)
     };
+    crate::cmd::log_line(&format!(
+        "time in tools: {}",
+        summary
+            .tools
+            .iter()
+            .map(|t| format!("{} {:.1}s ({}x)", t.tool, t.seconds, t.runs))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
     let report = global.out.join(format!("{}.build.json", recipe.image.name));
     crate::store::write_json_atomic(&report, &summary)?;
     if global.json {
@@ -587,13 +591,26 @@ pub fn smoke(global: &Global, args: &SmokeArgs) -> Result<()> {
             .into());
         }
     }
-    crate::cmd::require_tools(&[crate::cmd::SMOKE_TOOLS])?;
     let recipe_path = match &args.recipe {
         Some(r) => r.clone(),
         None => recipe_of(&args.image)?,
     };
     let recipe = recipe::load(&recipe_path)?;
     let mut spec = recipe.smoke.clone();
+    spec.ssh |= args.ssh;
+    let ssh_authorized_key = args
+        .ssh_authorized_key
+        .as_deref()
+        .map(read_public_key)
+        .transpose()?;
+    if ssh_authorized_key.is_some() && !spec.ssh {
+        return Err(BadInput::arg(
+            "--ssh-authorized-key is given, but the smoke does not log in over SSH",
+            "add --ssh (or `ssh = true` to the recipe's [smoke])",
+        )
+        .into());
+    }
+    crate::cmd::require_tools(&crate::cmd::smoke_tools(&spec))?;
     spec.checks.extend(args.checks.iter().cloned());
     for h in &args.http {
         spec.http.push(parse_http_arg(h)?);
@@ -642,6 +659,7 @@ pub fn smoke(global: &Global, args: &SmokeArgs) -> Result<()> {
                 .or_else(|| path_from_env("KILN_SECURE_BOOT_CERT"))
                 .as_deref(),
         )?,
+        ssh_authorized_key,
     };
     let ui = Ui::new(global.json);
 
@@ -697,7 +715,9 @@ pub fn smoke(global: &Global, args: &SmokeArgs) -> Result<()> {
         && args.http.is_empty()
         && args.timeout.is_none()
         && !args.no_volumes
-        && args.upgrade_from.is_none();
+        && args.upgrade_from.is_none()
+        && !args.ssh
+        && args.ssh_authorized_key.is_none();
     let recorded = record::smoke::write(&record_path, &statement)
         .context("writing the smoke record")
         .and_then(|()| {
@@ -732,6 +752,30 @@ pub fn smoke(global: &Global, args: &SmokeArgs) -> Result<()> {
         log: report.log.display().to_string(),
     });
     smoke_outcome(failed, recorded)
+}
+
+/// An OpenSSH public key file (`TYPE BASE64 [COMMENT]`, one line).
+fn read_public_key(path: &Path) -> Result<String> {
+    let bad = |problem: String| -> anyhow::Error {
+        BadInput::new(
+            path,
+            "--ssh-authorized-key",
+            problem,
+            "give an OpenSSH public key file, e.g. KEY.pub from `ssh-keygen -t ed25519 -f KEY`",
+        )
+        .into()
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(format!("cannot be read: {e}")))?;
+    let key = text.trim();
+    let mut fields = key.split_whitespace();
+    let kind = fields.next().unwrap_or("");
+    let valid = (kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-"))
+        && fields.next().is_some()
+        && !key.contains('\n');
+    if !valid {
+        return Err(bad("is not one OpenSSH public key line".to_owned()));
+    }
+    Ok(key.to_owned())
 }
 
 /// `PORT:PATH:STATUS[:CONTAINS]`.
@@ -1241,6 +1285,41 @@ pub fn key(global: &Global, command: &KeyCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `kiln export IMAGE --format F…`.
+pub fn export(global: &Global, args: &ExportArgs) -> Result<()> {
+    let formats = args
+        .formats
+        .iter()
+        .map(|f| {
+            crate::recipe::ExportFormat::parse(f).ok_or_else(|| {
+                BadInput::arg(
+                    format!("--format {f}: kiln does not write that format"),
+                    format!(
+                        "use one of {}",
+                        crate::recipe::ExportFormat::ALL
+                            .map(|f| f.name())
+                            .join(", ")
+                    ),
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    // Read before asking for root: a wrong path is bad input for anyone.
+    record::manifest::read(&record::manifest::path_for(&args.image))?;
+    require_root("export")?;
+    crate::cmd::require_tools(&[crate::export::tools(&formats)])?;
+    crate::cmd::isolate_processes()?;
+    let store = Store::open(&store_root(global))?;
+    crate::cmd::set_tool_tmp(&store.root().join("tmp"));
+    let _build = store.lock_for_build(|| eprintln!("waiting for `kiln cache gc` to finish"))?;
+    let report = crate::export::export_image(&store, &args.image, &formats, &Ui::new(global.json))?;
+    if global.json {
+        return print_json(&report);
+    }
+    print!("{}", report.text());
+    Ok(())
 }
 
 #[cfg(test)]

@@ -41,6 +41,7 @@ fn main() {
         cli::Command::Key(args) => commands::key(&cli.global, &args.command),
         cli::Command::Push(args) => commands::push(&cli.global, args),
         cli::Command::Pull(args) => commands::pull(&cli.global, args),
+        cli::Command::Export(args) => commands::export(&cli.global, args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

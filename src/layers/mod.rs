@@ -144,6 +144,11 @@ pub struct Summary {
     pub build_log: Option<PathBuf>,
     /// The smoke boot, when it ran or was cached.
     pub smoke: Option<crate::smoke::SmokeReport>,
+    /// Where the time went: seconds in each tool kiln ran (mmdebstrap,
+    /// `apt-get install` in a chroot, mke2fs, …) and in its integrity
+    /// checks, the longest first.
+    #[serde(default)]
+    pub tools: Vec<crate::cmd::ToolTime>,
 }
 
 impl Summary {
@@ -225,13 +230,13 @@ pub fn build(
         seconds: started.elapsed().as_secs_f64(),
         build_log,
         smoke: None,
+        tools: crate::cmd::tool_times(),
     };
     if opts.layers_only {
         return Ok((plan, summary(run, PathBuf::new(), None, None)));
     }
-    run.layers(&plan)?;
-    check_interrupt()?;
-    // Held through the export, so two runs of one recipe never write out/ at once.
+    // Held through the layers (an image in the store needs none of them)
+    // and the export, so two runs of one recipe never write out/ at once.
     let (_image_lock, waited) = lock_key(store, &plan.image.key, "the image")?;
     let (entry, built) = run
         .image(&plan, waited)
@@ -240,7 +245,8 @@ pub fn build(
     let (outputs, rows) = crate::export::export_all(
         store,
         &entry,
-        &recipe.image,
+        &recipe.image.name,
+        &recipe.image.formats,
         &opts.out_dir,
         opts.refresh,
         ui,
@@ -463,9 +469,19 @@ impl Run<'_> {
         let key = plan.image.key;
         let fresh = image_freshness(plan, store, self.opts.refresh, &self.state);
         let Some(reason) = usable(store, &key, &store.image_dir(&key), fresh)? else {
+            // Its layers are not needed, so not checked: a no-op build
+            // reads the image's entry, not every file of every layer.
+            for step in &plan.steps[self.rows.len()..] {
+                self.rows.push(
+                    Row::new(step.id(), &step.key, Status::Cached)
+                        .because("not checked: its image is in the store"),
+                );
+            }
             self.rows.push(Row::cached("image", &key, waited));
             return Ok((store.image_entry(&key)?, false));
         };
+        self.layers(plan)?;
+        check_interrupt()?;
         if reason != Reason::Refresh {
             if let Some(row) = self.pull(crate::remote::Kind::Image, "image", &key)? {
                 self.rows.push(row);
@@ -808,7 +824,12 @@ fn build_image(
         built_by: Some(crate::record::builder()),
     };
     store::write_json_atomic(&staging.path().join("image.json"), &entry)?;
-    store.publish(staging, &store.image_dir(&plan.image.key), replace)?;
+    store.publish_with(
+        staging,
+        &store.image_dir(&plan.image.key),
+        replace,
+        &[(Path::new(&entry.file), &entry.sha256)],
+    )?;
     Ok(entry)
 }
 
