@@ -29,6 +29,12 @@ DEPS := \
 	sbsigntool:/usr/bin/sbsign \
 	openssl:/usr/bin/openssl \
 	skopeo:/usr/bin/skopeo \
+	tar:/usr/bin/tar \
+	zstd:/usr/bin/zstd \
+	docker-registry:/usr/bin/docker-registry \
+	apache2-utils:/usr/bin/htpasswd \
+	openssh-client:/usr/bin/ssh \
+	openssh-client:/usr/bin/ssh-keygen \
 	python3-venv:/usr/lib/python3.11/ensurepip/__init__.py \
 	python3-pip:/usr/lib/python3/dist-packages/pip/__init__.py
 
@@ -91,8 +97,8 @@ TEST := $(CARGO) test --release --locked
 # cases). Both lanes may use the warm store at once: kiln's per-entry locks
 # and its lock on the store's apt caches make concurrent runs wait rather
 # than collide. The lanes are balanced by measured time (README, Testing).
-TESTS_SHARED  := build lock bad_input drift smoke firmware formats sign sealed
-TESTS_PRIVATE := record reliability secure_boot volumes
+TESTS_SHARED  := build lock bad_input smoke firmware formats sign access remote
+TESTS_PRIVATE := record reliability secure_boot volumes drift sealed
 TESTS_ALL     := cli $(TESTS_SHARED) $(TESTS_PRIVATE)
 
 # The edit-run loop: no boots. `cli` builds golden's base once into the warm
@@ -102,6 +108,8 @@ check: build
 	$(TEST) --test cli -- --test-threads=1
 	$(TEST) --test bad_input -- --test-threads=1 quick_
 	$(TEST) --test sign -- --test-threads=1 quick_
+	$(TEST) --test remote -- --test-threads=1 quick_
+	$(TEST) --test access -- --test-threads=1 quick_
 
 # Everything, for CI.
 test: build test-files

@@ -13,7 +13,9 @@
 //! `boot` the smoke and boot-to-ready rows, `lock` the security-lock rows,
 //! `cold` the cold builds, `secure-boot` the smoke with Secure Boot on
 //! beside off, `sealed` sealed.toml's assembly and boot beside the same
-//! image unsealed and golden's.
+//! image unsealed and golden's, `remote` web.toml from a warm registry
+//! into a fresh store beside a cold local build (Debian's `docker-registry`
+//! on loopback).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -27,7 +29,7 @@ const SMOKE_RUNS: usize = 3;
 
 /// Whether the row group `name` is wanted (`KILN_BENCH_ONLY`, default all).
 fn wants(name: &str) -> bool {
-    const GROUPS: [&str; 7] = [
+    const GROUPS: [&str; 8] = [
         "build",
         "formats",
         "boot",
@@ -35,6 +37,7 @@ fn wants(name: &str) -> bool {
         "cold",
         "secure-boot",
         "sealed",
+        "remote",
     ];
     match std::env::var("KILN_BENCH_ONLY") {
         Err(_) => true,
@@ -74,11 +77,13 @@ fn main() {
     );
     // Warm the store first (not measured). Builds are measured without the
     // smoke boot (the issues' targets are for the build; smoke has its own row).
-    if wants("build") || wants("lock") || wants("formats") {
+    if wants("build") || wants("lock") || wants("formats") || wants("remote") {
         kiln(&warm, &out, &["build", "--no-smoke", web.to_str().unwrap()]);
     }
 
     let mut rows: Vec<[String; 4]> = Vec::new();
+    // Where the time of some rows went, from their last run's build.json.
+    let mut breakdowns: Vec<String> = Vec::new();
     if wants("formats") && !wants("build") {
         let noop = median(
             (0..NOOP_RUNS)
@@ -190,6 +195,11 @@ fn main() {
                 })
                 .collect(),
         );
+        breakdowns.push(where_time_went(
+            "web.toml after adding one package",
+            &out,
+            "web",
+        ));
         std::fs::write(&web, &text).unwrap();
         rows.push(row(
             "web.toml after adding one package (curl)",
@@ -351,6 +361,11 @@ fn main() {
                             &["build", "--no-smoke", golden.to_str().unwrap()],
                         )
                     });
+                    breakdowns.push(where_time_went(
+                        &format!("cold build of golden.toml, run {}", i + 1),
+                        &out,
+                        "golden",
+                    ));
                     std::fs::remove_dir_all(&store).unwrap();
                     secs
                 })
@@ -387,6 +402,9 @@ fn main() {
     if wants("secure-boot") {
         rows.push(secure_boot_row(&work, &recipes, &warm));
     }
+    if wants("remote") {
+        rows.extend(remote_rows(&work, &warm, &out, &web));
+    }
     println!(
         "{:<44} {:>9}  {:<24} baseline",
         "scenario", "median s", "target"
@@ -394,6 +412,150 @@ fn main() {
     for [a, b, c, d] in rows {
         println!("{a:<44} {b:>9}  {c:<24} {d}");
     }
+    if !breakdowns.is_empty() {
+        println!("\nwhere the time went (seconds per tool, from the run's build.json):");
+        for b in breakdowns {
+            println!("{b}");
+        }
+    }
+}
+
+/// The `tools` of `out/NAME.build.json` (the last build of NAME) as one
+/// line: each tool's seconds, the longest first; the stages' rows too.
+fn where_time_went(what: &str, out: &Path, name: &str) -> String {
+    let path = out.join(format!("{name}.build.json"));
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let list = |items: &serde_json::Value, name: &str| -> String {
+        items
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["seconds"].as_f64().unwrap() >= 0.05)
+            .map(|t| {
+                format!(
+                    "{} {:.1}",
+                    t[name].as_str().unwrap(),
+                    t["seconds"].as_f64().unwrap()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "  {what} ({:.1} s)\n    stages: {}\n    tools:  {}",
+        summary["seconds"].as_f64().unwrap(),
+        list(&summary["rows"], "stage"),
+        list(&summary["tools"], "tool")
+    )
+}
+
+/// Issue 12: web.toml into a fresh store from a registry that has every
+/// layer (pushed from the warm store), beside a cold local build of the
+/// same locked recipe, and a no-op rebuild with the remote set.
+fn remote_rows(work: &Path, warm: &Path, out: &Path, web: &Path) -> Vec<[String; 4]> {
+    let dir = work.join("registry");
+    remove_if_there(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let config = dir.join("config.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog: {{ level: warn }}\nstorage: {{ filesystem: {{ rootdirectory: {} }} }}\nhttp: {{ addr: 127.0.0.1:{port} }}\n",
+            dir.join("data").display()
+        ),
+    )
+    .unwrap();
+    let mut registry = Command::new("/usr/bin/docker-registry")
+        .arg("serve")
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("starting /usr/bin/docker-registry (make deps installs it)");
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed().as_secs() < 20,
+            "docker-registry did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let remote = format!("oci+http://127.0.0.1:{port}/bench/kiln");
+    run(Command::new(KILN)
+        .args(["key", "new", "bench", "--dir", dir.to_str().unwrap()])
+        .stdout(std::process::Stdio::null()));
+    let (key, public) = (dir.join("bench.key"), dir.join("bench.pub"));
+    let web = web.to_str().unwrap();
+    kiln(
+        warm,
+        out,
+        &[
+            "build",
+            "--no-smoke",
+            web,
+            "--remote",
+            &remote,
+            "--push",
+            "--signing-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let reading = [
+        "--remote",
+        &remote,
+        "--trusted-key",
+        public.to_str().unwrap(),
+    ];
+    let fresh = |i: usize, remote: &[&str]| {
+        let store = work.join(format!("remote-store-{i}"));
+        remove_if_there(&store);
+        let secs = time(|| {
+            kiln(
+                &store,
+                out,
+                &[&["build", "--no-smoke", web][..], remote].concat(),
+            )
+        });
+        std::fs::remove_dir_all(&store).unwrap();
+        secs
+    };
+    let pulled = median((0..CHANGE_RUNS).map(|i| fresh(i, &reading)).collect());
+    let cold = fresh(CHANGE_RUNS, &[]);
+    let noop = median(
+        (0..NOOP_RUNS)
+            .map(|_| {
+                time(|| {
+                    kiln(
+                        warm,
+                        out,
+                        &[&["build", "--no-smoke", web][..], &reading].concat(),
+                    )
+                })
+            })
+            .collect(),
+    );
+    registry.kill().expect("stopping docker-registry");
+    registry.wait().expect("reaping docker-registry");
+    std::fs::remove_dir_all(&dir).unwrap();
+    vec![
+        row(
+            "web.toml into a fresh store, warm registry",
+            pulled,
+            "< 15 s",
+            &format!("cold local build {cold:.1} s"),
+        ),
+        row(
+            "no-op rebuild of web.toml with --remote",
+            noop,
+            "< 1 s",
+            "—",
+        ),
+    ]
 }
 
 fn secure_boot_row(work: &Path, recipes: &Path, warm: &Path) -> [String; 4] {

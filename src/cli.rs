@@ -59,6 +59,46 @@ pub enum Command {
     Diff(DiffArgs),
     /// Make signing keys: `kiln key new NAME`
     Key(KeyArgs),
+    /// Push a built image with its manifest, SBOM and signed provenance to
+    /// an OCI registry as one artifact
+    Push(PushArgs),
+    /// Fetch an image pushed by `kiln push`, verify its signature and every
+    /// digest, then write it to --out (exit 4 when it does not verify)
+    Pull(PullArgs),
+    /// Write other formats of a built image beside it (out/NAME.vmdk, …),
+    /// from its store entry, cached like the recipe's `[image] formats`
+    Export(ExportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// The disk a build wrote (out/NAME.qcow2); its records are beside it
+    pub image: PathBuf,
+    /// Where to: oci://HOST[:PORT]/REPOSITORY[:TAG] (default tag: latest),
+    /// or oci+http://… for a plain-HTTP registry
+    #[arg(value_name = "REF")]
+    pub reference: String,
+}
+
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// oci://HOST[:PORT]/REPOSITORY[:TAG|@sha256:DIGEST]
+    #[arg(value_name = "REF")]
+    pub reference: String,
+    /// Trust images whose provenance this public key signed (NAME.pub);
+    /// repeatable [default: $KILN_TRUSTED_KEY]
+    #[arg(long = "trusted-key", value_name = "FILE")]
+    pub trusted_keys: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The built image (out/NAME.qcow2): its manifest names its store entry
+    pub image: PathBuf,
+    /// A format to write: raw, qcow2, vmdk, vhd, gce or containerdisk
+    /// (give --format again for more)
+    #[arg(long = "format", value_name = "FORMAT", required = true)]
+    pub formats: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -165,6 +205,27 @@ pub struct BuildArgs {
     /// writes out/NAME.provenance.intoto.jsonl [default: $KILN_SIGNING_KEY]
     #[arg(long, value_name = "FILE")]
     pub signing_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+    /// Push every layer of the recipe that the remote cache lacks, signed
+    /// with --signing-key (for CI builders)
+    #[arg(long)]
+    pub push: bool,
+}
+
+/// The shared layer cache on an OCI registry.
+#[derive(Debug, Args, Clone)]
+pub struct RemoteArgs {
+    /// A shared layer cache: oci://HOST[:PORT]/REPOSITORY, or
+    /// oci+http://HOST:PORT/REPOSITORY for a plain-HTTP registry
+    /// [default: $KILN_REMOTE]
+    #[arg(long, value_name = "REF")]
+    pub remote: Option<String>,
+    /// Use a layer from the remote cache only if it is signed by this
+    /// public key (NAME.pub from `kiln key new`); repeatable; without one
+    /// the remote is not read [default: $KILN_TRUSTED_KEY]
+    #[arg(long = "trusted-key", value_name = "FILE")]
+    pub trusted_keys: Vec<PathBuf>,
 }
 
 /// How to run QEMU.
@@ -226,6 +287,16 @@ pub struct SmokeArgs {
     /// system changed
     #[arg(long, value_name = "FILE")]
     pub keep_overlay: Option<PathBuf>,
+    /// Log in over SSH as root with a throwaway key passed as the
+    /// ssh.authorized_keys.root credential, and run the recipe's ssh_checks
+    /// (as `ssh = true` in its [smoke] does)
+    #[arg(long)]
+    pub ssh: bool,
+    /// With --ssh: pass this public key as root's credential instead of the
+    /// throwaway key's; kiln still logs in with its own key, so the login
+    /// must be refused (a negative test of the image)
+    #[arg(long, value_name = "FILE.pub")]
+    pub ssh_authorized_key: Option<PathBuf>,
     /// Upgrade test: boot OLD with fresh volumes, run the recipe's [smoke] seed,
     /// shut it down, then boot IMAGE with the same volumes and run the checks
     #[arg(long, value_name = "OLD")]
@@ -244,6 +315,9 @@ pub struct PlanArgs {
     /// The recipe to plan
     #[arg(default_value = DEFAULT_RECIPE)]
     pub recipe: PathBuf,
+    /// Also say which steps the remote cache would serve
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 #[derive(Debug, Args)]
@@ -263,7 +337,8 @@ pub struct VerifyArgs {
     /// The manifest (default: beside the image; required with --root)
     #[arg(long, value_name = "FILE")]
     pub manifest: Option<PathBuf>,
-    /// With --root: another path whose changes are expected (repeatable)
+    /// With --root: another path whose changes are expected, or a prefix
+    /// ending in `*` (repeatable)
     #[arg(long, value_name = "PATH")]
     pub ignore: Vec<String>,
     /// With IMAGE: leave the root filesystem, with its owners and modes, in

@@ -6,8 +6,8 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::cli::{
-    BuildArgs, CacheCommand, DiffArgs, Global, InspectArgs, KeyCommand, LockArgs, LogArgs,
-    PlanArgs, SmokeArgs, VerifyArgs,
+    BuildArgs, CacheCommand, DiffArgs, ExportArgs, Global, InspectArgs, KeyCommand, LockArgs,
+    LogArgs, PlanArgs, SmokeArgs, VerifyArgs,
 };
 use crate::error::{BadInput, Drift, NotVerified, SmokeFailed};
 use crate::layers::{self, BuildOptions, Summary};
@@ -110,21 +110,28 @@ pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
             .as_deref(),
     )?
     .map(|key| crate::assemble::secure_boot::Signer { key, reuse: None });
+    let remote = open_remote(&args.remote, args.push, signing_key.is_some())?;
     let Prepared {
         recipe,
         mut locks,
         store,
         log_path,
     } = {
-        use crate::cmd::{ASSEMBLY_TOOLS, LAYER_TOOLS, SMOKE_TOOLS};
-        let smoke: &[crate::cmd::Tool] = if args.no_smoke { &[] } else { SMOKE_TOOLS };
+        use crate::cmd::{ASSEMBLY_TOOLS, LAYER_TOOLS};
         let signing = match signer {
             Some(_) => crate::cmd::SIGNING_TOOLS,
             None => &[],
         };
         prepare(global, &args.recipe, "build", |r| {
             let exports = crate::export::tools(&r.image.formats);
-            vec![LAYER_TOOLS, ASSEMBLY_TOOLS, signing, smoke, exports]
+            let mut tools = vec![LAYER_TOOLS, ASSEMBLY_TOOLS, signing, exports];
+            if !args.no_smoke {
+                tools.extend(crate::cmd::smoke_tools(&r.smoke));
+            }
+            if remote.is_some() {
+                tools.push(crate::remote::TOOLS);
+            }
+            tools
         })?
     };
     let forgotten = match &args.update {
@@ -139,8 +146,10 @@ pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
         fresh_resolve: args.update.is_some(),
         signing_key,
         secure_boot: signer,
+        remote,
+        push: args.push,
     };
-    let (_, mut summary) = layers::build(&recipe, &mut locks, &store, &opts, &ui).map_err(|e| {
+    let (plan, mut summary) = layers::build(&recipe, &mut locks, &store, &opts, &ui).map_err(|e| {
         let e = if crate::store::is_disk_full(&e) {
             e.context(format!(
                 "the filesystem holding the store ({}) is full; nothing was added to the store: free space (`kiln cache gc`) and build again",
@@ -154,11 +163,23 @@ pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
     for written in locks.save_changed()? {
         eprintln!("wrote {}", written.display());
     }
+    if let (Some(remote), true, Some(key)) = (&opts.remote, opts.push, &opts.signing_key) {
+        push_layers(remote, &store, &plan, key)?;
+    }
     let smoke = if args.no_smoke {
         Ok(())
     } else {
         smoke_stage(global, args, &recipe, &store, &ui, &mut summary)
     };
+    crate::cmd::log_line(&format!(
+        "time in tools: {}",
+        summary
+            .tools
+            .iter()
+            .map(|t| format!("{} {:.1}s ({}x)", t.tool, t.seconds, t.runs))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
     let report = global.out.join(format!("{}.build.json", recipe.image.name));
     crate::store::write_json_atomic(&report, &summary)?;
     if global.json {
@@ -201,6 +222,199 @@ pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
         }
     }
     smoke
+}
+
+/// The remote cache of `--remote` (or `KILN_REMOTE`), with its trusted
+/// keys (`--trusted-key`, or `KILN_TRUSTED_KEY`). Bad input is refused
+/// before anything is built. Without a trusted key the cache is not read,
+/// and kiln says so once.
+fn open_remote(
+    args: &crate::cli::RemoteArgs,
+    push: bool,
+    signing: bool,
+) -> Result<Option<crate::remote::Remote>> {
+    let reference = args
+        .remote
+        .clone()
+        .or_else(|| std::env::var("KILN_REMOTE").ok().filter(|v| !v.is_empty()));
+    let Some(reference) = reference else {
+        if push {
+            return Err(BadInput::arg(
+                "--push needs a remote cache to push to",
+                "add --remote oci://HOST/REPOSITORY (or set KILN_REMOTE)",
+            )
+            .into());
+        }
+        return Ok(None);
+    };
+    let reference = crate::remote::Reference::parse(&reference).map_err(|why| {
+        BadInput::arg(
+            format!("--remote: {why}"),
+            "e.g. --remote oci://registry.example/team/kiln",
+        )
+    })?;
+    if push && !signing {
+        return Err(BadInput::arg(
+            "--push signs every layer it pushes, and no signing key was given",
+            "add --signing-key NAME.key (from `kiln key new NAME`), or set KILN_SIGNING_KEY",
+        )
+        .into());
+    }
+    let mut trusted_paths = args.trusted_keys.clone();
+    if trusted_paths.is_empty() {
+        trusted_paths.extend(path_from_env("KILN_TRUSTED_KEY"));
+    }
+    let trusted = trusted_paths
+        .iter()
+        .map(|k| PublicKey::load(k))
+        .collect::<Result<Vec<_>>>()?;
+    if trusted.is_empty() {
+        eprintln!(
+            "note: the remote cache {reference} is not read: no --trusted-key (or KILN_TRUSTED_KEY) to check what it serves{}",
+            if push { "; it is only pushed to" } else { "" }
+        );
+    }
+    Ok(Some(crate::remote::Remote::new(reference, trusted, push)?))
+}
+
+/// `kiln push IMAGE REF`.
+pub fn push(global: &Global, args: &crate::cli::PushArgs) -> Result<()> {
+    let (reference, tag) = image_ref(&args.reference)?;
+    if tag.starts_with("sha256:") {
+        return Err(BadInput::arg(
+            format!("{}: a push names a tag, not a digest", args.reference),
+            "e.g. oci://registry.example/team/images:web-1",
+        )
+        .into());
+    }
+    let shown = reference.to_string();
+    let digest = crate::remote::image::push(&args.image, reference, &tag)
+        .with_context(|| format!("pushing {} to {shown}:{tag}", args.image.display()))?;
+    if global.json {
+        return print_json(
+            &serde_json::json!({ "reference": format!("{shown}:{tag}"), "digest": digest }),
+        );
+    }
+    println!("pushed {} to {shown}:{tag}", args.image.display());
+    println!("digest: {shown}@{digest}");
+    Ok(())
+}
+
+/// `kiln pull REF`.
+pub fn pull(global: &Global, args: &crate::cli::PullArgs) -> Result<()> {
+    let (reference, target) = image_ref(&args.reference)?;
+    let mut paths = args.trusted_keys.clone();
+    if paths.is_empty() {
+        paths.extend(path_from_env("KILN_TRUSTED_KEY"));
+    }
+    if paths.is_empty() {
+        return Err(BadInput::arg(
+            "kiln pull verifies the image's signature, and no trusted key was given",
+            "add --trusted-key NAME.pub (the public key of the builder's --signing-key), or set KILN_TRUSTED_KEY",
+        )
+        .into());
+    }
+    let trusted = paths
+        .iter()
+        .map(|k| PublicKey::load(k))
+        .collect::<Result<Vec<_>>>()?;
+    let pulled = crate::remote::image::pull(reference, &target, &global.out, &trusted)?;
+    if global.json {
+        return print_json(&pulled);
+    }
+    println!(
+        "pulled {} (sha256 {}), signature: good, by {}",
+        pulled.disk.display(),
+        pulled.sha256,
+        pulled.signed_by.join(", ")
+    );
+    Ok(())
+}
+
+fn image_ref(text: &str) -> Result<(crate::remote::Reference, String)> {
+    crate::remote::image::parse_ref(text).map_err(|why| {
+        BadInput::arg(
+            why,
+            "e.g. oci://registry.example/team/images:web-1, or …/images@sha256:<digest>",
+        )
+        .into()
+    })
+}
+
+/// `kiln plan --remote`: which steps to build the remote would serve
+/// (their manifests are fetched and their signatures checked; no blob is).
+fn remote_plan(
+    remote: &crate::remote::Remote,
+    plan: &plan::Plan,
+    report: &mut plan::freshness::PlanReport,
+) -> Result<()> {
+    use crate::remote::Kind;
+    use plan::freshness::RemoteState;
+    let keys = plan
+        .steps
+        .iter()
+        .map(|s| (Kind::Layer, s.key))
+        .chain([(Kind::Image, plan.image.key)]);
+    for ((kind, key), row) in keys.zip(&mut report.steps) {
+        let pullable = matches!(&row.freshness, Freshness::Build(r)
+            if !matches!(r, plan::Reason::Refresh | plan::Reason::Unlocked));
+        if !pullable || !remote.readable() {
+            continue;
+        }
+        row.remote = Some(match remote.lookup(kind, &key) {
+            Ok(Ok(found)) => RemoteState::Pull {
+                bytes: found.size,
+                signed_by: found.signed_by,
+            },
+            Ok(Err(crate::remote::Miss::Absent)) => RemoteState::Absent,
+            Ok(Err(crate::remote::Miss::Down)) => RemoteState::Unavailable,
+            Err(e) => RemoteState::Refused {
+                why: format!("{e:#}"),
+            },
+        });
+    }
+    Ok(())
+}
+
+/// `--push`: every layer of the plan and its image that the remote lacks,
+/// signed.
+fn push_layers(
+    remote: &crate::remote::Remote,
+    store: &Store,
+    plan: &plan::Plan,
+    key: &SigningKey,
+) -> Result<()> {
+    use crate::remote::Kind;
+    // So that `kiln cache gc` does not remove an entry while it is packed.
+    let _store_lock = store.lock_for_build(|| {
+        eprintln!("waiting for `kiln cache gc` or `kiln cache verify` to finish…")
+    })?;
+    let entries = plan
+        .steps
+        .iter()
+        .map(|s| (Kind::Layer, s.id().to_string(), s.key))
+        .chain([(Kind::Image, "image".to_owned(), plan.image.key)]);
+    let mut present = 0;
+    for (kind, id, entry_key) in entries {
+        crate::cmd::check_interrupt()?;
+        if remote.push(store, kind, &entry_key, &id, key)? {
+            eprintln!(
+                "pushed {id} ({}) to {}",
+                entry_key.short(),
+                remote.reference()
+            );
+        } else {
+            present += 1;
+        }
+    }
+    if present > 0 {
+        eprintln!(
+            "{present} entr{} already in {}",
+            if present == 1 { "y was" } else { "ies were" },
+            remote.reference()
+        );
+    }
+    Ok(())
 }
 
 /// `KILN_SIGNING_KEY`, unless unset or empty (as a shell's `VAR=` means).
@@ -378,13 +592,26 @@ pub fn smoke(global: &Global, args: &SmokeArgs) -> Result<()> {
             .into());
         }
     }
-    crate::cmd::require_tools(&[crate::cmd::SMOKE_TOOLS])?;
     let recipe_path = match &args.recipe {
         Some(r) => r.clone(),
         None => recipe_of(&args.image)?,
     };
     let recipe = recipe::load(&recipe_path)?;
     let mut spec = recipe.smoke.clone();
+    spec.ssh |= args.ssh;
+    let ssh_authorized_key = args
+        .ssh_authorized_key
+        .as_deref()
+        .map(read_public_key)
+        .transpose()?;
+    if ssh_authorized_key.is_some() && !spec.ssh {
+        return Err(BadInput::arg(
+            "--ssh-authorized-key is given, but the smoke does not log in over SSH",
+            "add --ssh (or `ssh = true` to the recipe's [smoke])",
+        )
+        .into());
+    }
+    crate::cmd::require_tools(&crate::cmd::smoke_tools(&spec))?;
     spec.checks.extend(args.checks.iter().cloned());
     for h in &args.http {
         spec.http.push(parse_http_arg(h)?);
@@ -434,6 +661,7 @@ pub fn smoke(global: &Global, args: &SmokeArgs) -> Result<()> {
                 .as_deref(),
         )?,
         verity: crate::smoke::sealed::for_image(&args.image)?,
+        ssh_authorized_key,
     };
     let ui = Ui::new(global.json);
 
@@ -489,7 +717,9 @@ pub fn smoke(global: &Global, args: &SmokeArgs) -> Result<()> {
         && args.http.is_empty()
         && args.timeout.is_none()
         && !args.no_volumes
-        && args.upgrade_from.is_none();
+        && args.upgrade_from.is_none()
+        && !args.ssh
+        && args.ssh_authorized_key.is_none();
     let recorded = record::smoke::write(&record_path, &statement)
         .context("writing the smoke record")
         .and_then(|()| {
@@ -524,6 +754,30 @@ pub fn smoke(global: &Global, args: &SmokeArgs) -> Result<()> {
         log: report.log.display().to_string(),
     });
     smoke_outcome(failed, recorded)
+}
+
+/// An OpenSSH public key file (`TYPE BASE64 [COMMENT]`, one line).
+fn read_public_key(path: &Path) -> Result<String> {
+    let bad = |problem: String| -> anyhow::Error {
+        BadInput::new(
+            path,
+            "--ssh-authorized-key",
+            problem,
+            "give an OpenSSH public key file, e.g. KEY.pub from `ssh-keygen -t ed25519 -f KEY`",
+        )
+        .into()
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(format!("cannot be read: {e}")))?;
+    let key = text.trim();
+    let mut fields = key.split_whitespace();
+    let kind = fields.next().unwrap_or("");
+    let valid = (kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-"))
+        && fields.next().is_some()
+        && !key.contains('\n');
+    if !valid {
+        return Err(bad("is not one OpenSSH public key line".to_owned()));
+    }
+    Ok(key.to_owned())
 }
 
 /// `PORT:PATH:STATUS[:CONTAINS]`.
@@ -585,6 +839,8 @@ pub fn lock(global: &Global, args: &LockArgs) -> Result<()> {
         fresh_resolve: args.update.is_some(),
         signing_key: None,
         secure_boot: None,
+        remote: None,
+        push: false,
     };
     layers::build(&recipe, &mut locks, &store, &opts, &ui)
         .map_err(|e| e.context(format!("the full log is in {}", log_path.display())))?;
@@ -641,6 +897,9 @@ pub fn plan(global: &Global, args: &PlanArgs) -> Result<()> {
     };
     let mut report = plan::freshness::PlanReport::new(&plan, store.as_ref());
     report.recipe = args.recipe.display().to_string();
+    if let Some(remote) = open_remote(&args.remote, false, false)? {
+        remote_plan(&remote, &plan, &mut report)?;
+    }
     if global.json {
         return print_json(&report);
     }
@@ -1024,6 +1283,41 @@ pub fn key(global: &Global, command: &KeyCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `kiln export IMAGE --format F…`.
+pub fn export(global: &Global, args: &ExportArgs) -> Result<()> {
+    let formats = args
+        .formats
+        .iter()
+        .map(|f| {
+            crate::recipe::ExportFormat::parse(f).ok_or_else(|| {
+                BadInput::arg(
+                    format!("--format {f}: kiln does not write that format"),
+                    format!(
+                        "use one of {}",
+                        crate::recipe::ExportFormat::ALL
+                            .map(|f| f.name())
+                            .join(", ")
+                    ),
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    // Read before asking for root: a wrong path is bad input for anyone.
+    record::manifest::read(&record::manifest::path_for(&args.image))?;
+    require_root("export")?;
+    crate::cmd::require_tools(&[crate::export::tools(&formats)])?;
+    crate::cmd::isolate_processes()?;
+    let store = Store::open(&store_root(global))?;
+    crate::cmd::set_tool_tmp(&store.root().join("tmp"));
+    let _build = store.lock_for_build(|| eprintln!("waiting for `kiln cache gc` to finish"))?;
+    let report = crate::export::export_image(&store, &args.image, &formats, &Ui::new(global.json))?;
+    if global.json {
+        return print_json(&report);
+    }
+    print!("{}", report.text());
+    Ok(())
 }
 
 #[cfg(test)]

@@ -26,6 +26,11 @@ pub fn publish(path: &Path, data: &[u8]) -> Result<()> {
 }
 
 fn write_atomic_mode(path: &Path, data: &[u8], mode: Option<u32>) -> Result<()> {
+    if holds(path, data, mode) {
+        // A no-op build writes the same records again: leave them (no
+        // temp file, no fsync, which was most of a no-op's time).
+        return Ok(());
+    }
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut tmp = tempfile::NamedTempFile::new_in(dir)
@@ -45,6 +50,19 @@ fn write_atomic_mode(path: &Path, data: &[u8], mode: Option<u32>) -> Result<()> 
     tmp.persist(path)
         .with_context(|| format!("renaming into {}", path.display()))?;
     Ok(())
+}
+
+/// Whether `path` is a regular file with exactly `data`, and `mode` (when
+/// given).
+fn holds(path: &Path, data: &[u8], mode: Option<u32>) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return false;
+    };
+    meta.is_file()
+        && meta.len() == data.len() as u64
+        && mode.is_none_or(|m| meta.permissions().mode() & 0o7777 == m)
+        && std::fs::read(path).is_ok_and(|d| d == data)
 }
 
 /// `value` as pretty JSON with a final newline, atomically.
@@ -93,6 +111,24 @@ mod tests {
         write_json_atomic(&private, &1).unwrap();
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!((mode(&public), mode(&private)), (0o644, 0o600));
+    }
+
+    #[test]
+    fn the_same_bytes_are_not_written_again_but_a_change_or_a_mode_is() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.json");
+        publish(&path, b"same").unwrap();
+        let inode = std::fs::metadata(&path).unwrap().ino();
+        publish(&path, b"same").unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().ino(), inode, "rewritten");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        publish(&path, b"same").unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o644);
+        assert_ne!(meta.ino(), inode, "a wrong mode is written anew");
+        publish(&path, b"other").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"other");
     }
 
     #[test]

@@ -14,6 +14,7 @@ mod packages;
 mod plan;
 mod recipe;
 mod record;
+mod remote;
 mod sign;
 mod smoke;
 mod store;
@@ -38,6 +39,9 @@ fn main() {
         cli::Command::Log(args) => commands::log(&cli.global, args),
         cli::Command::Diff(args) => commands::diff(&cli.global, args),
         cli::Command::Key(args) => commands::key(&cli.global, &args.command),
+        cli::Command::Push(args) => commands::push(&cli.global, args),
+        cli::Command::Pull(args) => commands::pull(&cli.global, args),
+        cli::Command::Export(args) => commands::export(&cli.global, args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

@@ -382,3 +382,183 @@ fn a_format_whose_tool_is_missing_fails_before_the_store_is_touched() {
     );
     assert!(!store.exists(), "the store was made");
 }
+
+#[derive(Debug, Deserialize)]
+struct ExportReport {
+    outputs: Vec<Output>,
+    rows: Vec<ExportRow>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ExportRow {
+    stage: String,
+    status: String,
+}
+
+/// The subjects of the signed statement in `envelope` (a DSSE JSON line).
+fn signed_subjects(envelope: &Path) -> Vec<(String, String)> {
+    use base64::Engine;
+    let text = std::fs::read_to_string(envelope).unwrap();
+    let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    let payload = base64::engine::general_purpose::STANDARD
+        .decode(line["payload"].as_str().unwrap())
+        .unwrap();
+    let statement: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+    statement["subject"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().to_owned(),
+                s["digest"]["sha256"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// A signed build with `formats = ["raw"]`: the raw file is a subject of
+/// the signed statement, and `kiln verify --trusted-key` catches a change
+/// to it. `kiln export` then adds a VMDK beside the image from the store
+/// (the raw it finds cached), converts nothing the second time, and leaves
+/// the records as the build wrote and signed them. Nothing here boots.
+#[test]
+fn export_adds_formats_beside_a_built_image_and_signed_outputs_are_checked() {
+    require_build();
+    require_inspect();
+    let d = RecipeDir::new();
+    d.write("files/id", nonce());
+    let kiln = Kiln::shared();
+    let keys = temp_dir("kiln-export-keys-");
+    kiln.run(&[
+        os("key"),
+        os("new"),
+        os("alice"),
+        os("--dir"),
+        keys.path().as_os_str(),
+    ])
+    .assert_code(0);
+    let layers = r#"
+[[layer]]
+name = "id"
+files = [{ src = "files/id", dest = "/etc/kiln-export-test" }]
+"#;
+    let text = recipe("kt-export", layers)
+        .replace("size = \"2GiB\"", "size = \"1GiB\"\nformats = [\"raw\"]");
+    let path = d.write_recipe("export.toml", text, &kiln);
+    let plan = kiln.plan(&path);
+    let mut cleanup = ForgetOnDrop::new(&kiln.store);
+    cleanup.add(&plan, &["id/files", "image"]);
+    let key = keys.path().join("alice.key");
+    let built = kiln.build(&path, &["--signing-key", key.to_str().unwrap()]);
+    assert_eq!(built.row("export/raw").status, "built");
+
+    let out = &kiln.out;
+    let file = |suffix: &str| out.join(format!("kt-export.{suffix}"));
+    let (qcow2, raw, vmdk) = (file("qcow2"), file("raw"), file("vmdk"));
+    let envelope = file("provenance.intoto.jsonl");
+    let manifest: Manifest =
+        serde_json::from_slice(&std::fs::read(file("manifest.json")).unwrap()).unwrap();
+    let subjects = signed_subjects(&envelope);
+    let names: Vec<&str> = subjects.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "kt-export.qcow2",
+            "kt-export.manifest.json",
+            "kt-export.raw"
+        ]
+    );
+    assert_eq!(subjects[2].1, manifest.outputs[0].sha256);
+    assert_eq!(subjects[2].1, sha256_file(&raw));
+    let public = keys.path().join("alice.pub");
+    let verify = || {
+        kiln.run(&[
+            os("verify"),
+            qcow2.as_os_str(),
+            os("--trusted-key"),
+            public.as_os_str(),
+        ])
+    };
+    verify().assert_code(0);
+
+    // kiln export: a new format, and one the build already made (cached).
+    let records = [file("manifest.json"), envelope.clone()].map(|p| std::fs::read(p).unwrap());
+    let export = |formats: &[&str]| {
+        let mut args = vec![os("export"), qcow2.as_os_str(), os("--json")];
+        for f in formats {
+            args.extend([os("--format"), os(*f)]);
+        }
+        kiln.run(&args)
+    };
+    let first = export(&["vmdk", "raw"]);
+    first.assert_code(0);
+    let report: ExportReport = first.json();
+    let rows: Vec<(&str, &str)> = report
+        .rows
+        .iter()
+        .map(|r| (r.stage.as_str(), r.status.as_str()))
+        .collect();
+    assert_eq!(
+        rows,
+        [("export/vmdk", "built"), ("export/raw", "cached")],
+        "{}",
+        first.show()
+    );
+    assert_eq!(report.outputs[0].file, "kt-export.vmdk");
+    assert_eq!(report.outputs[0].sha256, sha256_file(&vmdk));
+    assert_eq!(report.outputs[1].sha256, manifest.outputs[0].sha256);
+    assert_eq!(info(&vmdk, None).format, "vmdk");
+    assert_same_disk(&vmdk, "vmdk", &qcow2, "qcow2");
+    for (p, before) in [file("manifest.json"), envelope.clone()]
+        .iter()
+        .zip(&records)
+    {
+        assert_eq!(
+            &std::fs::read(p).unwrap(),
+            before,
+            "{} changed",
+            p.display()
+        );
+    }
+    let mtime = std::fs::metadata(&vmdk).unwrap().modified().unwrap();
+    let again: ExportReport = export(&["vmdk"]).json();
+    assert_eq!(again.rows[0].status, "cached");
+    assert_eq!(std::fs::metadata(&vmdk).unwrap().modified().unwrap(), mtime);
+
+    // Bad input: a format kiln does not write (exit 2); an image whose
+    // store entry is gone (another, empty store: exit 1, says to rebuild).
+    let bad = export(&["iso"]);
+    bad.assert_code(2);
+    assert!(bad.stderr.contains("--format iso"), "{}", bad.show());
+    let empty = temp_dir("kiln-export-empty-");
+    let elsewhere = Kiln::at(&empty.path().join("store"), out);
+    let gone = elsewhere.run(&[os("export"), qcow2.as_os_str(), os("--format"), os("vhd")]);
+    gone.assert_code(1);
+    assert!(
+        gone.stderr.contains("is not in the store") && gone.stderr.contains("kiln build"),
+        "{}",
+        gone.show()
+    );
+    assert!(!file("vhd").exists());
+
+    // A changed byte in the signed raw file: verify names it, exit 4.
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
+        f.seek(SeekFrom::Start(4096)).unwrap();
+        f.write_all(b"X").unwrap();
+    }
+    let tampered = verify();
+    tampered.assert_code(4);
+    assert!(
+        tampered
+            .stdout
+            .contains("output digest differs from the signed one (kt-export.raw)")
+            || tampered
+                .stderr
+                .contains("output digest differs from the signed one (kt-export.raw)"),
+        "{}",
+        tampered.show()
+    );
+}

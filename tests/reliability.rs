@@ -543,8 +543,22 @@ fn a_corrupted_layer_is_detected_moved_aside_and_rebuilt() {
     let layer = store.join("layers-v1").join(&key);
     let corrupt_dir = store.join("corrupt-v1");
 
-    // 1. A file of the layer deleted: caught by the check before use.
+    // A layer is checked when it is used: when its image is assembled. An
+    // image in the store needs none of its layers, so each build below
+    // that must see a damaged layer first removes the image.
+    let image_key = step_key(&s, &store, &recipe, "image");
+    let image_dir = store.join("images-v1").join(&image_key);
+    // 0. With the image in the store, a damaged layer is not read at all:
+    //    the no-op build succeeds and leaves it alone.
     std::fs::remove_file(layer.join("tree/etc/motd")).unwrap();
+    let out = s.build(&store, &recipe);
+    ok(&out, "no-op build over a damaged layer");
+    assert_eq!(s.status_of("corrupt", "image"), "cached");
+    assert!(!stderr(&out).contains("is corrupt"), "{}", stderr(&out));
+    assert!(listing(&corrupt_dir).is_empty());
+
+    // 1. A file of the layer deleted: caught by the check before use.
+    std::fs::remove_dir_all(&image_dir).unwrap();
     let out = s.build(&store, &recipe);
     ok(&out, "build over a damaged layer");
     assert!(stderr(&out).contains("is corrupt"), "{}", stderr(&out));
@@ -581,6 +595,7 @@ fn a_corrupted_layer_is_detected_moved_aside_and_rebuilt() {
         stderr(&verify)
     );
     assert!(!layer.exists());
+    std::fs::remove_dir_all(&image_dir).unwrap();
     ok(&s.build(&store, &recipe), "build after verify");
     assert_eq!(s.status_of("corrupt", "app/files"), "built");
     assert_eq!(s.status_of("corrupt", "base"), "cached");
@@ -588,8 +603,7 @@ fn a_corrupted_layer_is_detected_moved_aside_and_rebuilt() {
     ok(&verify, "verify of a repaired store");
 
     // 3. A damaged image is rebuilt too.
-    let image_key = step_key(&s, &store, &recipe, "image");
-    let disk = store.join("images-v1").join(&image_key).join("disk.qcow2");
+    let disk = image_dir.join("disk.qcow2");
     let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
     f.set_len(4096).unwrap();
     let out = s.build(&store, &recipe);
@@ -974,8 +988,13 @@ fn a_layer_whose_seal_is_gone_garbled_or_of_another_version_is_rebuilt() {
             std::fs::write(p, bumped).unwrap();
         }),
     ];
+    // The layer is checked when the image is assembled from it.
+    let image_dir = store
+        .join("images-v1")
+        .join(step_key(&s, &store, &recipe, "image"));
     for (i, (what, damage)) in damages.iter().enumerate() {
         damage(&seal);
+        std::fs::remove_dir_all(&image_dir).unwrap();
         let out = s.build(&store, &recipe);
         ok(&out, &format!("build over a layer whose seal was {what}"));
         assert!(

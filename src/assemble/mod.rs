@@ -450,6 +450,7 @@ fn set_times(
         .arg(&script_path)
         .arg(format!("{}?offset={offset}", raw.display()))
         .env("E2FSPROGS_FAKE_TIME", epoch.to_string())
+        .timed_as("debugfs (timestamps)")
         .output()
         .context("setting the root filesystem's timestamps")?;
     let text = out.stdout_str();

@@ -58,7 +58,7 @@ use crate::cmd::{Cmd, Tool};
 use crate::layers::{Row, Status};
 use crate::plan::key::{file_digest, ExportInputs};
 use crate::plan::Key;
-use crate::recipe::{ExportFormat, ImageSpec};
+use crate::recipe::ExportFormat;
 use crate::store::{self, ImageEntry, Store};
 use crate::ui::Ui;
 
@@ -163,28 +163,30 @@ pub fn suffix(format: ExportFormat) -> &'static str {
     }
 }
 
-/// Make (or find in the store) every format of `spec.formats` from the
-/// image `entry`, and publish each to `out_dir`. One summary row per
-/// format; `refresh` converts whatever the store holds.
+/// Make (or find in the store) each of `formats` of the image `entry`,
+/// named `name`, and publish each to `out_dir`. One summary row per
+/// format; `refresh` converts whatever the store holds. The caller holds
+/// the image's key lock.
 pub fn export_all(
     store: &Store,
     entry: &ImageEntry,
-    spec: &ImageSpec,
+    name: &str,
+    formats: &[ExportFormat],
     out_dir: &Path,
     refresh: bool,
     ui: &Ui,
 ) -> Result<(Vec<Output>, Vec<Row>)> {
     let mut outputs = Vec::new();
     let mut rows = Vec::new();
-    for &format in &spec.formats {
+    for &format in formats {
         crate::cmd::check_interrupt()?;
-        let target = Target::new(format, entry.key, &spec.name);
+        let target = Target::new(format, entry.key, name);
         let stage_name = format!("export/{format}");
         let (cached, row) = match cached(store, entry, &target, refresh)? {
             Some(cached) => (cached, Row::new(&stage_name, &target.key, Status::Cached)),
             None => {
                 let stage = ui.stage(&stage_name, "converting");
-                match convert_into_store(store, entry, &target, spec, refresh) {
+                match convert_into_store(store, entry, &target, name, refresh) {
                     Ok(made) => {
                         let seconds = stage.done("built");
                         let row = Row::new(&stage_name, &target.key, Status::Built).took(seconds);
@@ -217,6 +219,84 @@ pub fn export_all(
     Ok((outputs, rows))
 }
 
+/// What `kiln export` made: the files beside the image, and a row each.
+#[derive(Debug, Serialize)]
+pub struct ExportReport {
+    pub image: PathBuf,
+    pub image_key: String,
+    pub outputs: Vec<Output>,
+    pub rows: Vec<Row>,
+}
+
+impl ExportReport {
+    pub fn text(&self) -> String {
+        let rows: Vec<Vec<String>> = self
+            .outputs
+            .iter()
+            .zip(&self.rows)
+            .map(|(o, r)| {
+                vec![
+                    o.format.clone(),
+                    o.file.clone(),
+                    r.status.to_string(),
+                    format!("{:.1}", r.seconds),
+                    o.sha256[..12].to_owned(),
+                ]
+            })
+            .collect();
+        crate::ui::table(&["FORMAT", "FILE", "RESULT", "SECONDS", "SHA256"], &rows)
+            + "not in the image's manifest or signed provenance: list formats in the recipe's [image] formats for that\n"
+    }
+}
+
+/// `kiln export IMAGE --format F`: the image's store entry (named by the
+/// manifest beside IMAGE) converted to each format, written beside IMAGE.
+/// The records are left as the build wrote them: a signed manifest cannot
+/// grow a file after the fact.
+pub fn export_image(
+    store: &Store,
+    image: &Path,
+    formats: &[ExportFormat],
+    ui: &Ui,
+) -> Result<ExportReport> {
+    let manifest_path = crate::record::manifest::path_for(image);
+    let m = crate::record::manifest::read(&manifest_path)?;
+    let key = m.image.key;
+    let _lock = store.lock_key(&key, "the image", || {
+        eprintln!(
+            "another kiln is using image {}; waiting for it",
+            key.short()
+        )
+    })?;
+    let rebuild = format!(
+        "rebuild it with `kiln build {}` and export again",
+        m.recipe.first().map_or("RECIPE", |r| r.path.as_str())
+    );
+    if !store.has_image(&key) {
+        bail!(
+            "image {} ({}) is not in the store {} (removed by `kiln cache gc`?): {rebuild}",
+            key.short(),
+            image.display(),
+            store.root().display()
+        );
+    }
+    if !store.check_before_use(&store.image_dir(&key), |m| eprintln!("{m}"))? {
+        bail!(
+            "image {} was damaged in the store and has been moved aside: {rebuild}",
+            key.short()
+        );
+    }
+    let entry = store.image_entry(&key)?;
+    let dir = image.parent().unwrap_or(Path::new("."));
+    let (outputs, rows) = export_all(store, &entry, &m.name, formats, dir, false, ui)?;
+    Ok(ExportReport {
+        image: image.to_path_buf(),
+        image_key: key.hex(),
+        outputs,
+        rows,
+    })
+}
+
 fn export_dir(store: &Store, entry: &ImageEntry, key: &Key) -> PathBuf {
     store.image_dir(&entry.key).join(EXPORTS).join(key.hex())
 }
@@ -244,7 +324,7 @@ fn convert_into_store(
     store: &Store,
     entry: &ImageEntry,
     target: &Target,
-    spec: &ImageSpec,
+    name: &str,
     refresh: bool,
 ) -> Result<ExportEntry> {
     let started = Instant::now();
@@ -280,7 +360,7 @@ fn convert_into_store(
                 convert(&disk, ExportFormat::Qcow2, &q).run()?;
                 q
             };
-            oci::write_archive(&qcow2, &spec.name, epoch, &scratch, &out)?;
+            oci::write_archive(&qcow2, name, epoch, &scratch, &out)?;
         }
     }
     store::remove_tree(&scratch).with_context(|| format!("removing {}", scratch.display()))?;
@@ -296,7 +376,12 @@ fn convert_into_store(
     store::write_json_atomic(&staging.path().join(ENTRY), &made)?;
     let exports = store.image_dir(&entry.key).join(EXPORTS);
     std::fs::create_dir_all(&exports).with_context(|| format!("creating {}", exports.display()))?;
-    store.publish(staging, &export_dir(store, entry, &target.key), refresh)?;
+    store.publish_with(
+        staging,
+        &export_dir(store, entry, &target.key),
+        refresh,
+        &[(Path::new(&made.file), &made.sha256)],
+    )?;
     Ok(made)
 }
 

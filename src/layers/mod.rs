@@ -45,6 +45,11 @@ pub struct BuildOptions {
     pub signing_key: Option<crate::sign::key::SigningKey>,
     /// Sign the UKI for Secure Boot (`--secure-boot-key`, `--secure-boot-cert`).
     pub secure_boot: Option<assemble::secure_boot::Signer>,
+    /// The shared cache (`--remote`): read when it has a trusted key.
+    pub remote: Option<crate::remote::Remote>,
+    /// Push every step of the plan that the remote lacks, signed with
+    /// `signing_key` (`--push`).
+    pub push: bool,
 }
 
 /// What happened to a stage of a run.
@@ -54,6 +59,8 @@ pub enum Status {
     /// Found in the store (or, for the smoke, passed before).
     Cached,
     Built,
+    /// Brought in from the remote cache, verified.
+    Pulled,
     /// The smoke boot passed or failed.
     Passed,
     Failed,
@@ -64,6 +71,7 @@ impl Status {
         match self {
             Status::Cached => "cached",
             Status::Built => "built",
+            Status::Pulled => "pulled",
             Status::Passed => "passed",
             Status::Failed => "failed",
         }
@@ -84,6 +92,9 @@ pub struct Row {
     pub status: Status,
     pub reason: Option<String>,
     pub seconds: f64,
+    /// What a pulled row downloaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
 }
 
 impl Row {
@@ -94,6 +105,7 @@ impl Row {
             status,
             reason: None,
             seconds: 0.0,
+            bytes: None,
         }
     }
 
@@ -132,6 +144,11 @@ pub struct Summary {
     pub build_log: Option<PathBuf>,
     /// The smoke boot, when it ran or was cached.
     pub smoke: Option<crate::smoke::SmokeReport>,
+    /// Where the time went: seconds in each tool kiln ran (mmdebstrap,
+    /// `apt-get install` in a chroot, mke2fs, …) and in its integrity
+    /// checks, the longest first.
+    #[serde(default)]
+    pub tools: Vec<crate::cmd::ToolTime>,
 }
 
 impl Summary {
@@ -213,13 +230,13 @@ pub fn build(
         seconds: started.elapsed().as_secs_f64(),
         build_log,
         smoke: None,
+        tools: crate::cmd::tool_times(),
     };
     if opts.layers_only {
         return Ok((plan, summary(run, PathBuf::new(), None, None)));
     }
-    run.layers(&plan)?;
-    check_interrupt()?;
-    // Held through the export, so two runs of one recipe never write out/ at once.
+    // Held through the layers (an image in the store needs none of them)
+    // and the export, so two runs of one recipe never write out/ at once.
     let (_image_lock, waited) = lock_key(store, &plan.image.key, "the image")?;
     let (entry, built) = run
         .image(&plan, waited)
@@ -228,7 +245,8 @@ pub fn build(
     let (outputs, rows) = crate::export::export_all(
         store,
         &entry,
-        &recipe.image,
+        &recipe.image.name,
+        &recipe.image.formats,
         &opts.out_dir,
         opts.refresh,
         ui,
@@ -336,6 +354,13 @@ impl Run<'_> {
             self.lowers.insert(0, store.layer_tree(&step.key));
             return Ok(None);
         };
+        if !matches!(reason, Reason::Refresh | Reason::Unlocked) {
+            if let Some(row) = self.pull(crate::remote::Kind::Layer, &step.id(), &step.key)? {
+                self.rows.push(row);
+                self.lowers.insert(0, store.layer_tree(&step.key));
+                return Ok(None);
+            }
+        }
         let stage = self.ui.stage(&step.id(), &format!("building ({reason})"));
         let built = build_step(&self.ctx, step, &self.lowers).and_then(|built| {
             let pins = built.lock.clone();
@@ -371,6 +396,72 @@ impl Run<'_> {
         Ok(pins)
     }
 
+    /// A step or image missing from the store, from the remote cache when
+    /// it has a verified entry for the key; `None` means build it. A
+    /// refused entry is one warning line and a local build.
+    fn pull(&self, kind: crate::remote::Kind, id: &str, key: &plan::Key) -> Result<Option<Row>> {
+        let Some(remote) = self.opts.remote.as_ref().filter(|r| r.readable()) else {
+            return Ok(None);
+        };
+        let refused = |e: anyhow::Error| {
+            eprintln!(
+                "warning: {} ({}): the entry in {} is refused: {e:#}; building it locally",
+                id,
+                key.short(),
+                remote.reference()
+            );
+        };
+        let found = match remote.lookup(kind, key) {
+            Ok(Ok(found)) => found,
+            Ok(Err(_miss)) => {
+                crate::cmd::log_line(&format!(
+                    "{}: {} has no entry {}",
+                    id,
+                    remote.reference(),
+                    key.short()
+                ));
+                return Ok(None);
+            }
+            Err(e) => {
+                refused(e);
+                return Ok(None);
+            }
+        };
+        let stage = self.ui.stage(
+            id,
+            &format!(
+                "pulling {} from {}",
+                crate::store::gc::human(found.size),
+                remote.reference()
+            ),
+        );
+        match remote.pull(self.ctx.store, kind, key, &found) {
+            Ok(Ok(pulled)) => {
+                let seconds = stage.done("pulled");
+                let mut row = Row::new(id, key, Status::Pulled)
+                    .because(format!(
+                        "{} from {}, signed by {}",
+                        crate::store::gc::human(pulled.bytes),
+                        remote.reference(),
+                        pulled.signed_by
+                    ))
+                    .took(seconds);
+                row.bytes = Some(pulled.bytes);
+                Ok(Some(row))
+            }
+            Ok(Err(_down)) => {
+                stage.failed();
+                Ok(None)
+            }
+            Err(e) => {
+                stage.failed();
+                check_interrupt()?;
+                refused(e);
+                Ok(None)
+            }
+        }
+    }
+
     /// Stage 3: the image, from the store or assembled from the lowers.
     /// Says whether this run built it.
     fn image(&mut self, plan: &Plan, waited: bool) -> Result<(ImageEntry, bool)> {
@@ -378,9 +469,25 @@ impl Run<'_> {
         let key = plan.image.key;
         let fresh = image_freshness(plan, store, self.opts.refresh, &self.state);
         let Some(reason) = usable(store, &key, &store.image_dir(&key), fresh)? else {
+            // Its layers are not needed, so not checked: a no-op build
+            // reads the image's entry, not every file of every layer.
+            for step in &plan.steps[self.rows.len()..] {
+                self.rows.push(
+                    Row::new(step.id(), &step.key, Status::Cached)
+                        .because("not checked: its image is in the store"),
+                );
+            }
             self.rows.push(Row::cached("image", &key, waited));
             return Ok((store.image_entry(&key)?, false));
         };
+        self.layers(plan)?;
+        check_interrupt()?;
+        if reason != Reason::Refresh {
+            if let Some(row) = self.pull(crate::remote::Kind::Image, "image", &key)? {
+                self.rows.push(row);
+                return Ok((store.image_entry(&key)?, false));
+            }
+        }
         let stage = self.ui.stage("image", &format!("assembling ({reason})"));
         let signer = self.opts.secure_boot.as_ref();
         match build_image(plan, store, &self.lowers, self.opts.refresh, signer) {
@@ -718,7 +825,12 @@ fn build_image(
         built_by: Some(crate::record::builder()),
     };
     store::write_json_atomic(&staging.path().join("image.json"), &entry)?;
-    store.publish(staging, &store.image_dir(&plan.image.key), replace)?;
+    store.publish_with(
+        staging,
+        &store.image_dir(&plan.image.key),
+        replace,
+        &[(Path::new(&entry.file), &entry.sha256)],
+    )?;
     Ok(entry)
 }
 

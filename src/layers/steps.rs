@@ -378,7 +378,7 @@ fn apt_get(root: &Path, locked: bool) -> Cmd {
 /// warns by default, and the install then fails with a misleading
 /// "Unable to locate package").
 fn apt_update(root: &Path, locked: bool) -> Result<()> {
-    apt_get(root, locked).args(["update", "--error-on=any"]).run().map_err(|e| {
+    apt_get(root, locked).args(["update", "--error-on=any"]).timed_as("apt-get update").run().map_err(|e| {
         let text = format!("{e:#}");
         if text.contains("Could not connect") || text.contains("Failed to fetch") || text.contains("Temporary failure resolving") {
             e.context(
@@ -454,6 +454,7 @@ pub fn chrooted(ctx: &Ctx, root: &Path, work: ChrootWork, source: Source) -> Res
             apt_get(root, locked)
                 .args(["install", "--no-install-recommends"])
                 .args(&install)
+                .timed_as("apt-get install")
                 .run()
                 .map_err(|e| explain_apt_failure(e, &origin, &format!("layer.{layer}.packages")))?;
             if auto.is_empty() {
@@ -461,12 +462,17 @@ pub fn chrooted(ctx: &Ctx, root: &Path, work: ChrootWork, source: Source) -> Res
             }
             // Installed by version as a locked step must, dependencies would
             // otherwise be marked as wanted for themselves.
-            chroot(root).args(["apt-mark", "auto"]).args(&auto).run()
+            chroot(root)
+                .args(["apt-mark", "auto"])
+                .args(&auto)
+                .timed_as("apt-mark")
+                .run()
         }),
         ChrootWork::Run { commands, layer } => {
             commands.iter().enumerate().try_for_each(|(i, c)| {
                 chroot(root)
                     .args(["/bin/sh", "-ec", c])
+                    .timed_as("run step")
                     .run()
                     .with_context(|| {
                         format!("layer `{layer}`, run[{i}]: `{c}` failed inside the image")
@@ -527,7 +533,10 @@ fn upgrade(
         lists_used.push(lists);
     }
     apt_update(root, locked)?;
-    apt_get(root, locked).arg("dist-upgrade").run()?;
+    apt_get(root, locked)
+        .arg("dist-upgrade")
+        .timed_as("apt-get dist-upgrade")
+        .run()?;
     purge_old_kernels(root, locked)?;
     Ok(lists_used)
 }
@@ -560,7 +569,11 @@ fn purge_old_kernels(root: &Path, locked: bool) -> Result<()> {
     if old.is_empty() {
         return Ok(());
     }
-    apt_get(root, locked).arg("purge").args(&old).run()
+    apt_get(root, locked)
+        .arg("purge")
+        .args(&old)
+        .timed_as("apt-get purge")
+        .run()
 }
 
 /// Copy the recipe's files into `root`, never following a symlink out of it.

@@ -82,6 +82,26 @@ pub struct PlanRow {
     pub key: String,
     #[serde(flatten)]
     pub freshness: Freshness,
+    /// With `--remote`: what the remote cache has for a step to build.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote: Option<RemoteState>,
+}
+
+/// What the remote cache would do for a step the store lacks.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum RemoteState {
+    /// It has a layer signed by a trusted key: the build pulls it.
+    Pull {
+        bytes: u64,
+        signed_by: String,
+    },
+    Absent,
+    /// It has one that does not verify: the build refuses it.
+    Refused {
+        why: String,
+    },
+    Unavailable,
 }
 
 impl PlanReport {
@@ -105,12 +125,14 @@ impl PlanReport {
                 stage: s.id().into(),
                 key: s.key.hex(),
                 freshness: f,
+                remote: None,
             })
             .collect();
         rows.push(PlanRow {
             stage: "image".into(),
             key: plan.image.key.hex(),
             freshness: image,
+            remote: None,
         });
         PlanReport {
             recipe: plan.recipe.path.display().to_string(),
@@ -124,9 +146,20 @@ impl PlanReport {
             .steps
             .iter()
             .map(|r| {
-                let (state, why) = match &r.freshness {
-                    Freshness::Cached => ("cached".to_owned(), String::new()),
-                    Freshness::Build(reason) => ("build".to_owned(), reason.to_string()),
+                let (state, why) = match (&r.freshness, &r.remote) {
+                    (Freshness::Cached, _) => ("cached".to_owned(), String::new()),
+                    (Freshness::Build(_), Some(RemoteState::Pull { bytes, signed_by })) => (
+                        "pull".to_owned(),
+                        format!(
+                            "{} from the remote, signed by {signed_by}",
+                            crate::store::gc::human(*bytes)
+                        ),
+                    ),
+                    (Freshness::Build(reason), Some(RemoteState::Refused { why })) => (
+                        "build".to_owned(),
+                        format!("{reason}; the remote's layer is refused: {why}"),
+                    ),
+                    (Freshness::Build(reason), _) => ("build".to_owned(), reason.to_string()),
                 };
                 vec![r.stage.clone(), r.key[..12].to_owned(), state, why]
             })

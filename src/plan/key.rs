@@ -374,6 +374,11 @@ pub struct SmokeInputs {
     /// With Secure Boot on, the fingerprint of the certificate enrolled in
     /// the firmware's db; a boot without it leaves it out of the hash.
     pub secure_boot: Option<String>,
+    /// The SSH login and its checks, and the cloud-init seed; a boot with
+    /// none of them leaves them out of the hash.
+    pub ssh: bool,
+    pub ssh_checks: Vec<String>,
+    pub cloud_init: bool,
 }
 
 impl SmokeInputs {
@@ -385,6 +390,9 @@ impl SmokeInputs {
             checks,
             http,
             secure_boot,
+            ssh,
+            ssh_checks,
+            cloud_init,
         } = self;
         let mut h = KeyHasher::new(SMOKE_DOMAIN);
         h.opt_key("image", Some(*image));
@@ -409,6 +417,12 @@ impl SmokeInputs {
         }
         if let Some(fingerprint) = secure_boot {
             h.str("secure-boot-db", fingerprint);
+        }
+        if *ssh {
+            h.list("ssh-checks", ssh_checks);
+        }
+        if *cloud_init {
+            h.bytes("cloud-init", b"");
         }
         h.finish()
     }
@@ -494,8 +508,20 @@ mod tests {
                 contains: None,
             }],
             secure_boot: None,
+            ssh: false,
+            ssh_checks: vec![],
+            cloud_init: false,
         };
         let k = base.key();
+        let mut v = base.clone();
+        v.ssh = true;
+        assert_ne!(v.key(), k, "an SSH login is part of the test");
+        let mut ssh = v.clone();
+        ssh.ssh_checks = vec!["true".into()];
+        assert_ne!(ssh.key(), v.key());
+        let mut v = base.clone();
+        v.cloud_init = true;
+        assert_ne!(v.key(), k);
         let mut v = base.clone();
         v.secure_boot = Some("ab".into());
         assert_ne!(v.key(), k);

@@ -232,6 +232,14 @@ pub struct SmokeSpec {
     pub checks: Vec<String>,
     pub http: Vec<HttpCheck>,
     pub seed: Vec<String>,
+    /// Log in over SSH as root with a throwaway key passed as the
+    /// `ssh.authorized_keys.root` credential, and run `ssh_checks`.
+    pub ssh: bool,
+    /// Commands run as root over SSH, from the host (with `ssh`).
+    pub ssh_checks: Vec<String>,
+    /// Seed cloud-init with a NoCloud volume (`cidata`) naming a host and
+    /// a user with a throwaway key, and log in as that user.
+    pub cloud_init: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -552,6 +560,9 @@ fn merge(parent: Merged, child: RawRecipe, child_path: &Path) -> Merged {
             checks: ps.checks.into_iter().chain(cs.checks).collect(),
             http: ps.http.into_iter().chain(cs.http).collect(),
             seed: ps.seed.into_iter().chain(cs.seed).collect(),
+            ssh: cs.ssh.or(ps.ssh),
+            ssh_checks: ps.ssh_checks.into_iter().chain(cs.ssh_checks).collect(),
+            cloud_init: cs.cloud_init.or(ps.cloud_init),
         }),
         (ps, cs) => cs.or(ps),
     };
@@ -999,7 +1010,11 @@ fn resolve_smoke(path: &Path, s: RawSmoke) -> Result<SmokeSpec> {
             "give the boot time to happen, e.g. \"180s\"",
         ));
     }
-    for (key, list) in [("checks", &s.checks), ("seed", &s.seed)] {
+    for (key, list) in [
+        ("checks", &s.checks),
+        ("seed", &s.seed),
+        ("ssh_checks", &s.ssh_checks),
+    ] {
         if let Some(j) = list
             .iter()
             .position(|c| c.trim().is_empty() || c.contains('\n'))
@@ -1053,11 +1068,22 @@ fn resolve_smoke(path: &Path, s: RawSmoke) -> Result<SmokeSpec> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
+    let ssh = s.ssh.unwrap_or(false);
+    if !ssh && !s.ssh_checks.is_empty() {
+        return Err(bad(
+            "smoke.ssh_checks".into(),
+            "is set, but `ssh` is not true, so kiln would not log in to run them".into(),
+            "add `ssh = true` to [smoke] (the image needs an SSH server, e.g. extend ssh.toml)",
+        ));
+    }
     Ok(SmokeSpec {
         timeout,
         checks: s.checks,
         http,
         seed: s.seed,
+        ssh,
+        ssh_checks: s.ssh_checks,
+        cloud_init: s.cloud_init.unwrap_or(false),
     })
 }
 

@@ -82,6 +82,10 @@ pub struct RawSmoke {
     pub http: Vec<RawHttp>,
     #[serde(default)]
     pub seed: Vec<String>,
+    pub ssh: Option<bool>,
+    #[serde(default)]
+    pub ssh_checks: Vec<String>,
+    pub cloud_init: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

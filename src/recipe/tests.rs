@@ -314,6 +314,8 @@ size = "1GiB"
 timeout = "100s"
 checks = ["systemctl is-system-running --wait"]
 http = [{{ port = 22, path = "/" }}]
+ssh = true
+ssh_checks = ["true"]
 "#
         ),
     );
@@ -339,6 +341,8 @@ size = "2GiB"
 [smoke]
 timeout = "200s"
 checks = ["systemctl is-active app"]
+ssh_checks = ["systemctl is-active app"]
+cloud_init = true
 "#,
     );
     (d, parent, child)
@@ -373,6 +377,13 @@ fn extends_appends_layers_and_overrides_image_fields_one_by_one() {
         ]
     );
     assert_eq!(child.smoke.http.len(), 1, "the parent's http check is kept");
+    assert!(child.smoke.ssh, "the parent's ssh = true is kept");
+    assert_eq!(
+        child.smoke.ssh_checks,
+        ["true", "systemctl is-active app"],
+        "ssh checks are appended"
+    );
+    assert!(child.smoke.cloud_init && !parent.smoke.cloud_init);
     assert_eq!(
         child.smoke.timeout,
         std::time::Duration::from_secs(200),
@@ -769,6 +780,33 @@ fn cases() -> Vec<Case> {
             ),
             key: "smoke.http[0].port",
             says: "65535",
+        },
+        Case {
+            what: "ssh checks without ssh",
+            edit: Replace(
+                "run = [\"true\"]\n",
+                "run = [\"true\"]\n[smoke]\nssh_checks = [\"true\"]\n",
+            ),
+            key: "smoke.ssh_checks",
+            says: "`ssh` is not true",
+        },
+        Case {
+            what: "an empty ssh check",
+            edit: Replace(
+                "run = [\"true\"]\n",
+                "run = [\"true\"]\n[smoke]\nssh = true\nssh_checks = [\"true\", \" \"]\n",
+            ),
+            key: "smoke.ssh_checks[1]",
+            says: "empty",
+        },
+        Case {
+            what: "ssh as a string",
+            edit: Replace(
+                "run = [\"true\"]\n",
+                "run = [\"true\"]\n[smoke]\nssh = \"yes\"\n",
+            ),
+            key: "smoke.ssh",
+            says: "true or false",
         },
         Case {
             what: "bad format",

@@ -233,6 +233,14 @@ pub fn path_for(image: &Path) -> PathBuf {
 }
 
 pub fn read(path: &Path) -> Result<Manifest> {
+    if !path.is_file() {
+        return Err(crate::error::BadInput::file(
+            path,
+            "does not exist: kiln writes NAME.manifest.json beside every image it builds",
+            "name an image that `kiln build` wrote (e.g. out/web.qcow2), with its manifest beside it",
+        )
+        .into());
+    }
     let m: Manifest = crate::store::read_json(path)?;
     if m.schema != SCHEMA {
         anyhow::bail!(
@@ -322,6 +330,19 @@ pub fn summary(m: &Manifest) -> String {
             "files",
             "not recorded (image assembled by an older kiln)".to_owned(),
         ),
+    }
+    for o in &m.outputs {
+        line(
+            &mut s,
+            "output",
+            format!(
+                "{} ({}, {} bytes, sha256 {})",
+                o.file,
+                o.format,
+                o.bytes,
+                &o.sha256[..12.min(o.sha256.len())]
+            ),
+        );
     }
     if !m.volumes.is_empty() {
         line(&mut s, "volumes", m.volumes.join(", "));

@@ -1,8 +1,9 @@
 //! `out/NAME.provenance.json`: an in-toto Statement v1 whose predicate is
 //! SLSA provenance v1 (<https://slsa.dev/spec/v1.0/provenance>).
 //!
-//! The subjects are the exported disk and its manifest (file name and
-//! sha256 of each): a signature on the statement then vouches for the disk
+//! The subjects are the exported disk, its manifest, and each deployable
+//! file of `[image] formats` (file name and sha256 of each): a signature on
+//! the statement then vouches for the disk, for every other format of it,
 //! and, through the manifest, for every file in it. The resolved
 //! dependencies are the recipe files, the lock, every copied file, and every
 //! installed Debian package as a purl, with the .deb's sha256 from the lock's
@@ -111,15 +112,28 @@ pub fn manifest_subject(m: &Manifest) -> String {
     format!("{}.manifest.json", m.name)
 }
 
+/// The disk, the manifest, then each deployable file of `[image] formats`
+/// (`web.vmdk`, …), so that a verifier holding only the VMDK can check it
+/// against the signed statement.
+fn subjects(m: &Manifest, manifest_sha256: &str) -> Vec<Value> {
+    let mut subjects = vec![
+        json!({ "name": m.image.file, "digest": { "sha256": m.image.sha256 } }),
+        json!({ "name": manifest_subject(m), "digest": { "sha256": manifest_sha256 } }),
+    ];
+    subjects.extend(
+        m.outputs
+            .iter()
+            .map(|o| json!({ "name": o.file, "digest": { "sha256": o.sha256 } })),
+    );
+    subjects
+}
+
 /// The statement about the disk `m` describes and the manifest itself,
 /// whose sha256 is `manifest_sha256`.
 pub fn statement(m: &Manifest, manifest_sha256: &str, materials: &[Material]) -> Value {
     json!({
         "_type": STATEMENT_TYPE,
-        "subject": [
-            { "name": m.image.file, "digest": { "sha256": m.image.sha256 } },
-            { "name": manifest_subject(m), "digest": { "sha256": manifest_sha256 } },
-        ],
+        "subject": subjects(m, manifest_sha256),
         "predicateType": PREDICATE_TYPE,
         "predicate": {
             "buildDefinition": {

@@ -94,6 +94,9 @@ pub fn check(
         // The second build is compared, never published: nothing to sign.
         signing_key: None,
         secure_boot,
+        // A cold build: never from a cache.
+        remote: None,
+        push: false,
     };
     eprintln!(
         "check-repro: building again into an empty store, with umask {OTHER_UMASK:03o} and TZ={OTHER_TZ}"

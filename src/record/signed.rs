@@ -191,16 +191,31 @@ pub fn check(
     let disk_sha256 = file_digest(disk).with_context(|| format!("hashing {}", disk.display()))?;
     let manifest_sha256 = file_digest(manifest_path)
         .with_context(|| format!("hashing {}", manifest_path.display()))?;
-    for (what, name, actual) in [
+    let mut subjects = vec![
         ("disk", m.image.file.clone(), disk_sha256),
         ("manifest", manifest_subject(m), manifest_sha256),
-    ] {
+    ];
+    // The other formats are checked when they are here: a VMDK need not
+    // travel with the qcow2 it was made from.
+    for o in &m.outputs {
+        let file = manifest_path.with_file_name(&o.file);
+        if file.is_file() {
+            let sha = file_digest(&file).with_context(|| format!("hashing {}", file.display()))?;
+            subjects.push(("output", o.file.clone(), sha));
+        }
+    }
+    for (what, name, actual) in subjects {
         match subject_digest(&statement, &name) {
             None => check.failures.push(format!(
                 "subject: the signed statement names no {what} `{name}`"
             )),
             Some(signed) if signed != actual => check.failures.push(format!(
-                "subject: {what} digest differs from the signed one"
+                "subject: {what} digest differs from the signed one{}",
+                if what == "output" {
+                    format!(" ({name})")
+                } else {
+                    String::new()
+                }
             )),
             Some(_) => {}
         }

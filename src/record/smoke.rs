@@ -454,6 +454,7 @@ mod tests {
             log: "out/web.smoke.log".into(),
             note: None,
             finished: 1_700_000_000,
+            ssh_host_keys: vec![],
         }
     }
 

@@ -138,8 +138,13 @@ fn entry(path: String, host: &Path, meta: &std::fs::Metadata) -> Result<FileEntr
     })
 }
 
-/// Whether `path` is `prefix` or lies under it.
+/// Whether `path` is `prefix` or lies under it. A `prefix` ending in `*`
+/// covers every path that starts with what comes before the `*`
+/// (`/etc/ssh/ssh_host_*`).
 pub fn under(path: &str, prefix: &str) -> bool {
+    if let Some(start) = prefix.strip_suffix('*') {
+        return path.starts_with(start);
+    }
     let prefix = prefix.trim_end_matches('/');
     prefix.is_empty()
         || path == prefix
@@ -276,6 +281,11 @@ mod tests {
         assert!(under("/var", "/var"));
         assert!(under("/var/lib/x", "/var/"));
         assert!(!under("/variable", "/var"));
+        assert!(under(
+            "/etc/ssh/ssh_host_rsa_key.pub",
+            "/etc/ssh/ssh_host_*"
+        ));
+        assert!(!under("/etc/ssh/sshd_config", "/etc/ssh/ssh_host_*"));
         assert!(under("/anything", "/"));
     }
 

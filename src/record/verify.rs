@@ -35,7 +35,9 @@ use crate::plan::key::file_digest;
 /// `--root`. /var holds state and logs (including /var/lib/systemd);
 /// /etc/machine-id is written at first boot; resolv.conf by DHCP or
 /// systemd-resolved; adjtime by hwclock; .pwd.lock by every passwd change
-/// attempt; lost+found by fsck.
+/// attempt; lost+found by fsck; the SSH host keys are made on each
+/// machine's first boot (an image carries none: recipes/ssh.toml), like
+/// what cloud-init keeps under /var/lib/cloud.
 pub const DEFAULT_IGNORES: &[&str] = &[
     "/dev",
     "/proc",
@@ -49,6 +51,7 @@ pub const DEFAULT_IGNORES: &[&str] = &[
     "/etc/resolv.conf",
     "/etc/adjtime",
     "/etc/.pwd.lock",
+    "/etc/ssh/ssh_host_*",
 ];
 
 #[derive(Debug, Clone, Serialize)]
@@ -542,6 +545,12 @@ mod tests {
         let ignored = |p: &str| DEFAULT_IGNORES.iter().any(|i| under(p, i));
         assert!(ignored("/var/lib/systemd/random-seed"));
         assert!(ignored("/etc/machine-id"));
+        assert!(ignored(
+            "/var/lib/cloud/instances/kiln-smoke-0/user-data.txt"
+        ));
+        assert!(ignored("/etc/ssh/ssh_host_ed25519_key"));
+        assert!(!ignored("/etc/ssh/sshd_config"));
+        assert!(!ignored("/root/.ssh/authorized_keys"));
         assert!(!ignored("/etc/passwd"));
         assert!(!ignored("/usr/bin/ls"));
     }

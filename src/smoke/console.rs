@@ -20,6 +20,9 @@ pub enum Marker {
     CheckStart(usize),
     Out(usize, String),
     CheckEnd(usize, i32),
+    /// One of the guest's SSH host public keys (`TYPE BASE64`), reported
+    /// when kiln logs in over SSH: its known_hosts.
+    HostKey(String),
     Done(usize),
 }
 
@@ -194,6 +197,11 @@ pub fn parse_marker(line: &str, marker_space: &str) -> Option<Marker> {
             Marker::CheckEnd(num(n)?, rc.trim().parse().ok()?)
         }
         "done" => Marker::Done(num(arg)?),
+        "host-key" => {
+            let mut fields = arg.split_whitespace();
+            let (kind, key) = (fields.next()?, fields.next()?);
+            Marker::HostKey(format!("{kind} {key}"))
+        }
         _ => return None,
     })
 }
@@ -281,6 +289,10 @@ mod tests {
             ("KILN-SMOKE-00ff check-end 2 127", Marker::CheckEnd(2, 127)),
             ("KILN-SMOKE-00ff done 3", Marker::Done(3)),
             (
+                "KILN-SMOKE-00ff host-key ssh-ed25519 AAAAC3Nz root@ssh",
+                Marker::HostKey("ssh-ed25519 AAAAC3Nz".into()),
+            ),
+            (
                 "KILN-SMOKE-00ff job 12 foo.service start running",
                 Marker::Job("12 foo.service start running".into()),
             ),
@@ -308,6 +320,7 @@ mod tests {
             "KILN-SMOKE-00ff done",
             "KILN-SMOKE-00ff check-end 1 notanumber",
             "KILN-SMOKE-00ff launch-missiles now",
+            "KILN-SMOKE-00ff host-key ssh-ed25519",
             "done 0",
         ];
         for line in cases {

@@ -26,8 +26,11 @@ pub struct GuestPlan<'a> {
     /// Bound on waiting for the boot to finish (leave "starting").
     pub settle_secs: u64,
     /// Seconds to stay up after reporting, so the host can run its HTTP
-    /// checks; 0 powers off at once.
+    /// and SSH checks; 0 powers off at once.
     pub hold_secs: u64,
+    /// Report the SSH host public keys (kiln logs in over SSH and checks
+    /// the host key against them).
+    pub host_keys: bool,
 }
 
 /// The marker that starts every line the guest prints for kiln.
@@ -79,6 +82,13 @@ run_check() {{
         poll_s = SETTLE_POLL_MS as f64 / 1000.0,
         tail = CHECK_TAIL_LINES,
     );
+    if plan.host_keys {
+        // Read after the boot settled: the keys are made before ssh starts
+        // (by the image's unit, or by cloud-init).
+        s.push_str(
+            "for k in /etc/ssh/ssh_host_*_key.pub; do [ -f \"$k\" ] && say host-key \"$(cat \"$k\")\"; done\n",
+        );
+    }
     for (i, check) in plan.checks.iter().enumerate() {
         writeln!(s, "run_check {} {}", i + 1, sh_word(check)).expect("write to String");
     }
@@ -183,6 +193,7 @@ mod tests {
             checks,
             settle_secs: 60,
             hold_secs: hold,
+            host_keys: false,
         }
     }
 
@@ -207,6 +218,42 @@ mod tests {
         assert!(s.ends_with("systemctl poweroff --no-block\n"), "{s}");
         // 60 s of settling at 200 ms a poll.
         assert!(s.contains("-lt 300 ]"), "{s}");
+        assert!(!s.contains("host-key"), "{s}");
+    }
+
+    #[test]
+    fn script_reports_host_keys_when_kiln_logs_in() {
+        let s = script(&GuestPlan {
+            host_keys: true,
+            ..plan(&[], 0)
+        });
+        assert!(s.contains("say host-key \"$(cat \"$k\")\""), "{s}");
+        // Reported before `done`, which is when kiln logs in.
+        assert!(s.find("host-key").unwrap() < s.find("say done").unwrap());
+        // The real loop, over a fake /etc/ssh.
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(
+            d.path().join("ssh_host_ed25519_key.pub"),
+            "ssh-ed25519 AAAA root@x\n",
+        )
+        .unwrap();
+        let lp = s.find("for k in").unwrap();
+        let line = s[lp..]
+            .lines()
+            .next()
+            .unwrap()
+            .replace("/etc/ssh", &d.path().display().to_string());
+        let out = std::process::Command::new("sh")
+            .args([
+                "-c",
+                &format!("M=m; say() {{ printf '%s %s\\n' \"$M\" \"$*\"; }}\n{line}"),
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "m host-key ssh-ed25519 AAAA root@x\n"
+        );
     }
 
     #[test]

@@ -22,6 +22,14 @@
 //! networking's host forwards, as soon as it reads `done`. kiln does not
 //! wait for the guest's power-off: once it has a verdict it kills QEMU.
 //!
+//! With an SSH login (`[smoke] ssh`, `cloud_init`), kiln also hands the
+//! guest a throwaway public key (as the `ssh.authorized_keys.root`
+//! credential, or in a cloud-init NoCloud seed volume), forwards a port to
+//! its 22, and the script reports the guest's SSH host public keys before
+//! `done`; kiln then logs in with OpenSSH, checking the host key against
+//! them, and runs the SSH checks like the HTTP ones (see [`ssh`] and
+//! [`cloud`]). A refused login is its own failure, not a failed check.
+//!
 //! While waiting, kiln also reads the console for the ways a boot dies
 //! early (kernel panic, emergency mode, an initramfs that cannot find the
 //! root file system, the firmware's shell when there is nothing to boot)
@@ -47,6 +55,7 @@
 //! image failed (exit code 3); `Err` kiln itself broke or was interrupted.
 
 mod accel;
+pub mod cloud;
 mod console;
 mod firmware;
 mod guest;
@@ -54,6 +63,7 @@ mod http;
 mod qemu;
 pub mod sealed;
 pub mod secure_boot;
+pub mod ssh;
 pub mod stage;
 pub mod upgrade;
 pub mod volumes;
@@ -87,9 +97,14 @@ const FATAL_LINGER: Duration = Duration::from_secs(1);
 const UNIT_START_GRACE: Duration = Duration::from_secs(30);
 /// First systemd that imports SMBIOS credentials as units and drop-ins.
 const SYSTEMD_WITH_CREDENTIALS: u32 = 256;
-/// How long the guest stays up after `done` for the host's HTTP checks
-/// (kiln kills the VM as soon as it is finished with them).
-const HTTP_HOLD_BASE_SECS: u64 = 60;
+/// How long the guest stays up after `done` for the host's HTTP and SSH
+/// checks (kiln kills the VM as soon as it is finished with them).
+const HOST_CHECKS_HOLD_BASE_SECS: u64 = 60;
+/// More time the guest stays up for each SSH login (slow under emulation).
+const SSH_HOLD_SECS: u64 = 30;
+/// What kiln runs as root over SSH when the recipe has no `ssh_checks`:
+/// the login is the check.
+const LOGIN_ONLY: &str = "true";
 /// Least time the guest waits for its boot to finish; otherwise half the
 /// smoke timeout, so kiln hears about a stuck boot before its own timeout.
 const MIN_SETTLE_SECS: u64 = 10;
@@ -123,6 +138,10 @@ pub struct SmokeOptions {
     /// A sealed image's root hash, from its manifest: kiln checks the
     /// guest runs on exactly that root (see `sealed`).
     pub verity: Option<String>,
+    /// With an SSH login: the public key passed to the guest as root's
+    /// authorized key instead of the throwaway key's (kiln still logs in
+    /// with the throwaway key, so the login is then refused).
+    pub ssh_authorized_key: Option<String>,
 }
 
 /// A data volume's disk for the VM.
@@ -167,6 +186,10 @@ pub struct SmokeReport {
     pub log: PathBuf,
     /// Anything the user should know about a pass (e.g. old systemd).
     pub note: Option<String>,
+    /// With an SSH login: the host public keys the guest reported (made at
+    /// this boot), which kiln checked the host key against.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_host_keys: Vec<String>,
     /// Unix seconds when the verdict was reached.
     pub finished: u64,
 }
@@ -199,15 +222,29 @@ pub enum CheckKind {
     SecureBoot,
     /// kiln's own in-guest check of a sealed image's verity root.
     Sealed,
+    /// A command run as root over SSH, from the host.
+    Ssh,
+    /// kiln's own check that root's login with a key the guest was never
+    /// given is refused.
+    #[serde(rename = "ssh_other_key")]
+    SshOtherKey,
+    /// kiln's own check, over SSH as the user the cloud-init seed made,
+    /// that cloud-init applied the seed.
+    #[serde(rename = "cloud_init")]
+    CloudInit,
 }
 
 impl CheckKind {
-    /// What one of kiln's own checks checks.
+    /// What one of kiln's own in-guest checks checks.
     fn builtin_name(self) -> &'static str {
         match self {
             CheckKind::SecureBoot => secure_boot::GUEST_CHECK_NAME,
             CheckKind::Sealed => sealed::GUEST_CHECK_NAME,
-            CheckKind::Guest | CheckKind::Http => "",
+            CheckKind::Guest
+            | CheckKind::Http
+            | CheckKind::Ssh
+            | CheckKind::SshOtherKey
+            | CheckKind::CloudInit => "",
         }
     }
 }
@@ -237,6 +274,9 @@ impl CheckResult {
             CheckKind::Http => format!("http {}", self.index),
             CheckKind::SecureBoot => "secure-boot".to_owned(),
             CheckKind::Sealed => "sealed".to_owned(),
+            CheckKind::Ssh => format!("ssh {}", self.index),
+            CheckKind::SshOtherKey => "ssh-other-key".to_owned(),
+            CheckKind::CloudInit => "cloud-init".to_owned(),
         }
     }
 }
@@ -246,7 +286,7 @@ impl fmt::Display for CheckResult {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mark = if self.passed { "passed" } else { "FAILED" };
         match self.kind {
-            CheckKind::Guest => {
+            CheckKind::Guest | CheckKind::Ssh => {
                 write!(f, "{mark} {} `{}`", self.name(), self.check)?;
                 match self.exit_code {
                     Some(code) => write!(f, " exited {code}")?,
@@ -254,7 +294,10 @@ impl fmt::Display for CheckResult {
                 }
             }
             CheckKind::Http => write!(f, "{mark} {} {}", self.name(), self.check)?,
-            CheckKind::SecureBoot | CheckKind::Sealed => {
+            CheckKind::SecureBoot
+            | CheckKind::Sealed
+            | CheckKind::SshOtherKey
+            | CheckKind::CloudInit => {
                 write!(f, "{mark} {}: {}", self.name(), self.check)?;
                 if !self.passed {
                     if let Some(code) = self.exit_code {
@@ -359,6 +402,18 @@ pub enum SmokeFailure {
         systemd_version: Option<u32>,
         checks: usize,
     },
+    /// The guest's SSH server refused kiln's key: the image did not take
+    /// the key it was given at boot.
+    SshLoginRefused {
+        user: String,
+        detail: String,
+    },
+    /// kiln could not log in over SSH: nothing answered, the guest
+    /// reported no host key, or the host key was not the one it reported.
+    SshFailed {
+        user: String,
+        detail: String,
+    },
     /// The VM stopped before kiln had a verdict.
     GuestStopped {
         status: String,
@@ -452,6 +507,23 @@ impl fmt::Display for SmokeFailure {
                     "the guest booted to a login prompt but its {checks} check(s) could not run: {v} did not start \
                      kiln's check unit (SMBIOS credentials need systemd {SYSTEMD_WITH_CREDENTIALS} or newer)"
                 )
+            }
+            SmokeFailure::SshLoginRefused { user, detail } => {
+                let how = if user == "root" {
+                    format!(
+                        "the `{}` credential (systemd-tmpfiles' provision.conf writes it to /root/.ssh/authorized_keys)",
+                        ssh::ROOT_KEYS_CREDENTIAL
+                    )
+                } else {
+                    "the cloud-init seed".to_owned()
+                };
+                write!(
+                    f,
+                    "the guest refused the SSH login as {user} with the key it was given in {how}: {detail}"
+                )
+            }
+            SmokeFailure::SshFailed { user, detail } => {
+                write!(f, "kiln could not log in over SSH as {user}: {detail}")
             }
             SmokeFailure::GuestStopped { status, tail } => {
                 write!(
@@ -568,18 +640,32 @@ pub fn run(disk: &Path, spec: &SmokeSpec, opts: &SmokeOptions) -> Result<SmokeRe
             e.insert(http::free_port()?);
         }
     }
+    let access = Access::prepare(spec, opts, tmp.path(), &nonce, &mut ports)?;
+    let mut smbios = Vec::new();
+    if let Some(a) = &access {
+        if let Some(public) = &a.root_credential {
+            smbios.push(ssh::credential(public));
+        }
+        if let Some((_, volume)) = &a.cloud {
+            volumes.push((volume.clone(), "raw", cloud::SERIAL.to_owned()));
+        }
+    }
     let forwards: Vec<(u16, u16)> = ports.iter().map(|(guest, host)| (*host, *guest)).collect();
+    let host_checks = spec.http.len() + access.as_ref().map_or(0, Access::checks);
     let plan = guest::GuestPlan {
         nonce: &nonce,
         checks: &spec.checks,
         settle_secs: (spec.timeout.as_secs() / 2).max(MIN_SETTLE_SECS),
-        hold_secs: if spec.http.is_empty() {
+        hold_secs: if host_checks == 0 {
             0
         } else {
-            HTTP_HOLD_BASE_SECS + 10 * spec.http.len() as u64
+            HOST_CHECKS_HOLD_BASE_SECS
+                + 10 * spec.http.len() as u64
+                + SSH_HOLD_SECS * access.as_ref().map_or(0, Access::checks) as u64
         },
+        host_keys: access.is_some(),
     };
-    let smbios = guest::credentials(&plan);
+    smbios.extend(guest::credentials(&plan));
     let args = qemu::args(&qemu::VmConfig {
         accel,
         firmware: &firmware,
@@ -590,7 +676,7 @@ pub fn run(disk: &Path, spec: &SmokeSpec, opts: &SmokeOptions) -> Result<SmokeRe
         forwards: &forwards,
         channel: Some(&channel_path),
         memory_mib: qemu::MEMORY_MIB,
-        cpus: qemu::CPUS,
+        cpus: qemu::cpus(accel),
         secure_boot: opts.secure_boot.is_some(),
     });
     let command = qemu::display(&args);
@@ -609,6 +695,7 @@ pub fn run(disk: &Path, spec: &SmokeSpec, opts: &SmokeOptions) -> Result<SmokeRe
         ready_at: None,
         results: Vec::new(),
         builtin,
+        access: access.as_ref(),
     };
     let mut vm = qemu::Vm::spawn(&args, Some(&channel_path))?;
     let boot_started = Instant::now();
@@ -648,7 +735,7 @@ pub fn run(disk: &Path, spec: &SmokeSpec, opts: &SmokeOptions) -> Result<SmokeRe
         boot_secs: watch.ready_at.map(|d| round(d.as_secs_f64())),
         total_secs: round(started.elapsed().as_secs_f64()),
         checks_passed,
-        checks_total: spec.checks.len() + spec.http.len(),
+        checks_total: spec.checks.len() + host_checks,
         checks: results,
         system_state: watch
             .guest
@@ -661,7 +748,90 @@ pub fn run(disk: &Path, spec: &SmokeSpec, opts: &SmokeOptions) -> Result<SmokeRe
         log: opts.log_path.clone(),
         note,
         finished: crate::store::now(),
+        ssh_host_keys: std::mem::take(&mut watch.guest.host_keys),
     })
+}
+
+/// What an SSH login needs, made for one boot in its temp dir (and gone
+/// with it): see [`ssh`] and [`cloud`].
+struct Access {
+    /// The throwaway key pair kiln logs in with.
+    key: ssh::KeyPair,
+    /// A second pair the guest is never given (its login must be refused).
+    other: ssh::KeyPair,
+    known_hosts: PathBuf,
+    /// Host port forwarded to the guest's 22.
+    port: u16,
+    /// With `ssh`: the public key passed as root's credential, and the
+    /// commands run as root (the recipe's `ssh_checks`, or just a login).
+    root_credential: Option<String>,
+    root_checks: Vec<String>,
+    /// With `cloud_init`: the seed, and its volume.
+    cloud: Option<(cloud::Seed, PathBuf)>,
+}
+
+impl Access {
+    /// `None` unless the spec logs in over SSH.
+    fn prepare(
+        spec: &SmokeSpec,
+        opts: &SmokeOptions,
+        tmp: &Path,
+        nonce: &str,
+        ports: &mut BTreeMap<u16, u16>,
+    ) -> Result<Option<Access>> {
+        if !spec.ssh && !spec.cloud_init {
+            return Ok(None);
+        }
+        let key = ssh::KeyPair::generate(tmp, "id_ed25519")?;
+        let other = ssh::KeyPair::generate(tmp, "id_other")?;
+        let port = match ports.get(&ssh::GUEST_PORT) {
+            Some(p) => *p,
+            None => http::free_port()?,
+        };
+        ports.insert(ssh::GUEST_PORT, port);
+        let root_credential = spec.ssh.then(|| {
+            opts.ssh_authorized_key
+                .clone()
+                .unwrap_or_else(|| key.public.clone())
+        });
+        let root_checks = match (spec.ssh, spec.ssh_checks.is_empty()) {
+            (false, _) => Vec::new(),
+            (true, true) => vec![LOGIN_ONLY.to_owned()],
+            (true, false) => spec.ssh_checks.clone(),
+        };
+        let cloud = if spec.cloud_init {
+            let seed = cloud::Seed::new(nonce, &key.public);
+            let volume = seed.write_volume(tmp)?;
+            Some((seed, volume))
+        } else {
+            None
+        };
+        Ok(Some(Access {
+            key,
+            other,
+            known_hosts: tmp.join("known_hosts"),
+            port,
+            root_credential,
+            root_checks,
+            cloud,
+        }))
+    }
+
+    /// How many checks the host makes over SSH.
+    fn checks(&self) -> usize {
+        // The recipe's (or one login), then the other key's refusal.
+        let other_key = usize::from(self.root_credential.is_some());
+        self.root_checks.len() + other_key + usize::from(self.cloud.is_some())
+    }
+
+    fn login<'a>(&'a self, user: &'a str, key: &'a ssh::KeyPair) -> ssh::Login<'a> {
+        ssh::Login {
+            user,
+            identity: &key.private,
+            known_hosts: &self.known_hosts,
+            port: self.port,
+        }
+    }
 }
 
 fn round(secs: f64) -> f64 {
@@ -688,6 +858,8 @@ struct GuestReport {
     outputs: BTreeMap<usize, Vec<String>>,
     exits: BTreeMap<usize, i32>,
     systemd: Option<u32>,
+    /// SSH host public keys (`TYPE BASE64`), when asked for.
+    host_keys: Vec<String>,
 }
 
 /// How a pass went.
@@ -715,6 +887,8 @@ struct Watch<'a> {
     results: Vec<CheckResult>,
     /// The numbers of kiln's own checks among the in-guest checks.
     builtin: BTreeMap<usize, CheckKind>,
+    /// The SSH login, when the spec asks for one.
+    access: Option<&'a Access>,
 }
 
 impl Watch<'_> {
@@ -903,6 +1077,7 @@ impl Watch<'_> {
                 g.exits.insert(n, rc);
                 g.current_check = None;
             }
+            Marker::HostKey(k) => g.host_keys.push(k),
             Marker::Done(_) => {}
         }
     }
@@ -966,7 +1141,116 @@ impl Watch<'_> {
             }));
         }
         self.http_checks()?;
+        if let Some(failure) = self.ssh_checks()? {
+            return Ok(Err(failure));
+        }
         Ok(self.verdict(None))
+    }
+
+    /// Log in over SSH and make every SSH check, adding each result; a
+    /// login that fails is the verdict (`Some`).
+    fn ssh_checks(&mut self) -> Result<Option<SmokeFailure>> {
+        let Some(access) = self.access else {
+            return Ok(None);
+        };
+        let first_user = if access.root_credential.is_some() {
+            "root"
+        } else {
+            cloud::USER
+        };
+        if self.guest.host_keys.is_empty() {
+            return Ok(Some(SmokeFailure::SshFailed {
+                user: first_user.to_owned(),
+                detail: "the guest reported no SSH host key (/etc/ssh/ssh_host_*_key.pub): does the image \
+                         have an SSH server that makes its host keys at boot (extend ssh.toml)?"
+                    .to_owned(),
+            }));
+        }
+        let known_hosts = ssh::known_hosts(access.port, &self.guest.host_keys);
+        std::fs::write(&access.known_hosts, known_hosts)
+            .with_context(|| format!("writing {}", access.known_hosts.display()))?;
+        let mut logins: Vec<(CheckKind, usize, &str, String, String)> = Vec::new();
+        if access.root_credential.is_some() {
+            for (i, command) in access.root_checks.iter().enumerate() {
+                logins.push((
+                    CheckKind::Ssh,
+                    i + 1,
+                    "root",
+                    command.clone(),
+                    command.clone(),
+                ));
+            }
+        }
+        if let Some((seed, _)) = &access.cloud {
+            logins.push((
+                CheckKind::CloudInit,
+                1,
+                cloud::USER,
+                seed.check(),
+                format!(
+                    "cloud-init made user {} and host name {} from the seed",
+                    seed.user, seed.hostname
+                ),
+            ));
+        }
+        for (kind, index, user, command, check) in logins {
+            let outcome = ssh::run(&access.login(user, &access.key), &command)?;
+            self.log
+                .note(&format!("ssh {user}@127.0.0.1 `{check}`: {outcome:?}"))?;
+            let (exit_code, output) = match outcome {
+                ssh::Outcome::Ran { exit_code, output } => (Some(exit_code), output),
+                ssh::Outcome::TimedOut(why) => (None, vec![why]),
+                ssh::Outcome::Refused(detail) => {
+                    return Ok(Some(SmokeFailure::SshLoginRefused {
+                        user: user.to_owned(),
+                        detail,
+                    }))
+                }
+                ssh::Outcome::Failed(detail) => {
+                    return Ok(Some(SmokeFailure::SshFailed {
+                        user: user.to_owned(),
+                        detail,
+                    }))
+                }
+            };
+            self.results.push(CheckResult {
+                kind,
+                index,
+                check,
+                passed: exit_code == Some(0),
+                exit_code,
+                output,
+            });
+            if kind == CheckKind::Ssh && index == access.root_checks.len() {
+                self.other_key_check(access)?;
+            }
+        }
+        Ok(None)
+    }
+
+    /// Root's login with a key the guest was never given must be refused.
+    fn other_key_check(&mut self, access: &Access) -> Result<()> {
+        let outcome = ssh::run(&access.login("root", &access.other), LOGIN_ONLY)?;
+        self.log.note(&format!(
+            "ssh root@127.0.0.1 with a key the guest was not given: {outcome:?}"
+        ))?;
+        let (passed, output) = match outcome {
+            ssh::Outcome::Refused(why) => (true, vec![why]),
+            ssh::Outcome::Ran { .. } => (
+                false,
+                vec!["logged in: the image accepts a key it was not given (a key baked into the image?)".to_owned()],
+            ),
+            ssh::Outcome::Failed(why) | ssh::Outcome::TimedOut(why) => (false, vec![why]),
+        };
+        self.results.push(CheckResult {
+            kind: CheckKind::SshOtherKey,
+            index: 1,
+            check: "root's login with a key the guest was not given is refused".to_owned(),
+            passed,
+            exit_code: None,
+            output,
+        });
+        Ok(())
     }
 
     /// No check unit ran (old systemd): a login prompt is the best sign.
@@ -979,6 +1263,11 @@ impl Watch<'_> {
             }));
         }
         self.http_checks()?;
+        // Without kiln's unit no host key was reported: an SSH login
+        // cannot be checked, and fails saying so.
+        if let Some(failure) = self.ssh_checks()? {
+            return Ok(Err(failure));
+        }
         self.guest.state = Some("login prompt".to_owned());
         let v = version.map_or("an unknown systemd".to_owned(), |v| format!("systemd {v}"));
         Ok(self.verdict(Some(format!(
@@ -1132,9 +1421,13 @@ mod tests {
             kind,
             index,
             check: match kind {
-                CheckKind::Guest => "systemctl is-active nginx".into(),
+                CheckKind::Guest | CheckKind::Ssh => "systemctl is-active nginx".into(),
                 CheckKind::Http => "GET :80/".into(),
                 CheckKind::SecureBoot | CheckKind::Sealed => kind.builtin_name().into(),
+                CheckKind::SshOtherKey => {
+                    "root's login with a key the guest was not given is refused".into()
+                }
+                CheckKind::CloudInit => "cloud-init made user kiln".into(),
             },
             passed,
             exit_code: exit,
@@ -1175,6 +1468,7 @@ mod tests {
             log: "/log".into(),
             note: None,
             finished: 0,
+            ssh_host_keys: vec![],
         };
         assert_eq!(
             report.failure_text(),
@@ -1240,6 +1534,40 @@ mod tests {
             .status()
             .unwrap()
             .success());
+    }
+
+    #[test]
+    fn ssh_checks_and_refusals_read_as_plain_words() {
+        assert_eq!(
+            result(CheckKind::Ssh, 2, false, Some(3)).to_string(),
+            "FAILED ssh 2 `systemctl is-active nginx` exited 3; its last output:\n      inactive"
+        );
+        assert_eq!(
+            result(CheckKind::SshOtherKey, 1, true, None).to_string(),
+            "passed ssh-other-key: root's login with a key the guest was not given is refused"
+        );
+        assert_eq!(
+            result(CheckKind::CloudInit, 1, true, Some(0)).name(),
+            "cloud-init"
+        );
+        let refused = SmokeFailure::SshLoginRefused {
+            user: "root".into(),
+            detail: "root@127.0.0.1: Permission denied (publickey).".into(),
+        };
+        let text = refused.to_string();
+        for words in [
+            "refused the SSH login as root",
+            "ssh.authorized_keys.root",
+            "Permission denied",
+        ] {
+            assert!(text.contains(words), "{words:?} not in {text}");
+        }
+        let json = serde_json::to_value(&refused).unwrap();
+        assert_eq!(json["kind"], "ssh_login_refused");
+        assert_eq!(
+            serde_json::to_value(CheckKind::SshOtherKey).unwrap(),
+            "ssh_other_key"
+        );
     }
 
     #[test]

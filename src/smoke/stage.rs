@@ -73,6 +73,9 @@ pub fn cache_key(image_key: Key, spec: &SmokeSpec, secure_boot: Option<&str>) ->
         checks,
         http,
         seed,
+        ssh,
+        ssh_checks,
+        cloud_init,
     } = spec;
     SmokeInputs {
         image: image_key,
@@ -81,6 +84,9 @@ pub fn cache_key(image_key: Key, spec: &SmokeSpec, secure_boot: Option<&str>) ->
         checks: checks.clone(),
         http: http.clone(),
         secure_boot: secure_boot.map(str::to_owned),
+        ssh: *ssh,
+        ssh_checks: ssh_checks.clone(),
+        cloud_init: *cloud_init,
     }
     .key()
 }
@@ -128,6 +134,7 @@ impl Stage<'_> {
             keep_overlay: None,
             secure_boot: self.secure_boot.clone(),
             verity: self.verity.clone(),
+            ssh_authorized_key: None,
         };
         let stage = ui.stage("smoke", "booting in QEMU");
         let report = match super::run(self.disk, &seed_then_checks(&self.recipe.smoke), &opts) {
@@ -169,6 +176,9 @@ mod tests {
             checks: vec!["check".into()],
             http: vec![],
             seed: vec!["seed".into()],
+            ssh: false,
+            ssh_checks: vec![],
+            cloud_init: false,
         };
         let one = seed_then_checks(&spec);
         assert_eq!(one.checks, ["seed", "check"]);

@@ -36,6 +36,9 @@ pub fn run(
         checks: spec.seed.clone(),
         http: Vec::new(),
         seed: Vec::new(),
+        ssh: false,
+        ssh_checks: Vec::new(),
+        cloud_init: false,
     };
     // The old image only writes the data; Secure Boot is the new one's test
     // (the old one may be unsigned, or signed by another key).

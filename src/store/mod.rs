@@ -327,8 +327,22 @@ impl Store {
     /// content) and ours is dropped, unless `replace` (`--refresh`) moves the
     /// old one aside first.
     pub fn publish(&self, staged: tempfile::TempDir, dest: &Path, replace: bool) -> Result<()> {
-        integrity::seal(staged.path())
-            .with_context(|| format!("sealing {}", staged.path().display()))?;
+        self.publish_with(staged, dest, replace, &[])
+    }
+
+    /// [`Store::publish`], with the sha256 of files in the staging dir that
+    /// the caller has just computed (see [`integrity::seal_with`]).
+    pub fn publish_with(
+        &self,
+        staged: tempfile::TempDir,
+        dest: &Path,
+        replace: bool,
+        known: &[(&Path, &str)],
+    ) -> Result<()> {
+        crate::cmd::timed("seal (integrity)", || {
+            integrity::seal_with(staged.path(), known)
+        })
+        .with_context(|| format!("sealing {}", staged.path().display()))?;
         sync_filesystem(staged.path())?;
         if replace && dest.exists() {
             let aside = self.staging()?.keep();
@@ -422,7 +436,9 @@ impl Store {
     /// rebuilds it; so is one without a valid seal (the store was migrated
     /// when opened). The caller holds the entry's key lock.
     pub fn check_before_use(&self, dir: &Path, report: impl FnOnce(&str)) -> Result<bool> {
-        match integrity::check(dir, integrity::Depth::Meta)? {
+        match crate::cmd::timed("check before use (integrity)", || {
+            integrity::check(dir, integrity::Depth::Meta)
+        })? {
             integrity::Verdict::Intact => Ok(true),
             integrity::Verdict::Corrupt(why) => {
                 let aside = self.quarantine(dir)?;

@@ -695,6 +695,16 @@ pub struct BuildReport {
     /// Where the log of the run that built the image is kept.
     #[serde(default)]
     pub build_log: Option<PathBuf>,
+    /// Seconds per tool, the longest first.
+    #[serde(default)]
+    pub tools: Vec<ToolTime>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ToolTime {
+    pub tool: String,
+    pub runs: u32,
+    pub seconds: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -706,6 +716,9 @@ pub struct BuildRow {
     pub status: String,
     pub reason: Option<String>,
     pub seconds: f64,
+    /// What a `pulled` row downloaded.
+    #[serde(default)]
+    pub bytes: Option<u64>,
 }
 
 impl BuildReport {
