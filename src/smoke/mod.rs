@@ -549,6 +549,31 @@ impl fmt::Display for SmokeFailure {
 
 /// Boot `disk` and run `spec`'s checks. See the module docs.
 pub fn run(disk: &Path, spec: &SmokeSpec, opts: &SmokeOptions) -> Result<SmokeReport> {
+    let report = run_once(disk, spec, opts)?;
+    let oops = std::fs::read_to_string(&opts.log_path).unwrap_or_default();
+    if report.accel == accel::Engine::Tcg.as_str()
+        && is_tcg_text_patching_oops(report.failure.as_ref(), &oops)
+    {
+        eprintln!(
+            "smoke: the guest kernel died at `Oops: int3` seconds into the boot: QEMU's \
+             multi-threaded TCG now and then runs kernel text another vCPU has just \
+             patched, a fault of the emulator, not of the image; booting it again, once"
+        );
+        return run_once(disk, spec, opts);
+    }
+    Ok(report)
+}
+
+/// Whether a smoke boot failed the way QEMU 7.2's multi-threaded TCG
+/// sometimes makes a healthy kernel fail (about one boot in a hundred
+/// here): a kernel panic after an `Oops: int3` (a breakpoint the kernel's
+/// text patching left, seen by a vCPU that ran stale code), given the
+/// failure and the console log.
+fn is_tcg_text_patching_oops(failure: Option<&SmokeFailure>, console: &str) -> bool {
+    matches!(failure, Some(SmokeFailure::KernelPanic { .. })) && console.contains("Oops: int3")
+}
+
+fn run_once(disk: &Path, spec: &SmokeSpec, opts: &SmokeOptions) -> Result<SmokeReport> {
     let started = Instant::now();
     cmd::check_interrupt()?;
     let firmware = match &opts.secure_boot {
@@ -1384,6 +1409,27 @@ impl ConsoleLog {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn only_a_panic_after_an_int3_oops_is_booted_again() {
+        let panic = SmokeFailure::KernelPanic {
+            line: "Kernel panic - not syncing: Fatal exception".into(),
+            tail: vec![],
+        };
+        let oops = "[    2.1] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI\n[    2.1] RIP: 0010:sched_clock_cpu+0x5/0x1d0\n";
+        assert!(is_tcg_text_patching_oops(Some(&panic), oops));
+        assert!(!is_tcg_text_patching_oops(
+            Some(&panic),
+            "VFS: Unable to mount root fs"
+        ));
+        assert!(!is_tcg_text_patching_oops(None, oops));
+        let stuck = SmokeFailure::BootStuck {
+            state: "starting".into(),
+            jobs: vec![],
+        };
+        assert!(!is_tcg_text_patching_oops(Some(&stuck), oops));
+    }
+
     use super::*;
 
     #[test]
