@@ -250,7 +250,7 @@ fn open_remote(
     let reference = crate::remote::Reference::parse(&reference).map_err(|why| {
         BadInput::arg(
             format!("--remote: {why}"),
-            "e.g. --remote oci://registry.example/team/kiln",
+            "e.g. --remote oci://HOST/team/kiln",
         )
     })?;
     if push && !signing {
@@ -283,7 +283,7 @@ pub fn push(global: &Global, args: &crate::cli::PushArgs) -> Result<()> {
     if tag.starts_with("sha256:") {
         return Err(BadInput::arg(
             format!("{}: a push names a tag, not a digest", args.reference),
-            "e.g. oci://registry.example/team/images:web-1",
+            "e.g. oci://HOST/team/images:web-1",
         )
         .into());
     }
@@ -335,7 +335,7 @@ fn image_ref(text: &str) -> Result<(crate::remote::Reference, String)> {
     crate::remote::image::parse_ref(text).map_err(|why| {
         BadInput::arg(
             why,
-            "e.g. oci://registry.example/team/images:web-1, or …/images@sha256:<digest>",
+            "e.g. oci://HOST/team/images:web-1, or …/images@sha256:<digest>",
         )
         .into()
     })

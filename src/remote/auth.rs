@@ -205,11 +205,11 @@ mod tests {
         );
         assert_eq!(
             parse_challenge(
-                r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull""#
+                r#"Bearer realm="https://127.0.0.1:5001/token",service="127.0.0.1:5000",scope="repository:a/b:pull""#
             ),
             Some(Challenge::Bearer {
-                realm: "https://auth.example/token".into(),
-                service: Some("registry.example".into())
+                realm: "https://127.0.0.1:5001/token".into(),
+                service: Some("127.0.0.1:5000".into())
             })
         );
         assert_eq!(parse_challenge("Negotiate"), None);

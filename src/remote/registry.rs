@@ -550,9 +550,9 @@ mod tests {
         );
         assert_eq!(r.to_string(), "oci+http://127.0.0.1:5000/team/kiln");
         assert_eq!(r.base(), "http://127.0.0.1:5000");
-        let r = Reference::parse("oci://registry.example/kiln/").unwrap();
+        let r = Reference::parse("oci://127.0.0.1:5443/kiln/").unwrap();
         assert!(!r.plain_http);
-        assert_eq!(r.base(), "https://registry.example");
+        assert_eq!(r.base(), "https://127.0.0.1:5443");
         for (bad, says) in [
             ("http://h/r", "oci+http://"),
             ("oci://h", "names no repository"),
