@@ -83,17 +83,8 @@ pub fn partition_uuids(root_hash: &str) -> Result<(String, String)> {
         anyhow::bail!("`{root_hash}` is not a root hash (at least 64 hex digits)");
     }
     let h = root_hash.to_ascii_lowercase();
-    let uuid = |x: &str| {
-        format!(
-            "{}-{}-{}-{}-{}",
-            &x[0..8],
-            &x[8..12],
-            &x[12..16],
-            &x[16..20],
-            &x[20..32]
-        )
-    };
-    Ok((uuid(&h[..32]), uuid(&h[h.len() - 32..])))
+    use crate::plan::key::uuid_text;
+    Ok((uuid_text(&h[..32]), uuid_text(&h[h.len() - 32..])))
 }
 
 /// The `roothash=` of a kernel command line.

@@ -65,16 +65,20 @@ impl Key {
         b.copy_from_slice(&d[..16]);
         b[6] = (b[6] & 0x0f) | 0x40; // version 4 layout, as tools expect
         b[8] = (b[8] & 0x3f) | 0x80; // RFC 4122 variant
-        let x = hex(&b);
-        format!(
-            "{}-{}-{}-{}-{}",
-            &x[0..8],
-            &x[8..12],
-            &x[12..16],
-            &x[16..20],
-            &x[20..32]
-        )
+        uuid_text(&hex(&b))
     }
+}
+
+/// 32 hex digits as a UUID's text, `8-4-4-4-12`.
+pub fn uuid_text(x: &str) -> String {
+    format!(
+        "{}-{}-{}-{}-{}",
+        &x[0..8],
+        &x[8..12],
+        &x[12..16],
+        &x[16..20],
+        &x[20..32]
+    )
 }
 
 impl fmt::Display for Key {
