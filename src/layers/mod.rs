@@ -697,6 +697,7 @@ fn stage_step(ctx: &Ctx, step: &Step, lowers: &[PathBuf], staging: &Path) -> Res
                         None => ChrootWork::Packages {
                             install: pkgs.clone(),
                             auto: Vec::new(),
+                            manual: Vec::new(),
                             origin: step.origin.clone(),
                             layer: step.layer.clone(),
                         },
@@ -711,6 +712,15 @@ fn stage_step(ctx: &Ctx, step: &Step, lowers: &[PathBuf], staging: &Path) -> Res
                                 .iter()
                                 .map(|p| p.name.clone())
                                 .filter(|n| !pkgs.contains(n))
+                                .collect(),
+                            // Asked for but already installed (e.g. as a
+                            // dependency of an earlier layer): nothing to
+                            // pin, but apt-get install marks it as wanted
+                            // for itself, and so must the locked build.
+                            manual: pkgs
+                                .iter()
+                                .filter(|n| !pins.packages.iter().any(|p| &p.name == *n))
+                                .cloned()
                                 .collect(),
                             origin: step.origin.clone(),
                             layer: step.layer.clone(),

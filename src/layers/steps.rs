@@ -448,6 +448,7 @@ pub fn chrooted(ctx: &Ctx, root: &Path, work: ChrootWork, source: Source) -> Res
         ChrootWork::Packages {
             install,
             auto,
+            manual,
             origin,
             layer,
         } => apt_update(root, locked).and_then(|()| {
@@ -457,16 +458,21 @@ pub fn chrooted(ctx: &Ctx, root: &Path, work: ChrootWork, source: Source) -> Res
                 .timed_as("apt-get install")
                 .run()
                 .map_err(|e| explain_apt_failure(e, &origin, &format!("layer.{layer}.packages")))?;
-            if auto.is_empty() {
-                return Ok(());
-            }
             // Installed by version as a locked step must, dependencies would
-            // otherwise be marked as wanted for themselves.
-            chroot(root)
-                .args(["apt-mark", "auto"])
-                .args(&auto)
-                .timed_as("apt-mark")
-                .run()
+            // otherwise be marked as wanted for themselves; and what the
+            // recipe asks for that was there already is marked as wanted,
+            // as `apt-get install NAME` marks it. Both keep apt's
+            // extended_states as the resolving build left it.
+            for (mark, names) in [("auto", &auto), ("manual", &manual)] {
+                if !names.is_empty() {
+                    chroot(root)
+                        .args(["apt-mark", mark])
+                        .args(names)
+                        .timed_as("apt-mark")
+                        .run()?;
+                }
+            }
+            Ok(())
         }),
         ChrootWork::Run { commands, layer } => {
             commands.iter().enumerate().try_for_each(|(i, c)| {
@@ -492,10 +498,12 @@ pub enum ChrootWork {
         suite: String,
     },
     /// Package names, or `name=version` for a locked step (which then
-    /// marks the pins the recipe did not ask for as automatically installed).
+    /// marks the pins the recipe did not ask for as automatically installed,
+    /// and the packages it asked for that were already installed as manual).
     Packages {
         install: Vec<String>,
         auto: Vec<String>,
+        manual: Vec<String>,
         origin: PathBuf,
         layer: String,
     },

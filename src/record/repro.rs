@@ -180,8 +180,8 @@ pub fn first_difference(
             .map(|p| format!("{p} (only in the first build)")),
     );
     found.sort();
-    if let Some(first) = found.first() {
-        return Ok(format!("{first}; {} paths differ in all", found.len()));
+    if !found.is_empty() {
+        return Ok(name_differences(&found));
     }
     let ra = scratch.join("a.raw");
     let rb = scratch.join("b.raw");
@@ -205,6 +205,18 @@ pub fn first_difference(
     Ok(format!(
         "the file lists are identical; the disks first differ at byte {offset}: {place}"
     ))
+}
+
+/// The paths that differ, the first few by name: enough to start from
+/// without burying the summary under a long list.
+fn name_differences(found: &[String]) -> String {
+    const NAMED: usize = 5;
+    let named = found[..found.len().min(NAMED)].join(", ");
+    match found.len() {
+        1 => named,
+        n if n <= NAMED => format!("{named} ({n} paths differ)"),
+        n => format!("{named}, … ({n} paths differ in all)"),
+    }
 }
 
 pub fn first_differing_byte(a: &Path, b: &Path) -> Result<Option<u64>> {
@@ -294,6 +306,21 @@ fn locate(raw: &Path, offset: u64) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_the_first_five_differences() {
+        let paths =
+            |n: usize| -> Vec<String> { (0..n).map(|i| format!("/p{i} (content)")).collect() };
+        assert_eq!(name_differences(&paths(1)), "/p0 (content)");
+        assert_eq!(
+            name_differences(&paths(3)),
+            "/p0 (content), /p1 (content), /p2 (content) (3 paths differ)"
+        );
+        assert_eq!(
+            name_differences(&paths(7)),
+            "/p0 (content), /p1 (content), /p2 (content), /p3 (content), /p4 (content), … (7 paths differ in all)"
+        );
+    }
 
     #[test]
     fn finds_the_first_differing_byte() {
