@@ -149,7 +149,8 @@ pub fn assemble(
     if spec.verity {
         require_systemd_initrd(&merged, recipe_path)?;
     }
-    let needed = tree_bytes(&merged)?;
+    let mut files = tree::walk(&merged, &|_| false).context("recording the root filesystem")?;
+    let needed = tree_bytes(&files);
     // ext4 needs room for its metadata and a reserve beyond the files.
     if needed + needed / 8 + 32 * MIB > spec.size {
         return Err(BadInput::new(
@@ -165,7 +166,6 @@ pub fn assemble(
         .into());
     }
 
-    let mut files = tree::walk(&merged, &|_| false).context("recording the root filesystem")?;
     for f in &mut files {
         f.mtime = f.mtime.min(epoch as i64);
     }
@@ -473,17 +473,18 @@ fn round_up(n: u64, to: u64) -> u64 {
     n.div_ceil(to) * to
 }
 
-/// Bytes of file data in the tree (as du counts them).
-fn tree_bytes(root: &Path) -> Result<u64> {
-    let out = Cmd::new("du")
-        .args(["-s", "-x", "--block-size=1"])
-        .arg(root)
-        .output()?;
-    out.stdout_str()
-        .split_whitespace()
-        .next()
-        .and_then(|n| n.parse().ok())
-        .context("parsing du's output")
+/// The 4 KiB blocks the tree's files and directories fill, in bytes (about
+/// what du counts; from the walk that records the tree, not another one).
+fn tree_bytes(files: &[FileEntry]) -> u64 {
+    const BLOCK: u64 = 4096;
+    files
+        .iter()
+        .map(|f| match f.kind {
+            tree::Kind::File => round_up(f.size, BLOCK),
+            tree::Kind::Dir => BLOCK,
+            _ => 0,
+        })
+        .sum()
 }
 
 /// The kernel version to boot: the one `/vmlinuz` points to (Debian keeps it

@@ -117,19 +117,22 @@ pub fn hex(bytes: &[u8]) -> String {
         })
 }
 
-/// sha256 of a file's content, streaming.
+/// sha256 of a file's content, streaming through one buffer per thread
+/// (a root holds tens of thousands of small files: a fresh megabyte for
+/// each cost more than hashing most of them).
 pub fn file_digest(path: &std::path::Path) -> std::io::Result<String> {
+    thread_local! {
+        static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; 1 << 20]);
+    }
     let mut file = std::fs::File::open(path)?;
     let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = std::io::Read::read(&mut file, &mut buf)?;
+    BUF.with_borrow_mut(|buf| loop {
+        let n = std::io::Read::read(&mut file, buf)?;
         if n == 0 {
-            break;
+            return Ok(hex(&h.finalize_reset()));
         }
         h.update(&buf[..n]);
-    }
-    Ok(hex(&h.finalize()))
+    })
 }
 
 pub fn bytes_digest(data: &[u8]) -> String {

@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -58,6 +58,8 @@ pub struct FileEntry {
 /// under it) for which `skip` is true. Sorted by path.
 pub fn walk(root: &Path, skip: &dyn Fn(&str) -> bool) -> Result<Vec<FileEntry>> {
     let mut out = Vec::new();
+    // Regular files are hashed after the walk, on every core.
+    let mut to_hash: Vec<(usize, PathBuf)> = Vec::new();
     let meta =
         std::fs::symlink_metadata(root).with_context(|| format!("reading {}", root.display()))?;
     out.push(entry("/".to_owned(), root, &meta)?);
@@ -78,11 +80,43 @@ pub fn walk(root: &Path, skip: &dyn Fn(&str) -> bool) -> Result<Vec<FileEntry>> 
             if meta.is_dir() {
                 dirs.push((path.clone(), host.clone()));
             }
+            if meta.is_file() {
+                to_hash.push((out.len(), host.clone()));
+            }
             out.push(entry(path, &host, &meta)?);
         }
     }
+    for ((i, _), digest) in to_hash.iter().zip(hash_files(&to_hash)) {
+        out[*i].sha256 = Some(digest?);
+    }
     out.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(out)
+}
+
+/// The sha256 of each file, in order, hashed by one thread per core.
+fn hash_files(files: &[(usize, PathBuf)]) -> Vec<Result<String>> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut digests: Vec<Option<Result<String>>> = Vec::new();
+    digests.resize_with(files.len(), || None);
+    let done = std::sync::Mutex::new(&mut digests);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some((_, host)) = files.get(i) else {
+                    return;
+                };
+                let digest =
+                    file_digest(host).with_context(|| format!("hashing {}", host.display()));
+                done.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(digest);
+            });
+        }
+    });
+    digests
+        .into_iter()
+        .map(|d| d.expect("every file was hashed"))
+        .collect()
 }
 
 fn entry(path: String, host: &Path, meta: &std::fs::Metadata) -> Result<FileEntry> {
@@ -101,12 +135,6 @@ fn entry(path: String, host: &Path, meta: &std::fs::Metadata) -> Result<FileEntr
         Kind::Fifo
     } else {
         Kind::Socket
-    };
-    let sha256 = match kind {
-        Kind::File => {
-            Some(file_digest(host).with_context(|| format!("hashing {}", host.display()))?)
-        }
-        _ => None,
     };
     let target = match kind {
         Kind::Symlink => Some(
@@ -131,7 +159,8 @@ fn entry(path: String, host: &Path, meta: &std::fs::Metadata) -> Result<FileEntr
         uid: meta.uid(),
         gid: meta.gid(),
         size: if kind == Kind::File { meta.len() } else { 0 },
-        sha256,
+        // Filled in by `walk` once every file is listed.
+        sha256: None,
         target,
         device,
         mtime: meta.mtime(),
