@@ -143,8 +143,20 @@ test-files:
 unit:
 	$(CARGO) test --locked --bins
 
-bench: build
-	$(CARGO) bench --locked --bench kiln
+# kiln as it was before issue 15's speed work, for the bench's "before"
+# column (group `speed`): built once from git into the bench's directory.
+BENCH_DIR     ?= /var/tmp/kiln-bench
+BEFORE_COMMIT := 1a16b85
+BEFORE_KILN   := $(BENCH_DIR)/before-$(BEFORE_COMMIT)/target/release/kiln
+
+bench: build $(BEFORE_KILN)
+	KILN_BENCH_DIR=$(BENCH_DIR) KILN_BENCH_BEFORE=$(BEFORE_KILN) $(CARGO) bench --locked --bench kiln
+
+$(BEFORE_KILN):
+	rm -rf $(BENCH_DIR)/before-$(BEFORE_COMMIT)
+	mkdir -p $(BENCH_DIR)/before-$(BEFORE_COMMIT)
+	git archive $(BEFORE_COMMIT) | tar -x -C $(BENCH_DIR)/before-$(BEFORE_COMMIT)
+	cd $(BENCH_DIR)/before-$(BEFORE_COMMIT) && $(CARGO) build --release --locked
 
 lint:
 	$(CARGO) clippy --release --all-targets --locked -- -D warnings

@@ -15,7 +15,10 @@
 //! beside off, `sealed` sealed.toml's assembly and boot beside the same
 //! image unsealed and golden's, `remote` web.toml from a warm registry
 //! into a fresh store beside a cold local build (Debian's `docker-registry`
-//! on loopback).
+//! on loopback), `speed` the everyday jobs of issue 15 (no-op, one more
+//! package, assembly of unchanged layers) with this kiln beside kiln
+//! before that work (`KILN_BENCH_BEFORE`: `make bench` builds it from the
+//! commit the Makefile names), in turns.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -29,7 +32,7 @@ const SMOKE_RUNS: usize = 3;
 
 /// Whether the row group `name` is wanted (`KILN_BENCH_ONLY`, default all).
 fn wants(name: &str) -> bool {
-    const GROUPS: [&str; 8] = [
+    const GROUPS: [&str; 9] = [
         "build",
         "formats",
         "boot",
@@ -38,6 +41,7 @@ fn wants(name: &str) -> bool {
         "secure-boot",
         "sealed",
         "remote",
+        "speed",
     ];
     match std::env::var("KILN_BENCH_ONLY") {
         Err(_) => true,
@@ -371,6 +375,8 @@ fn main() {
                 })
                 .collect(),
         );
+        // The same packages as golden.toml's layers (mmdebstrap's default
+        // sources hold the suite, its updates and its security archive).
         let bare = median(
             (0..COLD_RUNS)
                 .map(|_| {
@@ -379,7 +385,7 @@ fn main() {
                         run(Command::new("mmdebstrap").args([
                             "--quiet",
                             "--variant=minbase",
-                            "--include=linux-image-cloud-amd64,systemd-sysv,udev",
+                            "--include=linux-image-cloud-amd64,systemd-sysv,udev,apparmor,zstd",
                             "trixie",
                             tar.to_str().unwrap(),
                         ]))
@@ -392,8 +398,11 @@ fn main() {
         rows.push(row(
             "cold build of golden.toml (no smoke)",
             cold,
-            &format!("≤ 1.3 × bare + 10 = {:.1} s", 1.3 * bare + 10.0),
-            &format!("bare mmdebstrap {bare:.1} s"),
+            &format!("≤ 1.25 × bare = {:.1} s", 1.25 * bare),
+            &format!(
+                "bare mmdebstrap of the same packages {bare:.1} s: {:.2}×",
+                cold / bare
+            ),
         ));
     }
     if wants("sealed") {
@@ -404,6 +413,9 @@ fn main() {
     }
     if wants("remote") {
         rows.extend(remote_rows(&work, &warm, &out, &web));
+    }
+    if wants("speed") {
+        rows.extend(speed_rows(&work));
     }
     println!(
         "{:<44} {:>9}  {:<24} baseline",
@@ -785,6 +797,168 @@ fn format_rows(
     rows
 }
 
+/// One kiln binary with its own recipes, store and out dir.
+struct Variant {
+    name: &'static str,
+    kiln: PathBuf,
+    recipes: PathBuf,
+    store: PathBuf,
+    out: PathBuf,
+}
+
+impl Variant {
+    fn run(&self, args: &[&str]) {
+        run(Command::new(&self.kiln)
+            .arg("--cache")
+            .arg(&self.store)
+            .arg("--out")
+            .arg(&self.out)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()));
+    }
+
+    fn build(&self, recipe: &str) -> f64 {
+        let path = self.recipes.join(recipe);
+        time(|| self.run(&["build", "--no-smoke", path.to_str().unwrap()]))
+    }
+}
+
+/// Issue 15: golden's no-op rebuild, web.toml after adding one package, and
+/// golden's layers assembled into a new image (another hostname), with this
+/// kiln and, when `KILN_BENCH_BEFORE` names it, kiln before the speed work,
+/// each with its own warm store, run in turns so that both see the same load.
+fn speed_rows(work: &Path) -> Vec<[String; 4]> {
+    let mut variants = vec![("now", PathBuf::from(KILN))];
+    match std::env::var_os("KILN_BENCH_BEFORE") {
+        Some(before) => variants.push(("before", PathBuf::from(before))),
+        None => eprintln!(
+            "speed: KILN_BENCH_BEFORE is not set (`make bench` builds it): no before column"
+        ),
+    }
+    let variants: Vec<Variant> = variants
+        .into_iter()
+        .map(|(name, kiln)| {
+            let dir = work.join(format!("speed-{name}"));
+            let recipes = dir.join("recipes");
+            remove_if_there(&recipes);
+            copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes"), &recipes);
+            let v = Variant {
+                name,
+                kiln,
+                recipes,
+                store: dir.join("store"),
+                out: dir.join("out"),
+            };
+            // Warm (not measured).
+            v.build("web.toml");
+            v.build("golden.toml");
+            v
+        })
+        .collect();
+    let web = std::fs::read_to_string(variants[0].recipes.join("web.toml")).unwrap();
+    let with_curl = web.replace(
+        "packages = [\"nginx-light\"]",
+        "packages = [\"nginx-light\", \"curl\"]",
+    );
+    assert_ne!(web, with_curl, "web.toml no longer lists nginx-light as this bench expects");
+
+    let mut times: Vec<[Vec<f64>; 3]> = variants.iter().map(|_| Default::default()).collect();
+    for i in 0..NOOP_RUNS.max(CHANGE_RUNS) {
+        for (v, t) in variants.iter().zip(&mut times) {
+            if i < NOOP_RUNS {
+                t[0].push(v.build("golden.toml"));
+            }
+            if i >= CHANGE_RUNS {
+                continue;
+            }
+            // One more package: forget what an earlier run built with it.
+            let recipe = v.recipes.join("web.toml");
+            std::fs::write(&recipe, &web).unwrap();
+            let without = plan_keys_with(&v.kiln, &v.store, &recipe);
+            std::fs::write(&recipe, &with_curl).unwrap();
+            for key in plan_keys_with(&v.kiln, &v.store, &recipe)
+                .iter()
+                .filter(|k| !without.contains(k))
+            {
+                remove_entry(&v.store, key);
+            }
+            t[1].push(v.build("web.toml"));
+            std::fs::write(&recipe, &web).unwrap();
+            // The same layers, a new image: only the hostname differs.
+            std::fs::write(
+                v.recipes.join("golden-renamed.toml"),
+                format!(
+                    "extends = \"golden.toml\"\n\n[image]\nname = \"golden-renamed\"\nhostname = \"bench-{}\"\n",
+                    now()
+                ),
+            )
+            .unwrap();
+            t[2].push(v.build("golden-renamed.toml"));
+        }
+    }
+    let medians: Vec<[f64; 3]> = times
+        .into_iter()
+        .map(|[a, b, c]| [median(a), median(b), median(c)])
+        .collect();
+    let now = medians[0];
+    let before = medians.get(1).copied();
+    let versus = |i: usize, what: &str| match before {
+        Some(b) => format!("{what} {:.2} s: {:.2}×", b[i], now[i] / b[i]),
+        None => "—".to_owned(),
+    };
+    let target = |i: usize, ratio: f64| match before {
+        Some(b) => format!("< {ratio} × before = {:.2} s", ratio * b[i]),
+        None => format!("< {ratio} × before"),
+    };
+    for v in &variants {
+        eprintln!("speed: {} is {}", v.name, v.kiln.display());
+    }
+    vec![
+        row(
+            "no-op rebuild of golden.toml",
+            now[0],
+            "< 0.3 s",
+            &versus(0, "before"),
+        ),
+        row(
+            "web.toml after adding one package (curl)",
+            now[1],
+            &target(1, 0.5),
+            &versus(1, "before"),
+        ),
+        row(
+            "golden's layers assembled into a new image",
+            now[2],
+            &target(2, 0.6),
+            &versus(2, "before"),
+        ),
+    ]
+}
+
+/// Every key of `recipe`'s plan, as `kiln` (this one or another) plans it.
+fn plan_keys_with(kiln: &Path, store: &Path, recipe: &Path) -> Vec<String> {
+    let out = Command::new(kiln)
+        .arg("--cache")
+        .arg(store)
+        .args(["--json", "plan"])
+        .arg(recipe)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kiln plan failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["key"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 /// The image name of golden as it was before its boot-time work.
 const BEFORE_BOOT_WORK: &str = "golden-before-boot-work";
 
@@ -922,25 +1096,7 @@ fn remove_entry(store: &Path, key: &str) {
 
 /// Every key (steps and image) in the plan of `recipe`.
 fn plan_keys(store: &Path, recipe: &Path) -> Vec<String> {
-    let out = Command::new(KILN)
-        .arg("--cache")
-        .arg(store)
-        .args(["--json", "plan"])
-        .arg(recipe)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "kiln plan failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["key"].as_str().unwrap().to_owned())
-        .collect()
+    plan_keys_with(Path::new(KILN), store, recipe)
 }
 
 /// Remove a directory tree a previous run may have left.
