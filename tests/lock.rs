@@ -344,3 +344,36 @@ fn with_the_archive_unreachable_a_locked_rebuild_comes_from_the_cache() {
     );
     assert!(run.stderr.contains("127.0.0.1:9"), "{}", run.show());
 }
+
+#[test]
+fn fresh_lists_are_reused_and_resolve_as_fetched_ones_do() {
+    let kiln = Kiln::shared();
+    let (d, recipe) = locked_app(&kiln, "lk-lists");
+    // `kiln lock` just fetched the archive's lists (or found them fetched
+    // minutes ago): one more package resolves against them as they are.
+    std::fs::write(&recipe, app_recipe("lk-lists", "", "\"hello\", \"cowsay\"")).unwrap();
+    let reused = kiln.build(&recipe, &[]);
+    assert_eq!(reused.row("app/packages").status, "built");
+    let log = std::fs::read_to_string(kiln.out.join("lk-lists.build.log")).unwrap();
+    assert!(
+        log.contains("were fetched") && log.contains("used as they are"),
+        "the resolving step fetched the lists again:\n{log}"
+    );
+    let lock_path = recipe.with_extension("lock");
+    let resolved = pins(&lock_toml(&lock_path), "app/packages");
+    assert!(resolved.iter().any(|(n, _)| n == "cowsay"), "{resolved:?}");
+    let plan = kiln.plan(&recipe);
+
+    // --update fetches them again and resolves the layer anew: the same
+    // pins, the same keys and reasons, the same disk.
+    let again = kiln.build(&recipe, &["--update", "app"]);
+    let log = std::fs::read_to_string(kiln.out.join("lk-lists.build.log")).unwrap();
+    assert!(
+        !log.contains("used as they are"),
+        "--update used the lists without fetching them:\n{log}"
+    );
+    assert_eq!(pins(&lock_toml(&lock_path), "app/packages"), resolved);
+    assert_eq!(again.sha256, reused.sha256, "{again:#?}");
+    assert_eq!(kiln.plan(&recipe), plan);
+    drop(d);
+}

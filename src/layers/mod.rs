@@ -206,6 +206,7 @@ pub fn build(
         ctx: Ctx {
             store,
             mirrors: plan.mirrors.clone(),
+            refetch_lists: opts.fresh_resolve,
         },
         opts,
         ui,

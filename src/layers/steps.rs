@@ -69,6 +69,8 @@ const BUILD_DEBRIS: &[&str] = &[
 pub struct Ctx<'a> {
     pub store: &'a Store,
     pub mirrors: Option<Mirrors>,
+    /// Fetch the archive's lists even when they are fresh (`--update`).
+    pub refetch_lists: bool,
 }
 
 impl Ctx<'_> {
@@ -374,6 +376,43 @@ fn apt_get(root: &Path, locked: bool) -> Cmd {
     ])
 }
 
+/// How long the archive's lists, once fetched, stand for its current
+/// state: a run that resolves several steps, or a rebuild right after one,
+/// asks the archive once. `--update` always fetches.
+const LISTS_FRESH_FOR: std::time::Duration = std::time::Duration::from_secs(10 * 60);
+
+/// Make the step's apt lists current: a locked step's from its own
+/// repository; a resolving step's from the archive, unless they were
+/// fetched less than [`LISTS_FRESH_FOR`] ago (`<lists dir>.fetched` says
+/// when; it is removed before a fetch and written after one that worked).
+fn update_lists(ctx: &Ctx, root: &Path, locked: bool, lists: &[PathBuf]) -> Result<()> {
+    let Some(dir) = lists.last().filter(|_| !locked) else {
+        return apt_update(root, locked);
+    };
+    let stamp = dir.with_extension("fetched");
+    let age = std::fs::metadata(&stamp)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok());
+    if let Some(age) = age.filter(|a| *a < LISTS_FRESH_FOR && !ctx.refetch_lists) {
+        crate::cmd::log_line(&format!(
+            "apt lists {} were fetched {}s ago: used as they are (fresh for {}s; --update fetches them)",
+            dir.display(),
+            age.as_secs(),
+            LISTS_FRESH_FOR.as_secs()
+        ));
+        return Ok(());
+    }
+    match std::fs::remove_file(&stamp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing {}", stamp.display()))
+        }
+        _ => {}
+    }
+    apt_update(root, locked)?;
+    std::fs::write(&stamp, b"").with_context(|| format!("writing {}", stamp.display()))
+}
+
 /// `apt-get update` that fails when any index cannot be fetched (apt only
 /// warns by default, and the install then fails with a misleading
 /// "Unable to locate package").
@@ -451,7 +490,7 @@ pub fn chrooted(ctx: &Ctx, root: &Path, work: ChrootWork, source: Source) -> Res
             manual,
             origin,
             layer,
-        } => apt_update(root, locked).and_then(|()| {
+        } => update_lists(ctx, root, locked, &lists).and_then(|()| {
             apt_get(root, locked)
                 .args(["install", "--no-install-recommends"])
                 .args(&install)
@@ -540,7 +579,7 @@ fn upgrade(
         mounts.bind(&lists, &root.join("var/lib/apt/lists"))?;
         lists_used.push(lists);
     }
-    apt_update(root, locked)?;
+    update_lists(ctx, root, locked, &lists_used)?;
     apt_get(root, locked)
         .arg("dist-upgrade")
         .timed_as("apt-get dist-upgrade")
