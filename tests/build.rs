@@ -764,3 +764,80 @@ fn two_builds_resolving_packages_at_once_share_the_stores_apt_caches() {
         );
     }
 }
+
+#[test]
+fn an_image_that_reuses_a_cached_uki_is_the_image_built_without_it() {
+    require_build();
+    let d = RecipeDir::new();
+    d.write("files/uki.txt", "uki cache\n");
+    let layers = "[[layer]]\nname = \"tools\"\nfiles = [{ src = \"files/uki.txt\", dest = \"/opt/kiln-test/uki.txt\" }]\n";
+    let shared = Kiln::shared();
+    let first = d.write_recipe("uki-a.toml", recipe("kt-uki-a", layers), &shared);
+    shared.build(&first, &[]);
+    // The same layers, kernel, initrd and command line; another hostname:
+    // the image is assembled anew and takes its UKI from the store's cache.
+    let second = d.write(
+        "uki-b.toml",
+        format!(
+            "extends = \"uki-a.toml\"\n\n[image]\nname = \"kt-uki-b\"\nhostname = \"kt-uki-{}\"\n",
+            common::nonce()
+        ),
+    );
+    let reused = shared.build(&second, &[]);
+    assert_eq!(reused.row("image").status, "built", "{:#?}", reused.rows);
+    let log = std::fs::read_to_string(shared.out.join("kt-uki-b.build.log")).unwrap();
+    assert!(log.contains("UKI cache: reused"), "{log}");
+
+    // The same recipe into a store with the layers and no cached UKI.
+    let private = temp_dir("kiln-store-");
+    let store = private.path().join("store");
+    let plan = shared.plan(&second);
+    copy_entries(
+        &shared.store,
+        &store,
+        &plan
+            .layer_keys()
+            .into_iter()
+            .map(|(_, k)| k)
+            .collect::<Vec<_>>(),
+    );
+    let kiln = Kiln::with_store(&store);
+    let fresh = kiln.build(&second, &[]);
+    let log = std::fs::read_to_string(kiln.out.join("kt-uki-b.build.log")).unwrap();
+    assert!(!log.contains("UKI cache: reused"), "{log}");
+    assert_eq!(fresh.sha256, reused.sha256);
+
+    // A cached UKI whose bytes changed is not used: built again, same disk.
+    let ukis = store.join("uki-v1");
+    let efi = std::fs::read_dir(&ukis)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "efi"))
+        .expect("the build kept its UKI");
+    let mut bytes = std::fs::read(&efi).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&efi, bytes).unwrap();
+    let third = d.write(
+        "uki-c.toml",
+        "extends = \"uki-a.toml\"\n\n[image]\nname = \"kt-uki-c\"\nhostname = \"kt-uki-c\"\n",
+    );
+    let rebuilt = kiln.build(&third, &[]);
+    let log = std::fs::read_to_string(kiln.out.join("kt-uki-c.build.log")).unwrap();
+    assert!(log.contains("does not match its digest"), "{log}");
+    assert!(!log.contains("UKI cache: reused"), "{log}");
+    assert_eq!(rebuilt.row("image").status, "built");
+
+    // gc keeps the UKI of a kept image and removes the others.
+    for name in ["0000.efi", "0000.sha256"] {
+        std::fs::write(ukis.join(name), "no image uses this\n").unwrap();
+    }
+    let gc = kiln.run(&["--json", "cache", "gc", "--keep", "1"]);
+    gc.assert_code(0);
+    assert!(gc.stdout.contains("0000.efi"), "{}", gc.show());
+    let remaining: Vec<String> = std::fs::read_dir(&ukis)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(remaining.len(), 2, "one UKI and its digest: {remaining:?}");
+}

@@ -815,6 +815,7 @@ fn build_image(
         &plan.recipe.path,
         plan.image.inputs.epoch,
         signer,
+        &store.root().join(store::UKIS),
     )?;
     let sha256 = plan::key::file_digest(&assembled.disk)
         .with_context(|| format!("hashing {}", assembled.disk.display()))?;
@@ -834,6 +835,7 @@ fn build_image(
         seconds: started.elapsed().as_secs_f64(),
         created: store::now(),
         built_by: Some(crate::record::builder()),
+        uki: Some(assembled.uki),
     };
     store::write_json_atomic(&staging.path().join("image.json"), &entry)?;
     store.publish_with(

@@ -428,6 +428,38 @@ pub fn collect(store: &Store, keep: usize, dry_run: bool) -> Result<Collected> {
             ));
         }
     }
+    // Cached UKIs (uki-v1/<key>.efi and .sha256) of no kept image.
+    let kept_ukis: BTreeSet<String> = kept_images
+        .iter()
+        .filter_map(|k| store.image_entry(k).ok().and_then(|e| e.uki))
+        .collect();
+    let ukis = store.root().join(crate::store::UKIS);
+    for entry in std::fs::read_dir(&ukis).with_context(|| format!("reading {}", ukis.display()))? {
+        let path = entry
+            .with_context(|| format!("reading {}", ukis.display()))?
+            .path();
+        let key = path
+            .file_stem()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        if kept_ukis.contains(&key) {
+            continue;
+        }
+        removed.push((
+            Removed {
+                kind: "uki",
+                name: path
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned(),
+                what: "a cached UKI no kept image uses".into(),
+                bytes: 0,
+            },
+            path,
+        ));
+    }
     let corrupt = store.root().join(CORRUPT);
     for entry in
         std::fs::read_dir(&corrupt).with_context(|| format!("reading {}", corrupt.display()))?

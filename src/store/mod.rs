@@ -19,6 +19,9 @@
 //! ├── state-v1/roots/<name>.json  every image each recipe built, newest last:
 //! │                               the roots `kiln cache gc` keeps
 //! ├── locks/                      flock files: per key, per recipe, the store (see lock)
+//! ├── uki-v1/<key>.efi            unsigned UKIs by what goes into them (kernel,
+//! │                               initrd, os-release, command line, stub, clock),
+//! │                               with <key>.sha256: assembly reuses one
 //! ├── corrupt-v1/<key>-<time>/    entries that failed their integrity check
 //! ├── store-format.json           the store's format: every entry is sealed
 //! └── tmp/                        staging: entries are built here, then renamed;
@@ -63,6 +66,8 @@ pub const LAYERS: &str = "layers-v1";
 /// again. `kiln lock --update` always asks.
 pub const RESOLUTION_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 pub const IMAGES: &str = "images-v1";
+/// Built UKIs, by the key of what goes into them (see `assemble`).
+pub const UKIS: &str = "uki-v1";
 pub const CORRUPT: &str = "corrupt-v1";
 pub const LOCKS: &str = "locks";
 /// The store-format marker (see the module doc).
@@ -125,6 +130,11 @@ pub struct ImageEntry {
     /// in an entry made before kiln recorded it.
     #[serde(default)]
     pub built_by: Option<BuiltBy>,
+    /// The key of its unsigned UKI in `uki-v1/` (see `assemble`), which
+    /// `kiln cache gc` keeps while the image is kept. `None` in an entry
+    /// made before kiln cached UKIs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uki: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -180,6 +190,7 @@ impl Store {
             "state-v1/smoke",
             "state-v1/host",
             "state-v1/roots",
+            UKIS,
             LOCKS,
             CORRUPT,
         ] {
