@@ -22,7 +22,20 @@
 //! signature vouches for both. The provenance file must be the envelope's
 //! payload. Every blob is checked against its digest while it streams in.
 //! Only then are the files renamed into `out/` (from a staging dir in the
-//! same folder), the disk last.
+//! same folder, `.kiln-pull-*`, claimed as the store's staging dirs are so
+//! that the next pull removes what a killed one left), the disk last.
+//!
+//! `kiln push --containerdisk REF` pushes something else: a KubeVirt
+//! containerDisk, an ordinary OCI image (image manifest, image config,
+//! one gzip layer holding `/disk/NAME.qcow2`, 107:107, 0440) that KubeVirt
+//! and any container tool take as they are. Its blobs are the ones
+//! `[image] formats = ["containerdisk"]` writes into
+//! `out/NAME.containerdisk.tar` (see [`crate::export::oci`]), so the same
+//! image gets the same digest either way. The layer is written once to a
+//! scratch file beside the disk and streamed from there; the disk's
+//! sha256, read on the way, must be the one its manifest records. It
+//! carries no evidence: the signed provenance of the kiln artifact names
+//! the qcow2's sha256, which is the file inside the layer.
 
 use std::path::{Path, PathBuf};
 
@@ -179,6 +192,69 @@ pub fn push(image: &Path, reference: Reference, tag: &str) -> Result<String> {
     ))
 }
 
+/// Where `kiln pull` stages in `--out`, and `kiln push --containerdisk`
+/// writes its layer beside the disk.
+const PULL_STAGING: &str = ".kiln-pull-";
+const PUSH_SCRATCH: &str = ".kiln-push-";
+
+/// A claimed staging dir in `dir` named `prefix…`, after removing the ones
+/// dead runs left there (see [`crate::store::remove_stale`]).
+fn staging_in(dir: &Path, prefix: &str) -> Result<tempfile::TempDir> {
+    crate::store::remove_stale(dir, prefix)?;
+    let staging = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(dir)
+        .with_context(|| format!("creating a staging dir in {}", dir.display()))?;
+    crate::store::claim(staging.path())?;
+    Ok(staging)
+}
+
+/// Push the KubeVirt containerDisk of `image` (see the module doc);
+/// returns the manifest's digest.
+pub fn push_containerdisk(image: &Path, reference: Reference, tag: &str) -> Result<String> {
+    let m = crate::record::manifest::read(&crate::record::manifest::path_for(image))?;
+    let ext = image.extension().and_then(|e| e.to_str()).unwrap_or("");
+    if !DISKS.iter().any(|(e, _)| *e == ext) || !image.is_file() {
+        return Err(BadInput::file(
+            image,
+            "not a disk kiln built (NAME.qcow2 or NAME.raw)",
+            "give the disk a build wrote, e.g. out/web.qcow2",
+        )
+        .into());
+    }
+    let dir = match image.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let scratch = staging_in(dir, PUSH_SCRATCH)?;
+    let pushed = (|| {
+        let qcow2 = crate::export::qcow2_of(image, ext, scratch.path())?;
+        let cd =
+            crate::export::oci::write_image(&qcow2, &m.name, m.source_date_epoch, scratch.path())?;
+        let sha256 = if qcow2 == image {
+            cd.disk_sha256.clone()
+        } else {
+            crate::plan::key::file_digest(image)
+                .with_context(|| format!("hashing {}", image.display()))?
+        };
+        if sha256 != m.image.sha256 {
+            return Err(NotVerified(format!(
+                "{} has the sha256 {sha256}, not the {} its manifest records: rebuild it",
+                image.display(),
+                m.image.sha256
+            ))
+            .into());
+        }
+        let client = Client::new(reference, true)?;
+        client.put_blob_bytes(&cd.config_blob.digest, &cd.config)?;
+        client.put_blob(&cd.layer.digest, &cd.layer_path)?;
+        client.put_manifest(tag, &cd.manifest)?;
+        Ok(cd.manifest_blob.digest)
+    })();
+    crate::store::release_claim(scratch.path());
+    pushed
+}
+
 /// What `kiln pull` wrote.
 #[derive(Debug, serde::Serialize)]
 pub struct Pulled {
@@ -223,10 +299,23 @@ pub fn pull(
         .with_context(|| format!("{what}: no usable image name ({TITLE})"))?
         .to_owned();
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let staging = tempfile::Builder::new()
-        .prefix(".kiln-pull-")
-        .tempdir_in(out)
-        .with_context(|| format!("creating a staging dir in {}", out.display()))?;
+    let staging = staging_in(out, PULL_STAGING)?;
+    let pulled = pull_into(&client, &what, &m, &name, staging.path(), out, trusted);
+    crate::store::release_claim(staging.path());
+    pulled
+}
+
+/// The blobs of the image manifest `m` into `staging`, verified, then
+/// renamed into `out`.
+fn pull_into(
+    client: &Client,
+    what: &str,
+    m: &serde_json::Value,
+    name: &str,
+    staging: &Path,
+    out: &Path,
+    trusted: &[PublicKey],
+) -> Result<Pulled> {
     let mut fetched = Vec::new();
     for layer in m["layers"].as_array().into_iter().flatten() {
         let title = layer["annotations"][TITLE]
@@ -235,7 +324,7 @@ pub fn pull(
             .with_context(|| format!("{what}: a layer without a usable file name"))?;
         let digest = layer["digest"].as_str().unwrap_or("");
         let size = layer["size"].as_u64().unwrap_or(0);
-        let dest = staging.path().join(title);
+        let dest = staging.join(title);
         client.get_blob(digest, size, &dest).map_err(|e| {
             match e.downcast::<super::registry::Mismatch>() {
                 Ok(mismatch) => NotVerified(format!("{what}: {title}: {mismatch}")).into(),
@@ -249,20 +338,20 @@ pub fn pull(
         .map(|(ext, _)| format!("{name}.{ext}"))
         .find(|d| fetched.contains(d))
         .with_context(|| format!("{what}: no disk in the artifact"))?;
-    let disk = staging.path().join(&disk_name);
-    let manifest_path = staging.path().join(format!("{name}.manifest.json"));
+    let disk = staging.join(&disk_name);
+    let manifest_path = staging.join(format!("{name}.manifest.json"));
     let m = crate::record::manifest::read(&manifest_path)?;
     let check = crate::record::signed::check(&disk, &m, &manifest_path, trusted)?;
     if !check.ok() {
         return Err(NotVerified(format!("{what}: {}", check.failures.join("; "))).into());
     }
-    check_provenance_is_payload(staging.path(), &name, &disk)?;
+    check_provenance_is_payload(staging, name, &disk)?;
     // Records first, the disk last: a disk in out/ comes with its evidence.
     fetched.sort_by_key(|f| *f == disk_name);
     let mut files = Vec::new();
     for title in &fetched {
         let dest = out.join(title);
-        std::fs::rename(staging.path().join(title), &dest)
+        std::fs::rename(staging.join(title), &dest)
             .with_context(|| format!("moving the pulled {title} to {}", dest.display()))?;
         files.push(dest);
     }

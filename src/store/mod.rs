@@ -390,19 +390,7 @@ impl Store {
     /// holds its staging dirs' claims only while it is alive, and mounts
     /// and child processes live in kiln's own namespaces (gone with it).
     pub fn clean_stale_staging(&self) -> Result<()> {
-        let tmp = self.root.join("tmp");
-        for entry in
-            std::fs::read_dir(&tmp).with_context(|| format!("reading {}", tmp.display()))?
-        {
-            let path = entry
-                .with_context(|| format!("reading {}", tmp.display()))?
-                .path();
-            if is_stale(&path) {
-                remove_tree(&path)
-                    .with_context(|| format!("removing stale staging dir {}", path.display()))?;
-            }
-        }
-        Ok(())
+        remove_stale(&self.root.join("tmp"), "")
     }
 
     pub fn lock_path(&self, name: &str) -> PathBuf {
@@ -579,6 +567,21 @@ pub fn verify_all(store: &Store, depth: integrity::Depth) -> Result<Vec<Verified
         }
     }
     Ok(rows)
+}
+
+/// Remove the staging dirs in `dir` whose names start with `prefix` and
+/// that belong to no live run (see [`is_stale`]): the store's `tmp/`, or
+/// the `.kiln-pull-*` dirs `kiln pull` stages in `--out`.
+pub fn remove_stale(dir: &Path, prefix: &str) -> Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let entry = entry.with_context(|| format!("reading {}", dir.display()))?;
+        let path = entry.path();
+        if entry.file_name().to_string_lossy().starts_with(prefix) && is_stale(&path) {
+            remove_tree(&path)
+                .with_context(|| format!("removing stale staging dir {}", path.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// A staging dir belongs to a live run while some process holds the flock
