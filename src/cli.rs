@@ -84,6 +84,11 @@ pub struct PushArgs {
     /// reference
     #[arg(long, value_name = "REF")]
     pub containerdisk: Option<String>,
+    /// Sign the artifact's file list (NAME.key from `kiln key new`), so
+    /// that a pull also trusts the SBOM and smoke record [default:
+    /// $KILN_SIGNING_KEY]
+    #[arg(long, value_name = "FILE")]
+    pub signing_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

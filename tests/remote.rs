@@ -1032,6 +1032,8 @@ fn kiln_push_then_pull_gives_the_same_disk_and_refuses_what_does_not_verify() {
         OsStr::new(&target),
         OsStr::new("--containerdisk"),
         OsStr::new(&disk_ref),
+        OsStr::new("--signing-key"),
+        OsStr::new(&keys.path("ci.key")),
     ]);
     pushed.assert_code(0);
     let pushed: serde_json::Value = pushed.json();
@@ -1101,13 +1103,76 @@ fn kiln_push_then_pull_gives_the_same_disk_and_refuses_what_does_not_verify() {
         let run = reader.run(&["pull", reference, "--trusted-key", &keys.path("ci.pub")]);
         run.assert_code(0);
         assert!(
-            run.stdout.contains("signature: good, by ci"),
+            run.stdout
+                .contains("signature: good, by ci; file list signed by ci"),
             "{}",
             run.show()
         );
         let disk = out.path().join("kt-remote.qcow2");
         assert_eq!(sha256_of(&disk), built.sha256, "{}", run.show());
         assert!(out.path().join("kt-remote.manifest.json").is_file());
+        assert_eq!(
+            std::fs::read(out.path().join("kt-remote.spdx.json")).unwrap(),
+            std::fs::read(a.out.join("kt-remote.spdx.json")).unwrap()
+        );
+    }
+
+    // The SBOM is not a subject of the provenance: without a trusted
+    // signature on the file list it is not written. Pushed without a key,
+    // and the signed manifest rewritten by the registry (the SBOM's layer
+    // pointing at another blob, the manifest.json's, a blob it holds).
+    let unsigned = format!(
+        "{}:kt-remote-unsigned",
+        registry.reference().replace("/kiln", "/images")
+    );
+    a.run_in(
+        &[
+            OsStr::new("push"),
+            built.image.as_os_str(),
+            OsStr::new(&unsigned),
+        ],
+        &[("KILN_SIGNING_KEY", "")],
+        None,
+    )
+    .assert_code(0);
+    let mut swapped = manifest.clone();
+    let layers = swapped["layers"].as_array_mut().unwrap();
+    let title = |l: &serde_json::Value| l["annotations"]["org.opencontainers.image.title"].clone();
+    let other = layers
+        .iter()
+        .find(|l| title(l) == "kt-remote.manifest.json")
+        .unwrap()
+        .clone();
+    let sbom = layers
+        .iter_mut()
+        .find(|l| title(l) == "kt-remote.spdx.json")
+        .unwrap();
+    sbom["digest"] = other["digest"].clone();
+    sbom["size"] = other["size"].clone();
+    put_manifest(
+        &registry.addr,
+        "team/images",
+        "kt-remote-swapped",
+        &serde_json::to_vec(&swapped).unwrap(),
+    );
+    for (tag, why) in [
+        ("kt-remote-unsigned", "pushed without --signing-key"),
+        ("kt-remote-swapped", "(key `ci`) does not verify"),
+    ] {
+        let out = temp_dir("kiln-pull-");
+        let reader = Kiln::at(&a.store, out.path());
+        let reference = format!("{}:{tag}", registry.reference().replace("/kiln", "/images"));
+        let run = reader.run(&["pull", &reference, "--trusted-key", &keys.path("ci.pub")]);
+        run.assert_code(0);
+        assert!(
+            run.stderr
+                .contains("note: not written: kt-remote.spdx.json")
+                && run.stderr.contains(why),
+            "{}",
+            run.show()
+        );
+        assert!(!out.path().join("kt-remote.spdx.json").exists());
+        assert_eq!(sha256_of(&out.path().join("kt-remote.qcow2")), built.sha256);
     }
 
     // kill -9 while `kiln pull` streams the disk in (over a slow link): its
@@ -1170,6 +1235,22 @@ fn kiln_push_then_pull_gives_the_same_disk_and_refuses_what_does_not_verify() {
         "{}",
         run.show()
     );
+}
+
+/// PUT a manifest straight into the registry under `tag`, as a registry
+/// that rewrites what it serves would.
+fn put_manifest(addr: &str, repo: &str, tag: &str, body: &[u8]) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "PUT /v2/{repo}/manifests/{tag} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
 }
 
 /// Read a pushed containerDisk with skopeo, as KubeVirt's CDI or any

@@ -21,6 +21,24 @@
 //! statement's subjects are the disk's and the manifest's sha256, so a good
 //! signature vouches for both. The provenance file must be the envelope's
 //! payload. Every blob is checked against its digest while it streams in.
+//!
+//! The SBOM and the smoke record are not subjects of the provenance (the
+//! smoke record is written after it, by the smoke boot), so a registry
+//! could swap them. `kiln push --signing-key` (or `KILN_SIGNING_KEY`)
+//! therefore signs the artifact's file list, as the layer cache signs its
+//! entries (see [`crate::remote`]): three more annotations on the manifest,
+//!
+//! ```text
+//! dev.kiln.fingerprint   kiln-push-v1;NAME;<title>=<digest>:<size>;…  every layer, in order
+//! dev.kiln.signature     base64 Ed25519 signature over the fingerprint
+//! dev.kiln.keyid         the signing key's name (a hint)
+//! ```
+//!
+//! A pull writes a file only when a trusted signature vouches for it: the
+//! disk, its manifest and the provenance through the provenance's
+//! signature; the SBOM and the smoke record only through a good signature
+//! on the file list (recomputed from the layers, never read from the
+//! annotation). Without one they are not fetched, and the pull says so.
 //! Only then are the files renamed into `out/` (from a staging dir in the
 //! same folder, `.kiln-pull-*`, claimed as the store's staging dirs are so
 //! that the next pull removes what a killed one left), the disk last.
@@ -45,7 +63,7 @@ use serde_json::json;
 use super::registry::{Client, Reference, MANIFEST_TYPE};
 use super::{EMPTY, EMPTY_DIGEST, EMPTY_TYPE};
 use crate::error::{BadInput, NotVerified};
-use crate::sign::key::PublicKey;
+use crate::sign::key::{PublicKey, SigningKey};
 
 pub const ARTIFACT_TYPE: &str = "application/vnd.kiln.image.v1";
 const TITLE: &str = "org.opencontainers.image.title";
@@ -144,8 +162,14 @@ fn image_files(image: &Path) -> Result<(String, Vec<(PathBuf, &'static str)>)> {
     Ok((name, files))
 }
 
-/// Push the image and its records; returns the manifest's digest.
-pub fn push(image: &Path, reference: Reference, tag: &str) -> Result<String> {
+/// Push the image and its records, their list signed with `signing` when
+/// given (see the module doc); returns the manifest's digest.
+pub fn push(
+    image: &Path,
+    reference: Reference,
+    tag: &str,
+    signing: Option<&SigningKey>,
+) -> Result<String> {
     let (name, files) = image_files(image)?;
     let client = Client::new(reference, true)?;
     client.put_blob_bytes(EMPTY_DIGEST, EMPTY)?;
@@ -182,7 +206,7 @@ pub fn push(image: &Path, reference: Reference, tag: &str) -> Result<String> {
             "data": crate::sign::b64(EMPTY),
         },
         "layers": layers,
-        "annotations": { TITLE: name },
+        "annotations": annotations(&name, &layers, signing),
     }))
     .expect("a JSON value serialises");
     client.put_manifest(tag, &manifest)?;
@@ -190,6 +214,64 @@ pub fn push(image: &Path, reference: Reference, tag: &str) -> Result<String> {
         "sha256:{}",
         crate::plan::key::hex(&<sha2::Sha256 as sha2::Digest>::digest(&manifest))
     ))
+}
+
+/// What the push signature signs: the image's name and every layer's
+/// title, digest and size, in order. `None` when a layer lacks one.
+fn files_fingerprint(name: &str, layers: &[serde_json::Value]) -> Option<String> {
+    let mut text = format!("kiln-push-v1;{name}");
+    for layer in layers {
+        let title = layer["annotations"][TITLE].as_str()?;
+        let digest = layer["digest"].as_str()?;
+        let size = layer["size"].as_u64()?;
+        text += &format!(";{title}={digest}:{size}");
+    }
+    Some(text)
+}
+
+/// The manifest's annotations: its title, and with a key the signed
+/// fingerprint of its files.
+fn annotations(
+    name: &str,
+    layers: &[serde_json::Value],
+    signing: Option<&SigningKey>,
+) -> serde_json::Value {
+    let mut a = json!({ TITLE: name });
+    if let Some(key) = signing {
+        let fingerprint = files_fingerprint(name, layers).expect("every pushed layer is titled");
+        a["dev.kiln.fingerprint"] = fingerprint.clone().into();
+        a["dev.kiln.signature"] = crate::sign::b64(&key.sign(fingerprint.as_bytes())).into();
+        a["dev.kiln.keyid"] = key.name.clone().into();
+    }
+    a
+}
+
+/// Who of `trusted` signed the file list of the manifest `m`, or why none
+/// did (for the note on what was not written).
+fn files_signer(
+    m: &serde_json::Value,
+    name: &str,
+    trusted: &[PublicKey],
+) -> Result<String, String> {
+    let annotations = &m["annotations"];
+    let Some(signature) = annotations["dev.kiln.signature"].as_str() else {
+        return Err("the artifact's file list is not signed (pushed without --signing-key)".into());
+    };
+    let layers = m["layers"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    let fingerprint = files_fingerprint(name, layers)
+        .ok_or_else(|| "a layer lacks a title, digest or size".to_owned())?;
+    let sig = crate::sign::unb64(signature)
+        .ok_or_else(|| "the file list's signature is not base64".to_owned())?;
+    trusted
+        .iter()
+        .find(|t| t.verifies(fingerprint.as_bytes(), &sig))
+        .map(|t| t.name.clone())
+        .ok_or_else(|| {
+            format!(
+                "the file list's signature (key `{}`) does not verify against a trusted key",
+                annotations["dev.kiln.keyid"].as_str().unwrap_or("")
+            )
+        })
 }
 
 /// Where `kiln pull` stages in `--out`, and `kiln push --containerdisk`
@@ -262,6 +344,13 @@ pub struct Pulled {
     pub sha256: String,
     pub files: Vec<PathBuf>,
     pub signed_by: Vec<String>,
+    /// Who signed the file list, when a trusted key did.
+    pub files_signed_by: Option<String>,
+    /// Files of the artifact not written: no trusted signature covers them.
+    pub not_written: Vec<String>,
+    /// Why, when some were not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_written_because: Option<String>,
 }
 
 /// Fetch an image artifact into `out`, verified (see the module doc).
@@ -316,12 +405,31 @@ fn pull_into(
     out: &Path,
     trusted: &[PublicKey],
 ) -> Result<Pulled> {
+    let files_signer = files_signer(m, name, trusted);
+    // What the provenance's signature vouches for, checked below.
+    let by_provenance = DISKS
+        .iter()
+        .map(|(ext, _)| format!("{name}.{ext}"))
+        .chain(
+            [
+                "manifest.json",
+                "provenance.intoto.jsonl",
+                "provenance.json",
+            ]
+            .map(|suffix| format!("{name}.{suffix}")),
+        )
+        .collect::<Vec<_>>();
     let mut fetched = Vec::new();
+    let mut not_written = Vec::new();
     for layer in m["layers"].as_array().into_iter().flatten() {
         let title = layer["annotations"][TITLE]
             .as_str()
             .filter(|t| safe_name(t) && t.starts_with(&format!("{name}.")))
             .with_context(|| format!("{what}: a layer without a usable file name"))?;
+        if files_signer.is_err() && !by_provenance.iter().any(|f| f == title) {
+            not_written.push(title.to_owned());
+            continue;
+        }
         let digest = layer["digest"].as_str().unwrap_or("");
         let size = layer["size"].as_u64().unwrap_or(0);
         let dest = staging.join(title);
@@ -355,11 +463,18 @@ fn pull_into(
             .with_context(|| format!("moving the pulled {title} to {}", dest.display()))?;
         files.push(dest);
     }
+    let (files_signed_by, not_written_because) = match files_signer {
+        Ok(signer) => (Some(signer), None),
+        Err(why) => (None, (!not_written.is_empty()).then_some(why)),
+    };
     Ok(Pulled {
         disk: out.join(&disk_name),
         sha256: m.image.sha256.clone(),
         files,
         signed_by: check.signed_by,
+        files_signed_by,
+        not_written,
+        not_written_because,
     })
 }
 
