@@ -535,4 +535,44 @@ mod tests {
         assert!(parse_ref("oci://reg.example/x:-bad").is_err());
         assert!(!safe_name("../web.qcow2") && !safe_name(".hidden") && safe_name("web.qcow2"));
     }
+
+    #[test]
+    fn a_file_list_signature_vouches_for_every_title_digest_and_size() {
+        let ci = SigningKey::generate("ci");
+        let other = SigningKey::generate("other");
+        let layer = |title: &str, byte: char, size: u64| {
+            json!({
+                "digest": format!("sha256:{}", byte.to_string().repeat(64)),
+                "size": size,
+                "annotations": { TITLE: title },
+            })
+        };
+        let layers = vec![
+            layer("web.qcow2", 'a', 1000),
+            layer("web.spdx.json", 'b', 20),
+        ];
+        let manifest = |layers: &[serde_json::Value], key: Option<&SigningKey>| json!({ "layers": layers, "annotations": annotations("web", layers, key) });
+        let m = manifest(&layers, Some(&ci));
+        assert_eq!(
+            m["annotations"]["dev.kiln.fingerprint"],
+            format!(
+                "kiln-push-v1;web;web.qcow2=sha256:{}:1000;web.spdx.json=sha256:{}:20",
+                "a".repeat(64),
+                "b".repeat(64)
+            )
+        );
+        assert_eq!(files_signer(&m, "web", &[ci.public()]).unwrap(), "ci");
+        // Another trusted set, another name, a swapped blob, no signature.
+        let err = files_signer(&m, "web", &[other.public()]).unwrap_err();
+        assert!(
+            err.contains("key `ci`") && err.contains("does not verify"),
+            "{err}"
+        );
+        assert!(files_signer(&m, "db", &[ci.public()]).is_err());
+        let mut swapped = m.clone();
+        swapped["layers"][1]["digest"] = layers[0]["digest"].clone();
+        assert!(files_signer(&swapped, "web", &[ci.public()]).is_err());
+        let err = files_signer(&manifest(&layers, None), "web", &[ci.public()]).unwrap_err();
+        assert!(err.contains("not signed"), "{err}");
+    }
 }

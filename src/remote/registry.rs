@@ -492,7 +492,11 @@ impl Client {
 /// `KILN_REGISTRY_TIMEOUT` (the connect timeout never longer than the
 /// default).
 fn timeouts() -> Result<(Duration, Duration)> {
-    let Some(text) = std::env::var(TIMEOUT_ENV).ok().filter(|v| !v.is_empty()) else {
+    timeouts_from(std::env::var(TIMEOUT_ENV).ok().as_deref())
+}
+
+fn timeouts_from(setting: Option<&str>) -> Result<(Duration, Duration)> {
+    let Some(text) = setting.filter(|v| !v.is_empty()) else {
         return Ok((CONNECT_TIMEOUT, IO_TIMEOUT));
     };
     let io = text
@@ -602,6 +606,25 @@ mod tests {
         ] {
             let err = Reference::parse(bad).unwrap_err();
             assert!(err.contains(says), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn kiln_registry_timeout_sets_both_timeouts_within_bounds() {
+        let secs = Duration::from_secs;
+        assert_eq!(timeouts_from(None).unwrap(), (CONNECT_TIMEOUT, IO_TIMEOUT));
+        assert_eq!(
+            timeouts_from(Some("")).unwrap(),
+            (CONNECT_TIMEOUT, IO_TIMEOUT)
+        );
+        assert_eq!(timeouts_from(Some("3")).unwrap(), (secs(3), secs(3)));
+        assert_eq!(
+            timeouts_from(Some("300")).unwrap(),
+            (CONNECT_TIMEOUT, secs(300))
+        );
+        for bad in ["0", "-1", "soon", "inf", "NaN", "1e9"] {
+            let err = timeouts_from(Some(bad)).unwrap_err().to_string();
+            assert!(err.contains("KILN_REGISTRY_TIMEOUT"), "{bad}: {err}");
         }
     }
 

@@ -746,6 +746,29 @@ mod tests {
     }
 
     #[test]
+    fn stale_staging_dirs_with_the_prefix_go_and_claimed_ones_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let mkdir = |name: &str| {
+            let path = dir.path().join(name);
+            std::fs::create_dir(&path).unwrap();
+            std::fs::write(path.join("blob"), b"partial").unwrap();
+            path
+        };
+        let dead = mkdir(".kiln-pull-dead");
+        // A claim file nobody holds: what a kill -9 leaves.
+        std::fs::write(dead.join(CLAIM), b"1").unwrap();
+        let live = mkdir(".kiln-pull-live");
+        claim(&live).unwrap();
+        let other = mkdir("web-data");
+        std::fs::write(other.join(CLAIM), b"1").unwrap();
+        remove_stale(dir.path(), ".kiln-pull-").unwrap();
+        assert!(!dead.exists(), "a dead run's staging dir stayed");
+        assert!(live.join("blob").is_file(), "a live run's staging dir went");
+        assert!(other.exists(), "a dir without the prefix went");
+        release_claim(&live);
+    }
+
+    #[test]
     fn a_store_from_before_seals_is_migrated_once_then_unsealed_is_corrupt() {
         let root = tempfile::tempdir().unwrap();
         let old = layer(root.path(), 1);
