@@ -14,7 +14,8 @@
 //! ```
 //!
 //! `skopeo copy oci-archive:out/NAME.containerdisk.tar docker://REGISTRY/NAME:TAG`
-//! pushes it. The same qcow2, name and SOURCE_DATE_EPOCH give the same
+//! pushes it; `kiln push --containerdisk` sends the same blobs
+//! ([`write_image`]) to a registry itself, without the archive. The same qcow2, name and SOURCE_DATE_EPOCH give the same
 //! bytes and so the same digests: every tar header has that mtime, owner
 //! numbers and no owner names, entries are in a fixed order, the gzip
 //! stream has no name or time, and the JSON has sorted keys.

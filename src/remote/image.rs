@@ -13,7 +13,8 @@
 //! │   ├── NAME.provenance.json            application/vnd.in-toto+json
 //! │   ├── NAME.spdx.json                  application/spdx+json
 //! │   └── NAME.smoke.json                 application/vnd.kiln.smoke.v1+json (when smoked)
-//! └── annotations                         org.opencontainers.image.title = NAME
+//! └── annotations                         org.opencontainers.image.title = NAME; with
+//!                                         --signing-key the signed file list (below)
 //! ```
 //!
 //! Trust comes from the signed provenance, as for `kiln verify
@@ -21,6 +22,9 @@
 //! statement's subjects are the disk's and the manifest's sha256, so a good
 //! signature vouches for both. The provenance file must be the envelope's
 //! payload. Every blob is checked against its digest while it streams in.
+//! Only then are the files renamed into `out/` (from a staging dir in the
+//! same folder, `.kiln-pull-*`, claimed as the store's staging dirs are so
+//! that the next pull removes what a killed one left), the disk last.
 //!
 //! The SBOM and the smoke record are not subjects of the provenance (the
 //! smoke record is written after it, by the smoke boot), so a registry
@@ -39,9 +43,6 @@
 //! signature; the SBOM and the smoke record only through a good signature
 //! on the file list (recomputed from the layers, never read from the
 //! annotation). Without one they are not fetched, and the pull says so.
-//! Only then are the files renamed into `out/` (from a staging dir in the
-//! same folder, `.kiln-pull-*`, claimed as the store's staging dirs are so
-//! that the next pull removes what a killed one left), the disk last.
 //!
 //! `kiln push --containerdisk REF` pushes something else: a KubeVirt
 //! containerDisk, an ordinary OCI image (image manifest, image config,
