@@ -1200,6 +1200,23 @@ fn kiln_push_then_pull_gives_the_same_disk_and_refuses_what_does_not_verify() {
     let run = reader.run(&pull);
     run.assert_code(0);
     assert_eq!(staged(), 0, "{}", run.show());
+
+    // Ctrl-C while it streams: kiln stops within a read, exits 130 and
+    // removes its staging dir itself.
+    proxy.throttle(256 << 10);
+    let mut stopped = Background::start(&reader, &pull, &[]);
+    stopped.wait_for("the disk streaming in", || {
+        streaming(out.path(), ".kiln-pull-", None)
+    });
+    // SAFETY: a signal to the kiln this test started (not yet reaped).
+    assert_eq!(
+        unsafe { libc::kill(stopped.child.id() as i32, libc::SIGINT) },
+        0
+    );
+    let run = stopped.finish();
+    run.assert_code(130);
+    assert_eq!(staged(), 0, "{}", run.show());
+    proxy.throttle(0);
     assert_eq!(sha256_of(&out.path().join("kt-remote.qcow2")), built.sha256);
 
     // A key this reader does not trust: exit 4, nothing written.
