@@ -60,7 +60,7 @@ pub enum Command {
     /// Make signing keys: `kiln key new NAME`
     Key(KeyArgs),
     /// Push a built image with its manifest, SBOM and signed provenance to
-    /// an OCI registry as one artifact
+    /// an OCI registry as one artifact, and/or as a KubeVirt containerDisk
     Push(PushArgs),
     /// Fetch an image pushed by `kiln push`, verify its signature and every
     /// digest, then write it to --out (exit 4 when it does not verify)
@@ -74,10 +74,21 @@ pub enum Command {
 pub struct PushArgs {
     /// The disk a build wrote (out/NAME.qcow2); its records are beside it
     pub image: PathBuf,
-    /// Where to: oci://HOST[:PORT]/REPOSITORY[:TAG] (default tag: latest),
-    /// or oci+http://… for a plain-HTTP registry
-    #[arg(value_name = "REF")]
-    pub reference: String,
+    /// Where to push the image with its records: oci://HOST[:PORT]/REPOSITORY[:TAG]
+    /// (default tag: latest), or oci+http://… for a plain-HTTP registry;
+    /// may be left out with --containerdisk
+    #[arg(value_name = "REF", required_unless_present = "containerdisk")]
+    pub reference: Option<String>,
+    /// Also (or, without REF, only) push the disk as a KubeVirt
+    /// containerDisk, an OCI image holding /disk/NAME.qcow2, to this
+    /// reference
+    #[arg(long, value_name = "REF")]
+    pub containerdisk: Option<String>,
+    /// Sign the artifact's file list (NAME.key from `kiln key new`), so
+    /// that a pull also trusts the SBOM and smoke record [default:
+    /// $KILN_SIGNING_KEY]
+    #[arg(long, value_name = "FILE")]
+    pub signing_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

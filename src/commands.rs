@@ -277,27 +277,68 @@ fn open_remote(
     Ok(Some(crate::remote::Remote::new(reference, trusted, push)?))
 }
 
-/// `kiln push IMAGE REF`.
+/// `kiln push IMAGE [REF] [--containerdisk REF]`.
 pub fn push(global: &Global, args: &crate::cli::PushArgs) -> Result<()> {
-    let (reference, tag) = image_ref(&args.reference)?;
+    // Both references are checked before anything is sent.
+    let artifact = args.reference.as_deref().map(push_ref).transpose()?;
+    let containerdisk = args.containerdisk.as_deref().map(push_ref).transpose()?;
+    let signing_key = args
+        .signing_key
+        .clone()
+        .or_else(signing_key_from_env)
+        .as_deref()
+        .map(SigningKey::load)
+        .transpose()?;
+    let mut pushed = serde_json::Map::new();
+    if let Some((reference, tag)) = artifact {
+        let shown = reference.to_string();
+        let digest = crate::remote::image::push(&args.image, reference, &tag, signing_key.as_ref())
+            .with_context(|| format!("pushing {} to {shown}:{tag}", args.image.display()))?;
+        if !global.json {
+            println!("pushed {} to {shown}:{tag}", args.image.display());
+            println!("digest: {shown}@{digest}");
+        }
+        pushed.insert("reference".into(), format!("{shown}:{tag}").into());
+        pushed.insert("digest".into(), digest.into());
+    }
+    if let Some((reference, tag)) = containerdisk {
+        let shown = reference.to_string();
+        let digest = crate::remote::image::push_containerdisk(&args.image, reference, &tag)
+            .with_context(|| {
+                format!(
+                    "pushing the containerDisk of {} to {shown}:{tag}",
+                    args.image.display()
+                )
+            })?;
+        if !global.json {
+            println!(
+                "pushed the containerDisk of {} to {shown}:{tag}",
+                args.image.display()
+            );
+            println!("digest: {shown}@{digest}");
+        }
+        pushed.insert(
+            "containerdisk".into(),
+            serde_json::json!({ "reference": format!("{shown}:{tag}"), "digest": digest }),
+        );
+    }
+    if global.json {
+        return print_json(&pushed);
+    }
+    Ok(())
+}
+
+/// A reference to push to: a tag, never a digest.
+fn push_ref(text: &str) -> Result<(crate::remote::Reference, String)> {
+    let (reference, tag) = image_ref(text)?;
     if tag.starts_with("sha256:") {
         return Err(BadInput::arg(
-            format!("{}: a push names a tag, not a digest", args.reference),
+            format!("{text}: a push names a tag, not a digest"),
             "e.g. oci://HOST/team/images:web-1",
         )
         .into());
     }
-    let shown = reference.to_string();
-    let digest = crate::remote::image::push(&args.image, reference, &tag)
-        .with_context(|| format!("pushing {} to {shown}:{tag}", args.image.display()))?;
-    if global.json {
-        return print_json(
-            &serde_json::json!({ "reference": format!("{shown}:{tag}"), "digest": digest }),
-        );
-    }
-    println!("pushed {} to {shown}:{tag}", args.image.display());
-    println!("digest: {shown}@{digest}");
-    Ok(())
+    Ok((reference, tag))
 }
 
 /// `kiln pull REF`.
@@ -319,14 +360,25 @@ pub fn pull(global: &Global, args: &crate::cli::PullArgs) -> Result<()> {
         .map(|k| PublicKey::load(k))
         .collect::<Result<Vec<_>>>()?;
     let pulled = crate::remote::image::pull(reference, &target, &global.out, &trusted)?;
+    if let Some(why) = &pulled.not_written_because {
+        eprintln!(
+            "note: not written: {}: {why}; only the disk, its manifest and its provenance are trusted (push with --signing-key to have the rest signed)",
+            pulled.not_written.join(", ")
+        );
+    }
     if global.json {
         return print_json(&pulled);
     }
     println!(
-        "pulled {} (sha256 {}), signature: good, by {}",
+        "pulled {} (sha256 {}), signature: good, by {}{}",
         pulled.disk.display(),
         pulled.sha256,
-        pulled.signed_by.join(", ")
+        pulled.signed_by.join(", "),
+        pulled
+            .files_signed_by
+            .as_ref()
+            .map(|by| format!("; file list signed by {by}"))
+            .unwrap_or_default()
     );
     Ok(())
 }

@@ -10,9 +10,12 @@
 mod common;
 
 use std::ffi::OsStr;
-use std::net::TcpListener;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -155,6 +158,148 @@ impl Drop for Registry {
     }
 }
 
+/// A TCP proxy of the test's own on a free loopback port, in front of the
+/// registry, with knobs for the faults a network has: a registry that
+/// accepts and never answers, a slow link, a link that is cut. Plain std
+/// threads; every one is stopped and joined on drop (also on a panic).
+struct Proxy {
+    addr: String,
+    knobs: Arc<Knobs>,
+    accept: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct Knobs {
+    stop: AtomicBool,
+    /// Accept connections and never send a byte, nor forward one.
+    stall: AtomicBool,
+    /// Bytes per second from the registry to kiln; 0 is no limit.
+    throttle: AtomicU64,
+    /// Every connection forwarding a byte so far.
+    connections: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+/// How often a proxy thread looks at its knobs.
+const PROXY_POLL: Duration = Duration::from_millis(20);
+
+impl Proxy {
+    fn start(upstream: &str) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a free loopback port");
+        let addr = listener.local_addr().unwrap().to_string();
+        listener.set_nonblocking(true).unwrap();
+        let knobs = Arc::new(Knobs::default());
+        let upstream = upstream.to_owned();
+        let k = knobs.clone();
+        let accept = std::thread::spawn(move || {
+            while !k.stop.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        let (k2, up) = (k.clone(), upstream.clone());
+                        let handle = std::thread::spawn(move || forward(client, &up, &k2));
+                        k.connections.lock().unwrap().push(handle);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(PROXY_POLL)
+                    }
+                    Err(e) => panic!("proxy accept: {e}"),
+                }
+            }
+        });
+        Proxy {
+            addr,
+            knobs,
+            accept: Some(accept),
+        }
+    }
+
+    fn reference(&self, repo: &str) -> String {
+        format!("oci+http://{}/{repo}", self.addr)
+    }
+
+    fn stall(&self, on: bool) {
+        self.knobs.stall.store(on, Ordering::SeqCst);
+    }
+
+    fn throttle(&self, bytes_per_second: u64) {
+        self.knobs
+            .throttle
+            .store(bytes_per_second, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.knobs.stop.store(true, Ordering::SeqCst);
+        if let Some(accept) = self.accept.take() {
+            // A panic there is the test's failure already being reported.
+            drop(accept.join());
+        }
+        for handle in self.knobs.connections.lock().unwrap().drain(..) {
+            drop(handle.join());
+        }
+    }
+}
+
+/// One connection: kiln's bytes to the registry as they come, the
+/// registry's back at the throttle's pace; both closed when either side
+/// closes or the proxy stops.
+fn forward(client: TcpStream, upstream: &str, knobs: &Knobs) {
+    let stopped = || knobs.stop.load(Ordering::SeqCst);
+    while knobs.stall.load(Ordering::SeqCst) {
+        if stopped() {
+            return;
+        }
+        std::thread::sleep(PROXY_POLL);
+    }
+    let Ok(server) = TcpStream::connect(upstream) else {
+        return; // the registry is stopped: kiln sees the connection close
+    };
+    for s in [&client, &server] {
+        s.set_nonblocking(false).unwrap();
+        s.set_read_timeout(Some(PROXY_POLL)).unwrap();
+    }
+    let pipe = |mut from: &TcpStream, mut to: &TcpStream, throttled: bool| {
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            if stopped() {
+                break;
+            }
+            let rate = knobs.throttle.load(Ordering::SeqCst);
+            // At most a twentieth of a second's worth at a time.
+            let want = if throttled && rate > 0 {
+                (rate as usize / 20).clamp(1, buf.len())
+            } else {
+                buf.len()
+            };
+            match from.read(&mut buf[..want]) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    if throttled && rate > 0 {
+                        std::thread::sleep(Duration::from_secs_f64(n as f64 / rate as f64));
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => break,
+            }
+        }
+        // Either side gone: close both, so the other direction ends too.
+        for s in [from, to] {
+            drop(s.shutdown(std::net::Shutdown::Both));
+        }
+    };
+    std::thread::scope(|scope| {
+        scope.spawn(|| pipe(&client, &server, false));
+        pipe(&server, &client, true);
+    });
+}
+
 /// Keys made with `kiln key new`: `ci` signs, `other` is not trusted.
 struct Keys {
     dir: tempfile::TempDir,
@@ -238,6 +383,162 @@ fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
         )
     };
     (n >= 0).then(|| buf[..n as usize].to_vec())
+}
+
+/// A kiln run in the background while the test breaks something;
+/// killed (SIGKILL) and reaped if the test ends first.
+struct Background {
+    args: Vec<String>,
+    /// Where its staging dirs are: the store's tmp/ and --out.
+    claims: [PathBuf; 2],
+    child: Child,
+    output: tempfile::TempDir,
+    started: Instant,
+}
+
+impl Background {
+    fn start(kiln: &Kiln, args: &[&str], env: &[(&str, &str)]) -> Background {
+        let output = temp_dir("kiln-remote-output-");
+        let mut full: Vec<String> = vec![
+            "--cache".into(),
+            kiln.store.display().to_string(),
+            "--out".into(),
+            kiln.out.display().to_string(),
+        ];
+        full.extend(args.iter().map(|a| a.to_string()));
+        let file = |name: &str| std::fs::File::create(output.path().join(name)).unwrap();
+        let child = Command::new(Kiln::binary())
+            .args(&full)
+            .envs(env.iter().copied())
+            .env_remove("KILN_CACHE_DIR")
+            .stdin(Stdio::null())
+            .stdout(file("stdout"))
+            .stderr(file("stderr"))
+            .spawn()
+            .expect("starting kiln");
+        Background {
+            args: full,
+            claims: [kiln.store.join("tmp"), kiln.out.clone()],
+            child,
+            output,
+            started: Instant::now(),
+        }
+    }
+
+    /// Wait (polling) until `ready` holds; the run must still be going.
+    #[track_caller]
+    fn wait_for(&mut self, what: &str, ready: impl Fn() -> bool) {
+        while !ready() {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "kiln ended ({status}) before {what}:\n{}",
+                    self.finish().show()
+                );
+            }
+            assert!(
+                self.started.elapsed() < Duration::from_secs(300),
+                "no {what} within 300 s"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// `kill -9`, then reap it, and wait for the kernel to end the rest
+    /// of it: kiln works as pid 1 of a pid namespace, which dies of its
+    /// parent's death a moment later and only then drops its claims on
+    /// its staging dirs.
+    fn kill(&mut self) {
+        self.child.kill().expect("killing kiln");
+        self.child.wait().expect("reaping kiln");
+        let started = Instant::now();
+        while self.claims.iter().any(|dir| claimed(dir)) {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the killed kiln's staging dirs stay claimed"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Its end, as a [`Run`].
+    fn finish(&mut self) -> Run {
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if self.started.elapsed() > KILN_TIMEOUT {
+                self.kill();
+                panic!(
+                    "kiln {} took more than {KILN_TIMEOUT:?}",
+                    self.args.join(" ")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let read = |name: &str| {
+            String::from_utf8_lossy(&std::fs::read(self.output.path().join(name)).unwrap())
+                .into_owned()
+        };
+        Run {
+            args: self.args.clone(),
+            code: status.code(),
+            status,
+            stdout: read("stdout"),
+            stderr: read("stderr"),
+            elapsed: self.started.elapsed(),
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.kill();
+        }
+    }
+}
+
+/// Whether a process holds the flock of a staging dir's claim in `dir`.
+fn claimed(dir: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        std::fs::File::open(e.path().join(".kiln-pid")).is_ok_and(|f| {
+            // SAFETY: flock on a file we hold open; released when it closes.
+            unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) != 0 }
+        })
+    })
+}
+
+/// What the store's staging area holds.
+fn tmp_entries(store: &Path) -> Vec<String> {
+    std::fs::read_dir(store.join("tmp"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether a dir holds an entry whose name starts with `prefix` and that
+/// holds a file `name` with some bytes in it: a pull streaming a blob.
+fn streaming(dir: &Path, prefix: &str, name: Option<&str>) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        e.file_name().to_string_lossy().starts_with(prefix)
+            && std::fs::read_dir(e.path()).is_ok_and(|files| {
+                files.flatten().any(|f| {
+                    name.is_none_or(|n| f.file_name() == n)
+                        && f.metadata().is_ok_and(|m| m.is_file() && m.len() > 0)
+                        && f.file_name() != ".kiln-pid"
+                })
+            })
+    })
 }
 
 fn cache_verify_clean(kiln: &Kiln) {
@@ -472,11 +773,14 @@ fn refused_layers_and_a_stopped_registry_fall_back_to_a_local_build() {
     // A blob changed in the registry's storage (same size), and a blob
     // gone from it: each refused with its warning, built locally.
     let changed = registry.layer_blob(&key_of("tools/files"));
-    let mut bytes = std::fs::read(&changed).unwrap();
+    let original = std::fs::read(&changed).unwrap();
+    let mut bytes = original.clone();
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0xff;
     std::fs::write(&changed, &bytes).unwrap();
-    std::fs::remove_file(registry.layer_blob(&key_of("tools/run"))).unwrap();
+    let removed = registry.layer_blob(&key_of("tools/run"));
+    let kept = std::fs::read(&removed).unwrap();
+    std::fs::remove_file(&removed).unwrap();
     let store = seeded_store(&a, &plan);
     let kiln = Kiln::with_store(store.path());
     let trusted = ["--remote", &remote, "--trusted-key", &keys.path("ci.pub")];
@@ -512,18 +816,69 @@ fn refused_layers_and_a_stopped_registry_fall_back_to_a_local_build() {
     );
     cache_verify_clean(&kiln);
 
-    // The registry stopped: one warning, the build succeeds locally.
-    registry.stop();
+    // Both blobs as they were, for what follows.
+    std::fs::write(&changed, &original).unwrap();
+    std::fs::write(&removed, &kept).unwrap();
+
+    // A registry that accepts connections and never answers (a proxy that
+    // stalls): one warning after the timeout (shortened here), and the
+    // build goes on locally.
+    let proxy = Proxy::start(&registry.addr);
+    let through = proxy.reference(REPO);
+    let trusted = ["--remote", &through, "--trusted-key", &keys.path("ci.pub")];
+    let build_args = [
+        &["--json", "build", recipe.to_str().unwrap(), "--no-smoke"][..],
+        &trusted,
+    ]
+    .concat();
+    proxy.stall(true);
     let store = seeded_store(&a, &plan);
     let kiln = Kiln::with_store(store.path());
-    let run = kiln.run(
-        &[
-            &["build", recipe.to_str().unwrap(), "--no-smoke"][..],
-            &trusted,
-        ]
-        .concat(),
-    );
+    let run = kiln.run_in(&build_args, &[("KILN_REGISTRY_TIMEOUT", "3")], None);
     run.assert_code(0);
+    let said = warnings(&run);
+    assert_eq!(said.len(), 1, "{}", run.show());
+    assert!(
+        said[0].contains("is unavailable")
+            && said[0].contains("no answer within the timeout")
+            && said[0].contains("building locally"),
+        "{}",
+        said[0]
+    );
+    let report: BuildReport = run.json();
+    assert!(
+        report.rows[1..].iter().all(|r| r.status == "built"),
+        "{:#?}",
+        report.rows
+    );
+    cache_verify_clean(&kiln);
+
+    // The registry stopped while a build pulls from it (over a slow link,
+    // so that the stop lands after the first pull and before the next):
+    // what was pulled stays, the rest is built locally, one warning.
+    proxy.stall(false);
+    proxy.throttle(1 << 10);
+    let store = seeded_store(&a, &plan);
+    let kiln = Kiln::with_store(store.path());
+    let mut build = Background::start(&kiln, &build_args, &[]);
+    let first = store.path().join("layers-v1").join(key_of("tools/files"));
+    build.wait_for("tools/files was pulled", || first.exists());
+    registry.stop();
+    let run = build.finish();
+    run.assert_code(0);
+    let report: BuildReport = run.json();
+    assert_eq!(
+        report.statuses(),
+        [
+            ("base", "cached"),
+            ("tools/files", "pulled"),
+            ("tools/run", "built"),
+            ("image", "built")
+        ]
+        .map(|(a, b)| (a.to_owned(), b.to_owned())),
+        "{}",
+        run.show()
+    );
     let said = warnings(&run);
     assert_eq!(said.len(), 1, "{}", run.show());
     assert!(
@@ -531,6 +886,8 @@ fn refused_layers_and_a_stopped_registry_fall_back_to_a_local_build() {
         "{}",
         said[0]
     );
+    assert_eq!(tmp_entries(store.path()), Vec::<String>::new());
+    cache_verify_clean(&kiln);
 }
 
 #[test]
@@ -664,15 +1021,42 @@ fn kiln_push_then_pull_gives_the_same_disk_and_refuses_what_does_not_verify() {
         "{}/images:kt-remote-1",
         registry.reference().replace("/kiln", "")
     );
+    let disk_ref = format!(
+        "{}/kt-remote-disk:1",
+        registry.reference().replace("/kiln", "")
+    );
     let pushed = a.run(&[
         OsStr::new("--json"),
         OsStr::new("push"),
         built.image.as_os_str(),
         OsStr::new(&target),
+        OsStr::new("--containerdisk"),
+        OsStr::new(&disk_ref),
+        OsStr::new("--signing-key"),
+        OsStr::new(&keys.path("ci.key")),
     ]);
     pushed.assert_code(0);
     let pushed: serde_json::Value = pushed.json();
     let digest = pushed["digest"].as_str().unwrap().to_owned();
+    let disk_digest = pushed["containerdisk"]["digest"].as_str().unwrap();
+    check_containerdisk(
+        &format!("docker://{}/team/kt-remote-disk:1", registry.addr),
+        disk_digest,
+        "kt-remote",
+        &built.sha256,
+    );
+    // The containerDisk alone, again: the same bytes, the same digest.
+    let again = a.run(&[
+        OsStr::new("--json"),
+        OsStr::new("push"),
+        built.image.as_os_str(),
+        OsStr::new("--containerdisk"),
+        OsStr::new(&disk_ref),
+    ]);
+    again.assert_code(0);
+    let again: serde_json::Value = again.json();
+    assert_eq!(again["containerdisk"]["digest"], disk_digest, "{again:#}");
+    assert!(again.get("digest").is_none(), "{again:#}");
 
     // An independent client reads the artifact.
     let (raw, _) = tool(
@@ -719,14 +1103,121 @@ fn kiln_push_then_pull_gives_the_same_disk_and_refuses_what_does_not_verify() {
         let run = reader.run(&["pull", reference, "--trusted-key", &keys.path("ci.pub")]);
         run.assert_code(0);
         assert!(
-            run.stdout.contains("signature: good, by ci"),
+            run.stdout
+                .contains("signature: good, by ci; file list signed by ci"),
             "{}",
             run.show()
         );
         let disk = out.path().join("kt-remote.qcow2");
         assert_eq!(sha256_of(&disk), built.sha256, "{}", run.show());
         assert!(out.path().join("kt-remote.manifest.json").is_file());
+        assert_eq!(
+            std::fs::read(out.path().join("kt-remote.spdx.json")).unwrap(),
+            std::fs::read(a.out.join("kt-remote.spdx.json")).unwrap()
+        );
     }
+
+    // The SBOM is not a subject of the provenance: without a trusted
+    // signature on the file list it is not written. Pushed without a key,
+    // and the signed manifest rewritten by the registry (the SBOM's layer
+    // pointing at another blob, the manifest.json's, a blob it holds).
+    let unsigned = format!(
+        "{}:kt-remote-unsigned",
+        registry.reference().replace("/kiln", "/images")
+    );
+    a.run_in(
+        &[
+            OsStr::new("push"),
+            built.image.as_os_str(),
+            OsStr::new(&unsigned),
+        ],
+        &[("KILN_SIGNING_KEY", "")],
+        None,
+    )
+    .assert_code(0);
+    let mut swapped = manifest.clone();
+    let layers = swapped["layers"].as_array_mut().unwrap();
+    let title = |l: &serde_json::Value| l["annotations"]["org.opencontainers.image.title"].clone();
+    let other = layers
+        .iter()
+        .find(|l| title(l) == "kt-remote.manifest.json")
+        .unwrap()
+        .clone();
+    let sbom = layers
+        .iter_mut()
+        .find(|l| title(l) == "kt-remote.spdx.json")
+        .unwrap();
+    sbom["digest"] = other["digest"].clone();
+    sbom["size"] = other["size"].clone();
+    put_manifest(
+        &registry.addr,
+        "team/images",
+        "kt-remote-swapped",
+        &serde_json::to_vec(&swapped).unwrap(),
+    );
+    for (tag, why) in [
+        ("kt-remote-unsigned", "pushed without --signing-key"),
+        ("kt-remote-swapped", "(key `ci`) does not verify"),
+    ] {
+        let out = temp_dir("kiln-pull-");
+        let reader = Kiln::at(&a.store, out.path());
+        let reference = format!("{}:{tag}", registry.reference().replace("/kiln", "/images"));
+        let run = reader.run(&["pull", &reference, "--trusted-key", &keys.path("ci.pub")]);
+        run.assert_code(0);
+        assert!(
+            run.stderr
+                .contains("note: not written: kt-remote.spdx.json")
+                && run.stderr.contains(why),
+            "{}",
+            run.show()
+        );
+        assert!(!out.path().join("kt-remote.spdx.json").exists());
+        assert_eq!(sha256_of(&out.path().join("kt-remote.qcow2")), built.sha256);
+    }
+
+    // kill -9 while `kiln pull` streams the disk in (over a slow link): its
+    // staging dir stays in --out until the next pull, which removes it.
+    let proxy = Proxy::start(&registry.addr);
+    proxy.throttle(256 << 10);
+    let slow = format!("{}:kt-remote-1", proxy.reference("team/images"));
+    let out = temp_dir("kiln-pull-");
+    let reader = Kiln::at(&a.store, out.path());
+    let pull = ["pull", &slow, "--trusted-key", &keys.path("ci.pub")];
+    let mut killed = Background::start(&reader, &pull, &[]);
+    killed.wait_for("the disk streaming in", || {
+        streaming(out.path(), ".kiln-pull-", None)
+    });
+    killed.kill();
+    let staged = || {
+        std::fs::read_dir(out.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".kiln-pull-"))
+            .count()
+    };
+    assert_eq!(staged(), 1, "the killed pull left no staging dir");
+    proxy.throttle(0);
+    let run = reader.run(&pull);
+    run.assert_code(0);
+    assert_eq!(staged(), 0, "{}", run.show());
+
+    // Ctrl-C while it streams: kiln stops within a read, exits 130 and
+    // removes its staging dir itself.
+    proxy.throttle(256 << 10);
+    let mut stopped = Background::start(&reader, &pull, &[]);
+    stopped.wait_for("the disk streaming in", || {
+        streaming(out.path(), ".kiln-pull-", None)
+    });
+    // SAFETY: a signal to the kiln this test started (not yet reaped).
+    assert_eq!(
+        unsafe { libc::kill(stopped.child.id() as i32, libc::SIGINT) },
+        0
+    );
+    let run = stopped.finish();
+    run.assert_code(130);
+    assert_eq!(staged(), 0, "{}", run.show());
+    proxy.throttle(0);
+    assert_eq!(sha256_of(&out.path().join("kt-remote.qcow2")), built.sha256);
 
     // A key this reader does not trust: exit 4, nothing written.
     let out = temp_dir("kiln-pull-");
@@ -763,6 +1254,110 @@ fn kiln_push_then_pull_gives_the_same_disk_and_refuses_what_does_not_verify() {
     );
 }
 
+/// PUT a manifest straight into the registry under `tag`, as a registry
+/// that rewrites what it serves would.
+fn put_manifest(addr: &str, repo: &str, tag: &str, body: &[u8]) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "PUT /v2/{repo}/manifests/{tag} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+}
+
+/// Read a pushed containerDisk with skopeo, as KubeVirt's CDI or any
+/// container tool would: an ordinary OCI image (image manifest, image
+/// config, one gzip layer) whose layer holds disk/NAME.qcow2, 107:107,
+/// 0440, with the built disk's bytes.
+fn check_containerdisk(source: &str, digest: &str, name: &str, sha256: &str) {
+    use sha2::Digest;
+    let inspect = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["inspect", "--tls-verify=false"];
+        args.extend(extra);
+        args.push(source);
+        let args: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+        let (out, _) = tool("skopeo", &args, &[]);
+        serde_json::from_slice(&out).unwrap()
+    };
+    let manifest = inspect(&["--raw"]);
+    assert_eq!(
+        manifest["mediaType"],
+        "application/vnd.oci.image.manifest.v1+json"
+    );
+    assert!(manifest.get("artifactType").is_none(), "{manifest:#}");
+    assert_eq!(
+        manifest["config"]["mediaType"],
+        "application/vnd.oci.image.config.v1+json"
+    );
+    let layers = manifest["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 1, "{manifest:#}");
+    assert_eq!(
+        layers[0]["mediaType"],
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+    );
+    let config = inspect(&["--config", "--raw"]);
+    assert_eq!(
+        (&config["os"], &config["architecture"]),
+        (&"linux".into(), &"amd64".into())
+    );
+    assert_eq!(config["rootfs"]["diff_ids"].as_array().unwrap().len(), 1);
+    let described = inspect(&[]);
+    assert_eq!(described["Digest"], digest, "{described:#}");
+
+    // Copied out by skopeo into an OCI layout: the layer's tar.
+    let layout = temp_dir("kiln-containerdisk-");
+    let dest = format!("oci:{}:disk", layout.path().display());
+    let args = ["copy", "--src-tls-verify=false", source, &dest];
+    let args: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+    tool("skopeo", &args, &[]);
+    let blob = |digest: &str| {
+        layout
+            .path()
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"))
+    };
+    let layer = std::fs::File::open(blob(layers[0]["digest"].as_str().unwrap())).unwrap();
+    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(layer));
+    let mut seen = Vec::new();
+    for entry in tar.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let path = entry.path().unwrap().display().to_string();
+        let h = entry.header().clone();
+        let owner = (h.uid().unwrap(), h.gid().unwrap(), h.mode().unwrap());
+        if path == format!("disk/{name}.qcow2") {
+            assert_eq!(owner, (107, 107, 0o440), "{path}");
+            let mut hasher = sha2::Sha256::new();
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = entry.read(&mut buf).unwrap();
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+            }
+            let got: String = hasher
+                .finalize()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            assert_eq!(
+                got, sha256,
+                "the containerDisk's qcow2 is not the built disk"
+            );
+        } else {
+            assert_eq!(path, "disk/", "an entry besides disk/ and the qcow2");
+            assert_eq!(owner.0, 107);
+        }
+        seen.push(path);
+    }
+    assert_eq!(seen, ["disk/".to_owned(), format!("disk/{name}.qcow2")]);
+}
+
 fn sha256_of(path: &Path) -> String {
     let (out, _) = tool("sha256sum", &[path.as_os_str()], &[]);
     String::from_utf8_lossy(&out)
@@ -780,12 +1375,11 @@ fn a_pull_killed_midway_leaves_no_entry_and_the_next_run_pulls() {
     let keys = Keys::new(&a);
     let d = RecipeDir::new();
     let recipe = write_recipe(&d, &a);
-    let remote = registry.reference();
     a.build(
         &recipe,
         &[
             "--remote",
-            &remote,
+            &registry.reference(),
             "--push",
             "--signing-key",
             &keys.path("ci.key"),
@@ -793,47 +1387,49 @@ fn a_pull_killed_midway_leaves_no_entry_and_the_next_run_pulls() {
     );
     let base = a.plan(&recipe).step("base").key.clone();
 
+    let proxy = Proxy::start(&registry.addr);
+    let remote = proxy.reference(REPO);
     let store = temp_dir("kiln-remote-store-");
     let out = temp_dir("kiln-remote-out-");
+    let kiln = Kiln::at(store.path(), out.path());
     let trusted = ["--remote", &remote, "--trusted-key", &keys.path("ci.pub")];
-    let mut child = Command::new(Kiln::binary())
-        .args(["--cache", store.path().to_str().unwrap()])
-        .args(["--out", out.path().to_str().unwrap()])
-        .args(["build", recipe.to_str().unwrap(), "--no-smoke"])
-        .args(trusted)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting kiln");
-    // The base's blob is being unpacked into a staging dir: kill -9 there.
-    let started = Instant::now();
+    let args = [
+        &["build", recipe.to_str().unwrap(), "--no-smoke"][..],
+        &trusted,
+    ]
+    .concat();
+    let tmp = store.path().join("tmp");
+    let published = || store.path().join("layers-v1").join(&base).exists();
+
+    // kill -9 while the base's blob streams in over a slow link.
+    proxy.throttle(256 << 10);
+    let mut build = Background::start(&kiln, &args, &[]);
+    build.wait_for("the base's blob streaming in", || {
+        streaming(&tmp, "stage-", Some("entry.tar.zst"))
+    });
+    build.kill();
+    assert!(!published(), "a killed pull published the base");
+
+    // kill -9 while it is unpacked into a staging dir.
+    proxy.throttle(0);
+    let mut build = Background::start(&kiln, &args, &[]);
     let unpacking = || {
-        std::fs::read_dir(store.path().join("tmp"))
+        std::fs::read_dir(&tmp)
             .map(|dir| dir.flatten().any(|e| e.path().join("tree").is_dir()))
             .unwrap_or(false)
     };
-    while !unpacking() {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "kiln finished before its pull could be killed"
-        );
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "no pull started"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    build.wait_for("the base being unpacked", unpacking);
+    build.kill();
+    assert!(!published(), "a killed pull published the base");
     assert!(
-        !store.path().join("layers-v1").join(&base).exists(),
-        "a killed pull published the base"
+        !tmp_entries(store.path()).is_empty(),
+        "the killed runs left no staging dir: the test did not kill them mid-pull"
     );
 
     // The next run removes the debris and pulls everything.
-    let kiln = Kiln::at(store.path(), out.path());
     let report = kiln.build(&recipe, &trusted);
     assert_eq!(report.row("base").status, "pulled", "{:#?}", report.rows);
+    assert_eq!(tmp_entries(store.path()), Vec::<String>::new());
     cache_verify_clean(&kiln);
 }
 

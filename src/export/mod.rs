@@ -353,13 +353,7 @@ fn convert_into_store(
             gce_tar(&scratch, &out, epoch).run()?;
         }
         ExportFormat::ContainerDisk => {
-            let qcow2 = if disk.format == "qcow2" {
-                disk.path.clone()
-            } else {
-                let q = scratch.join("disk.qcow2");
-                convert(&disk, ExportFormat::Qcow2, &q).run()?;
-                q
-            };
+            let qcow2 = qcow2_of(&disk.path, &disk.format, &scratch)?;
             oci::write_archive(&qcow2, name, epoch, &scratch, &out)?;
         }
     }
@@ -383,6 +377,21 @@ fn convert_into_store(
         &[(Path::new(&made.file), &made.sha256)],
     )?;
     Ok(made)
+}
+
+/// The disk as a qcow2 (a containerDisk ships one): `path` itself, or a
+/// conversion of it (`format` as qemu-img names it) in `scratch`.
+pub fn qcow2_of(path: &Path, format: &str, scratch: &Path) -> Result<PathBuf> {
+    if format == "qcow2" {
+        return Ok(path.to_owned());
+    }
+    let disk = Disk {
+        path: path.to_owned(),
+        format: format.to_owned(),
+    };
+    let qcow2 = scratch.join("disk.qcow2");
+    convert(&disk, ExportFormat::Qcow2, &qcow2).run()?;
+    Ok(qcow2)
 }
 
 /// The assembled disk in the store.

@@ -14,13 +14,14 @@
 //! ```
 //!
 //! `skopeo copy oci-archive:out/NAME.containerdisk.tar docker://REGISTRY/NAME:TAG`
-//! pushes it. The same qcow2, name and SOURCE_DATE_EPOCH give the same
+//! pushes it; `kiln push --containerdisk` sends the same blobs
+//! ([`write_image`]) to a registry itself, without the archive. The same qcow2, name and SOURCE_DATE_EPOCH give the same
 //! bytes and so the same digests: every tar header has that mtime, owner
 //! numbers and no owner names, entries are in a fixed order, the gzip
 //! stream has no name or time, and the JSON has sorted keys.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde_json::json;
@@ -61,6 +62,42 @@ impl Blob {
     }
 }
 
+/// A containerDisk's three blobs: the layer in a file (it holds the whole
+/// disk), the config and the manifest in memory (small JSON). What an
+/// archive holds and what `kiln push --containerdisk` sends.
+pub struct Image {
+    pub layer_path: PathBuf,
+    pub layer: Blob,
+    pub config: Vec<u8>,
+    pub config_blob: Blob,
+    pub manifest: Vec<u8>,
+    /// The image's identity in a registry.
+    pub manifest_blob: Blob,
+    /// The sha256 of the qcow2 as it was read into the layer.
+    pub disk_sha256: String,
+}
+
+/// Write the layer of `qcow2`'s containerDisk (shipped as
+/// `/disk/NAME.qcow2`) to `scratch/layer.tar.gz`, and its config and
+/// manifest: one pass over the disk.
+pub fn write_image(qcow2: &Path, name: &str, epoch: u64, scratch: &Path) -> Result<Image> {
+    let layer_path = scratch.join("layer.tar.gz");
+    let (layer, diff_id, disk_sha256) = write_layer(qcow2, name, epoch, &layer_path)?;
+    let config = config_json(&diff_id, epoch);
+    let config_blob = Blob::of(&config);
+    let manifest = manifest_json(&config_blob, &layer, name, epoch);
+    let manifest_blob = Blob::of(&manifest);
+    Ok(Image {
+        layer_path,
+        layer,
+        config,
+        config_blob,
+        manifest,
+        manifest_blob,
+        disk_sha256,
+    })
+}
+
 /// Write the containerDisk of `qcow2` (shipped as `/disk/NAME.qcow2`) to
 /// `dest`, using `scratch` for the layer. Returns the manifest's digest,
 /// the image's identity in a registry.
@@ -71,12 +108,15 @@ pub fn write_archive(
     scratch: &Path,
     dest: &Path,
 ) -> Result<Blob> {
-    let layer_path = scratch.join("layer.tar.gz");
-    let (layer, diff_id) = write_layer(qcow2, name, epoch, &layer_path)?;
-    let config = config_json(&diff_id, epoch);
-    let config_blob = Blob::of(&config);
-    let manifest = manifest_json(&config_blob, &layer, name, epoch);
-    let manifest_blob = Blob::of(&manifest);
+    let Image {
+        layer_path,
+        layer,
+        config,
+        config_blob,
+        manifest,
+        manifest_blob,
+        disk_sha256: _,
+    } = write_image(qcow2, name, epoch, scratch)?;
     let index = index_json(&manifest_blob);
 
     let file =
@@ -129,9 +169,14 @@ pub fn write_archive(
 const OCI_LAYOUT: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
 
 /// The layer: a tar holding `disk/` and `disk/NAME.qcow2`, gzip-compressed
-/// into `dest`. Returns the compressed blob and the diff id (the digest of
-/// the uncompressed tar), in one pass over the disk.
-fn write_layer(qcow2: &Path, name: &str, epoch: u64, dest: &Path) -> Result<(Blob, String)> {
+/// into `dest`. Returns the compressed blob, the diff id (the digest of
+/// the uncompressed tar) and the disk's sha256, in one pass over the disk.
+fn write_layer(
+    qcow2: &Path,
+    name: &str,
+    epoch: u64,
+    dest: &Path,
+) -> Result<(Blob, String, String)> {
     let file =
         std::fs::File::create(dest).with_context(|| format!("creating {}", dest.display()))?;
     let compressed = Hashing::new(std::io::BufWriter::with_capacity(1 << 20, file));
@@ -139,7 +184,7 @@ fn write_layer(qcow2: &Path, name: &str, epoch: u64, dest: &Path) -> Result<(Blo
         .mtime(0)
         .write(compressed, flate2::Compression::new(LAYER_GZIP_LEVEL));
     let mut tar = tar::Builder::new(Hashing::new(gz));
-    let mut disk =
+    let disk =
         std::fs::File::open(qcow2).with_context(|| format!("opening {}", qcow2.display()))?;
     let size = disk
         .metadata()
@@ -156,8 +201,10 @@ fn write_layer(qcow2: &Path, name: &str, epoch: u64, dest: &Path) -> Result<(Blo
         epoch,
         false,
     );
+    let mut disk = Hashing::new(disk);
     tar.append(&file, &mut disk)
         .with_context(|| format!("writing {} into the layer", qcow2.display()))?;
+    let disk_sha256 = hex(&disk.hasher.finalize());
     let uncompressed = tar.into_inner().context("finishing the layer's tar")?;
     let diff_id = format!("sha256:{}", hex(&uncompressed.hasher.finalize()));
     let compressed = uncompressed
@@ -172,7 +219,7 @@ fn write_layer(qcow2: &Path, name: &str, epoch: u64, dest: &Path) -> Result<(Blo
         .map_err(|e| e.into_error())
         .and_then(|f| f.sync_all())
         .with_context(|| format!("writing {}", dest.display()))?;
-    Ok((Blob { digest, size }, diff_id))
+    Ok((Blob { digest, size }, diff_id, disk_sha256))
 }
 
 /// A ustar header with nothing of the host in it: the given owner numbers,
@@ -241,7 +288,7 @@ fn to_json(value: &serde_json::Value) -> Vec<u8> {
     serde_json::to_vec(value).expect("a JSON value serialises")
 }
 
-/// A writer that hashes and counts what passes through it.
+/// A writer (or reader) that hashes and counts what passes through it.
 struct Hashing<W> {
     inner: W,
     hasher: Sha256,
@@ -268,6 +315,15 @@ impl<W: Write> Write for Hashing<W> {
 
     fn flush(&mut self) -> std::io::Result<()> {
         self.inner.flush()
+    }
+}
+
+impl<R: std::io::Read> std::io::Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
     }
 }
 

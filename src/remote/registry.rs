@@ -16,13 +16,24 @@
 //! compile time for seven requests. `ureq` is blocking, small, and its
 //! rustls uses ring.
 //!
-//! Blobs are streamed between a file and the socket, never held in memory,
-//! and are uploaded monolithically (chunked PATCH uploads were 50–100 %
-//! slower in oci-client's measurements). Every request has bounded
-//! timeouts ([`CONNECT_TIMEOUT`], [`IO_TIMEOUT`]) and at most [`ATTEMPTS`]
-//! tries; a registry that stays unreachable or answers 5xx gives an
-//! [`Unavailable`] error, which the cache turns into one warning and a
-//! local build.
+//! Blobs are streamed between a file and the socket, never held in memory
+//! (Ctrl-C is looked for between reads, so it stops a long transfer), and
+//! are uploaded monolithically (chunked PATCH uploads were 50–100 %
+//! slower in oci-client's measurements).
+//!
+//! ## Bounded waits
+//!
+//! Every request has bounded timeouts: [`CONNECT_TIMEOUT`] to connect, and
+//! [`IO_TIMEOUT`] for the answer to start and for each read or write after
+//! that (`KILN_REGISTRY_TIMEOUT=SECONDS` sets both, for a slow link or an
+//! impatient CI job). A refused or reset connection, or a 5xx/429 answer,
+//! is tried again, [`ATTEMPTS`] tries in all with a backoff of
+//! [`FIRST_BACKOFF`] doubling; a timeout is not (a registry that has been
+//! silent that long is not about to answer, and trying again would triple
+//! the wait). So the longest a stalled registry holds a build is one
+//! timeout, and a dead one the backoff; either gives an [`Unavailable`]
+//! error, which the cache turns into one warning and a local build, asking
+//! that registry nothing more in the run.
 //!
 //! Plain HTTP only for `oci+http://` references (a loopback registry in a
 //! test, say); `oci://` is HTTPS, with the web's root certificates or, with
@@ -43,10 +54,12 @@ use super::auth::{self, Challenge, Credentials};
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest a registry may go without sending or taking a byte.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
+/// Overrides both timeouts, in seconds.
+pub const TIMEOUT_ENV: &str = "KILN_REGISTRY_TIMEOUT";
 /// Tries of one request when the registry is unreachable or answers 5xx/429.
 pub const ATTEMPTS: u32 = 3;
 /// The wait before the second try; doubled before each later one.
-const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+pub const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 /// A manifest is small JSON; anything bigger is not one of kiln's.
 pub const MAX_MANIFEST: u64 = 4 << 20;
 pub const MANIFEST_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -158,13 +171,14 @@ pub struct Client {
 
 impl Client {
     pub fn new(reference: Reference, push: bool) -> Result<Client> {
+        let (connect, io) = timeouts()?;
         let mut config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .https_only(!reference.plain_http)
-            .timeout_connect(Some(CONNECT_TIMEOUT))
-            .timeout_per_read(Some(IO_TIMEOUT))
-            .timeout_per_write(Some(IO_TIMEOUT))
-            .timeout_recv_response(Some(IO_TIMEOUT))
+            .timeout_connect(Some(connect))
+            .timeout_per_read(Some(io))
+            .timeout_per_write(Some(io))
+            .timeout_recv_response(Some(io))
             .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")));
         if let Some(ca) = std::env::var_os("KILN_REGISTRY_CA").filter(|v| !v.is_empty()) {
             config = config.tls_config(
@@ -227,9 +241,20 @@ impl Client {
                 Body::File(path) => {
                     let file =
                         File::open(path).with_context(|| format!("opening {}", path.display()))?;
-                    self.agent.run(request.body(file).context("a bad request")?)
+                    let size = file
+                        .metadata()
+                        .with_context(|| format!("reading {}", path.display()))?
+                        .len();
+                    let body = ureq::SendBody::from_owned_reader(Interruptible(file));
+                    self.agent.run(
+                        request
+                            .header("Content-Length", size)
+                            .body(body)
+                            .context("a bad request")?,
+                    )
                 }
             };
+            crate::cmd::check_interrupt()?;
             let failure = match result {
                 Ok(response) if response.status() == 401 && !challenged => {
                     challenged = true;
@@ -249,6 +274,12 @@ impl Client {
                     format!("{what}: the registry answered {}", response.status())
                 }
                 Ok(response) => return Ok(response),
+                Err(ureq::Error::Timeout(t)) => {
+                    return Err(Unavailable(format!(
+                        "{what}: no answer within the timeout ({t}; {TIMEOUT_ENV} sets it)"
+                    ))
+                    .into())
+                }
                 Err(e) if transient(&e) => format!("{what}: {e}"),
                 Err(e) => return Err(anyhow::Error::new(e).context(what)),
             };
@@ -398,6 +429,7 @@ impl Client {
         let mut buf = vec![0u8; 1 << 20];
         let mut got = 0u64;
         loop {
+            crate::cmd::check_interrupt()?;
             let n = reader
                 .read(&mut buf)
                 .map_err(|e| Unavailable(format!("reading {url}: {e}")))?;
@@ -469,12 +501,50 @@ impl Client {
     }
 }
 
-/// Errors a transport can recover from by trying again.
+/// A file being uploaded that stops at Ctrl-C: kiln's handler only sets
+/// a flag, and a blob can take minutes to send.
+struct Interruptible(File);
+
+impl Read for Interruptible {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if crate::cmd::interrupted() {
+            return Err(std::io::Error::other("interrupted"));
+        }
+        self.0.read(buf)
+    }
+}
+
+/// The connect and I/O timeouts: the defaults, or both from
+/// `KILN_REGISTRY_TIMEOUT` (the connect timeout never longer than the
+/// default).
+fn timeouts() -> Result<(Duration, Duration)> {
+    timeouts_from(std::env::var(TIMEOUT_ENV).ok().as_deref())
+}
+
+fn timeouts_from(setting: Option<&str>) -> Result<(Duration, Duration)> {
+    let Some(text) = setting.filter(|v| !v.is_empty()) else {
+        return Ok((CONNECT_TIMEOUT, IO_TIMEOUT));
+    };
+    let io = text
+        .parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s > 0.0 && *s <= 86_400.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| {
+            crate::error::BadInput::arg(
+                format!("{TIMEOUT_ENV}={text} is not a number of seconds"),
+                format!("set {TIMEOUT_ENV} to seconds above 0, e.g. {TIMEOUT_ENV}=120"),
+            )
+        })?;
+    Ok((io.min(CONNECT_TIMEOUT), io))
+}
+
+/// Errors a transport can recover from by trying again (a timeout is not
+/// one of them, see the module doc).
 fn transient(e: &ureq::Error) -> bool {
     matches!(
         e,
         ureq::Error::Io(_)
-            | ureq::Error::Timeout(_)
             | ureq::Error::HostNotFound
             | ureq::Error::ConnectionFailed
             | ureq::Error::Protocol(_)
@@ -562,6 +632,25 @@ mod tests {
         ] {
             let err = Reference::parse(bad).unwrap_err();
             assert!(err.contains(says), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn kiln_registry_timeout_sets_both_timeouts_within_bounds() {
+        let secs = Duration::from_secs;
+        assert_eq!(timeouts_from(None).unwrap(), (CONNECT_TIMEOUT, IO_TIMEOUT));
+        assert_eq!(
+            timeouts_from(Some("")).unwrap(),
+            (CONNECT_TIMEOUT, IO_TIMEOUT)
+        );
+        assert_eq!(timeouts_from(Some("3")).unwrap(), (secs(3), secs(3)));
+        assert_eq!(
+            timeouts_from(Some("300")).unwrap(),
+            (CONNECT_TIMEOUT, secs(300))
+        );
+        for bad in ["0", "-1", "soon", "inf", "NaN", "1e9"] {
+            let err = timeouts_from(Some(bad)).unwrap_err().to_string();
+            assert!(err.contains("KILN_REGISTRY_TIMEOUT"), "{bad}: {err}");
         }
     }
 

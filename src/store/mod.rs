@@ -401,19 +401,7 @@ impl Store {
     /// holds its staging dirs' claims only while it is alive, and mounts
     /// and child processes live in kiln's own namespaces (gone with it).
     pub fn clean_stale_staging(&self) -> Result<()> {
-        let tmp = self.root.join("tmp");
-        for entry in
-            std::fs::read_dir(&tmp).with_context(|| format!("reading {}", tmp.display()))?
-        {
-            let path = entry
-                .with_context(|| format!("reading {}", tmp.display()))?
-                .path();
-            if is_stale(&path) {
-                remove_tree(&path)
-                    .with_context(|| format!("removing stale staging dir {}", path.display()))?;
-            }
-        }
-        Ok(())
+        remove_stale(&self.root.join("tmp"), "")
     }
 
     pub fn lock_path(&self, name: &str) -> PathBuf {
@@ -592,6 +580,21 @@ pub fn verify_all(store: &Store, depth: integrity::Depth) -> Result<Vec<Verified
     Ok(rows)
 }
 
+/// Remove the staging dirs in `dir` whose names start with `prefix` and
+/// that belong to no live run (see [`is_stale`]): the store's `tmp/`, or
+/// the `.kiln-pull-*` dirs `kiln pull` stages in `--out`.
+pub fn remove_stale(dir: &Path, prefix: &str) -> Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let entry = entry.with_context(|| format!("reading {}", dir.display()))?;
+        let path = entry.path();
+        if entry.file_name().to_string_lossy().starts_with(prefix) && is_stale(&path) {
+            remove_tree(&path)
+                .with_context(|| format!("removing stale staging dir {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// A staging dir belongs to a live run while some process holds the flock
 /// on its claim file; anything else is debris (after a short grace for a
 /// dir so new that its run has not claimed it yet).
@@ -751,6 +754,29 @@ mod tests {
         std::fs::write(dir.join("tree/etc/motd"), "hello\n").unwrap();
         std::fs::write(dir.join("entry.json"), "{}").unwrap();
         dir
+    }
+
+    #[test]
+    fn stale_staging_dirs_with_the_prefix_go_and_claimed_ones_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let mkdir = |name: &str| {
+            let path = dir.path().join(name);
+            std::fs::create_dir(&path).unwrap();
+            std::fs::write(path.join("blob"), b"partial").unwrap();
+            path
+        };
+        let dead = mkdir(".kiln-pull-dead");
+        // A claim file nobody holds: what a kill -9 leaves.
+        std::fs::write(dead.join(CLAIM), b"1").unwrap();
+        let live = mkdir(".kiln-pull-live");
+        claim(&live).unwrap();
+        let other = mkdir("web-data");
+        std::fs::write(other.join(CLAIM), b"1").unwrap();
+        remove_stale(dir.path(), ".kiln-pull-").unwrap();
+        assert!(!dead.exists(), "a dead run's staging dir stayed");
+        assert!(live.join("blob").is_file(), "a live run's staging dir went");
+        assert!(other.exists(), "a dir without the prefix went");
+        release_claim(&live);
     }
 
     #[test]
