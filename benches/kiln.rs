@@ -842,7 +842,10 @@ fn speed_rows(work: &Path) -> Vec<[String; 4]> {
             let dir = work.join(format!("speed-{name}"));
             let recipes = dir.join("recipes");
             remove_if_there(&recipes);
-            copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes"), &recipes);
+            copy_dir(
+                &Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes"),
+                &recipes,
+            );
             let v = Variant {
                 name,
                 kiln,
@@ -861,7 +864,10 @@ fn speed_rows(work: &Path) -> Vec<[String; 4]> {
         "packages = [\"nginx-light\"]",
         "packages = [\"nginx-light\", \"curl\"]",
     );
-    assert_ne!(web, with_curl, "web.toml no longer lists nginx-light as this bench expects");
+    assert_ne!(
+        web, with_curl,
+        "web.toml no longer lists nginx-light as this bench expects"
+    );
 
     let mut times: Vec<[Vec<f64>; 3]> = variants.iter().map(|_| Default::default()).collect();
     for i in 0..NOOP_RUNS.max(CHANGE_RUNS) {
