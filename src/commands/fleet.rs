@@ -152,7 +152,10 @@ pub(super) fn build(global: &Global, args: &BuildArgs, paths: &[PathBuf]) -> Res
             .map(|o| RecipeReport {
                 name: o.name.clone(),
                 recipe: o.path.clone(),
-                exit_code: o.result.as_ref().map_or_else(crate::error::exit_code, |()| 0),
+                exit_code: o
+                    .result
+                    .as_ref()
+                    .map_or_else(crate::error::exit_code, |()| 0),
                 error: o.result.as_ref().err().map(|e| format!("{e:#}")),
                 summary: o.summary.clone(),
             })
@@ -367,10 +370,7 @@ fn text(report: &FleetReport, outcomes: &[Outcome], signing: Option<&SigningKey>
             ]
         })
         .collect();
-    out += &table(
-        &["STAGE", "KEY", "RESULT", "SECONDS", "FOR", "WHY"],
-        &rows,
-    );
+    out += &table(&["STAGE", "KEY", "RESULT", "SECONDS", "FOR", "WHY"], &rows);
     for o in outcomes {
         if let Some(summary) = &o.summary {
             out += &summary.image_line();
@@ -460,7 +460,10 @@ mod tests {
             row("image", "wi", Built, None),
         ];
         // db's thread won base: golden's says db's.
-        let db = [row("base", "b", Cached, None), row("image", "di", Built, None)];
+        let db = [
+            row("base", "b", Cached, None),
+            row("image", "di", Built, None),
+        ];
         let merged = merge(&[("golden", &golden), ("web", &web), ("db", &db)]);
         let got: Vec<(&str, &str, &str, Vec<&str>, bool)> = merged
             .iter()

@@ -321,7 +321,11 @@ impl<'a> Run<'a> {
     /// In a build of several recipes, claim a step: `Ok(owner)` when it is
     /// this recipe's to do (`None` in a single build), `Err(done)` when
     /// another recipe's build did it in this run.
-    fn claim(&self, key: &plan::Key, what: &str) -> Result<Result<Option<Owner<'a>>, shared::Done>> {
+    fn claim(
+        &self,
+        key: &plan::Key,
+        what: &str,
+    ) -> Result<Result<Option<Owner<'a>>, shared::Done>> {
         let Some(shared) = self.opts.shared.as_deref() else {
             return Ok(Ok(None));
         };
@@ -360,9 +364,17 @@ impl<'a> Run<'a> {
                 Ok(owner) => owner,
                 // Another recipe of this run resolved it just now.
                 Err(done) => {
-                    let pins = self.ctx.store.recent_resolution(&step.key).with_context(|| {
-                        format!("{}: {} but its resolution is not in the store", step.id(), done.reason())
-                    })?;
+                    let pins = self
+                        .ctx
+                        .store
+                        .recent_resolution(&step.key)
+                        .with_context(|| {
+                            format!(
+                                "{}: {} but its resolution is not in the store",
+                                step.id(),
+                                done.reason()
+                            )
+                        })?;
                     locks.set(&step.origin, &step.id(), pins);
                     plan = plan::make(recipe, locks)?;
                     continue;
