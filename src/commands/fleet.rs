@@ -394,7 +394,7 @@ fn text(report: &FleetReport, outcomes: &[Outcome], signing: Option<&SigningKey>
     let steps = report.steps.iter().filter(|r| is_step(r));
     let shared = steps.clone().filter(|r| r.shared).count();
     out += &format!(
-        "{} recipes, {} steps ({shared} shared by several recipes, each brought in once), with -j {}, in {:.1}s\n",
+        "{} recipes, {} steps ({shared} of them shared), with -j {}, in {:.1}s\n",
         outcomes.len(),
         steps.count(),
         report.jobs,
