@@ -146,7 +146,7 @@ fn golden_web_and_db_built_together_share_golden_s_steps_once_and_all_pass() {
     for (recipe, own) in [("web", "app"), ("db", "db")] {
         let row = steps
             .iter()
-            .find(|r| r.stage.starts_with(own))
+            .find(|r| r.stage.starts_with(&format!("{own}/")))
             .unwrap_or_else(|| panic!("no row for {recipe}'s {own}: {:#?}", report.steps));
         assert!(!row.shared && row.recipes == [recipe], "{row:#?}");
     }
