@@ -263,6 +263,8 @@ pub fn build(
         .image(&plan, waited)
         .with_context(|| format!("assembling the image of {}", recipe.path.display()))?;
     let image = export(store, &entry, &recipe.image.name, &opts.out_dir)?;
+    // Converting to other formats is heavy work too.
+    let job = run.job()?;
     let (outputs, rows) = crate::export::export_all(
         store,
         &entry,
@@ -272,6 +274,7 @@ pub fn build(
         opts.refresh,
         ui,
     )?;
+    drop(job);
     run.rows.extend(rows);
     let build_log = keep_build_log(store, &entry, built)?;
     run.remember(&plan)?;

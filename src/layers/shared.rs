@@ -24,10 +24,12 @@
 //!   claim holds none, so a waiting recipe never keeps another's work from
 //!   running.
 //!
-//! Claims are taken before the store's per-key flock and released after it,
-//! and no thread waits for a claim while it owns another or holds a token,
-//! so the waits cannot form a cycle. The store's locks still order this run
-//! against other kiln processes, as for a single build.
+//! A claim is taken before the store's per-key flock (a thread that waits
+//! for a claim never takes that flock), and no thread waits for a claim
+//! while it owns another or holds a token, so the waits cannot form a
+//! cycle. The store's locks still order this run against other kiln
+//! processes, as for a single build; steps that resolve against the archive
+//! also take turns on the store's apt caches, as two kiln runs do.
 
 use std::collections::HashMap;
 use std::hash::Hash;
