@@ -262,3 +262,65 @@ fn quick_bad_input_in_one_recipe_of_several_builds_nothing() {
         assert!(run.stderr.contains(says), "{flags:?}:\n{}", run.show());
     }
 }
+
+/// One recipe's failure does not stop the others: their images are built,
+/// the summary has each recipe's exit code, and the error names the
+/// recipe that failed.
+#[test]
+fn a_failing_recipe_does_not_stop_the_others_and_the_error_names_it() {
+    require_build();
+    let kiln = Kiln::shared();
+    let d = RecipeDir::new();
+    let n = nonce();
+    let ok = d.write_recipe(
+        "ok.toml",
+        recipe(
+            "kt-fleet-ok",
+            &format!("[[layer]]\nname = \"ok\"\nrun = [\"echo {n} > /etc/kt-fleet-ok\"]\n"),
+        ),
+        &kiln,
+    );
+    let fails = d.write_recipe(
+        "fails.toml",
+        recipe(
+            "kt-fleet-fails",
+            &format!("[[layer]]\nname = \"fails\"\nrun = [\"echo {n}; exit 7\"]\n"),
+        ),
+        &kiln,
+    );
+    let mut cleanup = ForgetOnDrop::new(&kiln.store);
+    let plan = kiln.plan(&ok);
+    let new: Vec<&str> = plan
+        .steps
+        .iter()
+        .map(|s| s.stage.as_str())
+        .filter(|s| *s != "base")
+        .collect();
+    cleanup.add(&plan, &new);
+
+    let run = kiln.run(&[
+        OsStr::new("--json"),
+        OsStr::new("build"),
+        OsStr::new("--no-smoke"),
+        fails.as_os_str(),
+        ok.as_os_str(),
+    ]);
+    run.assert_code(1);
+    assert!(
+        run.stderr.contains("kt-fleet-fails") && run.stderr.contains(&*fails.to_string_lossy()),
+        "the error names the recipe that failed:\n{}",
+        run.show()
+    );
+    let report: FleetReport = run.json();
+    let codes: Vec<(&str, i32)> = report
+        .recipes
+        .iter()
+        .map(|r| (r.name.as_str(), r.exit_code))
+        .collect();
+    assert_eq!(codes, [("kt-fleet-fails", 1), ("kt-fleet-ok", 0)]);
+    assert!(report.recipes[0].error.is_some() && report.recipes[0].summary.is_none());
+    let built = report.recipes[1].summary.as_ref().expect("ok was built");
+    assert!(kiln.out.join("kt-fleet-ok.qcow2").is_file());
+    assert!(!built.sha256.is_empty());
+    assert!(!kiln.out.join("kt-fleet-fails.qcow2").exists());
+}

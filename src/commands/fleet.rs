@@ -446,6 +446,36 @@ mod tests {
     }
 
     #[test]
+    fn the_run_fails_with_the_highest_exit_code_naming_its_recipe() {
+        let outcome = |name: &str, result: Result<()>| Outcome {
+            name: name.into(),
+            path: format!("recipes/{name}.toml").into(),
+            summary: None,
+            plan: None,
+            changes: Vec::new(),
+            result,
+        };
+        let smoke = crate::error::SmokeFailed {
+            image: "out/web.qcow2".into(),
+            failure: "check 2 failed".into(),
+            log: "out/web.smoke.log".into(),
+        };
+        let err = worst(vec![
+            outcome("golden", Ok(())),
+            outcome("db", Err(anyhow::anyhow!("apt failed"))),
+            outcome("web", Err(smoke.into())),
+        ])
+        .unwrap_err();
+        assert_eq!(
+            crate::error::exit_code(&err),
+            crate::error::exit::SMOKE_FAILED
+        );
+        let text = format!("{err:#}");
+        assert!(text.starts_with("2 of 3 recipes failed; web: "), "{text}");
+        assert!(worst(vec![outcome("golden", Ok(()))]).is_ok());
+    }
+
+    #[test]
     fn each_step_is_one_row_naming_whose_it_was_and_who_shared_it() {
         use Status::*;
         let golden = [
