@@ -38,7 +38,8 @@ pub struct Global {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Build a recipe's layers and image, then boot it and run its smoke checks
+    /// Build a recipe's layers and image, then boot it and run its smoke
+    /// checks; several recipes build the steps they share once
     Build(BuildArgs),
     /// Show each step's key, and whether it is cached or must be built and why
     Plan(PlanArgs),
