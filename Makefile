@@ -97,7 +97,7 @@ TEST := $(CARGO) test --release --locked
 # cases). Both lanes may use the warm store at once: kiln's per-entry locks
 # and its lock on the store's apt caches make concurrent runs wait rather
 # than collide. The lanes are balanced by measured time (README, Testing).
-TESTS_SHARED  := build lock bad_input smoke firmware formats sign access remote
+TESTS_SHARED  := build lock bad_input smoke firmware formats sign access remote fleet
 TESTS_PRIVATE := record reliability secure_boot volumes drift sealed
 TESTS_ALL     := cli $(TESTS_SHARED) $(TESTS_PRIVATE)
 
@@ -110,6 +110,7 @@ check: build
 	$(TEST) --test sign -- --test-threads=1 quick_
 	$(TEST) --test remote -- --test-threads=1 quick_
 	$(TEST) --test access -- --test-threads=1 quick_
+	$(TEST) --test fleet -- --test-threads=1 quick_
 
 # Everything, for CI.
 test: build test-files

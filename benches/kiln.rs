@@ -15,10 +15,11 @@
 //! beside off, `sealed` sealed.toml's assembly and boot beside the same
 //! image unsealed and golden's, `remote` web.toml from a warm registry
 //! into a fresh store beside a cold local build (Debian's `docker-registry`
-//! on loopback), `speed` the everyday jobs of issue 15 (no-op, one more
-//! package, assembly of unchanged layers) with this kiln beside kiln
-//! before that work (`KILN_BENCH_BEFORE`: `make bench` builds it from the
-//! commit the Makefile names), in turns.
+//! on loopback), `fleet` golden, web and db built one after the other
+//! beside the three in one run (`kiln build A B C`), `speed` the everyday
+//! jobs of issue 15 (no-op, one more package, assembly of unchanged layers)
+//! with this kiln beside kiln before that work (`KILN_BENCH_BEFORE`: `make
+//! bench` builds it from the commit the Makefile names), in turns.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -32,7 +33,7 @@ const SMOKE_RUNS: usize = 3;
 
 /// Whether the row group `name` is wanted (`KILN_BENCH_ONLY`, default all).
 fn wants(name: &str) -> bool {
-    const GROUPS: [&str; 9] = [
+    const GROUPS: [&str; 10] = [
         "build",
         "formats",
         "boot",
@@ -41,6 +42,7 @@ fn wants(name: &str) -> bool {
         "secure-boot",
         "sealed",
         "remote",
+        "fleet",
         "speed",
     ];
     match std::env::var("KILN_BENCH_ONLY") {
@@ -413,6 +415,9 @@ fn main() {
     }
     if wants("remote") {
         rows.extend(remote_rows(&work, &warm, &out, &web));
+    }
+    if wants("fleet") {
+        rows.extend(fleet_rows(&work, &recipes, &warm));
     }
     if wants("speed") {
         rows.extend(speed_rows(&work));
@@ -1061,6 +1066,91 @@ fn without_one_security_fix(lock: &str) -> Option<String> {
     })?;
     pins.remove(i);
     Some(toml::to_string(&v).unwrap())
+}
+
+/// Issue 12: golden, web and db built one after the other (three `kiln
+/// build` runs) beside the three in one run, each time with a layer new to
+/// the run at golden's top, so that it, web's and db's own layers and the
+/// three images are really built (golden's steps below it are warm). Both
+/// without the smoke boot; in turns, so that both see the same load.
+fn fleet_rows(work: &Path, recipes: &Path, warm: &Path) -> Vec<[String; 4]> {
+    let dir = work.join("fleet");
+    remove_if_there(&dir);
+    copy_dir(recipes, &dir);
+    let names = ["golden", "web", "db"];
+    let paths: Vec<String> = names
+        .iter()
+        .map(|n| dir.join(format!("{n}.toml")).display().to_string())
+        .collect();
+    let golden = dir.join("golden.toml");
+    let mut text = std::fs::read_to_string(&golden).unwrap();
+    text += "\n[[layer]]\nname = \"fleet\"\nfiles = [{ src = \"files/fleet-nonce\", dest = \"/etc/kiln-fleet-nonce\", mode = \"0644\" }]\n";
+    std::fs::write(&golden, text).unwrap();
+    let nonce = dir.join("files/fleet-nonce");
+    let out = dir.join("out");
+    let all = |extra: &[&str]| -> Vec<String> {
+        let mut args = vec!["build".to_owned(), "--no-smoke".to_owned()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    // Warm (not measured): golden's steps, the locks beside the copies.
+    std::fs::write(&nonce, "warm\n").unwrap();
+    let together: Vec<&str> = paths.iter().map(String::as_str).collect();
+    let args = all(&together);
+    kiln(
+        warm,
+        &out,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let warm_keys: std::collections::BTreeSet<String> = paths
+        .iter()
+        .flat_map(|p| plan_keys(warm, Path::new(p)))
+        .collect();
+    // Each measured build's new entries go once it is timed.
+    let forget = || {
+        for p in &paths {
+            for key in plan_keys(warm, Path::new(p)) {
+                if !warm_keys.contains(&key) {
+                    remove_entry(warm, &key);
+                }
+            }
+        }
+    };
+    let (mut one_by_one, mut in_one_run) = (Vec::new(), Vec::new());
+    for i in 0..COLD_RUNS {
+        std::fs::write(&nonce, format!("{}-a{i}\n", now())).unwrap();
+        one_by_one.push(time(|| {
+            for p in &paths {
+                kiln(warm, &out, &["build", "--no-smoke", p]);
+            }
+        }));
+        forget();
+        std::fs::write(&nonce, format!("{}-b{i}\n", now())).unwrap();
+        in_one_run.push(time(|| {
+            kiln(
+                warm,
+                &out,
+                &args.iter().map(String::as_str).collect::<Vec<_>>(),
+            )
+        }));
+        forget();
+    }
+    let (apart, together) = (median(one_by_one), median(in_one_run));
+    remove_if_there(&dir);
+    vec![
+        row(
+            "golden, web, db one after the other",
+            apart,
+            "",
+            "three `kiln build` runs",
+        ),
+        row(
+            &format!("golden, web, db in one run (-j {})", cores()),
+            together,
+            "< one after the other",
+            &format!("ratio {:.2}", together / apart),
+        ),
+    ]
 }
 
 fn row(name: &str, secs: f64, target: &str, baseline: &str) -> [String; 4] {

@@ -38,7 +38,8 @@ pub struct Global {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Build a recipe's layers and image, then boot it and run its smoke checks
+    /// Build a recipe's layers and image, then boot it and run its smoke
+    /// checks; several recipes build the steps they share once
     Build(BuildArgs),
     /// Show each step's key, and whether it is cached or must be built and why
     Plan(PlanArgs),
@@ -189,9 +190,14 @@ pub struct LockArgs {
 
 #[derive(Debug, Args)]
 pub struct BuildArgs {
-    /// The recipe to build
-    #[arg(default_value = DEFAULT_RECIPE)]
-    pub recipe: PathBuf,
+    /// The recipes to build: several build the union of their steps once,
+    /// then each image
+    #[arg(default_value = DEFAULT_RECIPE, value_name = "RECIPE")]
+    pub recipes: Vec<PathBuf>,
+    /// With several recipes: run at most N jobs (a step, an image, a smoke
+    /// boot) at once [default: the number of cores]
+    #[arg(short, long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub jobs: Option<u16>,
     /// Rebuild every step and the image, whatever the store holds
     #[arg(long)]
     pub refresh: bool,

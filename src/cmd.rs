@@ -57,7 +57,7 @@ const RLIMITS: &[(libc::__rlimit_resource_t, libc::rlim_t)] = &[
 ];
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-static LOG: OnceLock<Mutex<LogSink>> = OnceLock::new();
+static LOG: OnceLock<Arc<Mutex<LogSink>>> = OnceLock::new();
 /// Where each child's own TMPDIR is made (the store's `tmp/`).
 static TOOL_TMP: Mutex<Option<std::path::PathBuf>> = Mutex::new(None);
 
@@ -251,23 +251,68 @@ struct LogSink {
     verbose: bool,
 }
 
+type Sink = Arc<Mutex<LogSink>>;
+type Times = Arc<Mutex<Vec<ToolTime>>>;
+
+thread_local! {
+    /// A thread's own log and tool times ([`ThreadLog`]), when it builds one
+    /// recipe of several; otherwise the process's ([`set_log`], [`TIMES`]).
+    static THREAD_LOG: std::cell::RefCell<Option<(Sink, Times)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// Set where tool output is logged (`out/NAME.build.log`) and whether it is
 /// also streamed to the terminal (`-v`).
 pub fn set_log(file: Option<std::fs::File>, verbose: bool) {
     let sink = LOG.get_or_init(|| {
-        Mutex::new(LogSink {
+        Arc::new(Mutex::new(LogSink {
             file: None,
             verbose,
-        })
+        }))
     });
     let mut sink = sink.lock().unwrap_or_else(|e| e.into_inner());
     sink.file = file;
     sink.verbose = verbose;
 }
 
+/// This thread's own build log and tool times, for as long as it lives:
+/// `kiln build A.toml B.toml` builds each recipe in a thread of its own,
+/// each with its `out/NAME.build.log` and the `tools` of its summary.
+/// The programs a thread runs log there too (their output is pumped by
+/// other threads, which are handed the sink).
+pub struct ThreadLog(());
+
+impl ThreadLog {
+    pub fn start(file: std::fs::File, verbose: bool) -> ThreadLog {
+        let sink = Arc::new(Mutex::new(LogSink {
+            file: Some(file),
+            verbose,
+        }));
+        THREAD_LOG.with(|t| *t.borrow_mut() = Some((sink, Arc::default())));
+        ThreadLog(())
+    }
+}
+
+impl Drop for ThreadLog {
+    fn drop(&mut self) {
+        THREAD_LOG.with(|t| *t.borrow_mut() = None);
+    }
+}
+
+/// The log this thread writes to: its own, else the process's.
+fn current_sink() -> Option<Sink> {
+    THREAD_LOG
+        .with(|t| t.borrow().as_ref().map(|(sink, _)| sink.clone()))
+        .or_else(|| LOG.get().cloned())
+}
+
 /// Append one line to the build log (and to stderr with `-v`).
 pub fn log_line(line: &str) {
-    let Some(sink) = LOG.get() else { return };
+    log_to(current_sink().as_ref(), line);
+}
+
+fn log_to(sink: Option<&Sink>, line: &str) {
+    let Some(sink) = sink else { return };
     let mut sink = sink.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(f) = sink.file.as_mut() {
         // A full disk while logging must not hide the real error: the log
@@ -665,6 +710,7 @@ impl Cmd {
             std::thread::spawn(move || stdin.write_all(&data))
         });
         let tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL_LINES)));
+        let sink = current_sink();
         let stdout = child.stdout.take().expect("stdout was piped");
         let stderr = child.stderr.take().expect("stderr was piped");
         let out_reader = if capture {
@@ -674,11 +720,11 @@ impl Cmd {
                 stdout.read_to_end(&mut buf).map(|_| buf)
             })
         } else {
-            let tail = tail.clone();
-            std::thread::spawn(move || pump(stdout, &tail).map(|_| Vec::new()))
+            let (tail, sink) = (tail.clone(), sink.clone());
+            std::thread::spawn(move || pump(stdout, &tail, sink.as_ref()).map(|_| Vec::new()))
         };
         let err_tail = tail.clone();
-        let err_reader = std::thread::spawn(move || pump(stderr, &err_tail));
+        let err_reader = std::thread::spawn(move || pump(stderr, &err_tail, sink.as_ref()));
 
         let status = loop {
             if let Some(status) = child.try_wait().context("waiting for a child process")? {
@@ -796,7 +842,12 @@ pub struct ToolTime {
 
 /// Add `seconds` of `label` to [`tool_times`].
 pub fn record_time(label: String, seconds: f64) {
-    let mut times = TIMES.lock().unwrap_or_else(|e| e.into_inner());
+    let own = THREAD_LOG.with(|t| t.borrow().as_ref().map(|(_, times)| times.clone()));
+    let mut times = match &own {
+        Some(times) => times.lock(),
+        None => TIMES.lock(),
+    }
+    .unwrap_or_else(|e| e.into_inner());
     match times.iter_mut().find(|t| t.tool == label) {
         Some(t) => {
             t.runs += 1;
@@ -820,7 +871,13 @@ pub fn timed<T>(label: &str, work: impl FnOnce() -> T) -> T {
 
 /// Every tool's time so far in this run, the longest first.
 pub fn tool_times() -> Vec<ToolTime> {
-    let mut times = TIMES.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let own = THREAD_LOG.with(|t| t.borrow().as_ref().map(|(_, times)| times.clone()));
+    let mut times = match &own {
+        Some(times) => times.lock(),
+        None => TIMES.lock(),
+    }
+    .unwrap_or_else(|e| e.into_inner())
+    .clone();
     times.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
     times
 }
@@ -870,7 +927,11 @@ impl Drop for ToolTmp {
     }
 }
 
-fn pump(stream: impl Read, tail: &Mutex<VecDeque<String>>) -> std::io::Result<()> {
+fn pump(
+    stream: impl Read,
+    tail: &Mutex<VecDeque<String>>,
+    sink: Option<&Sink>,
+) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream);
     let mut buf = Vec::new();
     loop {
@@ -880,7 +941,7 @@ fn pump(stream: impl Read, tail: &Mutex<VecDeque<String>>) -> std::io::Result<()
         }
         let line = String::from_utf8_lossy(&buf);
         let line = line.trim_end();
-        log_line(line);
+        log_to(sink, line);
         let mut tail = tail.lock().unwrap_or_else(|e| e.into_inner());
         if tail.len() == TAIL_LINES {
             tail.pop_front();

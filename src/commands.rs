@@ -25,6 +25,8 @@ use crate::smoke::{SmokeOptions, SmokeReport};
 use crate::store::Store;
 use crate::ui::{table, Ui};
 
+mod fleet;
+
 fn store_root(global: &Global) -> PathBuf {
     global.cache.clone().unwrap_or_else(Store::default_root)
 }
@@ -55,30 +57,11 @@ fn prepare(
     tools: impl FnOnce(&Recipe) -> Vec<&'static [crate::cmd::Tool]>,
 ) -> Result<Prepared> {
     // Bad input is exit 2 whoever runs kiln: validate before asking for root.
-    let recipe = recipe::load(recipe_path)?;
-    let locks = Locks::load(&recipe.sources)?;
-    plan::make(&recipe, &locks)?;
-    require_root(what)?;
-    // Before anything is downloaded or the store is touched.
-    crate::cmd::require_tools(&tools(&recipe))?;
-    // From here on a `kill -9` of kiln takes every process it started with it.
-    crate::cmd::isolate_processes()?;
-    crate::layers::mount::enter_private_namespace()?;
-    let store = Store::open(&store_root(global))?;
-    crate::cmd::set_tool_tmp(&store.root().join("tmp"));
-    store.clean_stale_staging()?;
-    let name = &recipe.image.name;
-    std::fs::create_dir_all(&global.out)
-        .with_context(|| format!("creating {}", global.out.display()))?;
-    let log_path = global.out.join(format!("{name}.{what}.log"));
-    let log = std::fs::File::create(&log_path)
-        .with_context(|| format!("creating {}", log_path.display()))?;
+    let (recipe, locks, _) = validate(recipe_path)?;
+    let store = enter(global, what, &tools(&recipe))?;
+    let (log, log_path) = open_log(global, &recipe.image.name, what)?;
     crate::cmd::set_log(Some(log), global.verbose);
-    crate::cmd::log_line(&format!(
-        "kiln {} {what} {}",
-        env!("CARGO_PKG_VERSION"),
-        recipe_path.display()
-    ));
+    log_header(what, recipe_path);
     Ok(Prepared {
         recipe,
         locks,
@@ -87,8 +70,80 @@ fn prepare(
     })
 }
 
-pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
-    // A bad key is bad input: refused before anything is built.
+/// Load a recipe and its lock and plan it: every bad input a build can
+/// meet before it runs a tool.
+fn validate(recipe_path: &Path) -> Result<(Recipe, Locks, plan::Plan)> {
+    let recipe = recipe::load(recipe_path)?;
+    let locks = Locks::load(&recipe.sources)?;
+    let plan = plan::make(&recipe, &locks)?;
+    Ok((recipe, locks, plan))
+}
+
+/// As root, with the tools there: isolate kiln's processes, enter a
+/// private mount namespace, open the store.
+fn enter(global: &Global, what: &str, tools: &[&'static [crate::cmd::Tool]]) -> Result<Store> {
+    require_root(what)?;
+    // Before anything is downloaded or the store is touched.
+    crate::cmd::require_tools(tools)?;
+    // From here on a `kill -9` of kiln takes every process it started with it.
+    crate::cmd::isolate_processes()?;
+    crate::layers::mount::enter_private_namespace()?;
+    let store = Store::open(&store_root(global))?;
+    crate::cmd::set_tool_tmp(&store.root().join("tmp"));
+    store.clean_stale_staging()?;
+    Ok(store)
+}
+
+/// `out/NAME.WHAT.log`, created anew.
+fn open_log(global: &Global, name: &str, what: &str) -> Result<(std::fs::File, PathBuf)> {
+    std::fs::create_dir_all(&global.out)
+        .with_context(|| format!("creating {}", global.out.display()))?;
+    let log_path = global.out.join(format!("{name}.{what}.log"));
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
+    Ok((log, log_path))
+}
+
+fn log_header(what: &str, recipe_path: &Path) {
+    crate::cmd::log_line(&format!(
+        "kiln {} {what} {}",
+        env!("CARGO_PKG_VERSION"),
+        recipe_path.display()
+    ));
+}
+
+/// The tools a build of `recipe` runs.
+fn build_tools(
+    args: &BuildArgs,
+    recipe: &Recipe,
+    signing: bool,
+    remote: bool,
+) -> Vec<&'static [crate::cmd::Tool]> {
+    use crate::cmd::{ASSEMBLY_TOOLS, LAYER_TOOLS};
+    let signing = match signing {
+        true => crate::cmd::SIGNING_TOOLS,
+        false => &[],
+    };
+    let exports = crate::export::tools(&recipe.image.formats);
+    let mut tools = vec![LAYER_TOOLS, ASSEMBLY_TOOLS, signing, exports];
+    if !args.no_smoke {
+        tools.extend(crate::cmd::smoke_tools(&recipe.smoke));
+    }
+    if remote {
+        tools.push(crate::remote::TOOLS);
+    }
+    tools
+}
+
+/// The keys and the remote cache a build uses, loaded before anything is
+/// built (a bad one is bad input).
+struct BuildKeys {
+    signing_key: Option<SigningKey>,
+    signer: Option<crate::assemble::secure_boot::Signer>,
+    remote: Option<crate::remote::Remote>,
+}
+
+fn build_keys(args: &BuildArgs) -> Result<BuildKeys> {
     let signing_key = args
         .signing_key
         .clone()
@@ -111,29 +166,62 @@ pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
     )?
     .map(|key| crate::assemble::secure_boot::Signer { key, reuse: None });
     let remote = open_remote(&args.remote, args.push, signing_key.is_some())?;
+    Ok(BuildKeys {
+        signing_key,
+        signer,
+        remote,
+    })
+}
+
+/// A failed layers stage, with what to do about a full disk and where the
+/// log is.
+fn build_failed(e: anyhow::Error, store: &Store, log_path: &Path) -> anyhow::Error {
+    let e = if crate::store::is_disk_full(&e) {
+        e.context(format!(
+            "the filesystem holding the store ({}) is full; nothing was added to the store: free space (`kiln cache gc`) and build again",
+            store.root().display()
+        ))
+    } else {
+        e
+    };
+    e.context(format!("the full log is in {}", log_path.display()))
+}
+
+fn log_tool_times(summary: &Summary) {
+    crate::cmd::log_line(&format!(
+        "time in tools: {}",
+        summary
+            .tools
+            .iter()
+            .map(|t| format!("{} {:.1}s ({}x)", t.tool, t.seconds, t.runs))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+}
+
+pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
+    match args.recipes.as_slice() {
+        [recipe] => build_one(global, args, recipe),
+        [] => unreachable!("clap gives the default recipe"),
+        recipes => fleet::build(global, args, recipes),
+    }
+}
+
+fn build_one(global: &Global, args: &BuildArgs, recipe_path: &Path) -> Result<()> {
+    // A bad key is bad input: refused before anything is built.
+    let BuildKeys {
+        signing_key,
+        signer,
+        remote,
+    } = build_keys(args)?;
     let Prepared {
         recipe,
         mut locks,
         store,
         log_path,
-    } = {
-        use crate::cmd::{ASSEMBLY_TOOLS, LAYER_TOOLS};
-        let signing = match signer {
-            Some(_) => crate::cmd::SIGNING_TOOLS,
-            None => &[],
-        };
-        prepare(global, &args.recipe, "build", |r| {
-            let exports = crate::export::tools(&r.image.formats);
-            let mut tools = vec![LAYER_TOOLS, ASSEMBLY_TOOLS, signing, exports];
-            if !args.no_smoke {
-                tools.extend(crate::cmd::smoke_tools(&r.smoke));
-            }
-            if remote.is_some() {
-                tools.push(crate::remote::TOOLS);
-            }
-            tools
-        })?
-    };
+    } = prepare(global, recipe_path, "build", |r| {
+        build_tools(args, r, signer.is_some(), remote.is_some())
+    })?;
     let forgotten = match &args.update {
         Some(layer) => crate::lock::forget(&recipe, &mut locks, layer)?,
         None => crate::lock::Forgotten::none(),
@@ -148,38 +236,22 @@ pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
         secure_boot: signer,
         remote,
         push: args.push,
+        shared: None,
     };
-    let (plan, mut summary) = layers::build(&recipe, &mut locks, &store, &opts, &ui).map_err(|e| {
-        let e = if crate::store::is_disk_full(&e) {
-            e.context(format!(
-                "the filesystem holding the store ({}) is full; nothing was added to the store: free space (`kiln cache gc`) and build again",
-                store.root().display()
-            ))
-        } else {
-            e
-        };
-        e.context(format!("the full log is in {}", log_path.display()))
-    })?;
+    let (plan, mut summary) = layers::build(&recipe, &mut locks, &store, &opts, &ui)
+        .map_err(|e| build_failed(e, &store, &log_path))?;
     for written in locks.save_changed()? {
         eprintln!("wrote {}", written.display());
     }
     if let (Some(remote), true, Some(key)) = (&opts.remote, opts.push, &opts.signing_key) {
-        push_layers(remote, &store, &plan, key)?;
+        push_layers(remote, &store, &[&plan], key)?;
     }
     let smoke = if args.no_smoke {
         Ok(())
     } else {
         smoke_stage(global, args, &recipe, &store, &ui, &mut summary)
     };
-    crate::cmd::log_line(&format!(
-        "time in tools: {}",
-        summary
-            .tools
-            .iter()
-            .map(|t| format!("{} {:.1}s ({}x)", t.tool, t.seconds, t.runs))
-            .collect::<Vec<_>>()
-            .join(", ")
-    ));
+    log_tool_times(&summary);
     let report = global.out.join(format!("{}.build.json", recipe.image.name));
     crate::store::write_json_atomic(&report, &summary)?;
     if global.json {
@@ -213,7 +285,7 @@ pub fn build(global: &Global, args: &BuildArgs) -> Result<()> {
         if !report.reproducible {
             anyhow::bail!(
                 "{} is not reproducible: {}",
-                args.recipe.display(),
+                recipe_path.display(),
                 report
                     .first_difference
                     .as_deref()
@@ -428,12 +500,12 @@ fn remote_plan(
     Ok(())
 }
 
-/// `--push`: every layer of the plan and its image that the remote lacks,
-/// signed.
+/// `--push`: every layer of the plans and their images that the remote
+/// lacks, signed; an entry that several plans share is pushed once.
 fn push_layers(
     remote: &crate::remote::Remote,
     store: &Store,
-    plan: &plan::Plan,
+    plans: &[&plan::Plan],
     key: &SigningKey,
 ) -> Result<()> {
     use crate::remote::Kind;
@@ -441,11 +513,16 @@ fn push_layers(
     let _store_lock = store.lock_for_build(|| {
         eprintln!("waiting for `kiln cache gc` or `kiln cache verify` to finish…")
     })?;
-    let entries = plan
-        .steps
+    let mut seen = std::collections::HashSet::new();
+    let entries = plans
         .iter()
-        .map(|s| (Kind::Layer, s.id().to_string(), s.key))
-        .chain([(Kind::Image, "image".to_owned(), plan.image.key)]);
+        .flat_map(|plan| {
+            plan.steps
+                .iter()
+                .map(|s| (Kind::Layer, s.id().to_string(), s.key))
+                .chain([(Kind::Image, "image".to_owned(), plan.image.key)])
+        })
+        .filter(|(_, _, key)| seen.insert(*key));
     let mut present = 0;
     for (kind, id, entry_key) in entries {
         crate::cmd::check_interrupt()?;
@@ -893,6 +970,7 @@ pub fn lock(global: &Global, args: &LockArgs) -> Result<()> {
         secure_boot: None,
         remote: None,
         push: false,
+        shared: None,
     };
     layers::build(&recipe, &mut locks, &store, &opts, &ui)
         .map_err(|e| e.context(format!("the full log is in {}", log_path.display())))?;

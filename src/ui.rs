@@ -10,6 +10,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 pub struct Ui {
     tty: bool,
     quiet: bool,
+    /// The recipe a stage belongs to, when several are built at once.
+    recipe: Option<String>,
 }
 
 pub struct Stage {
@@ -25,10 +27,26 @@ impl Ui {
         Ui {
             tty: std::io::stderr().is_terminal(),
             quiet,
+            recipe: None,
+        }
+    }
+
+    /// The stages of one recipe of several built at once: each line names
+    /// the recipe (`web: app`), and there are no spinners, which would
+    /// overwrite one another.
+    pub fn for_recipe(quiet: bool, recipe: &str) -> Ui {
+        Ui {
+            tty: false,
+            quiet,
+            recipe: Some(recipe.to_owned()),
         }
     }
 
     pub fn stage(&self, name: &str, what: &str) -> Stage {
+        let name = &match &self.recipe {
+            Some(recipe) => format!("{recipe}: {name}"),
+            None => name.to_owned(),
+        };
         let bar = if self.tty && !self.quiet {
             let bar = ProgressBar::new_spinner();
             bar.set_style(

@@ -1487,3 +1487,124 @@ fn quick_bad_remote_arguments_exit_2_with_the_fix() {
         );
     }
 }
+
+/// `kiln build A B --push` pushes each entry of the two recipes once, the
+/// layer they share included; a reader that builds both from the registry
+/// pulls that layer once (the other recipe's row says whose pull it was)
+/// and builds nothing.
+#[test]
+fn several_recipes_push_a_shared_layer_once_and_a_reader_pulls_it_once() {
+    require_build();
+    let registry = Registry::start(&[]);
+    let a = Kiln::shared();
+    let keys = Keys::new(&a);
+    let d = RecipeDir::new();
+    d.write("files/hello.txt", format!("shared {}\n", nonce()));
+    let one = d.write_recipe("one.toml", recipe("kt-remote-one", LAYERS), &a);
+    let two = d.write(
+        "two.toml",
+        "extends = \"one.toml\"\n\n[image]\nname = \"kt-remote-two\"\nhostname = \"kt-remote-two\"\n\n\
+         [[layer]]\nname = \"two\"\nrun = [\"echo two > /opt/kiln-remote/two\"]\n",
+    );
+    let (plan_one, plan_two) = (a.plan(&one), a.plan(&two));
+    let mut cleanup = ForgetOnDrop::new(&a.store);
+    for plan in [&plan_one, &plan_two] {
+        let new: Vec<&str> = plan
+            .steps
+            .iter()
+            .map(|s| s.stage.as_str())
+            .filter(|s| *s != "base")
+            .collect();
+        cleanup.add(plan, &new);
+    }
+    let remote = registry.reference();
+
+    // The builder: every key of the union once, shared ones too.
+    let mut args = vec![
+        "--json",
+        "build",
+        "--no-smoke",
+        "--remote",
+        &remote,
+        "--push",
+    ];
+    let key_path = keys.path("ci.key");
+    args.extend(["--signing-key", &key_path]);
+    args.extend([one.to_str().unwrap(), two.to_str().unwrap()]);
+    let built = a.run(&args);
+    built.assert_code(0);
+    let mut union: Vec<String> = plan_one
+        .steps
+        .iter()
+        .chain(&plan_two.steps)
+        .map(|s| s.key[..12].to_owned())
+        .collect();
+    union.sort();
+    union.dedup();
+    for key in &union {
+        let pushes = built
+            .stderr
+            .lines()
+            .filter(|l| l.starts_with("pushed ") && l.contains(&format!("({key})")))
+            .count();
+        assert_eq!(pushes, 1, "{key} pushed {pushes} times:\n{}", built.show());
+    }
+    let shared_key = plan_one.step("tools/files").key[..12].to_owned();
+    assert!(
+        plan_two
+            .steps
+            .iter()
+            .any(|s| s.key.starts_with(&shared_key)),
+        "two extends one, so shares its tools layer"
+    );
+
+    // The reader: its store has only the base; both recipes come from the
+    // registry, the shared layer in one pull.
+    let store_b = seeded_store(&a, &plan_one);
+    let b = Kiln::with_store(store_b.path());
+    let trust = keys.path("ci.pub");
+    let read = b.run(&[
+        "--json",
+        "build",
+        "--no-smoke",
+        "--remote",
+        &remote,
+        "--trusted-key",
+        &trust,
+        one.to_str().unwrap(),
+        two.to_str().unwrap(),
+    ]);
+    read.assert_code(0);
+    let report: serde_json::Value = read.json();
+    let steps = report["steps"].as_array().unwrap();
+    for row in steps {
+        assert_ne!(row["status"], "built", "{report:#}");
+    }
+    let shared = steps
+        .iter()
+        .find(|r| r["key"] == shared_key.as_str())
+        .unwrap_or_else(|| panic!("no row for tools/files: {report:#}"));
+    assert_eq!(
+        (&shared["status"], &shared["shared"]),
+        (&serde_json::json!("pulled"), &serde_json::json!(true)),
+        "{shared:#}"
+    );
+    let pulls: usize = report["recipes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r["summary"]["rows"].as_array().unwrap())
+        .filter(|row| row["key"] == shared_key.as_str() && row["status"] == "pulled")
+        .count();
+    assert_eq!(pulls, 1, "tools/files pulled once: {report:#}");
+    let built_report: serde_json::Value = built.json();
+    for (x, y) in built_report["recipes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(report["recipes"].as_array().unwrap())
+    {
+        assert_eq!(x["summary"]["sha256"], y["summary"]["sha256"], "{y:#}");
+    }
+    cache_verify_clean(&b);
+}

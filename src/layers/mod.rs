@@ -14,6 +14,7 @@
 
 pub mod mount;
 mod resolve;
+pub mod shared;
 
 pub mod steps;
 
@@ -50,6 +51,9 @@ pub struct BuildOptions {
     /// Push every step of the plan that the remote lacks, signed with
     /// `signing_key` (`--push`).
     pub push: bool,
+    /// In a build of several recipes: the claims that make a shared step
+    /// one recipe's work, and the run's job tokens (see [`shared`]).
+    pub shared: Option<std::sync::Arc<shared::Shared<plan::Key>>>,
 }
 
 /// What happened to a stage of a run.
@@ -95,6 +99,10 @@ pub struct Row {
     /// What a pulled row downloaded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes: Option<u64>,
+    /// In a build of several recipes: the recipe whose build brought this
+    /// step in (this recipe shares it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_with: Option<String>,
 }
 
 impl Row {
@@ -106,6 +114,7 @@ impl Row {
             reason: None,
             seconds: 0.0,
             bytes: None,
+            shared_with: None,
         }
     }
 
@@ -117,6 +126,13 @@ impl Row {
     pub fn took(mut self, seconds: f64) -> Row {
         self.seconds = seconds;
         self
+    }
+
+    /// A step another recipe of this run brought in.
+    fn shared(stage: impl Into<String>, key: &plan::Key, done: shared::Done) -> Row {
+        let mut row = Row::new(stage, key, Status::Cached).because(done.reason());
+        row.shared_with = Some(done.by);
+        row
     }
 
     /// A cache hit; when this run waited for another to build it, says so.
@@ -167,17 +183,21 @@ impl Summary {
                 ]
             })
             .collect();
-        let mut out = crate::ui::table(&["STAGE", "KEY", "RESULT", "SECONDS", "WHY"], &rows);
-        if !self.sha256.is_empty() {
-            out += &format!(
-                "{} ({}, kernel {}) in {:.1}s\n",
-                self.image.display(),
-                &self.sha256[..12],
-                self.kernel,
-                self.seconds
-            );
+        crate::ui::table(&["STAGE", "KEY", "RESULT", "SECONDS", "WHY"], &rows) + &self.image_line()
+    }
+
+    /// `out/NAME.qcow2 (SHA256, kernel K) in S s`, when there is an image.
+    pub fn image_line(&self) -> String {
+        if self.sha256.is_empty() {
+            return String::new();
         }
-        out
+        format!(
+            "{} ({}, kernel {}) in {:.1}s\n",
+            self.image.display(),
+            &self.sha256[..12],
+            self.kernel,
+            self.seconds
+        )
     }
 }
 
@@ -210,6 +230,7 @@ pub fn build(
         },
         opts,
         ui,
+        name: &recipe.image.name,
         state: store.recipe_state(&recipe.image.name),
         lowers: Vec::new(),
         rows: Vec::new(),
@@ -243,6 +264,8 @@ pub fn build(
         .image(&plan, waited)
         .with_context(|| format!("assembling the image of {}", recipe.path.display()))?;
     let image = export(store, &entry, &recipe.image.name, &opts.out_dir)?;
+    // Converting to other formats is heavy work too.
+    let job = run.job()?;
     let (outputs, rows) = crate::export::export_all(
         store,
         &entry,
@@ -252,6 +275,7 @@ pub fn build(
         opts.refresh,
         ui,
     )?;
+    drop(job);
     run.rows.extend(rows);
     let build_log = keep_build_log(store, &entry, built)?;
     run.remember(&plan)?;
@@ -278,6 +302,8 @@ struct Run<'a> {
     ctx: Ctx<'a>,
     opts: &'a BuildOptions,
     ui: &'a Ui,
+    /// The recipe's image name (whose work a shared step was).
+    name: &'a str,
     /// The inputs of this recipe's last build, to say why something rebuilds.
     state: RecipeState,
     /// Layer trees of the steps done so far, topmost first, as overlayfs
@@ -286,7 +312,38 @@ struct Run<'a> {
     rows: Vec<Row>,
 }
 
-impl Run<'_> {
+type Owner<'a> = shared::Owner<'a, plan::Key>;
+
+/// A step's locks, taken by the caller of [`Run::step`]: the store's, and
+/// in a build of several recipes its claim.
+struct Held<'a> {
+    lock: store::lock::Lock,
+    owner: Option<Owner<'a>>,
+}
+
+impl<'a> Run<'a> {
+    /// In a build of several recipes, claim a step: `Ok(owner)` when it is
+    /// this recipe's to do (`None` in a single build), `Err(done)` when
+    /// another recipe's build did it in this run.
+    fn claim(
+        &self,
+        key: &plan::Key,
+        what: &str,
+    ) -> Result<Result<Option<Owner<'a>>, shared::Done>> {
+        let Some(shared) = self.opts.shared.as_deref() else {
+            return Ok(Ok(None));
+        };
+        Ok(match shared.claim(key, what, self.name)? {
+            shared::Claim::Mine(owner) => Ok(Some(owner)),
+            shared::Claim::Done(done) => Err(done),
+        })
+    }
+
+    /// One of the run's job tokens for heavy work (none in a single build).
+    fn job(&self) -> Result<Option<shared::Job<'a, plan::Key>>> {
+        self.opts.shared.as_deref().map(|s| s.job()).transpose()
+    }
+
     /// Stage 1: pin every unlocked step. Each is built against the archive
     /// on the steps below it (which are brought into the store first), its
     /// pins go into `locks`, and the plan is made again with the keys they
@@ -307,18 +364,43 @@ impl Run<'_> {
                 );
             }
             let reuse = !self.opts.fresh_resolve && !self.opts.refresh;
+            let owner = match self.claim(&step.key, &step.id())? {
+                Ok(owner) => owner,
+                // Another recipe of this run resolved it just now.
+                Err(done) => {
+                    let pins = self
+                        .ctx
+                        .store
+                        .recent_resolution(&step.key)
+                        .with_context(|| {
+                            format!(
+                                "{}: {} but its resolution is not in the store",
+                                step.id(),
+                                done.reason()
+                            )
+                        })?;
+                    locks.set(&step.origin, &step.id(), pins);
+                    plan = plan::make(recipe, locks)?;
+                    continue;
+                }
+            };
             // One run resolves a key at a time; another that needs it waits,
             // then takes its resolution.
-            let (key_lock, _) = lock_key(self.ctx.store, &step.key, &step.id())?;
+            let (lock, _) = lock_key(self.ctx.store, &step.key, &step.id())?;
             let pins = match self
                 .ctx
                 .store
                 .recent_resolution(&step.key)
                 .filter(|_| reuse)
             {
-                Some(pins) => pins,
+                Some(pins) => {
+                    if let Some(owner) = owner {
+                        owner.finish(Status::Cached, None);
+                    }
+                    pins
+                }
                 None => self
-                    .step(&step, Some(key_lock))?
+                    .step(&step, Some(Held { lock, owner }))?
                     .expect("an unlocked step resolves"),
             };
             locks.set(&step.origin, &step.id(), pins);
@@ -341,8 +423,24 @@ impl Run<'_> {
     /// lowers. An unlocked step is built and published under the key its
     /// resolution gives; its pins are returned. `held` is the key's lock
     /// when the caller took it already.
-    fn step(&mut self, step: &Step, held: Option<store::lock::Lock>) -> Result<Option<StepLock>> {
+    fn step(&mut self, step: &Step, held: Option<Held<'a>>) -> Result<Option<StepLock>> {
         let store = self.ctx.store;
+        let (held, owner) = match held {
+            Some(Held { lock, owner }) => (Some(lock), owner),
+            None => match self.claim(&step.key, &step.id())? {
+                Ok(owner) => (None, owner),
+                Err(done) => {
+                    self.rows.push(Row::shared(step.id(), &step.key, done));
+                    self.lowers.insert(0, store.layer_tree(&step.key));
+                    return Ok(None);
+                }
+            },
+        };
+        let finish = |status, also: Option<&plan::Key>| {
+            if let Some(owner) = owner {
+                owner.finish(status, also);
+            }
+        };
         // The lock also covers the integrity check and a corrupt entry's
         // repair (see store::lock).
         let (_key_lock, waited) = match held {
@@ -353,12 +451,15 @@ impl Run<'_> {
         let Some(reason) = usable(store, &step.key, &store.layer_dir(&step.key), fresh)? else {
             self.rows.push(Row::cached(step.id(), &step.key, waited));
             self.lowers.insert(0, store.layer_tree(&step.key));
+            finish(Status::Cached, None);
             return Ok(None);
         };
+        let _job = self.job()?;
         if !matches!(reason, Reason::Refresh | Reason::Unlocked) {
             if let Some(row) = self.pull(crate::remote::Kind::Layer, &step.id(), &step.key)? {
                 self.rows.push(row);
                 self.lowers.insert(0, store.layer_tree(&step.key));
+                finish(Status::Pulled, None);
                 return Ok(None);
             }
         }
@@ -394,6 +495,7 @@ impl Run<'_> {
                 .took(seconds),
         );
         self.lowers.insert(0, store.layer_tree(&key));
+        finish(Status::Built, Some(&key));
         Ok(pins)
     }
 
@@ -483,6 +585,7 @@ impl Run<'_> {
         };
         self.layers(plan)?;
         check_interrupt()?;
+        let _job = self.job()?;
         if reason != Reason::Refresh {
             if let Some(row) = self.pull(crate::remote::Kind::Image, "image", &key)? {
                 self.rows.push(row);

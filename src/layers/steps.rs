@@ -268,7 +268,7 @@ fn enter_chroot(
                 crate::store::lock::Mode::Exclusive,
                 "another kiln run's apt step to finish with the store's apt caches",
                 || {
-                    eprintln!("waiting for another kiln run's apt step (the store's apt caches are in use)…")
+                    eprintln!("waiting for another apt step (this run's or another kiln's) to finish with the store's apt caches…")
                 },
             )?);
             mounts.bind(

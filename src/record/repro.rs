@@ -97,6 +97,7 @@ pub fn check(
         // A cold build: never from a cache.
         remote: None,
         push: false,
+        shared: None,
     };
     eprintln!(
         "check-repro: building again into an empty store, with umask {OTHER_UMASK:03o} and TZ={OTHER_TZ}"

@@ -155,7 +155,7 @@ pub struct Remote {
     client: Client,
     trusted: Vec<PublicKey>,
     /// Set after the first "unavailable": the run asks nothing more.
-    down: std::cell::Cell<bool>,
+    down: std::sync::atomic::AtomicBool,
 }
 
 /// A layer the registry has for a key, its signature verified.
@@ -188,7 +188,7 @@ impl Remote {
         Ok(Remote {
             client: Client::new(reference, push)?,
             trusted,
-            down: std::cell::Cell::new(false),
+            down: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -198,7 +198,7 @@ impl Remote {
 
     /// Whether layers may be read from it: only with a trusted key.
     pub fn readable(&self) -> bool {
-        !self.trusted.is_empty() && !self.down.get()
+        !self.trusted.is_empty() && !self.down.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Turn an error into what the run does next: an unavailable registry
@@ -208,7 +208,7 @@ impl Remote {
         match result {
             Ok(v) => Ok(Ok(v)),
             Err(e) if registry::is_unusable(&e) => {
-                if !self.down.replace(true) {
+                if !self.down.swap(true, std::sync::atomic::Ordering::SeqCst) {
                     eprintln!(
                         "warning: the registry {} is unavailable: {e:#}; building locally and not asking it again in this run",
                         self.reference()
@@ -223,7 +223,7 @@ impl Remote {
     /// The verified layer the registry has for `key`: one manifest GET.
     /// `Err` is a refusal (the registry's layer is not one to use).
     pub fn lookup(&self, kind: Kind, key: &Key) -> Result<std::result::Result<Found, Miss>> {
-        if self.down.get() {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
             return Ok(Err(Miss::Down));
         }
         let manifest = match self.absorb(self.client.manifest(&tag(kind, key)))? {
