@@ -420,7 +420,7 @@ fn main() {
         rows.extend(fleet_rows(&work, &recipes, &warm));
     }
     if wants("speed") {
-        rows.extend(speed_rows(&work));
+        rows.extend(speed_rows(&work, &mut breakdowns));
     }
     println!(
         "{:<44} {:>9}  {:<24} baseline",
@@ -833,7 +833,7 @@ impl Variant {
 /// golden's layers assembled into a new image (another hostname), with this
 /// kiln and, when `KILN_BENCH_BEFORE` names it, kiln before the speed work,
 /// each with its own warm store, run in turns so that both see the same load.
-fn speed_rows(work: &Path) -> Vec<[String; 4]> {
+fn speed_rows(work: &Path, breakdowns: &mut Vec<String>) -> Vec<[String; 4]> {
     let mut variants = vec![("now", PathBuf::from(KILN))];
     match std::env::var_os("KILN_BENCH_BEFORE") {
         Some(before) => variants.push(("before", PathBuf::from(before))),
@@ -925,6 +925,17 @@ fn speed_rows(work: &Path) -> Vec<[String; 4]> {
     for v in &variants {
         eprintln!("speed: {} is {}", v.name, v.kiln.display());
     }
+    let now_out = &variants[0].out;
+    breakdowns.push(where_time_went(
+        "speed: web.toml after adding one package (now, last run)",
+        now_out,
+        "web",
+    ));
+    breakdowns.push(where_time_went(
+        "speed: golden's layers into a new image (now, last run)",
+        now_out,
+        "golden-renamed",
+    ));
     vec![
         row(
             "no-op rebuild of golden.toml",
