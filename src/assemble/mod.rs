@@ -154,136 +154,70 @@ pub fn assemble(
     if spec.verity {
         require_systemd_initrd(&merged, recipe_path)?;
     }
-    let mut files = tree::walk(&merged, &|_| false).context("recording the root filesystem")?;
-    let needed = tree_bytes(&files);
-    // ext4 needs room for its metadata and a reserve beyond the files.
-    if needed + needed / 8 + 32 * MIB > spec.size {
-        return Err(BadInput::new(
-            recipe_path,
-            "image.size",
-            format!(
-                "the root filesystem needs about {} but image.size is {}",
-                show_size(round_up(needed + needed / 8 + 32 * MIB, MIB)),
-                show_size(spec.size)
-            ),
-            "raise [image] size",
-        )
-        .into());
-    }
-
-    for f in &mut files {
-        f.mtime = f.mtime.min(epoch as i64);
-    }
-    crate::store::write_json_atomic(&staging.join(FILES_JSON), &files)?;
     let root_size = round_up(spec.size, MIB);
-
-    // A sealed root is written to its own file first: its hash tree, and
-    // so the UKI's command line and the partition UUIDs, depend on it.
-    let sealed = if spec.verity {
+    let walk = Walk {
+        merged: &merged,
+        size: spec.size,
+        recipe_path,
+        epoch,
+    };
+    let disk = Disk {
+        merged: &merged,
+        kernel: &kernel,
+        spec,
+        key,
+        epoch,
+        staging,
+        signer,
+        uki_cache,
+        root_size,
+    };
+    let (files, signed, uki_inputs, fresh_uki, verity) = if spec.verity {
+        // A sealed root is written to its own file first: its hash tree,
+        // and so the UKI's command line and the partition UUIDs, depend on
+        // it.
         let fs = staging.join("root.ext4");
         std::fs::File::create(&fs)
             .and_then(|f| f.set_len(root_size))
             .with_context(|| format!("creating {}", fs.display()))?;
-        make_root_fs(
-            &fs, 0, root_size, &merged, &files, key, epoch, staging, true,
-        )?;
+        let files = walk.beside(|| make_root_fs(&fs, 0, root_size, &merged, key, epoch, true))?;
+        set_times(&fs, 0, &files, epoch, staging)?;
         // Its data extents are read next (see `sync_file` below).
         sync_file(&fs)?;
         let tree = staging.join("root.verity");
         let root_hash = verity::format(&fs, &tree, key)?;
-        Some((fs, tree, verity::Verity::new(&root_hash)?))
-    } else {
-        None
-    };
-    let root_args = match &sealed {
-        Some((_, _, v)) => format!("{} ro", v.cmdline()),
-        None => format!("root=LABEL={ROOT_LABEL} ro"),
-    };
-
-    let uki = staging.join("uki.efi");
-    let uki_inputs = UkiInputs::of(
-        &merged,
-        &kernel,
-        &format!("{root_args} {}", spec.cmdline),
-        &files,
-        epoch,
-    )?;
-    if !uki_inputs.reuse(uki_cache, &uki)? {
-        make_uki(&uki_inputs, &uki, staging)?;
-        uki_inputs.keep(uki_cache, &uki, staging)?;
-    }
-    // The last change to the UKI: any byte changed after it voids the signature.
-    let signed = signer
-        .map(|s| secure_boot::sign(&uki, s, staging))
-        .transpose()?;
-
-    let uki_len = std::fs::metadata(&uki)
-        .with_context(|| format!("reading {}", uki.display()))?
-        .len();
-    let esp_size = round_up((uki_len + ESP_SLACK).max(ESP_MIN), MIB);
-    let esp_start = GPT_GAP;
-    let root_start = esp_start + esp_size;
-    let hash_start = root_start + root_size;
-    let hash_size = match &sealed {
-        Some((_, tree, _)) => round_up(
-            std::fs::metadata(tree)
+        let v = verity::Verity::new(&root_hash)?;
+        let hash_size = round_up(
+            std::fs::metadata(&tree)
                 .with_context(|| format!("reading {}", tree.display()))?
                 .len(),
             MIB,
-        ),
-        None => 0,
+        );
+        let (layout, signed, uki, fresh) =
+            disk.start(&format!("{} ro", v.cmdline()), Some((&v, hash_size)))?;
+        verity::copy_into(&fs, &layout.raw, layout.root_start)?;
+        verity::copy_into(&tree, &layout.raw, layout.hash_start)?;
+        for f in [&fs, &tree] {
+            std::fs::remove_file(f).with_context(|| format!("removing {}", f.display()))?;
+        }
+        (files, signed, uki, fresh, Some(v))
+    } else {
+        // The root goes into the disk at its offset, which the UKI's size
+        // decides: the UKI comes first.
+        let (layout, signed, uki, fresh) =
+            disk.start(&format!("root=LABEL={ROOT_LABEL} ro"), None)?;
+        let files = walk.beside(|| {
+            make_root_fs(&layout.raw, layout.root_start, root_size, &merged, key, epoch, false)
+        })?;
+        set_times(&layout.raw, layout.root_start, &files, epoch, staging)?;
+        (files, signed, uki, fresh, None)
     };
-    let total = hash_start + hash_size + GPT_GAP;
-
+    crate::store::write_json_atomic(&staging.join(FILES_JSON), &files)?;
     let raw = staging.join("disk.raw");
-    let file =
-        std::fs::File::create(&raw).with_context(|| format!("creating {}", raw.display()))?;
-    file.set_len(total)
-        .with_context(|| format!("sizing {}", raw.display()))?;
-    drop(file);
-
-    let mut table = format!(
-        "label: gpt\nlabel-id: {}\nunit: sectors\n\
-         start={}, size={}, type={ESP_TYPE}, name=esp, uuid={}\n\
-         start={}, size={}, type={ROOT_TYPE}, name={ROOT_LABEL}, uuid={}\n",
-        key.derive_uuid("disk"),
-        esp_start / SECTOR,
-        esp_size / SECTOR,
-        key.derive_uuid("esp-partition"),
-        root_start / SECTOR,
-        root_size / SECTOR,
-        match &sealed {
-            Some((_, _, v)) => v.data_partition_uuid.clone(),
-            None => key.derive_uuid("root-partition"),
-        },
-    );
-    if let Some((_, _, v)) = &sealed {
-        table.push_str(&verity_table_line(hash_start, hash_size, v));
+    let uki = staging.join("uki.efi");
+    if fresh_uki {
+        uki_inputs.keep(uki_cache, &staging.join(UNSIGNED_UKI), staging)?;
     }
-    Cmd::new("sfdisk")
-        .args(["--quiet", "--no-reread", "--no-tell-kernel"])
-        .arg(&raw)
-        .stdin_bytes(table)
-        .run()?;
-
-    make_esp(&raw, esp_start, esp_size, &uki, key, epoch)?;
-
-    let verity = match sealed {
-        Some((fs, tree, v)) => {
-            verity::copy_into(&fs, &raw, root_start)?;
-            verity::copy_into(&tree, &raw, hash_start)?;
-            for f in [&fs, &tree] {
-                std::fs::remove_file(f).with_context(|| format!("removing {}", f.display()))?;
-            }
-            Some(v)
-        }
-        None => {
-            make_root_fs(
-                &raw, root_start, root_size, &merged, &files, key, epoch, staging, false,
-            )?;
-            None
-        }
-    };
     mounts.unmount_all()?;
     for d in [&upper, &work, &merged] {
         crate::store::remove_tree(d).with_context(|| format!("removing {}", d.display()))?;
@@ -338,18 +272,16 @@ fn verity_table_line(start: u64, size: u64, v: &verity::Verity) -> String {
     )
 }
 
-/// Write the root ext4 from `merged` at `offset` in `target` and pin its
-/// timestamps. A sealed root has no journal: it is never written.
-#[allow(clippy::too_many_arguments)]
+/// Write the root ext4 from `merged` at `offset` in `target` (its
+/// timestamps are pinned afterwards by [`set_times`]). A sealed root has no
+/// journal: it is never written.
 fn make_root_fs(
     target: &Path,
     offset: u64,
     size: u64,
     merged: &Path,
-    files: &[FileEntry],
     key: Key,
     epoch: u64,
-    staging: &Path,
     sealed: bool,
 ) -> Result<()> {
     let uuid = key.derive_uuid("root-fs");
@@ -372,9 +304,161 @@ fn make_root_fs(
         .arg(target)
         .arg(format!("{}k", size / 1024))
         .run()
-        .context("writing the root filesystem")?;
-    set_times(target, offset, files, epoch, staging)
+        .context("writing the root filesystem")
 }
+
+/// The walk that records every file of the root (and hashes it).
+struct Walk<'a> {
+    merged: &'a Path,
+    size: u64,
+    recipe_path: &'a Path,
+    epoch: u64,
+}
+
+impl Walk<'_> {
+    /// Walk the root in another thread while `mkfs` (mke2fs, reading the
+    /// same tree) runs in this one: they take about as long, on different
+    /// cores. Then refuse a root too big for `image.size` (whatever mke2fs
+    /// made of it), and clamp the recorded times as the image has them.
+    fn beside(&self, mkfs: impl FnOnce() -> Result<()>) -> Result<Vec<FileEntry>> {
+        let (files, made) = std::thread::scope(|s| {
+            let walk = s.spawn(|| tree::walk(self.merged, &|_| false));
+            let made = mkfs();
+            (walk.join(), made)
+        });
+        let mut files = files
+            .map_err(|_| anyhow::anyhow!("the walk of the root filesystem panicked"))?
+            .context("recording the root filesystem")?;
+        let needed = tree_bytes(&files);
+        // ext4 needs room for its metadata and a reserve beyond the files.
+        if needed + needed / 8 + 32 * MIB > self.size {
+            return Err(BadInput::new(
+                self.recipe_path,
+                "image.size",
+                format!(
+                    "the root filesystem needs about {} but image.size is {}",
+                    show_size(round_up(needed + needed / 8 + 32 * MIB, MIB)),
+                    show_size(self.size)
+                ),
+                "raise [image] size",
+            )
+            .into());
+        }
+        made?;
+        for f in &mut files {
+            f.mtime = f.mtime.min(self.epoch as i64);
+        }
+        Ok(files)
+    }
+}
+
+/// Where the partitions of a disk being assembled start.
+struct Layout {
+    raw: PathBuf,
+    root_start: u64,
+    hash_start: u64,
+}
+
+/// What assembling the disk around the root needs.
+struct Disk<'a> {
+    merged: &'a Path,
+    kernel: &'a str,
+    spec: &'a crate::recipe::ImageSpec,
+    key: Key,
+    epoch: u64,
+    staging: &'a Path,
+    signer: Option<&'a secure_boot::Signer>,
+    uki_cache: &'a Path,
+    root_size: u64,
+}
+
+impl Disk<'_> {
+    /// The UKI (from the store's cache when it was built before; signed
+    /// last), then `staging/disk.raw` with its partition table and ESP. A
+    /// sealed image's hash partition follows the root.
+    fn start(
+        &self,
+        root_args: &str,
+        sealed: Option<(&verity::Verity, u64)>,
+    ) -> Result<(Layout, Option<secure_boot::SignedUki>, UkiInputs, bool)> {
+        let (key, staging) = (self.key, self.staging);
+        let uki = staging.join("uki.efi");
+        let uki_inputs = UkiInputs::of(
+            self.merged,
+            self.kernel,
+            &format!("{root_args} {}", self.spec.cmdline),
+            self.epoch,
+        )?;
+        let fresh = !uki_inputs.reuse(self.uki_cache, &uki)?;
+        if fresh {
+            make_uki(&uki_inputs, &uki, staging)?;
+            // Kept in the cache once the image is assembled (an image that
+            // fails, e.g. for bad input, leaves the store as it was).
+            std::fs::copy(&uki, staging.join(UNSIGNED_UKI))
+                .with_context(|| format!("copying {}", uki.display()))?;
+        }
+        // The last change to the UKI: any byte changed after it voids the signature.
+        let signed = self
+            .signer
+            .map(|s| secure_boot::sign(&uki, s, staging))
+            .transpose()?;
+
+        let uki_len = std::fs::metadata(&uki)
+            .with_context(|| format!("reading {}", uki.display()))?
+            .len();
+        let esp_size = round_up((uki_len + ESP_SLACK).max(ESP_MIN), MIB);
+        let esp_start = GPT_GAP;
+        let root_start = esp_start + esp_size;
+        let hash_start = root_start + self.root_size;
+        let hash_size = sealed.map_or(0, |(_, size)| size);
+        let total = hash_start + hash_size + GPT_GAP;
+
+        let raw = staging.join("disk.raw");
+        let file = std::fs::File::create(&raw)
+            .with_context(|| format!("creating {}", raw.display()))?;
+        file.set_len(total)
+            .with_context(|| format!("sizing {}", raw.display()))?;
+        drop(file);
+
+        let mut table = format!(
+            "label: gpt\nlabel-id: {}\nunit: sectors\n\
+             start={}, size={}, type={ESP_TYPE}, name=esp, uuid={}\n\
+             start={}, size={}, type={ROOT_TYPE}, name={ROOT_LABEL}, uuid={}\n",
+            key.derive_uuid("disk"),
+            esp_start / SECTOR,
+            esp_size / SECTOR,
+            key.derive_uuid("esp-partition"),
+            root_start / SECTOR,
+            self.root_size / SECTOR,
+            match sealed {
+                Some((v, _)) => v.data_partition_uuid.clone(),
+                None => key.derive_uuid("root-partition"),
+            },
+        );
+        if let Some((v, _)) = sealed {
+            table.push_str(&verity_table_line(hash_start, hash_size, v));
+        }
+        Cmd::new("sfdisk")
+            .args(["--quiet", "--no-reread", "--no-tell-kernel"])
+            .arg(&raw)
+            .stdin_bytes(table)
+            .run()?;
+        make_esp(&raw, esp_start, esp_size, &uki, key, self.epoch)?;
+        Ok((
+            Layout {
+                raw,
+                root_start,
+                hash_start,
+            },
+            signed,
+            uki_inputs,
+            fresh,
+        ))
+    }
+}
+
+/// A UKI built by this assembly, unsigned, until it goes into the cache.
+const UNSIGNED_UKI: &str = "uki-unsigned.efi";
 
 /// A sealed root is opened by systemd's veritysetup generator, which runs
 /// only in a systemd initrd: refuse an image that cannot have one rather
@@ -597,7 +681,6 @@ impl UkiInputs {
         root: &Path,
         kernel: &str,
         cmdline: &str,
-        files: &[FileEntry],
         epoch: u64,
     ) -> Result<UkiInputs> {
         let stub = Path::new(STUB);
@@ -621,18 +704,10 @@ impl UkiInputs {
         } else {
             osrel
         };
-        // The walk hashed every file of the root already.
-        let digest = |p: &Path| -> Result<String> {
-            let inside = format!("/{}", p.strip_prefix(root).unwrap_or(p).display());
-            match files
-                .iter()
-                .find(|f| f.path == inside)
-                .and_then(|f| f.sha256.clone())
-            {
-                Some(d) => Ok(d),
-                None => file_digest(p).with_context(|| format!("hashing {}", p.display())),
-            }
-        };
+        // A few files, hashed before the walk of the whole root: the UKI
+        // decides where the root partition starts.
+        let digest =
+            |p: &Path| file_digest(p).with_context(|| format!("hashing {}", p.display()));
         let key = crate::plan::key::bytes_digest(
             format!(
                 "kiln-uki-v1\nstub {}\nosrel {}\nlinux {}\ninitrd {}\nepoch {epoch}\ncmdline {cmdline}\n",
@@ -680,20 +755,17 @@ impl UkiInputs {
         Ok(true)
     }
 
-    /// Keep the UKI just built: written in the staging dir, renamed into
+    /// Keep the UKI just built (`uki`, in the staging dir): renamed into
     /// the cache, its digest last (a UKI without one is not used).
     fn keep(&self, cache: &Path, uki: &Path, staging: &Path) -> Result<()> {
         let (efi, sum) = self.cached(cache);
         let digest = file_digest(uki).with_context(|| format!("hashing {}", uki.display()))?;
+        std::fs::rename(uki, &efi)
+            .with_context(|| format!("renaming {} to {}", uki.display(), efi.display()))?;
         let tmp = staging.join("uki-cache.tmp");
-        let place = |to: &Path| {
-            std::fs::rename(&tmp, to)
-                .with_context(|| format!("renaming {} to {}", tmp.display(), to.display()))
-        };
-        std::fs::copy(uki, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
-        place(&efi)?;
         std::fs::write(&tmp, &digest).with_context(|| format!("writing {}", tmp.display()))?;
-        place(&sum)
+        std::fs::rename(&tmp, &sum)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), sum.display()))
     }
 }
 
