@@ -207,7 +207,15 @@ pub fn assemble(
         let (layout, signed, uki, fresh) =
             disk.start(&format!("root=LABEL={ROOT_LABEL} ro"), None)?;
         let files = walk.beside(|| {
-            make_root_fs(&layout.raw, layout.root_start, root_size, &merged, key, epoch, false)
+            make_root_fs(
+                &layout.raw,
+                layout.root_start,
+                root_size,
+                &merged,
+                key,
+                epoch,
+                false,
+            )
         })?;
         set_times(&layout.raw, layout.root_start, &files, epoch, staging)?;
         (files, signed, uki, fresh, None)
@@ -414,8 +422,8 @@ impl Disk<'_> {
         let total = hash_start + hash_size + GPT_GAP;
 
         let raw = staging.join("disk.raw");
-        let file = std::fs::File::create(&raw)
-            .with_context(|| format!("creating {}", raw.display()))?;
+        let file =
+            std::fs::File::create(&raw).with_context(|| format!("creating {}", raw.display()))?;
         file.set_len(total)
             .with_context(|| format!("sizing {}", raw.display()))?;
         drop(file);
@@ -677,12 +685,7 @@ struct UkiInputs {
 }
 
 impl UkiInputs {
-    fn of(
-        root: &Path,
-        kernel: &str,
-        cmdline: &str,
-        epoch: u64,
-    ) -> Result<UkiInputs> {
+    fn of(root: &Path, kernel: &str, cmdline: &str, epoch: u64) -> Result<UkiInputs> {
         let stub = Path::new(STUB);
         if !stub.is_file() {
             anyhow::bail!(
@@ -706,8 +709,7 @@ impl UkiInputs {
         };
         // A few files, hashed before the walk of the whole root: the UKI
         // decides where the root partition starts.
-        let digest =
-            |p: &Path| file_digest(p).with_context(|| format!("hashing {}", p.display()));
+        let digest = |p: &Path| file_digest(p).with_context(|| format!("hashing {}", p.display()));
         let key = crate::plan::key::bytes_digest(
             format!(
                 "kiln-uki-v1\nstub {}\nosrel {}\nlinux {}\ninitrd {}\nepoch {epoch}\ncmdline {cmdline}\n",
