@@ -399,9 +399,10 @@ fn a_sealed_image_assembles_bit_identically_in_another_store() {
 }
 
 #[test]
-fn a_sealed_recipe_without_a_systemd_initrd_is_refused() {
+fn a_sealed_recipe_without_an_initrd_that_opens_verity_is_refused() {
     let s = sealed();
-    // golden with verity on: its initrd is initramfs-tools', which ignores
+    // golden with verity on: its initrd is initramfs-tools' without
+    // veritysetup or a script that runs it, and initramfs-tools ignores
     // roothash=. Refused at assembly, with what to add; nothing published.
     let recipe = s.recipes.join("golden-verity.toml");
     std::fs::write(
@@ -415,8 +416,14 @@ fn a_sealed_recipe_without_a_systemd_initrd_is_refused() {
         OsStr::new("--no-smoke"),
         recipe.as_os_str(),
     ]);
-    run.assert_bad_input(&recipe, "image.verity", "systemd-cryptsetup");
-    assert!(run.stderr.contains("sealed.toml"), "{}", run.show());
+    run.assert_bad_input(&recipe, "image.verity", "cryptsetup-bin");
+    for what in [
+        "a local-top script that runs veritysetup",
+        "dmsetup",
+        "sealed.toml",
+    ] {
+        assert!(run.stderr.contains(what), "no `{what}`: {}", run.show());
+    }
     assert!(
         !s.kiln.store.join("images-v1").join(&image_key).exists(),
         "a refused image was published"
