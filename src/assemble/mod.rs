@@ -809,7 +809,10 @@ mod tests {
             let bad = err.downcast_ref::<BadInput>().expect("bad input");
             let text = format!("{err:#}");
             assert_eq!(bad.key.as_deref(), Some("image.verity"), "{text}");
-            for what in lacking.iter().chain(&["sealed.toml", "remove verity = true"]) {
+            for what in lacking
+                .iter()
+                .chain(&["sealed.toml", "remove verity = true"])
+            {
                 assert!(text.contains(what), "no `{what}` in: {text}");
             }
         };
@@ -825,7 +828,10 @@ mod tests {
         put("usr/sbin/veritysetup", "");
         put("usr/sbin/dmsetup", "");
         // A local-top script that does something else is not enough.
-        put("etc/initramfs-tools/scripts/local-top/other", "#!/bin/sh\nexit 0\n");
+        put(
+            "etc/initramfs-tools/scripts/local-top/other",
+            "#!/bin/sh\nexit 0\n",
+        );
         refused(&["a local-top script that runs veritysetup"]);
         // sealed.toml's way.
         put(
