@@ -152,7 +152,7 @@ pub fn assemble(
 
     let kernel = pick_kernel(&merged)?;
     if spec.verity {
-        require_systemd_initrd(&merged, recipe_path)?;
+        require_verity_initrd(&merged, recipe_path)?;
     }
     let root_size = round_up(spec.size, MIB);
     let walk = Walk {
@@ -468,33 +468,72 @@ impl Disk<'_> {
 /// A UKI built by this assembly, unsigned, until it goes into the cache.
 const UNSIGNED_UKI: &str = "uki-unsigned.efi";
 
-/// A sealed root is opened by systemd's veritysetup generator, which runs
-/// only in a systemd initrd: refuse an image that cannot have one rather
-/// than build a disk that never finds its root.
-fn require_systemd_initrd(root: &Path, recipe_path: &Path) -> Result<()> {
+/// A sealed root must be opened by the initrd before it can be mounted:
+/// refuse an image that cannot do it rather than build a disk that never
+/// finds its root. Two ways are accepted, by what the image holds:
+/// initramfs-tools with veritysetup (cryptsetup-bin) and a local-top
+/// script that runs it (recipes/sealed.toml's way: the same initrd as
+/// golden plus one script, which boots much faster under emulation than a
+/// systemd initrd), or a systemd initrd, whose veritysetup generator opens
+/// `roothash=` (dracut and systemd-cryptsetup). Both need dmsetup: its udev
+/// rules make `/dev/mapper/root` appear, and the smoke's `sealed` check
+/// reads `dmsetup table root`. The packages and the script are checked,
+/// not what the initrd holds: that is the recipe's configuration.
+fn require_verity_initrd(root: &Path, recipe_path: &Path) -> Result<()> {
     let has = |rel: &str| std::fs::symlink_metadata(root.join(rel)).is_ok();
-    let missing: Vec<&str> = [
+    let lacking = |needs: &[(&str, &'static str)]| -> Vec<&'static str> {
+        needs
+            .iter()
+            .filter(|(path, _)| !has(path))
+            .map(|(_, what)| *what)
+            .collect()
+    };
+    let local_top_runs_veritysetup = [
+        "etc/initramfs-tools/scripts/local-top",
+        "usr/share/initramfs-tools/scripts/local-top",
+    ]
+    .iter()
+    .filter_map(|dir| std::fs::read_dir(root.join(dir)).ok())
+    .flatten()
+    .filter_map(|entry| std::fs::read(entry.ok()?.path()).ok())
+    .any(|script| script.windows(11).any(|w| w == b"veritysetup"));
+    let mut initramfs_tools = lacking(&[
+        ("usr/sbin/update-initramfs", "initramfs-tools"),
+        ("usr/sbin/veritysetup", "cryptsetup-bin"),
+    ]);
+    if !local_top_runs_veritysetup {
+        initramfs_tools.push("a local-top script that runs veritysetup");
+    }
+    let systemd_initrd = lacking(&[
         ("usr/bin/dracut", "dracut"),
         ("usr/lib/systemd/systemd-veritysetup", "systemd-cryptsetup"),
-        ("usr/sbin/dmsetup", "dmsetup"),
-    ]
-    .into_iter()
-    .filter(|(path, _)| !has(path))
-    .map(|(_, package)| package)
-    .collect();
-    if missing.is_empty() {
+    ]);
+    let dmsetup = lacking(&[("usr/sbin/dmsetup", "dmsetup")]);
+    if dmsetup.is_empty() && (initramfs_tools.is_empty() || systemd_initrd.is_empty()) {
         return Ok(());
+    }
+    let mut lacks = Vec::new();
+    if !dmsetup.is_empty() {
+        lacks.push("dmsetup (for either)".to_owned());
+    }
+    if !initramfs_tools.is_empty() && !systemd_initrd.is_empty() {
+        lacks.push(format!(
+            "for initramfs-tools: {}; for a systemd initrd: {}",
+            initramfs_tools.join(", "),
+            systemd_initrd.join(", ")
+        ));
     }
     Err(BadInput::new(
         recipe_path,
         "image.verity",
         format!(
-            "a sealed root needs a systemd initrd that opens dm-verity, but the image lacks the package(s) {}",
-            missing.join(", ")
+            "a sealed root needs an initrd that opens dm-verity, but the image lacks {}",
+            lacks.join("; ")
         ),
-        "add a layer with packages = [\"dracut\", \"systemd-cryptsetup\", \"dmsetup\"] and a dracut \
-         config that adds the systemd-veritysetup module and the dm-verity driver (extend recipes/sealed.toml, \
-         which has both), or remove verity = true",
+        "extend recipes/sealed.toml (initramfs-tools: packages = [\"cryptsetup-bin\", \"dmsetup\"] \
+         with its initramfs hook and local-top script from recipes/files/sealed/), or add \
+         packages = [\"dracut\", \"systemd-cryptsetup\", \"dmsetup\"] with a dracut config that adds the \
+         systemd-veritysetup module and the dm-verity driver, or remove verity = true",
     )
     .into())
 }
@@ -949,26 +988,63 @@ mod tests {
     }
 
     #[test]
-    fn a_sealed_root_without_a_systemd_initrd_is_refused_naming_the_fix() {
+    fn a_sealed_root_without_an_initrd_that_opens_verity_is_refused_naming_the_fix() {
         let dir = tempfile::tempdir().unwrap();
         let recipe = dir.path().join("r.toml");
-        let err = require_systemd_initrd(dir.path(), &recipe).unwrap_err();
-        let bad = err.downcast_ref::<BadInput>().expect("bad input");
-        let text = format!("{err:#}");
-        assert_eq!(bad.key.as_deref(), Some("image.verity"), "{text}");
-        for package in ["dracut", "systemd-cryptsetup", "dmsetup", "sealed.toml"] {
-            assert!(text.contains(package), "{text}");
-        }
+        let root = dir.path().join("root");
+        let put = |rel: &str, text: &str| {
+            let p = root.join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, text).unwrap();
+        };
+        let refused = |lacking: &[&str]| {
+            let err = require_verity_initrd(&root, &recipe).unwrap_err();
+            let bad = err.downcast_ref::<BadInput>().expect("bad input");
+            let text = format!("{err:#}");
+            assert_eq!(bad.key.as_deref(), Some("image.verity"), "{text}");
+            for what in lacking
+                .iter()
+                .chain(&["sealed.toml", "remove verity = true"])
+            {
+                assert!(text.contains(what), "no `{what}` in: {text}");
+            }
+        };
+        // golden's initrd (initramfs-tools) with verity on: refused.
+        put("usr/sbin/update-initramfs", "");
+        refused(&[
+            "dmsetup",
+            "cryptsetup-bin",
+            "a local-top script that runs veritysetup",
+            "dracut",
+            "systemd-cryptsetup",
+        ]);
+        put("usr/sbin/veritysetup", "");
+        put("usr/sbin/dmsetup", "");
+        // A local-top script that does something else is not enough.
+        put(
+            "etc/initramfs-tools/scripts/local-top/other",
+            "#!/bin/sh\nexit 0\n",
+        );
+        refused(&["a local-top script that runs veritysetup"]);
+        // sealed.toml's way.
+        put(
+            "etc/initramfs-tools/scripts/local-top/kiln-verity",
+            "#!/bin/sh\nveritysetup open \"$data\" root \"$hash\" \"$roothash\"\n",
+        );
+        require_verity_initrd(&root, &recipe).unwrap();
+        // Without dmsetup, neither way is enough.
+        std::fs::remove_file(root.join("usr/sbin/dmsetup")).unwrap();
+        refused(&["dmsetup"]);
+        // A systemd initrd (dracut and systemd's veritysetup generator).
+        std::fs::remove_dir_all(&root).unwrap();
         for rel in [
             "usr/bin/dracut",
             "usr/lib/systemd/systemd-veritysetup",
             "usr/sbin/dmsetup",
         ] {
-            let p = dir.path().join(rel);
-            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-            std::fs::write(p, "").unwrap();
+            put(rel, "");
         }
-        require_systemd_initrd(dir.path(), &recipe).unwrap();
+        require_verity_initrd(&root, &recipe).unwrap();
     }
 
     #[test]

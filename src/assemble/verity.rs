@@ -10,7 +10,8 @@
 //! systemd-repart have it, the data partition's GPT UUID is the first 128
 //! bits of the root hash and the hash partition's the last 128, so
 //! `roothash=` on the kernel command line alone finds both (systemd's
-//! veritysetup generator, in a systemd initrd).
+//! veritysetup generator in a systemd initrd, or sealed.toml's
+//! initramfs-tools script, `recipes/files/sealed/initramfs-verity-local-top`).
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
@@ -28,7 +29,8 @@ use crate::plan::Key;
 /// smoke recognises at once; `restart-on-corruption` would reboot into the
 /// same error over and over.
 pub const ROOT_OPTIONS: &str = "panic-on-corruption";
-/// The device-mapper name systemd gives the verity root (`roothash=`).
+/// The device-mapper device the initrd opens the verity root as
+/// (`roothash=`; the name systemd's generator gives it too).
 pub const MAPPER_ROOT: &str = "/dev/mapper/root";
 /// Hash and data block size: the ext4 block size.
 const BLOCK: u64 = 4096;
