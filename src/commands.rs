@@ -143,14 +143,18 @@ struct BuildKeys {
     remote: Option<crate::remote::Remote>,
 }
 
-fn build_keys(args: &BuildArgs) -> Result<BuildKeys> {
-    let signing_key = args
-        .signing_key
-        .clone()
+/// The signing key of `--signing-key`, else `KILN_SIGNING_KEY`, loaded
+/// (a bad key is bad input, refused before anything is done).
+fn signing_key(flag: &Option<PathBuf>) -> Result<Option<SigningKey>> {
+    flag.clone()
         .or_else(signing_key_from_env)
         .as_deref()
         .map(SigningKey::load)
-        .transpose()?;
+        .transpose()
+}
+
+fn build_keys(args: &BuildArgs) -> Result<BuildKeys> {
+    let signing_key = signing_key(&args.signing_key)?;
     let signing = &args.secure_boot_key;
     let signer = crate::assemble::secure_boot::load(
         signing
@@ -354,13 +358,7 @@ pub fn push(global: &Global, args: &crate::cli::PushArgs) -> Result<()> {
     // Both references are checked before anything is sent.
     let artifact = args.reference.as_deref().map(push_ref).transpose()?;
     let containerdisk = args.containerdisk.as_deref().map(push_ref).transpose()?;
-    let signing_key = args
-        .signing_key
-        .clone()
-        .or_else(signing_key_from_env)
-        .as_deref()
-        .map(SigningKey::load)
-        .transpose()?;
+    let signing_key = signing_key(&args.signing_key)?;
     let mut pushed = serde_json::Map::new();
     if let Some((reference, tag)) = artifact {
         let shown = reference.to_string();
