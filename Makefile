@@ -97,8 +97,8 @@ TEST := $(CARGO) test --release --locked
 # cases). Both lanes may use the warm store at once: kiln's per-entry locks
 # and its lock on the store's apt caches make concurrent runs wait rather
 # than collide. The lanes are balanced by measured time (README, Testing).
-TESTS_SHARED  := build lock bad_input smoke firmware formats sign access remote fleet
-TESTS_PRIVATE := record reliability secure_boot volumes drift sealed
+TESTS_SHARED  := build lock bad_input smoke firmware sign access remote fleet
+TESTS_PRIVATE := record reliability secure_boot volumes drift sealed formats
 TESTS_ALL     := cli $(TESTS_SHARED) $(TESTS_PRIVATE)
 
 # The edit-run loop: no boots. `cli` builds golden's base once into the warm

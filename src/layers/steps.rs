@@ -260,6 +260,11 @@ fn enter_chroot(
     match apt {
         None => {}
         Some(Source::Archive) => {
+            // /run is a tmpfs, as on a running system and in a locked step:
+            // what a package's scripts leave there (cryptsetup's
+            // /run/cryptsetup) is not part of the layer, whichever way the
+            // step is built.
+            mounts.tmpfs(&root.join("run"))?;
             // apt locks these caches with fcntl and gives up at once when
             // another apt holds them: another kiln run on this store waits
             // here instead of failing.
