@@ -842,13 +842,7 @@ pub struct ToolTime {
 
 /// Add `seconds` of `label` to [`tool_times`].
 pub fn record_time(label: String, seconds: f64) {
-    let own = THREAD_LOG.with(|t| t.borrow().as_ref().map(|(_, times)| times.clone()));
-    let mut times = match &own {
-        Some(times) => times.lock(),
-        None => TIMES.lock(),
-    }
-    .unwrap_or_else(|e| e.into_inner());
-    match times.iter_mut().find(|t| t.tool == label) {
+    with_times(|times| match times.iter_mut().find(|t| t.tool == label) {
         Some(t) => {
             t.runs += 1;
             t.seconds += seconds;
@@ -858,7 +852,18 @@ pub fn record_time(label: String, seconds: f64) {
             runs: 1,
             seconds,
         }),
+    })
+}
+
+/// Work on this thread's tool times ([`ThreadLog`]), else the process's.
+fn with_times<T>(work: impl FnOnce(&mut Vec<ToolTime>) -> T) -> T {
+    let own = THREAD_LOG.with(|t| t.borrow().as_ref().map(|(_, times)| times.clone()));
+    let mut times = match &own {
+        Some(times) => times.lock(),
+        None => TIMES.lock(),
     }
+    .unwrap_or_else(|e| e.into_inner());
+    work(&mut times)
 }
 
 /// Run `work`, counting its time as `label` in [`tool_times`].
@@ -871,13 +876,7 @@ pub fn timed<T>(label: &str, work: impl FnOnce() -> T) -> T {
 
 /// Every tool's time so far in this run, the longest first.
 pub fn tool_times() -> Vec<ToolTime> {
-    let own = THREAD_LOG.with(|t| t.borrow().as_ref().map(|(_, times)| times.clone()));
-    let mut times = match &own {
-        Some(times) => times.lock(),
-        None => TIMES.lock(),
-    }
-    .unwrap_or_else(|e| e.into_inner())
-    .clone();
+    let mut times = with_times(|times| times.clone());
     times.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
     times
 }
