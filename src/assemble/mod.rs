@@ -172,7 +172,7 @@ pub fn assemble(
         uki_cache,
         root_size,
     };
-    let (files, signed, uki_inputs, fresh_uki, verity) = if spec.verity {
+    let (files, started, verity) = if spec.verity {
         // A sealed root is written to its own file first: its hash tree,
         // and so the UKI's command line and the partition UUIDs, depend on
         // it.
@@ -193,19 +193,19 @@ pub fn assemble(
                 .len(),
             MIB,
         );
-        let (layout, signed, uki, fresh) =
-            disk.start(&format!("{} ro", v.cmdline()), Some((&v, hash_size)))?;
+        let started = disk.start(&format!("{} ro", v.cmdline()), Some((&v, hash_size)))?;
+        let layout = &started.layout;
         verity::copy_into(&fs, &layout.raw, layout.root_start)?;
         verity::copy_into(&tree, &layout.raw, layout.hash_start)?;
         for f in [&fs, &tree] {
             std::fs::remove_file(f).with_context(|| format!("removing {}", f.display()))?;
         }
-        (files, signed, uki, fresh, Some(v))
+        (files, started, Some(v))
     } else {
         // The root goes into the disk at its offset, which the UKI's size
         // decides: the UKI comes first.
-        let (layout, signed, uki, fresh) =
-            disk.start(&format!("root=LABEL={ROOT_LABEL} ro"), None)?;
+        let started = disk.start(&format!("root=LABEL={ROOT_LABEL} ro"), None)?;
+        let layout = &started.layout;
         let files = walk.beside(|| {
             make_root_fs(
                 &layout.raw,
@@ -218,11 +218,16 @@ pub fn assemble(
             )
         })?;
         set_times(&layout.raw, layout.root_start, &files, epoch, staging)?;
-        (files, signed, uki, fresh, None)
+        (files, started, None)
     };
     crate::store::write_json_atomic(&staging.join(FILES_JSON), &files)?;
-    let raw = staging.join("disk.raw");
-    let uki = staging.join("uki.efi");
+    let Started {
+        layout: Layout { raw, .. },
+        uki,
+        signed,
+        uki_inputs,
+        fresh_uki,
+    } = started;
     if fresh_uki {
         uki_inputs.keep(uki_cache, &staging.join(UNSIGNED_UKI), staging)?;
     }
@@ -367,6 +372,18 @@ struct Layout {
     hash_start: u64,
 }
 
+/// The disk with its table and ESP, and the UKI on it.
+struct Started {
+    layout: Layout,
+    /// The UKI as it is on the ESP (signed, when it was).
+    uki: PathBuf,
+    signed: Option<secure_boot::SignedUki>,
+    uki_inputs: UkiInputs,
+    /// Built by this assembly (not from the cache): kept in the cache once
+    /// the image is assembled.
+    fresh_uki: bool,
+}
+
 /// What assembling the disk around the root needs.
 struct Disk<'a> {
     merged: &'a Path,
@@ -384,11 +401,7 @@ impl Disk<'_> {
     /// The UKI (from the store's cache when it was built before; signed
     /// last), then `staging/disk.raw` with its partition table and ESP. A
     /// sealed image's hash partition follows the root.
-    fn start(
-        &self,
-        root_args: &str,
-        sealed: Option<(&verity::Verity, u64)>,
-    ) -> Result<(Layout, Option<secure_boot::SignedUki>, UkiInputs, bool)> {
+    fn start(&self, root_args: &str, sealed: Option<(&verity::Verity, u64)>) -> Result<Started> {
         let (key, staging) = (self.key, self.staging);
         let uki = staging.join("uki.efi");
         let uki_inputs = UkiInputs::of(
@@ -452,16 +465,17 @@ impl Disk<'_> {
             .stdin_bytes(table)
             .run()?;
         make_esp(&raw, esp_start, esp_size, &uki, key, self.epoch)?;
-        Ok((
-            Layout {
+        Ok(Started {
+            layout: Layout {
                 raw,
                 root_start,
                 hash_start,
             },
+            uki,
             signed,
             uki_inputs,
-            fresh,
-        ))
+            fresh_uki: fresh,
+        })
     }
 }
 
