@@ -267,16 +267,6 @@ fn listing(dir: &Path) -> Vec<String> {
     names
 }
 
-/// Whether a running kiln holds the claim on a staging or tool dir (the
-/// pid in the claim cannot tell: kiln is pid 1 of its own namespace).
-fn claimed_by_a_live_run(dir: &Path) -> bool {
-    std::fs::File::open(dir.join(".kiln-pid")).is_ok_and(|f| {
-        use std::os::fd::AsRawFd;
-        // SAFETY: flock on a file we hold open; released when it closes.
-        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) != 0 }
-    })
-}
-
 fn new_entries(before: &[String], dir: &Path) -> Vec<String> {
     listing(dir)
         .into_iter()
@@ -486,7 +476,9 @@ fn sigint_mid_layer_undoes_everything_and_exits_130() {
     // what the interrupted run left would not be.
     let left: Vec<String> = new_entries(&tmp_before, &store.join("tmp"))
         .into_iter()
-        .filter(|d| !claimed_by_a_live_run(&store.join("tmp").join(d)))
+        // (Not `staging_is_claimed`: its pid test always passes, as kiln
+        // is pid 1 of its own namespace.)
+        .filter(|d| !common::claim_is_held(&store.join("tmp").join(d)))
         .collect();
     assert!(left.is_empty(), "temp dirs left in the store: {left:?}");
     assert!(listing(&s.out()).iter().all(|f| !f.ends_with(".tmp")));

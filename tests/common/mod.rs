@@ -900,12 +900,17 @@ fn staging_is_claimed(dir: &Path) -> bool {
         .and_then(|t| t.trim().parse::<i32>().ok())
         // SAFETY: kill with signal 0 only checks that the process exists.
         .is_some_and(|pid| pid > 0 && unsafe { libc::kill(pid, 0) } == 0);
-    let locked = std::fs::File::open(&claim).is_ok_and(|f| {
+    pid_alive || claim_is_held(dir)
+}
+
+/// Whether a running kiln holds the claim (an flock on `.kiln-pid`) on a
+/// staging or tool dir of a store's `tmp/`.
+pub fn claim_is_held(dir: &Path) -> bool {
+    std::fs::File::open(dir.join(".kiln-pid")).is_ok_and(|f| {
         use std::os::fd::AsRawFd;
         // SAFETY: flock on a file we hold open; released when it closes.
         unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) != 0 }
-    });
-    pid_alive || locked
+    })
 }
 
 /// `tmp/` of a store (kiln's staging area) must hold nothing once the run
