@@ -322,5 +322,68 @@ fn cold_builds_are_identical_and_records_hold() {
         "a change under /var must be ignored: {report}"
     );
 
+    same_pins_resolved_later_reuse_the_layers_and_rebuild_identically(out.path(), &recipe);
     std::fs::remove_dir_all(store()).unwrap();
+}
+
+/// The same pins resolved again later (another recipe's lock, or
+/// `kiln lock --update` finding nothing new) keep every step key, so the
+/// warm layers are used, but their SOURCE_DATE_EPOCH is later than those
+/// layers' builds. The image must still be what a cold build of that lock
+/// gives: a layer's times are its inputs', not its build's clock.
+fn same_pins_resolved_later_reuse_the_layers_and_rebuild_identically(out: &Path, recipe: &Path) {
+    let lock = recipe.with_extension("lock");
+    let text = std::fs::read_to_string(&lock).unwrap();
+    let later = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mut moved = 0;
+    let shifted: Vec<String> = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("resolved = ") {
+                moved += 1;
+                format!("resolved = {later}")
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect();
+    assert!(
+        moved > 0,
+        "no `resolved` line in {}:\n{text}",
+        lock.display()
+    );
+    std::fs::write(&lock, shifted.join("\n") + "\n").unwrap();
+
+    let built = kiln(
+        out,
+        &[
+            "--json",
+            "build",
+            "--no-smoke",
+            "--check-repro",
+            recipe.to_str().unwrap(),
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&built.stdout).into_owned();
+    assert!(
+        built.status.success(),
+        "build --check-repro failed:\n{stdout}"
+    );
+    let docs: Vec<Value> = serde_json::Deserializer::from_str(&stdout)
+        .into_iter::<Value>()
+        .map(Result::unwrap)
+        .collect();
+    let rows = docs[0]["rows"].as_array().expect("the summary's rows");
+    for row in rows {
+        let expected = if row["stage"] == "image" {
+            "built"
+        } else {
+            "cached"
+        };
+        assert_eq!(row["status"], expected, "{row}");
+    }
+    assert_eq!(docs[1]["reproducible"], true, "{}", docs[1]);
 }

@@ -12,6 +12,7 @@
 //! [`resolve`] returns, every key is final and the later stages never plan
 //! again.
 
+mod clock;
 pub mod mount;
 mod resolve;
 pub mod shared;
@@ -465,7 +466,7 @@ impl<'a> Run<'a> {
         }
         let stage = self.ui.stage(&step.id(), &format!("building ({reason})"));
         let built = build_step(&self.ctx, step, &self.lowers).and_then(|built| {
-            let pins = built.lock.clone();
+            let pins = built.staged.lock.clone();
             // A resolved step is published under the key of its pins.
             let step = match &pins {
                 Some(pins) => {
@@ -699,10 +700,7 @@ fn usable(store: &Store, key: &plan::Key, dir: &Path, fresh: Freshness) -> Resul
 /// A step built in its staging dir, not yet published.
 struct Built {
     staging: tempfile::TempDir,
-    packages: Vec<store::Package>,
-    changes: Vec<store::PackageChange>,
-    /// The pins an unlocked step resolved to.
-    lock: Option<StepLock>,
+    staged: Staged,
     seconds: f64,
 }
 
@@ -713,11 +711,9 @@ fn build_step(ctx: &Ctx, step: &Step, lowers: &[PathBuf]) -> Result<Built> {
     // Declared before the mounts so it is dropped (removed) after them.
     let staging = ctx.store.staging()?;
     match stage_step(ctx, step, lowers, staging.path()) {
-        Ok((packages, changes, lock)) => Ok(Built {
+        Ok(staged) => Ok(Built {
             staging,
-            packages,
-            changes,
-            lock,
+            staged,
             seconds: started.elapsed().as_secs_f64(),
         }),
         Err(e) => {
@@ -730,16 +726,20 @@ fn build_step(ctx: &Ctx, step: &Step, lowers: &[PathBuf]) -> Result<Built> {
     }
 }
 
-type Staged = (
-    Vec<store::Package>,
-    Vec<store::PackageChange>,
-    Option<StepLock>,
-);
+/// What staging a step gave, besides its tree.
+struct Staged {
+    /// Every package installed once the step is applied.
+    packages: Vec<store::Package>,
+    changes: Vec<store::PackageChange>,
+    /// The pins an unlocked step resolved to.
+    lock: Option<StepLock>,
+    /// The layer's epoch (see [`clock`]).
+    epoch: u64,
+}
 
 fn stage_step(ctx: &Ctx, step: &Step, lowers: &[PathBuf], staging: &Path) -> Result<Staged> {
-    // A resolution is dated by its start: every file this build creates is
-    // then no older than the pin, so clamping to the earliest pin makes them
-    // all equal in any later build.
+    // A resolution is dated by its start. What the step makes is dated by
+    // what it was made from (see `clock`), not by this clock.
     let started_unix = store::now();
     let store = ctx.store;
     let tree = staging.join("tree");
@@ -762,11 +762,12 @@ fn stage_step(ctx: &Ctx, step: &Step, lowers: &[PathBuf], staging: &Path) -> Res
     } else {
         Source::Archive
     };
-    let (before, after, debs_dir, lists) = match &step.action {
+    let (before, below, after, debs_dir, lists) = match &step.action {
         Action::Base(spec) => {
             steps::base(ctx, spec, &step.origin, &tree, &scratch, source)?;
             (
                 Vec::new(),
+                0,
                 steps::installed(&tree)?,
                 scratch.join("debs"),
                 vec![scratch.join("lists")],
@@ -774,7 +775,7 @@ fn stage_step(ctx: &Ctx, step: &Step, lowers: &[PathBuf], staging: &Path) -> Res
         }
         action => {
             let parent = step.inputs.parent.expect("only the base has no parent");
-            let before = store.layer_entry(&parent)?.packages;
+            let parent = store.layer_entry(&parent)?;
             let work = staging.join("work");
             let merged = staging.join("merged");
             for d in [&tree, &work, &merged] {
@@ -847,9 +848,16 @@ fn stage_step(ctx: &Ctx, step: &Step, lowers: &[PathBuf], staging: &Path) -> Res
             for d in [&work, &merged] {
                 store::remove_tree(d).with_context(|| format!("removing {}", d.display()))?;
             }
-            (before, after, store.apt_archives(), lists)
+            (
+                parent.packages,
+                parent.epoch,
+                after,
+                store.apt_archives(),
+                lists,
+            )
         }
     };
+    let epoch = clock::date_made_files(&tree, started_unix, below)?;
     let changes = steps::package_changes(&before, &after);
     let lock = match &step.lock {
         Some(pins) => {
@@ -867,7 +875,12 @@ fn stage_step(ctx: &Ctx, step: &Step, lowers: &[PathBuf], staging: &Path) -> Res
         None => None,
     };
     store::remove_tree(&scratch).with_context(|| format!("removing {}", scratch.display()))?;
-    Ok((after, changes, lock))
+    Ok(Staged {
+        packages: after,
+        changes,
+        lock,
+        epoch,
+    })
 }
 
 /// The suite a step's packages come from (for the local repository).
@@ -883,9 +896,13 @@ fn plan_suite(step: &Step) -> String {
 fn publish_step(store: &Store, built: Built, step: &Step, replace: bool) -> Result<()> {
     let Built {
         staging,
-        packages,
-        changes,
-        lock: _,
+        staged:
+            Staged {
+                packages,
+                changes,
+                lock: _,
+                epoch,
+            },
         seconds,
     } = built;
     let entry = LayerEntry {
@@ -894,6 +911,7 @@ fn publish_step(store: &Store, built: Built, step: &Step, replace: bool) -> Resu
         inputs: step.inputs.clone(),
         changes,
         packages,
+        epoch,
         seconds,
         created: store::now(),
     };

@@ -27,8 +27,10 @@ use sha2::{Digest, Sha256};
 /// Bump when the meaning of a layer's inputs changes, or when the same
 /// inputs would now give another layer: v2, a locked `packages` step marks
 /// what the recipe asks for as manually installed, as the resolving build
-/// does (a v1 entry may hold the other apt `extended_states`).
-const LAYER_DOMAIN: &str = "kiln-layer-v2";
+/// does (a v1 entry may hold the other apt `extended_states`); v3, what a
+/// step makes is dated by its inputs, not by the build's clock (a v2 entry
+/// holds its build's times, see `layers::clock`).
+const LAYER_DOMAIN: &str = "kiln-layer-v3";
 /// Bump when assembly produces different bytes from the same layers.
 pub const ASSEMBLY_VERSION: &str = "kiln-image-v3";
 
@@ -591,10 +593,10 @@ mod tests {
     fn signing_changes_the_image_key_and_no_signing_keeps_it() {
         let unsigned = image_inputs();
         // Pinned: an unsigned image keeps the key (and so the disk) it had
-        // before kiln could sign (given the layer keys of kiln-layer-v2).
+        // before kiln could sign (given the layer keys of kiln-layer-v3).
         assert_eq!(
             unsigned.key().hex(),
-            "7d172257ef528f7a99925abff90628fe14ff2dd39048b18fcba1080e109acc10"
+            "6f7c1e2af184469281c7b7f5ed286f70ac80f231d6e7c68ee4276d0c8308b26b"
         );
         let mut signed = unsigned.clone();
         signed.secure_boot = Some("11".repeat(32));
@@ -632,10 +634,10 @@ mod tests {
     #[test]
     fn key_is_stable_across_releases() {
         // A changed encoding silently invalidates every store: this pins it
-        // (changed on purpose with LAYER_DOMAIN kiln-layer-v2).
+        // (changed on purpose with LAYER_DOMAIN kiln-layer-v3).
         assert_eq!(
             inputs(&["echo hi"]).key().hex(),
-            "4050c38d84238138cbfe636a73814de1f534b66da80d7008fbe97d6ec516ffb7"
+            "a3ac4874ef0cf757c09a5b3641dcf370c83ba2c8fcd9fb259f734609e45a3d5a"
         );
     }
 

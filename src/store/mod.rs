@@ -105,6 +105,11 @@ pub struct LayerEntry {
     pub packages: Vec<Package>,
     /// What this step changed.
     pub changes: Vec<PackageChange>,
+    /// The newest time in this layer and those below it: every path the
+    /// step made or changed is dated so (see `layers::clock`). 0 in an
+    /// entry of a kiln before that (kiln-layer-v2 keys, never used now).
+    #[serde(default)]
+    pub epoch: u64,
     pub seconds: f64,
     pub created: u64,
 }
