@@ -476,8 +476,6 @@ fn sigint_mid_layer_undoes_everything_and_exits_130() {
     // what the interrupted run left would not be.
     let left: Vec<String> = new_entries(&tmp_before, &store.join("tmp"))
         .into_iter()
-        // (Not `staging_is_claimed`: its pid test always passes, as kiln
-        // is pid 1 of its own namespace.)
         .filter(|d| !common::claim_is_held(&store.join("tmp").join(d)))
         .collect();
     assert!(left.is_empty(), "temp dirs left in the store: {left:?}");

@@ -220,6 +220,11 @@ impl Proxy {
         self.knobs.stall.store(on, Ordering::SeqCst);
     }
 
+    /// How many connections kiln has opened through it so far.
+    fn connections(&self) -> usize {
+        self.knobs.connections.lock().unwrap().len()
+    }
+
     fn throttle(&self, bytes_per_second: u64) {
         self.knobs
             .throttle
@@ -852,6 +857,25 @@ fn refused_layers_and_a_stopped_registry_fall_back_to_a_local_build() {
         report.rows
     );
     cache_verify_clean(&kiln);
+
+    // Ctrl-C while a lookup waits on the stalled registry: kiln stops when
+    // the read gives up, exit 130, and warns of nothing (neither the
+    // registry nor its entry is what failed).
+    let store = seeded_store(&a, &plan);
+    let kiln = Kiln::with_store(store.path());
+    let asked = proxy.connections();
+    let mut stopped = Background::start(&kiln, &build_args, &[("KILN_REGISTRY_TIMEOUT", "3")]);
+    stopped.wait_for("a lookup waiting on the stalled registry", || {
+        proxy.connections() > asked
+    });
+    // SAFETY: a signal to the kiln this test started (not yet reaped).
+    assert_eq!(
+        unsafe { libc::kill(stopped.child.id() as i32, libc::SIGINT) },
+        0
+    );
+    let run = stopped.finish();
+    run.assert_code(130);
+    assert_eq!(warnings(&run), Vec::<String>::new(), "{}", run.show());
 
     // The registry stopped while a build pulls from it (over a slow link,
     // so that the stop lands after the first pull and before the next):

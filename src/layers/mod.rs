@@ -527,6 +527,8 @@ impl<'a> Run<'a> {
                 return Ok(None);
             }
             Err(e) => {
+                // A lookup cut short by Ctrl-C is not a refused entry.
+                check_interrupt()?;
                 refused(e);
                 return Ok(None);
             }

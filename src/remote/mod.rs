@@ -208,6 +208,8 @@ impl Remote {
         match result {
             Ok(v) => Ok(Ok(v)),
             Err(e) if registry::is_unusable(&e) => {
+                // A read that gave up after Ctrl-C says nothing of the registry.
+                crate::cmd::check_interrupt()?;
                 if !self.down.swap(true, std::sync::atomic::Ordering::SeqCst) {
                     eprintln!(
                         "warning: the registry {} is unavailable: {e:#}; building locally and not asking it again in this run",

@@ -890,17 +890,21 @@ impl StoreSnapshot {
     }
 }
 
-/// Whether a live run claims this staging dir: its `.kiln-pid` names a
-/// running process, or is flock-ed by one (the two ways kiln has claimed
-/// staging dirs).
+/// Whether a live run claims this staging dir: a running kiln holds the
+/// flock on its `.kiln-pid`, or the dir is so new (under the minute kiln
+/// itself allows, `UNCLAIMED_GRACE`) that its run has not claimed it yet.
+/// (Not the pid written in `.kiln-pid`: kiln is pid 1 of its own
+/// namespace, so that pid always names a live process.)
 fn staging_is_claimed(dir: &Path) -> bool {
-    let claim = dir.join(".kiln-pid");
-    let pid_alive = std::fs::read_to_string(&claim)
-        .ok()
-        .and_then(|t| t.trim().parse::<i32>().ok())
-        // SAFETY: kill with signal 0 only checks that the process exists.
-        .is_some_and(|pid| pid > 0 && unsafe { libc::kill(pid, 0) } == 0);
-    pid_alive || claim_is_held(dir)
+    let just_made = || {
+        !dir.join(".kiln-pid").exists()
+            && std::fs::symlink_metadata(dir)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age < Duration::from_secs(60))
+    };
+    claim_is_held(dir) || just_made()
 }
 
 /// Whether a running kiln holds the claim (an flock on `.kiln-pid`) on a
