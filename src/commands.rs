@@ -358,6 +358,15 @@ pub fn push(global: &Global, args: &crate::cli::PushArgs) -> Result<()> {
     // Both references are checked before anything is sent.
     let artifact = args.reference.as_deref().map(push_ref).transpose()?;
     let containerdisk = args.containerdisk.as_deref().map(push_ref).transpose()?;
+    if artifact.is_none() && args.signing_key.is_some() {
+        // kiln signs its own artifact's file list; a containerDisk is a
+        // plain OCI image with no place for that signature.
+        return Err(BadInput::arg(
+            "--signing-key signs kiln's artifact (REF), and only --containerdisk was given: a containerDisk carries no kiln signature",
+            "give REF too (`kiln push IMAGE REF --containerdisk REF2 --signing-key KEY`), or leave out --signing-key",
+        )
+        .into());
+    }
     let signing_key = signing_key(&args.signing_key)?;
     let mut pushed = serde_json::Map::new();
     if let Some((reference, tag)) = artifact {

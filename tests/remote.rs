@@ -1081,6 +1081,25 @@ fn kiln_push_then_pull_gives_the_same_disk_and_refuses_what_does_not_verify() {
     let again: serde_json::Value = again.json();
     assert_eq!(again["containerdisk"]["digest"], disk_digest, "{again:#}");
     assert!(again.get("digest").is_none(), "{again:#}");
+    // A signing key with the containerDisk alone signs nothing: refused
+    // before anything is sent.
+    let unsigned = a.run(&[
+        OsStr::new("push"),
+        built.image.as_os_str(),
+        OsStr::new("--containerdisk"),
+        OsStr::new(&format!("{disk_ref}-signed")),
+        OsStr::new("--signing-key"),
+        OsStr::new(&keys.path("ci.key")),
+    ]);
+    unsigned.assert_code(2);
+    assert!(
+        unsigned
+            .stderr
+            .contains("a containerDisk carries no kiln signature")
+            && unsigned.stderr.contains("leave out --signing-key"),
+        "{}",
+        unsigned.show()
+    );
 
     // An independent client reads the artifact.
     let (raw, _) = tool(
