@@ -69,6 +69,26 @@ fn json(out: &Output) -> Value {
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
 }
 
+/// The two JSON documents of a successful `--json build --check-repro`:
+/// the build's summary and the repro report.
+fn repro_docs(built: &Output) -> Vec<Value> {
+    let stdout = String::from_utf8_lossy(&built.stdout);
+    assert!(
+        built.status.success(),
+        "build --check-repro failed:\n{stdout}"
+    );
+    let docs: Vec<Value> = serde_json::Deserializer::from_str(&stdout)
+        .into_iter::<Value>()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        docs.len(),
+        2,
+        "a build summary and a repro report: {stdout}"
+    );
+    docs
+}
+
 fn require_tools(tools: &[&str]) {
     for t in tools {
         let found = Command::new("sh")
@@ -161,20 +181,7 @@ fn cold_builds_are_identical_and_records_hold() {
         });
     }
     let built = run(&mut first);
-    let stdout = String::from_utf8_lossy(&built.stdout).into_owned();
-    assert!(
-        built.status.success(),
-        "build --check-repro failed:\n{stdout}"
-    );
-    let docs: Vec<Value> = serde_json::Deserializer::from_str(&stdout)
-        .into_iter::<Value>()
-        .map(Result::unwrap)
-        .collect();
-    assert_eq!(
-        docs.len(),
-        2,
-        "a build summary and a repro report: {stdout}"
-    );
+    let docs = repro_docs(&built);
     let image = out.path().join("repro.qcow2");
     let digest = sha256(&image);
     assert!(
@@ -367,15 +374,7 @@ fn same_pins_resolved_later_reuse_the_layers_and_rebuild_identically(out: &Path,
             recipe.to_str().unwrap(),
         ],
     );
-    let stdout = String::from_utf8_lossy(&built.stdout).into_owned();
-    assert!(
-        built.status.success(),
-        "build --check-repro failed:\n{stdout}"
-    );
-    let docs: Vec<Value> = serde_json::Deserializer::from_str(&stdout)
-        .into_iter::<Value>()
-        .map(Result::unwrap)
-        .collect();
+    let docs = repro_docs(&built);
     let rows = docs[0]["rows"].as_array().expect("the summary's rows");
     for row in rows {
         let expected = if row["stage"] == "image" {
