@@ -105,8 +105,13 @@ pub fn base(
     source: Source,
 ) -> Result<()> {
     let mirrors = ctx.mirrors()?;
-    let mut cmd = Cmd::new("mmdebstrap")
-        .env("SOURCE_DATE_EPOCH", source_date_epoch())
+    let mut cmd = Cmd::new("mmdebstrap").env("SOURCE_DATE_EPOCH", source_date_epoch());
+    if !spec.initramfs {
+        // As in a chroot step (see `apt_get`): mmdebstrap passes its
+        // environment to the packages' scripts.
+        cmd = cmd.env("INITRD", "No");
+    }
+    cmd = cmd
         .arg("--mode=root")
         .arg("--format=directory")
         .arg(format!("--variant={}", spec.variant))
@@ -347,10 +352,27 @@ fn chroot(root: &Path) -> Cmd {
     cmd.env("SOURCE_DATE_EPOCH", source_date_epoch())
 }
 
+/// How a step runs apt.
+#[derive(Clone, Copy)]
+struct Apt {
+    /// A locked step sees only its own repository.
+    locked: bool,
+    /// The step's key says its kernels' initramfs is built by a later
+    /// layer (see [`crate::plan::INITRAMFS_LATER`]).
+    initramfs_later: bool,
+}
+
 /// apt-get in the chroot; a locked step sees only its own repository.
-fn apt_get(root: &Path, locked: bool) -> Cmd {
-    let mut cmd = chroot(root).arg("apt-get");
-    if locked {
+fn apt_get(root: &Path, apt: Apt) -> Cmd {
+    let mut cmd = chroot(root);
+    if apt.initramfs_later {
+        // The kernel's postinst hooks (initramfs-tools', dracut's) build
+        // no initramfs; `update-initramfs -u` (a trigger) only updates the
+        // initrds that exist.
+        cmd = cmd.env("INITRD", "No");
+    }
+    cmd = cmd.arg("apt-get");
+    if apt.locked {
         let d = LOCKED_APT_DIR;
         cmd = cmd.args([
             "-o".to_owned(),
@@ -390,9 +412,9 @@ const LISTS_FRESH_FOR: std::time::Duration = std::time::Duration::from_secs(10 *
 /// repository; a resolving step's from the archive, unless they were
 /// fetched less than [`LISTS_FRESH_FOR`] ago (`<lists dir>.fetched` says
 /// when; it is removed before a fetch and written after one that worked).
-fn update_lists(ctx: &Ctx, root: &Path, locked: bool, lists: &[PathBuf]) -> Result<()> {
-    let Some(dir) = lists.last().filter(|_| !locked) else {
-        return apt_update(root, locked);
+fn update_lists(ctx: &Ctx, root: &Path, apt: Apt, lists: &[PathBuf]) -> Result<()> {
+    let Some(dir) = lists.last().filter(|_| !apt.locked) else {
+        return apt_update(root, apt);
     };
     let stamp = dir.with_extension("fetched");
     let age = std::fs::metadata(&stamp)
@@ -414,15 +436,15 @@ fn update_lists(ctx: &Ctx, root: &Path, locked: bool, lists: &[PathBuf]) -> Resu
         }
         _ => {}
     }
-    apt_update(root, locked)?;
+    apt_update(root, apt)?;
     std::fs::write(&stamp, b"").with_context(|| format!("writing {}", stamp.display()))
 }
 
 /// `apt-get update` that fails when any index cannot be fetched (apt only
 /// warns by default, and the install then fails with a misleading
 /// "Unable to locate package").
-fn apt_update(root: &Path, locked: bool) -> Result<()> {
-    apt_get(root, locked).args(["update", "--error-on=any"]).timed_as("apt-get update").run().map_err(|e| {
+fn apt_update(root: &Path, apt: Apt) -> Result<()> {
+    apt_get(root, apt).args(["update", "--error-on=any"]).timed_as("apt-get update").run().map_err(|e| {
         let text = format!("{e:#}");
         if text.contains("Could not connect") || text.contains("Failed to fetch") || text.contains("Temporary failure resolving") {
             e.context(
@@ -475,19 +497,30 @@ fn explain_apt_failure(err: anyhow::Error, origin: &Path, key: &str) -> anyhow::
 
 /// Run an apt or shell step in `root` (an overlay mount); every mount made
 /// for it is undone before this returns. Returns the apt list directories
-/// the step read (to resolve its lock from).
-pub fn chrooted(ctx: &Ctx, root: &Path, work: ChrootWork, source: Source) -> Result<Vec<PathBuf>> {
+/// the step read (to resolve its lock from). `initramfs_later`: the step's
+/// key defers its kernels' initramfs (see [`crate::plan::INITRAMFS_LATER`]).
+pub fn chrooted(
+    ctx: &Ctx,
+    root: &Path,
+    work: ChrootWork,
+    source: Source,
+    initramfs_later: bool,
+) -> Result<Vec<PathBuf>> {
     let apt = if matches!(work, ChrootWork::Run { .. }) {
         None
     } else {
         Some(&source)
     };
     let locked = matches!(source, Source::Locked(_));
+    let apt_in = Apt {
+        locked,
+        initramfs_later,
+    };
     let mut mounts = Mounts::new();
     let (scaffolding, mut lists) = enter_chroot(ctx, &mut mounts, root, apt)?;
     let result = match work {
         ChrootWork::Upgrade { suite } => {
-            upgrade(ctx, &mut mounts, root, &suite, locked).map(|l| lists.extend(l))
+            upgrade(ctx, &mut mounts, root, &suite, apt_in).map(|l| lists.extend(l))
         }
         ChrootWork::Packages {
             install,
@@ -495,8 +528,8 @@ pub fn chrooted(ctx: &Ctx, root: &Path, work: ChrootWork, source: Source) -> Res
             manual,
             origin,
             layer,
-        } => update_lists(ctx, root, locked, &lists).and_then(|()| {
-            apt_get(root, locked)
+        } => update_lists(ctx, root, apt_in, &lists).and_then(|()| {
+            apt_get(root, apt_in)
                 .args(["install", "--no-install-recommends"])
                 .args(&install)
                 .timed_as("apt-get install")
@@ -563,7 +596,7 @@ fn upgrade(
     mounts: &mut Mounts,
     root: &Path,
     suite: &str,
-    locked: bool,
+    apt: Apt,
 ) -> Result<Vec<PathBuf>> {
     let mirrors = ctx.mirrors()?;
     let list = format!(
@@ -577,25 +610,25 @@ fn upgrade(
         0o644,
     )?;
     let mut lists_used = Vec::new();
-    if !locked {
+    if !apt.locked {
         // The lists bind mount was chosen for the base's sources; rebind it
         // for the sources this step adds.
         let lists = ctx.store.apt_lists(&sources_digest(root))?;
         mounts.bind(&lists, &root.join("var/lib/apt/lists"))?;
         lists_used.push(lists);
     }
-    update_lists(ctx, root, locked, &lists_used)?;
-    apt_get(root, locked)
+    update_lists(ctx, root, apt, &lists_used)?;
+    apt_get(root, apt)
         .arg("dist-upgrade")
         .timed_as("apt-get dist-upgrade")
         .run()?;
-    purge_old_kernels(root, locked)?;
+    purge_old_kernels(root, apt)?;
     Ok(lists_used)
 }
 
 /// After an upgrade two kernels can be installed; the image boots the one
 /// `/vmlinuz` points to (the metapackage's, the newest), so the others go.
-fn purge_old_kernels(root: &Path, locked: bool) -> Result<()> {
+fn purge_old_kernels(root: &Path, apt: Apt) -> Result<()> {
     let Ok(target) = std::fs::read_link(root.join("vmlinuz")) else {
         return Ok(());
     };
@@ -621,7 +654,7 @@ fn purge_old_kernels(root: &Path, locked: bool) -> Result<()> {
     if old.is_empty() {
         return Ok(());
     }
-    apt_get(root, locked)
+    apt_get(root, apt)
         .arg("purge")
         .args(&old)
         .timed_as("apt-get purge")
