@@ -148,6 +148,7 @@ pub fn base(
             format!("deb [trusted=yes] file://{} ./", repo.display())
         }
     };
+    let fetched_at = crate::store::now();
     cmd.arg(&spec.suite)
         .arg(tree)
         .arg(source_line)
@@ -168,6 +169,9 @@ pub fn base(
         if path.is_file() {
             std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
         }
+    }
+    if let Source::Archive = source {
+        keep_base_lists(ctx, tree, &scratch.join("lists"), fetched_at)?;
     }
     Ok(())
 }
@@ -392,6 +396,10 @@ fn apt_get(root: &Path, apt: Apt) -> Cmd {
         "APT::Sandbox::User=root",
         "-o",
         "Acquire::Retries=3",
+        // No translated package descriptions (6.5 MB for trixie's main):
+        // nothing kiln does reads them. mmdebstrap does the same.
+        "-o",
+        "Acquire::Languages=none",
         "-o",
         "Dpkg::Options::=--force-confdef",
         "-o",
@@ -438,6 +446,90 @@ fn update_lists(ctx: &Ctx, root: &Path, apt: Apt, lists: &[PathBuf]) -> Result<(
     }
     apt_update(root, apt)?;
     std::fs::write(&stamp, b"").with_context(|| format!("writing {}", stamp.display()))
+}
+
+/// Give a lists directory the files of `from` it lacks (the suite's own
+/// lists, fetched for the sources below, when an `upgrade` step adds its
+/// updates and security sources): `apt-get update` then asks the archive
+/// whether they changed (If-Modified-Since, and the hashes its Release file
+/// lists) instead of downloading them again. Only a cache: apt checks and
+/// replaces what does not match.
+fn seed_lists(from: &Path, to: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(from) else {
+        return Ok(());
+    };
+    for entry in entries {
+        let entry = entry.with_context(|| format!("listing {}", from.display()))?;
+        let name = entry.file_name();
+        let target = to.join(&name);
+        if name == "lock" || !entry.file_type().is_ok_and(|t| t.is_file()) || target.exists() {
+            continue;
+        }
+        copy_keeping_time(&entry.path(), &target)?;
+    }
+    Ok(())
+}
+
+/// Copy a file with its mtime (apt's If-Modified-Since is the list's mtime).
+fn copy_keeping_time(from: &Path, to: &Path) -> Result<()> {
+    let partial = to.with_extension("kiln-partial");
+    std::fs::copy(from, &partial)
+        .with_context(|| format!("copying {} to {}", from.display(), partial.display()))?;
+    let modified = std::fs::metadata(from)
+        .and_then(|m| m.modified())
+        .with_context(|| format!("reading {}", from.display()))?;
+    std::fs::File::options()
+        .write(true)
+        .open(&partial)
+        .and_then(|f| f.set_modified(modified))
+        .with_context(|| format!("setting the time of {}", partial.display()))?;
+    std::fs::rename(&partial, to)
+        .with_context(|| format!("renaming {} to {}", partial.display(), to.display()))
+}
+
+/// The lists a resolving base's mmdebstrap fetched (`fetched`: in
+/// `scratch/lists`, fetched at `fetched_at`) become the store's lists for
+/// the base's sources, unless the store has newer ones: the steps above
+/// that use the same sources, and an `upgrade` step's seed
+/// ([`seed_lists`]), start from them instead of fetching them again.
+fn keep_base_lists(ctx: &Ctx, tree: &Path, fetched: &Path, fetched_at: u64) -> Result<()> {
+    let _apt_caches = crate::store::lock::lock(
+        &ctx.store.lock_path("apt-caches"),
+        crate::store::lock::Mode::Exclusive,
+        "another kiln run's apt step to finish with the store's apt caches",
+        || {
+            eprintln!("waiting for another apt step (this run's or another kiln's) to finish with the store's apt caches…")
+        },
+    )?;
+    let dir = ctx.store.apt_lists(&sources_digest(tree))?;
+    let stamp = dir.with_extension("fetched");
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(fetched_at);
+    if std::fs::metadata(&stamp)
+        .and_then(|m| m.modified())
+        .is_ok_and(|t| t >= at)
+    {
+        return Ok(());
+    }
+    match std::fs::remove_file(&stamp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing {}", stamp.display()))
+        }
+        _ => {}
+    }
+    let entries =
+        std::fs::read_dir(fetched).with_context(|| format!("listing {}", fetched.display()))?;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("listing {}", fetched.display()))?;
+        if entry.file_name() != "lock" && entry.file_type().is_ok_and(|t| t.is_file()) {
+            copy_keeping_time(&entry.path(), &dir.join(entry.file_name()))?;
+        }
+    }
+    std::fs::write(&stamp, b"").with_context(|| format!("writing {}", stamp.display()))?;
+    std::fs::File::options()
+        .write(true)
+        .open(&stamp)
+        .and_then(|f| f.set_modified(at))
+        .with_context(|| format!("setting the time of {}", stamp.display()))
 }
 
 /// `apt-get update` that fails when any index cannot be fetched (apt only
@@ -520,7 +612,9 @@ pub fn chrooted(
     let (scaffolding, mut lists) = enter_chroot(ctx, &mut mounts, root, apt)?;
     let result = match work {
         ChrootWork::Upgrade { suite } => {
-            upgrade(ctx, &mut mounts, root, &suite, apt_in).map(|l| lists.extend(l))
+            let below = lists.last().cloned();
+            upgrade(ctx, &mut mounts, root, &suite, apt_in, below.as_deref())
+                .map(|l| lists.extend(l))
         }
         ChrootWork::Packages {
             install,
@@ -597,6 +691,7 @@ fn upgrade(
     root: &Path,
     suite: &str,
     apt: Apt,
+    below: Option<&Path>,
 ) -> Result<Vec<PathBuf>> {
     let mirrors = ctx.mirrors()?;
     let list = format!(
@@ -614,6 +709,9 @@ fn upgrade(
         // The lists bind mount was chosen for the base's sources; rebind it
         // for the sources this step adds.
         let lists = ctx.store.apt_lists(&sources_digest(root))?;
+        if let Some(below) = below {
+            seed_lists(below, &lists)?;
+        }
         mounts.bind(&lists, &root.join("var/lib/apt/lists"))?;
         lists_used.push(lists);
     }
@@ -929,6 +1027,96 @@ mod tests {
                 "c Some(\"1\") None",
                 "d None Some(\"1\")"
             ]
+        );
+    }
+
+    fn mtime(path: &Path) -> std::time::SystemTime {
+        std::fs::metadata(path).unwrap().modified().unwrap()
+    }
+
+    fn set_mtime(path: &Path, secs: u64) {
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+            .unwrap();
+    }
+
+    #[test]
+    fn an_upgrade_steps_lists_are_seeded_with_what_they_lack_keeping_times() {
+        let dir = tempfile::tempdir().unwrap();
+        let (from, to) = (dir.path().join("from"), dir.path().join("to"));
+        std::fs::create_dir_all(from.join("partial")).unwrap();
+        std::fs::create_dir_all(&to).unwrap();
+        for (name, text) in [
+            ("a_InRelease", "release"),
+            ("a_Packages", "pkgs"),
+            ("lock", ""),
+        ] {
+            std::fs::write(from.join(name), text).unwrap();
+        }
+        set_mtime(&from.join("a_InRelease"), 1_700_000_000);
+        std::fs::write(to.join("a_Packages"), "newer").unwrap();
+        seed_lists(&from, &to).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(to.join("a_InRelease")).unwrap(),
+            "release"
+        );
+        assert_eq!(
+            mtime(&to.join("a_InRelease")),
+            mtime(&from.join("a_InRelease"))
+        );
+        // What the step's own lists hold is theirs; apt's lock is not a list.
+        assert_eq!(
+            std::fs::read_to_string(to.join("a_Packages")).unwrap(),
+            "newer"
+        );
+        assert!(!to.join("lock").exists() && !to.join("partial").exists());
+        let names = std::fs::read_dir(&to).unwrap().count();
+        assert_eq!(names, 2, "no partial copy is left");
+        // A lists dir that does not exist (nothing below) seeds nothing.
+        seed_lists(&dir.path().join("none"), &to).unwrap();
+    }
+
+    #[test]
+    fn a_resolving_bases_lists_become_the_stores_unless_it_has_newer_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let ctx = Ctx {
+            store: &store,
+            mirrors: None,
+            refetch_lists: false,
+        };
+        let tree = dir.path().join("tree");
+        write_file(
+            &tree.join("etc/apt/sources.list"),
+            b"deb http://127.0.0.1:9/debian trixie main\n",
+            0o644,
+        )
+        .unwrap();
+        let fetched = dir.path().join("lists");
+        std::fs::create_dir_all(&fetched).unwrap();
+        std::fs::write(fetched.join("x_InRelease"), "first").unwrap();
+        let at = crate::store::now() - 30;
+        keep_base_lists(&ctx, &tree, &fetched, at).unwrap();
+        let kept = store.apt_lists(&sources_digest(&tree)).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(kept.join("x_InRelease")).unwrap(),
+            "first"
+        );
+        let stamp = kept.with_extension("fetched");
+        assert_eq!(
+            mtime(&stamp),
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(at),
+            "fresh from when mmdebstrap fetched them"
+        );
+        // Lists fetched before those in the store do not replace them.
+        std::fs::write(fetched.join("x_InRelease"), "older").unwrap();
+        keep_base_lists(&ctx, &tree, &fetched, at - 60).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(kept.join("x_InRelease")).unwrap(),
+            "first"
         );
     }
 
