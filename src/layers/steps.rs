@@ -274,17 +274,7 @@ fn enter_chroot(
             // /run/cryptsetup) is not part of the layer, whichever way the
             // step is built.
             mounts.tmpfs(&root.join("run"))?;
-            // apt locks these caches with fcntl and gives up at once when
-            // another apt holds them: another kiln run on this store waits
-            // here instead of failing.
-            apt_caches = Some(crate::store::lock::lock(
-                &ctx.store.lock_path("apt-caches"),
-                crate::store::lock::Mode::Exclusive,
-                "another kiln run's apt step to finish with the store's apt caches",
-                || {
-                    eprintln!("waiting for another apt step (this run's or another kiln's) to finish with the store's apt caches…")
-                },
-            )?);
+            apt_caches = Some(lock_apt_caches(ctx.store)?);
             mounts.bind(
                 &ctx.store.apt_archives(),
                 &root.join("var/cache/apt/archives"),
@@ -333,6 +323,20 @@ fn clean_up(root: &Path, scaffolding: Scaffolding) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The store's apt caches (downloads and lists), for this step alone: apt
+/// locks them with fcntl and gives up at once when another apt holds them,
+/// so another kiln run on this store waits here instead of failing.
+fn lock_apt_caches(store: &Store) -> Result<crate::store::lock::Lock> {
+    crate::store::lock::lock(
+        &store.lock_path("apt-caches"),
+        crate::store::lock::Mode::Exclusive,
+        "another kiln run's apt step to finish with the store's apt caches",
+        || {
+            eprintln!("waiting for another apt step (this run's or another kiln's) to finish with the store's apt caches…")
+        },
+    )
 }
 
 fn sources_digest(root: &Path) -> String {
@@ -438,14 +442,20 @@ fn update_lists(ctx: &Ctx, root: &Path, apt: Apt, lists: &[PathBuf]) -> Result<(
         ));
         return Ok(());
     }
-    match std::fs::remove_file(&stamp) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(e).with_context(|| format!("removing {}", stamp.display()))
-        }
-        _ => {}
-    }
+    remove_stamp(&stamp)?;
     apt_update(root, apt)?;
     std::fs::write(&stamp, b"").with_context(|| format!("writing {}", stamp.display()))
+}
+
+/// Lists whose stamp is gone are not fresh (a run killed while it wrote
+/// them leaves no stamp).
+fn remove_stamp(stamp: &Path) -> Result<()> {
+    match std::fs::remove_file(stamp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", stamp.display()))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Give a lists directory the files of `from` it lacks (the suite's own
@@ -478,11 +488,7 @@ fn copy_keeping_time(from: &Path, to: &Path) -> Result<()> {
     let modified = std::fs::metadata(from)
         .and_then(|m| m.modified())
         .with_context(|| format!("reading {}", from.display()))?;
-    std::fs::File::options()
-        .write(true)
-        .open(&partial)
-        .and_then(|f| f.set_modified(modified))
-        .with_context(|| format!("setting the time of {}", partial.display()))?;
+    set_modified(&partial, modified)?;
     std::fs::rename(&partial, to)
         .with_context(|| format!("renaming {} to {}", partial.display(), to.display()))
 }
@@ -493,14 +499,7 @@ fn copy_keeping_time(from: &Path, to: &Path) -> Result<()> {
 /// that use the same sources, and an `upgrade` step's seed
 /// ([`seed_lists`]), start from them instead of fetching them again.
 fn keep_base_lists(ctx: &Ctx, tree: &Path, fetched: &Path, fetched_at: u64) -> Result<()> {
-    let _apt_caches = crate::store::lock::lock(
-        &ctx.store.lock_path("apt-caches"),
-        crate::store::lock::Mode::Exclusive,
-        "another kiln run's apt step to finish with the store's apt caches",
-        || {
-            eprintln!("waiting for another apt step (this run's or another kiln's) to finish with the store's apt caches…")
-        },
-    )?;
+    let _apt_caches = lock_apt_caches(ctx.store)?;
     let dir = ctx.store.apt_lists(&sources_digest(tree))?;
     let stamp = dir.with_extension("fetched");
     let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(fetched_at);
@@ -510,12 +509,7 @@ fn keep_base_lists(ctx: &Ctx, tree: &Path, fetched: &Path, fetched_at: u64) -> R
     {
         return Ok(());
     }
-    match std::fs::remove_file(&stamp) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(e).with_context(|| format!("removing {}", stamp.display()))
-        }
-        _ => {}
-    }
+    remove_stamp(&stamp)?;
     let entries =
         std::fs::read_dir(fetched).with_context(|| format!("listing {}", fetched.display()))?;
     for entry in entries {
@@ -525,11 +519,15 @@ fn keep_base_lists(ctx: &Ctx, tree: &Path, fetched: &Path, fetched_at: u64) -> R
         }
     }
     std::fs::write(&stamp, b"").with_context(|| format!("writing {}", stamp.display()))?;
+    set_modified(&stamp, at)
+}
+
+fn set_modified(path: &Path, time: std::time::SystemTime) -> Result<()> {
     std::fs::File::options()
         .write(true)
-        .open(&stamp)
-        .and_then(|f| f.set_modified(at))
-        .with_context(|| format!("setting the time of {}", stamp.display()))
+        .open(path)
+        .and_then(|f| f.set_modified(time))
+        .with_context(|| format!("setting the time of {}", path.display()))
 }
 
 /// `apt-get update` that fails when any index cannot be fetched (apt only
