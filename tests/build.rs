@@ -841,3 +841,97 @@ fn an_image_that_reuses_a_cached_uki_is_the_image_built_without_it() {
         .collect();
     assert_eq!(remaining.len(), 2, "one UKI and its digest: {remaining:?}");
 }
+
+/// `initramfs = false` (golden's base and security layer): the kernels a
+/// step installs get no initramfs there, and a later layer builds it. The
+/// image is the one built with the initramfs made at every step and again
+/// by that layer: the same files, bytes and times (same pins, same
+/// SOURCE_DATE_EPOCH), and the same initrd; only Debian's `/initrd.img`
+/// links, which the kernel's scripts make only for an initrd that exists,
+/// are not there (kiln boots /boot/initrd.img-VERSION through its UKI).
+/// With no later layer to build it, the image is refused.
+#[test]
+fn a_base_that_leaves_its_initramfs_to_a_later_layer_gives_the_same_image() {
+    require_build();
+    let layers = "[[layer]]\nname = \"initrd\"\nrun = [\"update-initramfs -c -k all\"]\n";
+    let shared = Kiln::shared();
+    let manifest = || -> serde_json::Value {
+        let path = shared.out.join("kt-initrd.manifest.json");
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
+    };
+    let now_dir = RecipeDir::new();
+    let now = now_dir.write_recipe("initrd.toml", recipe("kt-initrd", layers), &shared);
+    let built_now = shared.build(&now, &[]);
+    let files_now = manifest();
+
+    // The same recipe and pins; its base builds no initramfs.
+    let later_dir = RecipeDir::new();
+    let text = recipe("kt-initrd", layers).replace(
+        "\"systemd-sysv\", \"udev\"]\n",
+        "\"systemd-sysv\", \"udev\"]\ninitramfs = false\n",
+    );
+    assert!(text.contains("initramfs = false"), "{text}");
+    let later = later_dir.write("initrd.toml", &text);
+    let lock = base_lock(&shared.store).replace(
+        "\"package=udev\",\n]",
+        "\"package=udev\",\n    \"initramfs=later\",\n]",
+    );
+    assert!(lock.contains("initramfs=later"), "{lock}");
+    later_dir.write("initrd.lock", &lock);
+    let plan = shared.plan(&later);
+    assert_ne!(
+        plan.step("base").key,
+        shared.plan(&now).step("base").key,
+        "a base without its initramfs has its own key"
+    );
+    let built_later = shared.build(&later, &[]);
+    assert_eq!(built_later.kernel, built_now.kernel);
+    let log = std::fs::read_to_string(shared.out.join("kt-initrd.build.log")).unwrap();
+    let generated = log.matches("update-initramfs: Generating").count();
+    // The base was built now (its key is new) or by an earlier run; either
+    // way only the `initrd` layer made one, if that layer was built.
+    assert!(generated <= 1, "{log}");
+    let files_later = manifest();
+    assert_eq!(
+        files_now["source_date_epoch"], files_later["source_date_epoch"],
+        "both images come from the same pins"
+    );
+    let by_path = |m: &serde_json::Value| -> std::collections::BTreeMap<String, serde_json::Value> {
+        m["files"]
+            .as_array()
+            .expect("the manifest lists the image's files")
+            .iter()
+            .map(|f| (f["path"].as_str().unwrap().to_owned(), f.clone()))
+            .collect()
+    };
+    let (mut a, b) = (by_path(&files_now), by_path(&files_later));
+    let initrd = format!("/boot/initrd.img-{}", built_now.kernel);
+    assert!(
+        a.contains_key(&initrd) && a.get(&initrd) == b.get(&initrd),
+        "{initrd}"
+    );
+    for link in ["/initrd.img", "/initrd.img.old"] {
+        assert!(
+            !b.contains_key(link),
+            "{link} points to an initrd made later"
+        );
+        a.remove(link);
+    }
+    assert_eq!(a, b, "the images' files differ");
+
+    // Without a layer that builds it, the image is refused.
+    let none_dir = RecipeDir::new();
+    let none = none_dir.write("initrd.toml", text.replace(layers, ""));
+    none_dir.write("initrd.lock", &lock);
+    let run = shared.run(&[
+        OsStr::new("build"),
+        OsStr::new("--no-smoke"),
+        none.as_os_str(),
+    ]);
+    assert!(!run.status.success(), "{}", run.show());
+    assert!(
+        run.stderr.contains("has no initrd for kernel"),
+        "{}",
+        run.show()
+    );
+}

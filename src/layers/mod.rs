@@ -785,6 +785,7 @@ fn stage_step(ctx: &Ctx, step: &Step, lowers: &[PathBuf], staging: &Path) -> Res
             }
             let mut mounts = mount::Mounts::new();
             mounts.overlay(lowers, Some((&tree, &work)), &merged)?;
+            let initramfs_later = plan::initramfs_later(&step.inputs.spec);
             let lists = match action {
                 Action::Base(_) => unreachable!("handled above"),
                 Action::Files { files, origin } => {
@@ -798,6 +799,7 @@ fn stage_step(ctx: &Ctx, step: &Step, lowers: &[PathBuf], staging: &Path) -> Res
                         suite: suite.clone(),
                     },
                     source,
+                    initramfs_later,
                 )?,
                 Action::Packages(pkgs) => {
                     let work = match &step.lock {
@@ -833,7 +835,7 @@ fn stage_step(ctx: &Ctx, step: &Step, lowers: &[PathBuf], staging: &Path) -> Res
                             layer: step.layer.clone(),
                         },
                     };
-                    steps::chrooted(ctx, &merged, work, source)?
+                    steps::chrooted(ctx, &merged, work, source, initramfs_later)?
                 }
                 Action::Run(commands) => steps::chrooted(
                     ctx,
@@ -843,6 +845,7 @@ fn stage_step(ctx: &Ctx, step: &Step, lowers: &[PathBuf], staging: &Path) -> Res
                         layer: step.layer.clone(),
                     },
                     source,
+                    initramfs_later,
                 )?,
             };
             let after = steps::installed(&merged)?;

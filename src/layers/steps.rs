@@ -105,8 +105,13 @@ pub fn base(
     source: Source,
 ) -> Result<()> {
     let mirrors = ctx.mirrors()?;
-    let mut cmd = Cmd::new("mmdebstrap")
-        .env("SOURCE_DATE_EPOCH", source_date_epoch())
+    let mut cmd = Cmd::new("mmdebstrap").env("SOURCE_DATE_EPOCH", source_date_epoch());
+    if !spec.initramfs {
+        // As in a chroot step (see `apt_get`): mmdebstrap passes its
+        // environment to the packages' scripts.
+        cmd = cmd.env("INITRD", "No");
+    }
+    cmd = cmd
         .arg("--mode=root")
         .arg("--format=directory")
         .arg(format!("--variant={}", spec.variant))
@@ -143,6 +148,7 @@ pub fn base(
             format!("deb [trusted=yes] file://{} ./", repo.display())
         }
     };
+    let fetched_at = crate::store::now();
     cmd.arg(&spec.suite)
         .arg(tree)
         .arg(source_line)
@@ -163,6 +169,9 @@ pub fn base(
         if path.is_file() {
             std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
         }
+    }
+    if let Source::Archive = source {
+        keep_base_lists(ctx, tree, &scratch.join("lists"), fetched_at)?;
     }
     Ok(())
 }
@@ -265,17 +274,7 @@ fn enter_chroot(
             // /run/cryptsetup) is not part of the layer, whichever way the
             // step is built.
             mounts.tmpfs(&root.join("run"))?;
-            // apt locks these caches with fcntl and gives up at once when
-            // another apt holds them: another kiln run on this store waits
-            // here instead of failing.
-            apt_caches = Some(crate::store::lock::lock(
-                &ctx.store.lock_path("apt-caches"),
-                crate::store::lock::Mode::Exclusive,
-                "another kiln run's apt step to finish with the store's apt caches",
-                || {
-                    eprintln!("waiting for another apt step (this run's or another kiln's) to finish with the store's apt caches…")
-                },
-            )?);
+            apt_caches = Some(lock_apt_caches(ctx.store)?);
             mounts.bind(
                 &ctx.store.apt_archives(),
                 &root.join("var/cache/apt/archives"),
@@ -326,6 +325,20 @@ fn clean_up(root: &Path, scaffolding: Scaffolding) -> Result<()> {
     Ok(())
 }
 
+/// The store's apt caches (downloads and lists), for this step alone: apt
+/// locks them with fcntl and gives up at once when another apt holds them,
+/// so another kiln run on this store waits here instead of failing.
+fn lock_apt_caches(store: &Store) -> Result<crate::store::lock::Lock> {
+    crate::store::lock::lock(
+        &store.lock_path("apt-caches"),
+        crate::store::lock::Mode::Exclusive,
+        "another kiln run's apt step to finish with the store's apt caches",
+        || {
+            eprintln!("waiting for another apt step (this run's or another kiln's) to finish with the store's apt caches…")
+        },
+    )
+}
+
 fn sources_digest(root: &Path) -> String {
     let mut text = std::fs::read(root.join("etc/apt/sources.list")).unwrap_or_default();
     for f in crate::plan::sources::source_parts(&root.join("etc/apt")) {
@@ -347,10 +360,27 @@ fn chroot(root: &Path) -> Cmd {
     cmd.env("SOURCE_DATE_EPOCH", source_date_epoch())
 }
 
+/// How a step runs apt.
+#[derive(Clone, Copy)]
+struct Apt {
+    /// A locked step sees only its own repository.
+    locked: bool,
+    /// The step's key says its kernels' initramfs is built by a later
+    /// layer (see [`crate::plan::INITRAMFS_LATER`]).
+    initramfs_later: bool,
+}
+
 /// apt-get in the chroot; a locked step sees only its own repository.
-fn apt_get(root: &Path, locked: bool) -> Cmd {
-    let mut cmd = chroot(root).arg("apt-get");
-    if locked {
+fn apt_get(root: &Path, apt: Apt) -> Cmd {
+    let mut cmd = chroot(root);
+    if apt.initramfs_later {
+        // The kernel's postinst hooks (initramfs-tools', dracut's) build
+        // no initramfs; `update-initramfs -u` (a trigger) only updates the
+        // initrds that exist.
+        cmd = cmd.env("INITRD", "No");
+    }
+    cmd = cmd.arg("apt-get");
+    if apt.locked {
         let d = LOCKED_APT_DIR;
         cmd = cmd.args([
             "-o".to_owned(),
@@ -370,6 +400,10 @@ fn apt_get(root: &Path, locked: bool) -> Cmd {
         "APT::Sandbox::User=root",
         "-o",
         "Acquire::Retries=3",
+        // No translated package descriptions (6.5 MB for trixie's main):
+        // nothing kiln does reads them. mmdebstrap does the same.
+        "-o",
+        "Acquire::Languages=none",
         "-o",
         "Dpkg::Options::=--force-confdef",
         "-o",
@@ -390,9 +424,9 @@ const LISTS_FRESH_FOR: std::time::Duration = std::time::Duration::from_secs(10 *
 /// repository; a resolving step's from the archive, unless they were
 /// fetched less than [`LISTS_FRESH_FOR`] ago (`<lists dir>.fetched` says
 /// when; it is removed before a fetch and written after one that worked).
-fn update_lists(ctx: &Ctx, root: &Path, locked: bool, lists: &[PathBuf]) -> Result<()> {
-    let Some(dir) = lists.last().filter(|_| !locked) else {
-        return apt_update(root, locked);
+fn update_lists(ctx: &Ctx, root: &Path, apt: Apt, lists: &[PathBuf]) -> Result<()> {
+    let Some(dir) = lists.last().filter(|_| !apt.locked) else {
+        return apt_update(root, apt);
     };
     let stamp = dir.with_extension("fetched");
     let age = std::fs::metadata(&stamp)
@@ -408,21 +442,99 @@ fn update_lists(ctx: &Ctx, root: &Path, locked: bool, lists: &[PathBuf]) -> Resu
         ));
         return Ok(());
     }
-    match std::fs::remove_file(&stamp) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(e).with_context(|| format!("removing {}", stamp.display()))
-        }
-        _ => {}
-    }
-    apt_update(root, locked)?;
+    remove_stamp(&stamp)?;
+    apt_update(root, apt)?;
     std::fs::write(&stamp, b"").with_context(|| format!("writing {}", stamp.display()))
+}
+
+/// Lists whose stamp is gone are not fresh (a run killed while it wrote
+/// them leaves no stamp).
+fn remove_stamp(stamp: &Path) -> Result<()> {
+    match std::fs::remove_file(stamp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", stamp.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Give a lists directory the files of `from` it lacks (the suite's own
+/// lists, fetched for the sources below, when an `upgrade` step adds its
+/// updates and security sources): `apt-get update` then asks the archive
+/// whether they changed (If-Modified-Since, and the hashes its Release file
+/// lists) instead of downloading them again. Only a cache: apt checks and
+/// replaces what does not match.
+fn seed_lists(from: &Path, to: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(from) else {
+        return Ok(());
+    };
+    for entry in entries {
+        let entry = entry.with_context(|| format!("listing {}", from.display()))?;
+        let name = entry.file_name();
+        let target = to.join(&name);
+        if name == "lock" || !entry.file_type().is_ok_and(|t| t.is_file()) || target.exists() {
+            continue;
+        }
+        copy_keeping_time(&entry.path(), &target)?;
+    }
+    Ok(())
+}
+
+/// Copy a file with its mtime (apt's If-Modified-Since is the list's mtime).
+fn copy_keeping_time(from: &Path, to: &Path) -> Result<()> {
+    let partial = to.with_extension("kiln-partial");
+    std::fs::copy(from, &partial)
+        .with_context(|| format!("copying {} to {}", from.display(), partial.display()))?;
+    let modified = std::fs::metadata(from)
+        .and_then(|m| m.modified())
+        .with_context(|| format!("reading {}", from.display()))?;
+    set_modified(&partial, modified)?;
+    std::fs::rename(&partial, to)
+        .with_context(|| format!("renaming {} to {}", partial.display(), to.display()))
+}
+
+/// The lists a resolving base's mmdebstrap fetched (`fetched`: in
+/// `scratch/lists`, fetched at `fetched_at`) become the store's lists for
+/// the base's sources, unless the store has newer ones: the steps above
+/// that use the same sources, and an `upgrade` step's seed
+/// ([`seed_lists`]), start from them instead of fetching them again.
+fn keep_base_lists(ctx: &Ctx, tree: &Path, fetched: &Path, fetched_at: u64) -> Result<()> {
+    let _apt_caches = lock_apt_caches(ctx.store)?;
+    let dir = ctx.store.apt_lists(&sources_digest(tree))?;
+    let stamp = dir.with_extension("fetched");
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(fetched_at);
+    if std::fs::metadata(&stamp)
+        .and_then(|m| m.modified())
+        .is_ok_and(|t| t >= at)
+    {
+        return Ok(());
+    }
+    remove_stamp(&stamp)?;
+    let entries =
+        std::fs::read_dir(fetched).with_context(|| format!("listing {}", fetched.display()))?;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("listing {}", fetched.display()))?;
+        if entry.file_name() != "lock" && entry.file_type().is_ok_and(|t| t.is_file()) {
+            copy_keeping_time(&entry.path(), &dir.join(entry.file_name()))?;
+        }
+    }
+    std::fs::write(&stamp, b"").with_context(|| format!("writing {}", stamp.display()))?;
+    set_modified(&stamp, at)
+}
+
+fn set_modified(path: &Path, time: std::time::SystemTime) -> Result<()> {
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_modified(time))
+        .with_context(|| format!("setting the time of {}", path.display()))
 }
 
 /// `apt-get update` that fails when any index cannot be fetched (apt only
 /// warns by default, and the install then fails with a misleading
 /// "Unable to locate package").
-fn apt_update(root: &Path, locked: bool) -> Result<()> {
-    apt_get(root, locked).args(["update", "--error-on=any"]).timed_as("apt-get update").run().map_err(|e| {
+fn apt_update(root: &Path, apt: Apt) -> Result<()> {
+    apt_get(root, apt).args(["update", "--error-on=any"]).timed_as("apt-get update").run().map_err(|e| {
         let text = format!("{e:#}");
         if text.contains("Could not connect") || text.contains("Failed to fetch") || text.contains("Temporary failure resolving") {
             e.context(
@@ -475,19 +587,32 @@ fn explain_apt_failure(err: anyhow::Error, origin: &Path, key: &str) -> anyhow::
 
 /// Run an apt or shell step in `root` (an overlay mount); every mount made
 /// for it is undone before this returns. Returns the apt list directories
-/// the step read (to resolve its lock from).
-pub fn chrooted(ctx: &Ctx, root: &Path, work: ChrootWork, source: Source) -> Result<Vec<PathBuf>> {
+/// the step read (to resolve its lock from). `initramfs_later`: the step's
+/// key defers its kernels' initramfs (see [`crate::plan::INITRAMFS_LATER`]).
+pub fn chrooted(
+    ctx: &Ctx,
+    root: &Path,
+    work: ChrootWork,
+    source: Source,
+    initramfs_later: bool,
+) -> Result<Vec<PathBuf>> {
     let apt = if matches!(work, ChrootWork::Run { .. }) {
         None
     } else {
         Some(&source)
     };
     let locked = matches!(source, Source::Locked(_));
+    let apt_in = Apt {
+        locked,
+        initramfs_later,
+    };
     let mut mounts = Mounts::new();
     let (scaffolding, mut lists) = enter_chroot(ctx, &mut mounts, root, apt)?;
     let result = match work {
         ChrootWork::Upgrade { suite } => {
-            upgrade(ctx, &mut mounts, root, &suite, locked).map(|l| lists.extend(l))
+            let below = lists.last().cloned();
+            upgrade(ctx, &mut mounts, root, &suite, apt_in, below.as_deref())
+                .map(|l| lists.extend(l))
         }
         ChrootWork::Packages {
             install,
@@ -495,8 +620,8 @@ pub fn chrooted(ctx: &Ctx, root: &Path, work: ChrootWork, source: Source) -> Res
             manual,
             origin,
             layer,
-        } => update_lists(ctx, root, locked, &lists).and_then(|()| {
-            apt_get(root, locked)
+        } => update_lists(ctx, root, apt_in, &lists).and_then(|()| {
+            apt_get(root, apt_in)
                 .args(["install", "--no-install-recommends"])
                 .args(&install)
                 .timed_as("apt-get install")
@@ -563,7 +688,8 @@ fn upgrade(
     mounts: &mut Mounts,
     root: &Path,
     suite: &str,
-    locked: bool,
+    apt: Apt,
+    below: Option<&Path>,
 ) -> Result<Vec<PathBuf>> {
     let mirrors = ctx.mirrors()?;
     let list = format!(
@@ -577,25 +703,28 @@ fn upgrade(
         0o644,
     )?;
     let mut lists_used = Vec::new();
-    if !locked {
+    if !apt.locked {
         // The lists bind mount was chosen for the base's sources; rebind it
         // for the sources this step adds.
         let lists = ctx.store.apt_lists(&sources_digest(root))?;
+        if let Some(below) = below {
+            seed_lists(below, &lists)?;
+        }
         mounts.bind(&lists, &root.join("var/lib/apt/lists"))?;
         lists_used.push(lists);
     }
-    update_lists(ctx, root, locked, &lists_used)?;
-    apt_get(root, locked)
+    update_lists(ctx, root, apt, &lists_used)?;
+    apt_get(root, apt)
         .arg("dist-upgrade")
         .timed_as("apt-get dist-upgrade")
         .run()?;
-    purge_old_kernels(root, locked)?;
+    purge_old_kernels(root, apt)?;
     Ok(lists_used)
 }
 
 /// After an upgrade two kernels can be installed; the image boots the one
 /// `/vmlinuz` points to (the metapackage's, the newest), so the others go.
-fn purge_old_kernels(root: &Path, locked: bool) -> Result<()> {
+fn purge_old_kernels(root: &Path, apt: Apt) -> Result<()> {
     let Ok(target) = std::fs::read_link(root.join("vmlinuz")) else {
         return Ok(());
     };
@@ -621,7 +750,7 @@ fn purge_old_kernels(root: &Path, locked: bool) -> Result<()> {
     if old.is_empty() {
         return Ok(());
     }
-    apt_get(root, locked)
+    apt_get(root, apt)
         .arg("purge")
         .args(&old)
         .timed_as("apt-get purge")
@@ -896,6 +1025,96 @@ mod tests {
                 "c Some(\"1\") None",
                 "d None Some(\"1\")"
             ]
+        );
+    }
+
+    fn mtime(path: &Path) -> std::time::SystemTime {
+        std::fs::metadata(path).unwrap().modified().unwrap()
+    }
+
+    fn set_mtime(path: &Path, secs: u64) {
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+            .unwrap();
+    }
+
+    #[test]
+    fn an_upgrade_steps_lists_are_seeded_with_what_they_lack_keeping_times() {
+        let dir = tempfile::tempdir().unwrap();
+        let (from, to) = (dir.path().join("from"), dir.path().join("to"));
+        std::fs::create_dir_all(from.join("partial")).unwrap();
+        std::fs::create_dir_all(&to).unwrap();
+        for (name, text) in [
+            ("a_InRelease", "release"),
+            ("a_Packages", "pkgs"),
+            ("lock", ""),
+        ] {
+            std::fs::write(from.join(name), text).unwrap();
+        }
+        set_mtime(&from.join("a_InRelease"), 1_700_000_000);
+        std::fs::write(to.join("a_Packages"), "newer").unwrap();
+        seed_lists(&from, &to).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(to.join("a_InRelease")).unwrap(),
+            "release"
+        );
+        assert_eq!(
+            mtime(&to.join("a_InRelease")),
+            mtime(&from.join("a_InRelease"))
+        );
+        // What the step's own lists hold is theirs; apt's lock is not a list.
+        assert_eq!(
+            std::fs::read_to_string(to.join("a_Packages")).unwrap(),
+            "newer"
+        );
+        assert!(!to.join("lock").exists() && !to.join("partial").exists());
+        let names = std::fs::read_dir(&to).unwrap().count();
+        assert_eq!(names, 2, "no partial copy is left");
+        // A lists dir that does not exist (nothing below) seeds nothing.
+        seed_lists(&dir.path().join("none"), &to).unwrap();
+    }
+
+    #[test]
+    fn a_resolving_bases_lists_become_the_stores_unless_it_has_newer_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let ctx = Ctx {
+            store: &store,
+            mirrors: None,
+            refetch_lists: false,
+        };
+        let tree = dir.path().join("tree");
+        write_file(
+            &tree.join("etc/apt/sources.list"),
+            b"deb http://127.0.0.1:9/debian trixie main\n",
+            0o644,
+        )
+        .unwrap();
+        let fetched = dir.path().join("lists");
+        std::fs::create_dir_all(&fetched).unwrap();
+        std::fs::write(fetched.join("x_InRelease"), "first").unwrap();
+        let at = crate::store::now() - 30;
+        keep_base_lists(&ctx, &tree, &fetched, at).unwrap();
+        let kept = store.apt_lists(&sources_digest(&tree)).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(kept.join("x_InRelease")).unwrap(),
+            "first"
+        );
+        let stamp = kept.with_extension("fetched");
+        assert_eq!(
+            mtime(&stamp),
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(at),
+            "fresh from when mmdebstrap fetched them"
+        );
+        // Lists fetched before those in the store do not replace them.
+        std::fs::write(fetched.join("x_InRelease"), "older").unwrap();
+        keep_base_lists(&ctx, &tree, &fetched, at - 60).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(kept.join("x_InRelease")).unwrap(),
+            "first"
         );
     }
 

@@ -131,6 +131,22 @@ impl From<StepId> for String {
     }
 }
 
+/// In the spec (and so the key) of a base, `upgrade` or `packages` step
+/// whose recipe says `initramfs = false`: the kernels it installs or
+/// upgrades get no initramfs in this step (Debian's `INITRD=No` for the
+/// kernel's postinst hooks), because a later layer builds it (golden's
+/// `boot` layer runs `update-initramfs -c -k all`). That saves building
+/// an initramfs that a later layer replaces; an image whose kernel ends up
+/// with none is refused at assembly. The step's key says it, so a layer
+/// built this way is never taken for one built with its initramfs.
+pub const INITRAMFS_LATER: &str = "initramfs=later";
+
+/// Whether a step's spec defers its kernels' initramfs (see
+/// [`INITRAMFS_LATER`]).
+pub fn initramfs_later(spec: &[String]) -> bool {
+    spec.iter().any(|s| s == INITRAMFS_LATER)
+}
+
 /// What a step does when it is not cached.
 #[derive(Debug, Clone)]
 pub enum Action {
@@ -177,9 +193,16 @@ pub fn make(recipe: &Recipe, locks: &Locks) -> Result<Plan> {
         variant,
         packages,
         mirror: _,
+        initramfs,
     } = &recipe.base;
     let mut base_spec = vec![format!("suite={suite}"), format!("variant={variant}")];
     base_spec.extend(sorted(packages).into_iter().map(|p| format!("package={p}")));
+    let later = |spec: &mut Vec<String>, initramfs: bool| {
+        if !initramfs {
+            spec.push(INITRAMFS_LATER.to_owned());
+        }
+    };
+    later(&mut base_spec, *initramfs);
     push(
         &mut steps,
         "base",
@@ -195,24 +218,28 @@ pub fn make(recipe: &Recipe, locks: &Locks) -> Result<Plan> {
             let action = Action::Upgrade {
                 suite: suite.clone(),
             };
+            let mut spec = vec![format!("suite={suite}")];
+            later(&mut spec, layer.initramfs);
             push(
                 &mut steps,
                 &layer.name,
                 &layer.defined_in,
                 StepKind::Upgrade,
-                vec![format!("suite={suite}")],
+                spec,
                 vec![],
                 action,
             );
         }
         if !layer.packages.is_empty() {
             let pkgs = sorted(&layer.packages);
+            let mut spec = pkgs.clone();
+            later(&mut spec, layer.initramfs);
             push(
                 &mut steps,
                 &layer.name,
                 &layer.defined_in,
                 StepKind::Packages,
-                pkgs.clone(),
+                spec,
                 vec![],
                 Action::Packages(pkgs),
             );

@@ -152,6 +152,9 @@ pub struct BaseSpec {
     pub packages: Vec<String>,
     /// The archive to use; `None` means the host's apt mirror.
     pub mirror: Option<String>,
+    /// `initramfs = false`: the kernels this step installs get no initrd
+    /// here (a later layer builds it); see [`crate::plan::INITRAMFS_LATER`].
+    pub initramfs: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -161,6 +164,10 @@ pub struct LayerSpec {
     pub packages: Vec<String>,
     pub files: Vec<FileSpec>,
     pub run: Vec<String>,
+    /// `initramfs = false`: the kernels this layer's `upgrade` and
+    /// `packages` steps install get no initrd here (a later layer builds
+    /// it); see [`crate::plan::INITRAMFS_LATER`].
+    pub initramfs: bool,
     /// The recipe file that defines this layer (files are relative to it).
     pub defined_in: PathBuf,
 }
@@ -717,6 +724,7 @@ fn resolve(path: &Path, merged: Merged, sources: Vec<PathBuf>) -> Result<Recipe>
         variant,
         packages: raw_base.packages,
         mirror: raw_base.mirror,
+        initramfs: raw_base.initramfs.unwrap_or(true),
     };
 
     let mut layers = Vec::new();
@@ -809,6 +817,7 @@ fn resolve_layer(i: usize, layer: RawLayer, origin: &Path) -> Result<LayerSpec> 
         packages,
         files,
         run,
+        initramfs,
     } = layer;
     let key = |k: &str| format!("layer[{i}].{k}");
     let bad = |k: String, problem: String, fix: &str| -> anyhow::Error {
@@ -822,6 +831,13 @@ fn resolve_layer(i: usize, layer: RawLayer, origin: &Path) -> Result<LayerSpec> 
             ctx,
             "the layer does nothing".into(),
             "give it upgrade = true, packages, files or run, or remove it",
+        ));
+    }
+    if initramfs == Some(false) && !upgrade && packages.is_empty() {
+        return Err(bad(
+            format!("{ctx}.initramfs"),
+            "is false, but the layer installs no packages (no upgrade, no packages)".into(),
+            "remove initramfs = false: it only concerns kernels this layer's packages install",
         ));
     }
     for (j, p) in packages.iter().enumerate() {
@@ -854,6 +870,7 @@ fn resolve_layer(i: usize, layer: RawLayer, origin: &Path) -> Result<LayerSpec> 
         packages,
         files,
         run,
+        initramfs: initramfs.unwrap_or(true),
         defined_in: origin.to_owned(),
     })
 }

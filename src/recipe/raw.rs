@@ -37,6 +37,7 @@ pub struct RawBase {
     #[serde(default)]
     pub packages: Vec<String>,
     pub mirror: Option<String>,
+    pub initramfs: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -51,6 +52,7 @@ pub struct RawLayer {
     pub files: Vec<RawFile>,
     #[serde(default)]
     pub run: Vec<String>,
+    pub initramfs: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -277,6 +277,58 @@ fn a_package_or_command_change_does_change_the_key() {
     );
 }
 
+#[test]
+fn initramfs_false_is_in_the_keys_of_the_steps_that_install_packages_only() {
+    let (d, recipe) = layered_dir();
+    let (before, image) = keys(&recipe);
+    assert!(!plan::initramfs_later(&[]), "the default builds it");
+    // On the base: every key changes (each step is above it).
+    d.write(
+        "web.toml",
+        layered_recipe().replace("\"udev\"]\n", "\"udev\"]\ninitramfs = false\n"),
+    );
+    let (after, _) = keys(&recipe);
+    assert!(before.iter().zip(&after).all(|(b, a)| b.1 != a.1));
+    let loaded = load(&recipe).unwrap();
+    assert!(!loaded.base.initramfs);
+    let plan = plan::make(&loaded, &crate::lock::Locks::default()).unwrap();
+    let later: Vec<bool> = plan
+        .steps
+        .iter()
+        .map(|s| plan::initramfs_later(&s.inputs.spec))
+        .collect();
+    assert_eq!(later, [true, false, false, false, false, false]);
+    // On a layer: its upgrade and packages steps, not its files or run.
+    d.write(
+        "web.toml",
+        layered_recipe()
+            .replace("upgrade = true\n", "upgrade = true\ninitramfs = false\n")
+            .replace("name = \"app\"\n", "name = \"app\"\ninitramfs = false\n"),
+    );
+    let loaded = load(&recipe).unwrap();
+    let plan = plan::make(&loaded, &crate::lock::Locks::default()).unwrap();
+    let later: Vec<bool> = plan
+        .steps
+        .iter()
+        .map(|s| plan::initramfs_later(&s.inputs.spec))
+        .collect();
+    assert_eq!(later, [false, true, true, false, false, false]);
+    // `initramfs = true` is the default: the keys are as written without it.
+    d.write(
+        "web.toml",
+        layered_recipe().replace("upgrade = true\n", "upgrade = true\ninitramfs = true\n"),
+    );
+    assert_eq!(keys(&recipe), (before, image));
+    // On a layer that installs nothing it means nothing: refused.
+    d.write(
+        "web.toml",
+        layered_recipe().replace("name = \"top\"\n", "name = \"top\"\ninitramfs = false\n"),
+    );
+    let err = load(&recipe).unwrap_err();
+    let bad = err.downcast_ref::<BadInput>().expect("bad input");
+    assert!(bad.to_string().contains("layer.top.initramfs"), "{bad}");
+}
+
 // ---------------------------------------------------------------- extends
 
 /// parent/golden.toml (with files relative to parent/) and app.toml
