@@ -185,38 +185,55 @@ pub fn format_at(data: Span, hash: &Path, hash_at: u64, key: Key) -> Result<Stri
     };
     let zero_hash = digest(&[0u8; BLOCK as usize]);
 
-    // Level 0: the hash of every data block, read only where data is.
+    // Level 0: the hash of every data block, read only where data is, in
+    // pieces of 1 MiB that one thread per core reads and hashes.
     let mut level: Vec<[u8; 32]> = vec![zero_hash; blocks as usize];
-    let mut file = std::fs::File::open(data.file).with_context(|| format!("opening {name}"))?;
-    // Read 8 MiB at a time and hash it on every core.
-    const CHUNK: u64 = 2048;
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut buf = vec![0u8; (CHUNK * BLOCK) as usize];
+    let file = std::fs::File::open(data.file).with_context(|| format!("opening {name}"))?;
+    const PIECE: u64 = 256;
+    let mut pieces: Vec<(u64, u64)> = Vec::new();
     for (from, to) in data_ranges(&file, data.at, data.at + len)? {
-        let (first, last) = ((from - data.at) / BLOCK, (to - data.at).div_ceil(BLOCK));
-        file.seek(SeekFrom::Start(data.at + first * BLOCK))
-            .with_context(|| format!("reading {name}"))?;
-        let mut b = first;
+        let (mut b, last) = ((from - data.at) / BLOCK, (to - data.at).div_ceil(BLOCK));
         while b < last {
-            let n = (last - b).min(CHUNK);
-            let chunk = &mut buf[..(n * BLOCK) as usize];
-            file.read_exact(chunk)
-                .with_context(|| format!("reading {name}"))?;
-            let hashes = &mut level[b as usize..(b + n) as usize];
-            let per_thread = (n as usize).div_ceil(threads);
-            std::thread::scope(|s| {
-                for (part, out) in chunk
-                    .chunks(per_thread * BLOCK as usize)
-                    .zip(hashes.chunks_mut(per_thread))
-                {
-                    s.spawn(move || {
-                        for (block, h) in part.chunks(BLOCK as usize).zip(out) {
-                            *h = digest(block);
-                        }
-                    });
-                }
-            });
+            let n = (last - b).min(PIECE);
+            pieces.push((b, n));
             b += n;
+        }
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    // Per thread: the first block of each piece it hashed, and the hashes.
+    type Hashed = Vec<(u64, Vec<[u8; 32]>)>;
+    let hashed: Vec<Result<Hashed>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    use std::os::unix::fs::FileExt;
+                    let mut buf = vec![0u8; (PIECE * BLOCK) as usize];
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(&(first, n)) = pieces.get(i) else {
+                            return Ok(done);
+                        };
+                        let piece = &mut buf[..(n * BLOCK) as usize];
+                        file.read_exact_at(piece, data.at + first * BLOCK)
+                            .with_context(|| format!("reading {name}"))?;
+                        done.push((first, piece.chunks(BLOCK as usize).map(digest).collect()));
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("hashing {name} panicked")))
+            })
+            .collect()
+    });
+    for worker in hashed {
+        for (first, hashes) in worker? {
+            level[first as usize..first as usize + hashes.len()].copy_from_slice(&hashes);
         }
     }
     // Each level up hashes the blocks of the one below (128 hashes to a
