@@ -27,18 +27,27 @@
 //!   clock option); the UKI's PE timestamp, which objcopy sets to now, is
 //!   rewritten to SOURCE_DATE_EPOCH;
 //! * `mke2fs -d` copies each file's atime, mtime *and ctime* from the tree,
-//!   and a ctime cannot be set from user space, so after mke2fs one debugfs
-//!   pass sets every inode's mtime to min(mtime, SOURCE_DATE_EPOCH) and its
-//!   atime and ctime to the same value (this also avoids touching the
+//!   and a ctime cannot be set from user space, so after mke2fs one pass
+//!   over the inode tables sets every inode's mtime to min(mtime,
+//!   SOURCE_DATE_EPOCH) and its atime and ctime to the same value, as
+//!   debugfs's `sif` would ([`ext4_times`]; this also avoids touching the
 //!   layers: clamping through the overlay would copy every file up);
 //! * files that record when rather than what (dpkg and apt logs, `*-old`
 //!   backups, ld.so's aux-cache, man-db's caches, machine ids, the random
 //!   seed) are removed from the image's own upper dir ([`IMAGE_DEBRIS`]);
 //!   the layers keep them, so this costs nothing at build time.
 //!
-//! The merged tree is walked once, before mke2fs, to record every path
+//! The merged tree is walked once, beside mke2fs, to record every path
 //! (`files.json`, kept beside the disk in the store: see `record::tree`).
+//!
+//! A sealed root ([`verity`]) is written into the disk like any other, and
+//! its hash tree computed from it there: the root hash goes on the UKI's
+//! command line and into the partitions' UUIDs, but the UKI is as long with
+//! any root hash, so the disk is laid out around a UKI made with a
+//! placeholder hash (cached like any UKI, the same for every sealed image
+//! of the same kernel and initrd) and the real hash is put into it after.
 
+mod ext4_times;
 pub mod secure_boot;
 pub mod verity;
 mod volumes;
@@ -155,11 +164,21 @@ pub fn assemble(
         require_verity_initrd(&merged, recipe_path)?;
     }
     let root_size = round_up(spec.size, MIB);
+    // A qcow2's raw disk is only read by qemu-img: in memory when there is
+    // room for all of it (see `raw_in_memory`), it is never written back.
+    let mut in_memory = Mounts::new();
+    let raw_dir = if spec.format == Format::Qcow2 && raw_in_memory(spec.size) {
+        let dir = staging.join("raw");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        in_memory.tmpfs(&dir)?;
+        dir
+    } else {
+        staging.to_path_buf()
+    };
     let walk = Walk {
         merged: &merged,
         size: spec.size,
         recipe_path,
-        epoch,
     };
     let disk = Disk {
         merged: &merged,
@@ -168,58 +187,55 @@ pub fn assemble(
         key,
         epoch,
         staging,
+        raw_dir: &raw_dir,
         signer,
         uki_cache,
         root_size,
     };
-    let (files, started, verity) = if spec.verity {
-        // A sealed root is written to its own file first: its hash tree,
-        // and so the UKI's command line and the partition UUIDs, depend on
-        // it.
-        let fs = staging.join("root.ext4");
-        std::fs::File::create(&fs)
-            .and_then(|f| f.set_len(root_size))
-            .with_context(|| format!("creating {}", fs.display()))?;
-        let files = walk.beside(|| make_root_fs(&fs, 0, root_size, &merged, key, epoch, true))?;
-        set_times(&fs, 0, &files, epoch, staging)?;
-        // Its data extents are read next (see `sync_file` below).
-        sync_file(&fs)?;
-        let tree = staging.join("root.verity");
-        let root_hash = verity::format(&fs, &tree, key)?;
-        let v = verity::Verity::new(&root_hash)?;
-        let hash_size = round_up(
-            std::fs::metadata(&tree)
-                .with_context(|| format!("reading {}", tree.display()))?
-                .len(),
-            MIB,
-        );
-        let started = disk.start(&format!("{} ro", v.cmdline()), Some((&v, hash_size)))?;
-        let layout = &started.layout;
-        verity::copy_into(&fs, &layout.raw, layout.root_start)?;
-        verity::copy_into(&tree, &layout.raw, layout.hash_start)?;
-        for f in [&fs, &tree] {
-            std::fs::remove_file(f).with_context(|| format!("removing {}", f.display()))?;
-        }
-        (files, started, Some(v))
+    // The root is written straight into the disk at its offset, which the
+    // UKI's size decides: the UKI comes first. A sealed root's hash decides
+    // the UKI's command line and the partition UUIDs, but not the UKI's
+    // size (a root hash is always as long): the disk is laid out around a
+    // UKI with a placeholder hash, the root hashed where it lies, and its
+    // hash then put into the UKI and the partition table.
+    let hash_size = if spec.verity {
+        round_up(verity::tree_size(root_size), MIB)
     } else {
-        // The root goes into the disk at its offset, which the UKI's size
-        // decides: the UKI comes first.
-        let started = disk.start(&format!("root=LABEL={ROOT_LABEL} ro"), None)?;
-        let layout = &started.layout;
-        let files = walk.beside(|| {
-            make_root_fs(
-                &layout.raw,
-                layout.root_start,
-                root_size,
-                &merged,
-                key,
-                epoch,
-                false,
-            )
-        })?;
-        set_times(&layout.raw, layout.root_start, &files, epoch, staging)?;
-        (files, started, None)
+        0
     };
+    let prepared = disk.prepare(hash_size)?;
+    let layout = &prepared.layout;
+    let mut files = walk.beside(|| {
+        make_root_fs(
+            &layout.raw,
+            layout.root_start,
+            root_size,
+            &merged,
+            key,
+            epoch,
+            spec.verity,
+        )
+    })?;
+    set_times(&layout.raw, layout.root_start, &files, epoch, staging)?;
+    for f in &mut files {
+        f.mtime = f.mtime.min(epoch as i64);
+    }
+    let verity = if spec.verity {
+        // Its data extents are read next (see `sync_file` below).
+        sync_file(&layout.raw)?;
+        let root = verity::Span {
+            file: &layout.raw,
+            at: layout.root_start,
+            len: root_size,
+        };
+        let root_hash = crate::cmd::timed("hash tree (verity)", || {
+            verity::format_at(root, &layout.raw, layout.hash_start, key)
+        })?;
+        Some(verity::Verity::new(&root_hash)?)
+    } else {
+        None
+    };
+    let started = disk.finish(prepared, verity.as_ref())?;
     crate::store::write_json_atomic(&staging.join(FILES_JSON), &files)?;
     let Started {
         layout: Layout { raw, .. },
@@ -238,11 +254,12 @@ pub fn assemble(
     std::fs::remove_file(&uki).with_context(|| format!("removing {}", uki.display()))?;
 
     // Written back before anything reads it: while ext4 still holds the
-    // blocks mke2fs and debugfs wrote as delayed allocations, finding the
+    // blocks mke2fs wrote as delayed allocations, finding the
     // data (SEEK_DATA, as qemu-img and cp do) is slow. Measured here on
     // golden's root: qemu-img convert 1.6 s right after mke2fs, against
     // 0.17 s for the fsync and 0.18 s for the convert after it. The store
-    // syncs the entry when it publishes it anyway.
+    // syncs the entry when it publishes it anyway. (Nothing to do for a
+    // raw disk in memory.)
     sync_file(&raw)?;
     let disk = match spec.format {
         Format::Raw => raw,
@@ -254,6 +271,11 @@ pub fn assemble(
                 .arg(&qcow)
                 .run()?;
             std::fs::remove_file(&raw).with_context(|| format!("removing {}", raw.display()))?;
+            in_memory.unmount_all()?;
+            if raw_dir != staging {
+                std::fs::remove_dir(&raw_dir)
+                    .with_context(|| format!("removing {}", raw_dir.display()))?;
+            }
             sync_file(&qcow)?;
             qcow
         }
@@ -265,6 +287,24 @@ pub fn assemble(
         verity,
         uki: uki_inputs.key,
     })
+}
+
+/// Whether the raw disk of an image of `size` goes in memory (a tmpfs in
+/// kiln's own mount namespace, gone with it however kiln ends): when it
+/// could be all data and still take at most a quarter of the memory
+/// available. It then costs no write to disk and no fsync before it is
+/// read; the disk's bytes are the same either way.
+fn raw_in_memory(size: u64) -> bool {
+    let available = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024;
+    size + ESP_MIN + ESP_SLACK <= available / 4
 }
 
 fn sync_file(path: &Path) -> Result<()> {
@@ -303,13 +343,20 @@ fn make_root_fs(
         .args([
             "-q", "-F", "-t", "ext4", "-b", "4096", "-L", ROOT_LABEL, "-U", &uuid,
         ]);
-    if sealed {
+    // The journal is not written out as zeros (`lazy_journal_init`): the
+    // disk is a new sparse file, which reads as zeros where nothing was
+    // written; the bytes of the disk are the same, with 64 MiB less for
+    // mke2fs to write and for qemu-img to read.
+    let journal = if sealed {
         mke2fs = mke2fs.args(["-O", "^has_journal"]);
-    }
+        ""
+    } else {
+        ",lazy_journal_init=1"
+    };
     mke2fs
         .arg("-E")
         .arg(format!(
-            "offset={offset},hash_seed={},root_owner=0:0,nodiscard",
+            "offset={offset},hash_seed={},root_owner=0:0,nodiscard{journal}",
             key.derive_uuid("root-hash-seed")
         ))
         .arg("-d")
@@ -325,23 +372,30 @@ struct Walk<'a> {
     merged: &'a Path,
     size: u64,
     recipe_path: &'a Path,
-    epoch: u64,
 }
 
 impl Walk<'_> {
     /// Walk the root in another thread while `mkfs` (mke2fs, reading the
     /// same tree) runs in this one: they take about as long, on different
     /// cores. Then refuse a root too big for `image.size` (whatever mke2fs
-    /// made of it), and clamp the recorded times as the image has them.
+    /// made of it). The times are the tree's, not yet clamped.
     fn beside(&self, mkfs: impl FnOnce() -> Result<()>) -> Result<Vec<FileEntry>> {
         let (files, made) = std::thread::scope(|s| {
-            let walk = s.spawn(|| tree::walk(self.merged, &|_| false));
+            let walk = s.spawn(|| {
+                let started = std::time::Instant::now();
+                (tree::walk(self.merged, &|_| false), started.elapsed())
+            });
             let made = mkfs();
             (walk.join(), made)
         });
-        let mut files = files
-            .map_err(|_| anyhow::anyhow!("the walk of the root filesystem panicked"))?
-            .context("recording the root filesystem")?;
+        let (files, took) =
+            files.map_err(|_| anyhow::anyhow!("the walk of the root filesystem panicked"))?;
+        // Counted here: the walk's thread does not count for this build.
+        crate::cmd::record_time(
+            "walk and hash (root, beside mke2fs)".into(),
+            took.as_secs_f64(),
+        );
+        let files = files.context("recording the root filesystem")?;
         let needed = tree_bytes(&files);
         // ext4 needs room for its metadata and a reserve beyond the files.
         if needed + needed / 8 + 32 * MIB > self.size {
@@ -358,18 +412,30 @@ impl Walk<'_> {
             .into());
         }
         made?;
-        for f in &mut files {
-            f.mtime = f.mtime.min(self.epoch as i64);
-        }
         Ok(files)
     }
 }
 
-/// Where the partitions of a disk being assembled start.
+/// Where the partitions of a disk being assembled are.
 struct Layout {
     raw: PathBuf,
+    esp_start: u64,
+    esp_size: u64,
     root_start: u64,
     hash_start: u64,
+    hash_size: u64,
+    total: u64,
+}
+
+/// The disk laid out and created, its UKI built (or taken from the cache),
+/// before the root is written into it.
+struct Prepared {
+    layout: Layout,
+    uki: PathBuf,
+    /// Signed already when it is final (not sealed).
+    signed: Option<secure_boot::SignedUki>,
+    uki_inputs: UkiInputs,
+    fresh_uki: bool,
 }
 
 /// The disk with its table and ESP, and the UKI on it.
@@ -392,22 +458,38 @@ struct Disk<'a> {
     key: Key,
     epoch: u64,
     staging: &'a Path,
+    /// Where `disk.raw` is made: the staging dir, or memory.
+    raw_dir: &'a Path,
     signer: Option<&'a secure_boot::Signer>,
     uki_cache: &'a Path,
     root_size: u64,
 }
 
 impl Disk<'_> {
-    /// The UKI (from the store's cache when it was built before; signed
-    /// last), then `staging/disk.raw` with its partition table and ESP. A
-    /// sealed image's hash partition follows the root.
-    fn start(&self, root_args: &str, sealed: Option<(&verity::Verity, u64)>) -> Result<Started> {
-        let (key, staging) = (self.key, self.staging);
+    /// The UKI's command line: a sealed root's (with `v`'s hash) or a
+    /// plain one's, then the recipe's.
+    fn cmdline(&self, v: Option<&verity::Verity>) -> String {
+        let root_args = match v {
+            Some(v) => format!("{} ro", v.cmdline()),
+            None => format!("root=LABEL={ROOT_LABEL} ro"),
+        };
+        format!("{root_args} {}", self.spec.cmdline)
+    }
+
+    /// The UKI (from the store's cache when it was built before; a sealed
+    /// image's with a placeholder root hash, the same for every sealed image
+    /// of the same kernel and initrd), signed when it is final, then
+    /// `staging/disk.raw` laid out around it, empty. A sealed image's hash
+    /// partition (`hash_size` bytes) follows the root.
+    fn prepare(&self, hash_size: u64) -> Result<Prepared> {
+        let staging = self.staging;
         let uki = staging.join("uki.efi");
+        let sealed = self.spec.verity;
+        let placeholder = sealed.then(verity::Verity::placeholder);
         let uki_inputs = UkiInputs::of(
             self.merged,
             self.kernel,
-            &format!("{root_args} {}", self.spec.cmdline),
+            &self.cmdline(placeholder.as_ref()),
             self.epoch,
         )?;
         let fresh = !uki_inputs.reuse(self.uki_cache, &uki)?;
@@ -418,64 +500,132 @@ impl Disk<'_> {
             std::fs::copy(&uki, staging.join(UNSIGNED_UKI))
                 .with_context(|| format!("copying {}", uki.display()))?;
         }
-        // The last change to the UKI: any byte changed after it voids the signature.
-        let signed = self
-            .signer
-            .map(|s| secure_boot::sign(&uki, s, staging))
-            .transpose()?;
+        let signed = if sealed { None } else { self.sign(&uki)? };
+        let layout = self.layout(&uki, hash_size)?;
+        let raw = &layout.raw;
+        std::fs::File::create(raw)
+            .and_then(|f| f.set_len(layout.total))
+            .with_context(|| format!("creating {}", raw.display()))?;
+        Ok(Prepared {
+            layout,
+            uki,
+            signed,
+            uki_inputs,
+            fresh_uki: fresh,
+        })
+    }
 
-        let uki_len = std::fs::metadata(&uki)
+    /// The last change to the UKI: any byte changed after it voids the
+    /// signature.
+    fn sign(&self, uki: &Path) -> Result<Option<secure_boot::SignedUki>> {
+        self.signer
+            .map(|s| secure_boot::sign(uki, s, self.staging))
+            .transpose()
+    }
+
+    /// Where the partitions go around `uki`.
+    fn layout(&self, uki: &Path, hash_size: u64) -> Result<Layout> {
+        let uki_len = std::fs::metadata(uki)
             .with_context(|| format!("reading {}", uki.display()))?
             .len();
         let esp_size = round_up((uki_len + ESP_SLACK).max(ESP_MIN), MIB);
         let esp_start = GPT_GAP;
         let root_start = esp_start + esp_size;
         let hash_start = root_start + self.root_size;
-        let hash_size = sealed.map_or(0, |(_, size)| size);
-        let total = hash_start + hash_size + GPT_GAP;
+        Ok(Layout {
+            raw: self.raw_dir.join("disk.raw"),
+            esp_start,
+            esp_size,
+            root_start,
+            hash_start,
+            hash_size,
+            total: hash_start + hash_size + GPT_GAP,
+        })
+    }
 
-        let raw = staging.join("disk.raw");
-        let file =
-            std::fs::File::create(&raw).with_context(|| format!("creating {}", raw.display()))?;
-        file.set_len(total)
-            .with_context(|| format!("sizing {}", raw.display()))?;
-        drop(file);
-
+    /// With the root written into the disk: a sealed image's root hash
+    /// into its UKI (which is then signed), the partition table, and the
+    /// ESP with the UKI.
+    fn finish(&self, prepared: Prepared, sealed: Option<&verity::Verity>) -> Result<Started> {
+        let Prepared {
+            mut layout,
+            uki,
+            mut signed,
+            uki_inputs,
+            fresh_uki,
+        } = prepared;
+        if let Some(v) = sealed {
+            set_uki_cmdline(&uki, &uki_inputs.cmdline, &self.cmdline(Some(v)))?;
+            signed = self.sign(&uki)?;
+            // The same size unsigned; a signature can make the ESP a MiB
+            // larger and move the root and its hash tree.
+            let signed_layout = self.layout(&uki, layout.hash_size)?;
+            if signed_layout.root_start != layout.root_start {
+                self.relocate(&layout, &signed_layout)?;
+                layout = signed_layout;
+            }
+        }
+        let key = self.key;
         let mut table = format!(
             "label: gpt\nlabel-id: {}\nunit: sectors\n\
              start={}, size={}, type={ESP_TYPE}, name=esp, uuid={}\n\
              start={}, size={}, type={ROOT_TYPE}, name={ROOT_LABEL}, uuid={}\n",
             key.derive_uuid("disk"),
-            esp_start / SECTOR,
-            esp_size / SECTOR,
+            layout.esp_start / SECTOR,
+            layout.esp_size / SECTOR,
             key.derive_uuid("esp-partition"),
-            root_start / SECTOR,
+            layout.root_start / SECTOR,
             self.root_size / SECTOR,
             match sealed {
-                Some((v, _)) => v.data_partition_uuid.clone(),
+                Some(v) => v.data_partition_uuid.clone(),
                 None => key.derive_uuid("root-partition"),
             },
         );
-        if let Some((v, _)) = sealed {
-            table.push_str(&verity_table_line(hash_start, hash_size, v));
+        if let Some(v) = sealed {
+            table.push_str(&verity_table_line(layout.hash_start, layout.hash_size, v));
         }
         Cmd::new("sfdisk")
             .args(["--quiet", "--no-reread", "--no-tell-kernel"])
-            .arg(&raw)
+            .arg(&layout.raw)
             .stdin_bytes(table)
             .run()?;
-        make_esp(&raw, esp_start, esp_size, &uki, key, self.epoch)?;
+        make_esp(
+            &layout.raw,
+            layout.esp_start,
+            layout.esp_size,
+            &uki,
+            key,
+            self.epoch,
+        )?;
         Ok(Started {
-            layout: Layout {
-                raw,
-                root_start,
-                hash_start,
-            },
+            layout,
             uki,
             signed,
             uki_inputs,
-            fresh_uki: fresh,
+            fresh_uki,
         })
+    }
+
+    /// Move the root and its hash tree from where `from` put them to where
+    /// `to` does, in a new disk file (only when signing a sealed UKI made
+    /// its ESP larger).
+    fn relocate(&self, from: &Layout, to: &Layout) -> Result<()> {
+        crate::cmd::log_line(&format!(
+            "the signed UKI needs a larger ESP: moving the root from byte {} to {}",
+            from.root_start, to.root_start
+        ));
+        let moved = self.raw_dir.join("disk.raw.moved");
+        std::fs::File::create(&moved)
+            .and_then(|f| f.set_len(to.total))
+            .with_context(|| format!("creating {}", moved.display()))?;
+        let root_and_tree = verity::Span {
+            file: &from.raw,
+            at: from.root_start,
+            len: self.root_size + from.hash_size,
+        };
+        verity::copy_span(root_and_tree, &moved, to.root_start)?;
+        std::fs::rename(&moved, &to.raw)
+            .with_context(|| format!("renaming {} to {}", moved.display(), to.raw.display()))
     }
 }
 
@@ -587,8 +737,11 @@ fn remove_debris(merged: &Path) -> Result<()> {
 }
 
 /// Give every inode of the root filesystem (at `offset` in `raw`) the
-/// clamped mtime of its entry as mtime, atime and ctime, in one debugfs run
-/// (mke2fs copied the tree's real atimes and ctimes: see the module docs).
+/// clamped mtime of its entry as mtime, atime and ctime (mke2fs copied the
+/// tree's real atimes and ctimes: see the module docs): in the inode tables
+/// ([`ext4_times`]), then with one debugfs run for the paths whose times
+/// those cannot tell from the inode (before 1970 or after 2106; usually
+/// none).
 fn set_times(
     raw: &Path,
     offset: u64,
@@ -596,8 +749,19 @@ fn set_times(
     epoch: u64,
     scratch: &Path,
 ) -> Result<()> {
+    crate::cmd::timed("timestamps (inode tables)", || {
+        ext4_times::pin(raw, offset, epoch)
+    })
+    .context("setting the root filesystem's timestamps")?;
+    let odd: Vec<&FileEntry> = files
+        .iter()
+        .filter(|f| !ext4_times::pinned_by_inode(f.mtime))
+        .collect();
+    if odd.is_empty() {
+        return Ok(());
+    }
     let mut script = String::new();
-    for f in files {
+    for f in odd {
         if f.path.contains('\n') {
             anyhow::bail!(
                 "the image holds a path with a newline, which debugfs cannot address: {:?}",
@@ -856,9 +1020,51 @@ fn make_uki(inputs: &UkiInputs, out: &Path, scratch: &Path) -> Result<()> {
 }
 
 /// objcopy (binutils 2.40) stamps a PE file's COFF header with the current
-/// time and ignores SOURCE_DATE_EPOCH: set the stamp to `epoch` and
-/// recompute the optional header's checksum to match.
+/// time and ignores SOURCE_DATE_EPOCH: set the stamp to `epoch` (and the
+/// checksum to match).
 fn pin_pe_timestamp(path: &Path, epoch: u64) -> Result<()> {
+    let stamp = u32::try_from(epoch).context("SOURCE_DATE_EPOCH does not fit a PE timestamp")?;
+    edit_pe(path, |data, pe| {
+        data[pe + 8..pe + 12].copy_from_slice(&stamp.to_le_bytes());
+        Ok(())
+    })
+}
+
+/// Replace the command line `from` in the UKI's `.cmdline` section by
+/// `to`, of the same length. objcopy copies a section's bytes as they are
+/// and lays the file out by the sections' sizes alone, so the result is
+/// byte for byte the UKI that objcopy makes with `to` (a unit test
+/// compares the two), without copying the kernel and initrd again.
+fn set_uki_cmdline(path: &Path, from: &str, to: &str) -> Result<()> {
+    if from.len() != to.len() {
+        anyhow::bail!("a UKI's command line can only be replaced by one as long");
+    }
+    edit_pe(path, |data, pe| {
+        let half = |at: usize| usize::from(u16::from_le_bytes([data[at], data[at + 1]]));
+        let word = |at: usize| {
+            u32::from_le_bytes([data[at], data[at + 1], data[at + 2], data[at + 3]]) as usize
+        };
+        let sections = half(pe + 6);
+        let table = pe + 24 + half(pe + 20);
+        let found = (0..sections)
+            .map(|i| table + 40 * i)
+            .take_while(|at| at + 40 <= data.len())
+            .find(|&at| &data[at..at + 8] == b".cmdline");
+        let Some(at) = found else {
+            anyhow::bail!("{} has no .cmdline section", path.display());
+        };
+        let (size, start) = (word(at + 8), word(at + 20));
+        if size != from.len() || data.get(start..start + size) != Some(from.as_bytes()) {
+            anyhow::bail!("{}'s .cmdline section is not `{from}`", path.display());
+        }
+        data[start..start + size].copy_from_slice(to.as_bytes());
+        Ok(())
+    })
+}
+
+/// Change the PE file at `path` with `edit` (given its bytes and where its
+/// PE header starts), then set its checksum to match.
+fn edit_pe(path: &Path, edit: impl FnOnce(&mut Vec<u8>, usize) -> Result<()>) -> Result<()> {
     let mut data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let word = |d: &[u8], at: usize| {
         d.get(at..at + 4)
@@ -868,8 +1074,7 @@ fn pin_pe_timestamp(path: &Path, epoch: u64) -> Result<()> {
     if data.get(pe..pe + 4) != Some(b"PE\0\0".as_slice()) || data.len() < pe + 92 {
         anyhow::bail!("{} is not a PE file", path.display());
     }
-    let stamp = u32::try_from(epoch).context("SOURCE_DATE_EPOCH does not fit a PE timestamp")?;
-    data[pe + 8..pe + 12].copy_from_slice(&stamp.to_le_bytes());
+    edit(&mut data, pe)?;
     let checksum_at = pe + 24 + 64;
     let checksum = pe_checksum(&data, checksum_at);
     data[checksum_at..checksum_at + 4].copy_from_slice(&checksum.to_le_bytes());
@@ -985,6 +1190,47 @@ mod tests {
         let last = changed.len() - 1;
         changed[last] ^= 0x01;
         assert_ne!(pe_checksum(&changed, at), stored);
+    }
+
+    #[test]
+    fn a_root_hash_put_into_a_uki_gives_the_uki_objcopy_makes_with_it() {
+        // What a sealed image does: a UKI made with the placeholder hash,
+        // the real one put in afterwards, against objcopy (binutils) making
+        // the UKI with the real hash.
+        let dir = tempfile::tempdir().unwrap();
+        let part = |name: &str, len: usize| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, name.repeat(len)).unwrap();
+            p
+        };
+        let cmdline = |v: &verity::Verity| format!("{} ro console=ttyS0", v.cmdline());
+        let inputs = |v: &verity::Verity| UkiInputs {
+            linux: part("linux", 70_001),
+            initrd: part("initrd", 90_003),
+            osrel: part("osrel", 3),
+            cmdline: cmdline(v),
+            epoch: 1_700_000_000,
+            key: String::new(),
+        };
+        let (placeholder, real) = (
+            verity::Verity::placeholder(),
+            verity::Verity::new(&"c0ffee42".repeat(8)).unwrap(),
+        );
+        let made = dir.path().join("placeholder.efi");
+        make_uki(&inputs(&placeholder), &made, dir.path()).unwrap();
+        let theirs = dir.path().join("real.efi");
+        make_uki(&inputs(&real), &theirs, dir.path()).unwrap();
+        set_uki_cmdline(&made, &cmdline(&placeholder), &cmdline(&real)).unwrap();
+        assert!(
+            std::fs::read(&made).unwrap() == std::fs::read(&theirs).unwrap(),
+            "the UKI with the hash put in differs from objcopy's"
+        );
+        // Only the command line it holds is replaced.
+        let err = set_uki_cmdline(&made, &cmdline(&placeholder), &cmdline(&real)).unwrap_err();
+        assert!(
+            format!("{err:#}").contains(".cmdline section is not"),
+            "{err:#}"
+        );
     }
 
     #[test]

@@ -1,10 +1,10 @@
 //! Sealed images (`[image] verity = true`): the root filesystem under a
 //! dm-verity hash tree, which the guest's kernel checks on every read.
 //!
-//! The root ext4 is written to its own file, kiln writes its hash tree to
-//! another (exactly what `veritysetup format` would, without reading the
-//! holes: see [`format`]), and both are copied into the disk; no
-//! device-mapper or loop device on the host. The salt and the hash tree's
+//! The root ext4 is written into the disk's root partition, and kiln
+//! writes its hash tree into the partition after it (exactly what
+//! `veritysetup format` would, without reading the holes: see
+//! [`format_at`]); no device-mapper or loop device on the host. The salt and the hash tree's
 //! UUID come from the image key, so the same layers give the same root
 //! hash. As the Discoverable Partitions Specification and
 //! systemd-repart have it, the data partition's GPT UUID is the first 128
@@ -58,6 +58,13 @@ impl Verity {
         })
     }
 
+    /// The facts of a root hash not known yet, of a root hash's length:
+    /// the UKI's command line with it is as long as it will be with the
+    /// real one, so the disk can be laid out before the root is hashed.
+    pub fn placeholder() -> Verity {
+        Verity::new(&"0".repeat(64)).expect("64 hex digits are a root hash")
+    }
+
     /// The kernel arguments that open and mount the verity root.
     pub fn cmdline(&self) -> String {
         format!(
@@ -107,24 +114,66 @@ pub fn table_root_hash(table: &str) -> Option<String> {
 }
 
 /// Write the hash tree of `data` to `hash` (a new file) and return the
-/// root hash: what `veritysetup format --hash=sha256 --data-block-size=4096
+/// root hash: [`format_at`] with each in a file of its own.
+pub fn format(data: &Path, hash: &Path, key: Key) -> Result<String> {
+    let len = std::fs::metadata(data)
+        .with_context(|| format!("reading {}", data.display()))?
+        .len();
+    std::fs::File::create(hash).with_context(|| format!("creating {}", hash.display()))?;
+    format_at(
+        Span {
+            file: data,
+            at: 0,
+            len,
+        },
+        hash,
+        0,
+        key,
+    )
+}
+
+/// `len` bytes at byte `at` of `file`.
+#[derive(Clone, Copy)]
+pub struct Span<'a> {
+    pub file: &'a Path,
+    pub at: u64,
+    pub len: u64,
+}
+
+/// The bytes of the hash tree of `data_len` bytes of data: the superblock's
+/// block, then each level of hashes in whole blocks.
+pub fn tree_size(data_len: u64) -> u64 {
+    let per_block = BLOCK / 32;
+    let mut blocks = data_len / BLOCK;
+    let mut size = BLOCK;
+    loop {
+        blocks = blocks.div_ceil(per_block);
+        size += blocks * BLOCK;
+        if blocks <= 1 {
+            return size;
+        }
+    }
+}
+
+/// Write the hash tree of `data` at byte `hash_at` of the existing file
+/// `hash` (which may be the same file: a disk) and return the root hash:
+/// what `veritysetup format --hash=sha256 --data-block-size=4096
 /// --hash-block-size=4096 --salt=SALT --uuid=UUID` writes (format version 1,
-/// superblock first), byte for byte (a unit test compares the two).
+/// superblock first), byte for byte (a unit test compares the two); the
+/// tree takes [`tree_size`] bytes.
 ///
 /// Done here rather than by veritysetup because the root is mostly holes: a
 /// 2 GiB root with 300 MB of files would have veritysetup read and hash
 /// 2 GiB, where every all-zero block has the same hash, computed once; only
 /// the blocks the file system wrote are read.
-pub fn format(data: &Path, hash: &Path, key: Key) -> Result<String> {
+pub fn format_at(data: Span, hash: &Path, hash_at: u64, key: Key) -> Result<String> {
     let salt = salt_bytes(key);
     let uuid = key.derive_uuid("root-verity");
-    let len = std::fs::metadata(data)
-        .with_context(|| format!("reading {}", data.display()))?
-        .len();
-    if len % BLOCK != 0 || len < 2 * BLOCK {
+    let (name, len) = (data.file.display(), data.len);
+    if !len.is_multiple_of(BLOCK) || len < 2 * BLOCK || !data.at.is_multiple_of(BLOCK) {
         anyhow::bail!(
-            "{} is {len} bytes, not a whole number (at least 2) of {BLOCK}-byte blocks",
-            data.display()
+            "{name} at {}: {len} bytes, not a whole number (at least 2) of aligned {BLOCK}-byte blocks",
+            data.at
         );
     }
     let blocks = len / BLOCK;
@@ -136,39 +185,55 @@ pub fn format(data: &Path, hash: &Path, key: Key) -> Result<String> {
     };
     let zero_hash = digest(&[0u8; BLOCK as usize]);
 
-    // Level 0: the hash of every data block, read only where data is.
+    // Level 0: the hash of every data block, read only where data is, in
+    // pieces of 1 MiB that one thread per core reads and hashes.
     let mut level: Vec<[u8; 32]> = vec![zero_hash; blocks as usize];
-    let mut file =
-        std::fs::File::open(data).with_context(|| format!("opening {}", data.display()))?;
-    // Read 8 MiB at a time and hash it on every core.
-    const CHUNK: u64 = 2048;
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut buf = vec![0u8; (CHUNK * BLOCK) as usize];
-    for (from, to) in data_ranges(&file, len)? {
-        let (first, last) = (from / BLOCK, to.div_ceil(BLOCK));
-        file.seek(SeekFrom::Start(first * BLOCK))
-            .with_context(|| format!("reading {}", data.display()))?;
-        let mut b = first;
+    let file = std::fs::File::open(data.file).with_context(|| format!("opening {name}"))?;
+    const PIECE: u64 = 256;
+    let mut pieces: Vec<(u64, u64)> = Vec::new();
+    for (from, to) in data_ranges(&file, data.at, data.at + len)? {
+        let (mut b, last) = ((from - data.at) / BLOCK, (to - data.at).div_ceil(BLOCK));
         while b < last {
-            let n = (last - b).min(CHUNK);
-            let chunk = &mut buf[..(n * BLOCK) as usize];
-            file.read_exact(chunk)
-                .with_context(|| format!("reading {}", data.display()))?;
-            let hashes = &mut level[b as usize..(b + n) as usize];
-            let per_thread = (n as usize).div_ceil(threads);
-            std::thread::scope(|s| {
-                for (part, out) in chunk
-                    .chunks(per_thread * BLOCK as usize)
-                    .zip(hashes.chunks_mut(per_thread))
-                {
-                    s.spawn(move || {
-                        for (block, h) in part.chunks(BLOCK as usize).zip(out) {
-                            *h = digest(block);
-                        }
-                    });
-                }
-            });
+            let n = (last - b).min(PIECE);
+            pieces.push((b, n));
             b += n;
+        }
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    // Per thread: the first block of each piece it hashed, and the hashes.
+    type Hashed = Vec<(u64, Vec<[u8; 32]>)>;
+    let hashed: Vec<Result<Hashed>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    use std::os::unix::fs::FileExt;
+                    let mut buf = vec![0u8; (PIECE * BLOCK) as usize];
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(&(first, n)) = pieces.get(i) else {
+                            return Ok(done);
+                        };
+                        let piece = &mut buf[..(n * BLOCK) as usize];
+                        file.read_exact_at(piece, data.at + first * BLOCK)
+                            .with_context(|| format!("reading {name}"))?;
+                        done.push((first, piece.chunks(BLOCK as usize).map(digest).collect()));
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("hashing {name} panicked")))
+            })
+            .collect()
+    });
+    for worker in hashed {
+        for (first, hashes) in worker? {
+            level[first as usize..first as usize + hashes.len()].copy_from_slice(&hashes);
         }
     }
     // Each level up hashes the blocks of the one below (128 hashes to a
@@ -187,15 +252,18 @@ pub fn format(data: &Path, hash: &Path, key: Key) -> Result<String> {
             break;
         }
     }
-    let mut out =
-        std::fs::File::create(hash).with_context(|| format!("creating {}", hash.display()))?;
-    out.write_all(&superblock(&uuid, &salt, blocks)?)
-        .and_then(|()| out.seek(SeekFrom::Start(BLOCK)).map(|_| ()))
-        .with_context(|| format!("writing {}", hash.display()))?;
+    let mut tree = superblock(&uuid, &salt, blocks)?;
+    tree.resize(BLOCK as usize, 0);
     for packed in stored.iter().rev() {
-        out.write_all(packed)
-            .with_context(|| format!("writing {}", hash.display()))?;
+        tree.extend_from_slice(packed);
     }
+    debug_assert_eq!(tree.len() as u64, tree_size(len));
+    use std::os::unix::fs::FileExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(hash)
+        .and_then(|out| out.write_all_at(&tree, hash_at))
+        .with_context(|| format!("writing {}", hash.display()))?;
     Ok(hex(&level[0]))
 }
 
@@ -230,14 +298,14 @@ fn superblock(uuid: &str, salt: &[u8; 32], data_blocks: u64) -> Result<Vec<u8>> 
     Ok(sb)
 }
 
-/// The byte ranges of `file` (of length `len`) that hold data, from
+/// The byte ranges of `file` between `from` and `to` that hold data, from
 /// `SEEK_DATA`/`SEEK_HOLE`: the rest are holes, which read as zeros.
-fn data_ranges(file: &std::fs::File, len: u64) -> Result<Vec<(u64, u64)>> {
+fn data_ranges(file: &std::fs::File, from: u64, to: u64) -> Result<Vec<(u64, u64)>> {
     use std::os::fd::AsRawFd;
     let fd = file.as_raw_fd();
     let mut ranges = Vec::new();
-    let mut at: u64 = 0;
-    while at < len {
+    let mut at = from;
+    while at < to {
         // SAFETY: lseek on an open descriptor has no memory effects.
         let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
         if data < 0 {
@@ -246,16 +314,15 @@ fn data_ranges(file: &std::fs::File, len: u64) -> Result<Vec<(u64, u64)>> {
                 break; // only a hole from here on
             }
             // A file system without SEEK_DATA: the rest is data.
-            ranges.push((at, len));
+            ranges.push((at, to));
+            break;
+        }
+        if data as u64 >= to {
             break;
         }
         // SAFETY: as above.
         let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        let end = if hole < 0 {
-            len
-        } else {
-            (hole as u64).min(len)
-        };
+        let end = if hole < 0 { to } else { (hole as u64).min(to) };
         ranges.push((data as u64, end));
         at = end;
     }
@@ -306,27 +373,31 @@ fn nonzero_runs(data: &[u8], block: usize) -> Vec<(usize, usize)> {
     runs
 }
 
-/// Copy all of `src` into `dest` at byte `offset` (all-zero blocks of
-/// `src` are skipped: `dest` is a new sparse file there).
-pub fn copy_into(src: &Path, dest: &Path, offset: u64) -> Result<()> {
-    let len = std::fs::metadata(src)
-        .with_context(|| format!("reading {}", src.display()))?
-        .len();
-    copy_range(src, 0, len, dest, offset)
-}
-
 /// Copy `len` bytes of `src` from byte `offset` to the new sparse file
 /// `dest`.
 pub fn copy_out(src: &Path, offset: u64, len: u64, dest: &Path) -> Result<()> {
     std::fs::File::create(dest)
         .and_then(|f| f.set_len(len))
         .with_context(|| format!("creating {}", dest.display()))?;
-    copy_range(src, offset, len, dest, 0)
+    copy_span(
+        Span {
+            file: src,
+            at: offset,
+            len,
+        },
+        dest,
+        0,
+    )
 }
 
-/// Copy `len` bytes at `from_at` in `src` to `to_at` in the existing
-/// `dest`, writing only what `src` holds as data and is not all zeros.
-fn copy_range(src: &Path, from_at: u64, len: u64, dest: &Path, to_at: u64) -> Result<()> {
+/// Copy `src` to byte `to_at` of the existing `dest`, writing only what
+/// `src` holds as data and is not all zeros (`dest` is sparse there).
+pub fn copy_span(src: Span, dest: &Path, to_at: u64) -> Result<()> {
+    let Span {
+        file: src,
+        at: from_at,
+        len,
+    } = src;
     let mut from =
         std::fs::File::open(src).with_context(|| format!("opening {}", src.display()))?;
     let src_len = from
@@ -339,7 +410,7 @@ fn copy_range(src: &Path, from_at: u64, len: u64, dest: &Path, to_at: u64) -> Re
         .with_context(|| format!("opening {}", dest.display()))?;
     let end = (from_at + len).min(src_len);
     let mut buf = vec![0u8; 1 << 20];
-    for (start, stop) in data_ranges(&from, src_len)? {
+    for (start, stop) in data_ranges(&from, from_at, end)? {
         let (start, stop) = (start.max(from_at), stop.min(end));
         if start >= stop {
             continue;
@@ -477,7 +548,39 @@ mod tests {
                 std::fs::read(&ours).unwrap() == std::fs::read(&theirs).unwrap(),
                 "{blocks} blocks: the hash files differ"
             );
+            assert_eq!(
+                tree_size(blocks * BLOCK),
+                std::fs::metadata(&theirs).unwrap().len()
+            );
             assert_eq!(verify(&data, &ours, &root), None);
+
+            // The same data inside a disk, its tree written into the disk
+            // after it: the same root hash and tree.
+            let disk = dir.path().join(format!("disk-{blocks}"));
+            let (data_at, len) = (3 * BLOCK, blocks * BLOCK);
+            let hash_at = data_at + len + BLOCK;
+            std::fs::File::create(&disk)
+                .unwrap()
+                .set_len(hash_at + tree_size(len) + BLOCK)
+                .unwrap();
+            let span = Span {
+                file: &data,
+                at: 0,
+                len,
+            };
+            copy_span(span, &disk, data_at).unwrap();
+            let in_disk = Span {
+                file: &disk,
+                at: data_at,
+                len,
+            };
+            assert_eq!(format_at(in_disk, &disk, hash_at, key).unwrap(), root);
+            let bytes = std::fs::read(&disk).unwrap();
+            let at = hash_at as usize;
+            assert!(
+                bytes[at..at + tree_size(len) as usize] == std::fs::read(&theirs).unwrap()[..],
+                "{blocks} blocks: the tree in the disk differs"
+            );
         }
     }
 
@@ -494,7 +597,12 @@ mod tests {
             .unwrap()
             .set_len(8 << 20)
             .unwrap();
-        copy_into(&src, &disk, 1 << 20).unwrap();
+        let all = Span {
+            file: &src,
+            at: 0,
+            len: 3 << 20,
+        };
+        copy_span(all, &disk, 1 << 20).unwrap();
         let back = dir.path().join("back");
         copy_out(&disk, 1 << 20, 3 << 20, &back).unwrap();
         assert_eq!(std::fs::read(&back).unwrap(), data);
