@@ -930,7 +930,8 @@ fn a_base_that_leaves_its_initramfs_to_a_later_layer_gives_the_same_image() {
     ]);
     assert!(!run.status.success(), "{}", run.show());
     assert!(
-        run.stderr.contains("has no initrd for kernel"),
+        run.stderr.contains("has no initrd for kernel")
+            && run.stderr.contains("a later layer must build it"),
         "{}",
         run.show()
     );

@@ -913,7 +913,9 @@ impl UkiInputs {
         let initrd = root.join("boot").join(format!("initrd.img-{kernel}"));
         if !initrd.is_file() {
             anyhow::bail!(
-                "the image has no initrd for kernel {kernel}: install initramfs-tools in the image"
+                "the image has no initrd for kernel {kernel}: install initramfs-tools in the image; \
+                 where a layer says `initramfs = false`, a later layer must build it \
+                 (`update-initramfs -c -k all`)"
             );
         }
         let osrel = resolve_in_root(root, "/etc/os-release")
