@@ -291,12 +291,16 @@ fn initramfs_false_is_in_the_keys_of_the_steps_that_install_packages_only() {
     assert!(before.iter().zip(&after).all(|(b, a)| b.1 != a.1));
     let loaded = load(&recipe).unwrap();
     assert!(!loaded.base.initramfs);
-    let plan = plan::make(&loaded, &crate::lock::Locks::default()).unwrap();
-    let later: Vec<bool> = plan
-        .steps
-        .iter()
-        .map(|s| plan::initramfs_later(&s.inputs.spec))
-        .collect();
+    // Which steps of the recipe's plan leave their initramfs to later.
+    let later_of = |loaded: &Recipe| -> Vec<bool> {
+        plan::make(loaded, &crate::lock::Locks::default())
+            .unwrap()
+            .steps
+            .iter()
+            .map(|s| plan::initramfs_later(&s.inputs.spec))
+            .collect()
+    };
+    let later = later_of(&loaded);
     assert_eq!(later, [true, false, false, false, false, false]);
     // On a layer: its upgrade and packages steps, not its files or run.
     d.write(
@@ -305,13 +309,7 @@ fn initramfs_false_is_in_the_keys_of_the_steps_that_install_packages_only() {
             .replace("upgrade = true\n", "upgrade = true\ninitramfs = false\n")
             .replace("name = \"app\"\n", "name = \"app\"\ninitramfs = false\n"),
     );
-    let loaded = load(&recipe).unwrap();
-    let plan = plan::make(&loaded, &crate::lock::Locks::default()).unwrap();
-    let later: Vec<bool> = plan
-        .steps
-        .iter()
-        .map(|s| plan::initramfs_later(&s.inputs.spec))
-        .collect();
+    let later = later_of(&load(&recipe).unwrap());
     assert_eq!(later, [false, true, true, false, false, false]);
     // `initramfs = true` is the default: the keys are as written without it.
     d.write(
