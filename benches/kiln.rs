@@ -998,7 +998,17 @@ fn before_boot_work(golden: &Path) -> String {
         Some("console=ttyS0"),
         "golden.toml's cmdline changed: decide whether the change is boot-time work this bench must undo"
     );
+    // Before the boot layer built it, every kernel install built its own
+    // initramfs (golden's base and security layer now leave it to `boot`).
+    if let Some(base) = v["base"].as_table_mut() {
+        base.remove("initramfs");
+    }
     let layers = v["layer"].as_array_mut().unwrap();
+    for layer in layers.iter_mut() {
+        if let Some(layer) = layer.as_table_mut() {
+            layer.remove("initramfs");
+        }
+    }
     for name in ["apparmor", "boot"] {
         let before = layers.len();
         layers.retain(|l| l["name"].as_str() != Some(name));
