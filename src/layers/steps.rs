@@ -465,14 +465,24 @@ fn remove_stamp(stamp: &Path) -> Result<()> {
 /// lists) instead of downloading them again. Only a cache: apt checks and
 /// replaces what does not match.
 fn seed_lists(from: &Path, to: &Path) -> Result<()> {
-    let Ok(entries) = std::fs::read_dir(from) else {
+    if !from.is_dir() {
         return Ok(());
-    };
+    }
+    copy_lists(from, to, true)
+}
+
+/// Copy apt's list files (not its `lock`) from `from` into `to`, with their
+/// mtimes; `keep_existing`: leave a file `to` already has.
+fn copy_lists(from: &Path, to: &Path, keep_existing: bool) -> Result<()> {
+    let entries = std::fs::read_dir(from).with_context(|| format!("listing {}", from.display()))?;
     for entry in entries {
         let entry = entry.with_context(|| format!("listing {}", from.display()))?;
         let name = entry.file_name();
         let target = to.join(&name);
-        if name == "lock" || !entry.file_type().is_ok_and(|t| t.is_file()) || target.exists() {
+        if name == "lock"
+            || !entry.file_type().is_ok_and(|t| t.is_file())
+            || (keep_existing && target.exists())
+        {
             continue;
         }
         copy_keeping_time(&entry.path(), &target)?;
@@ -510,14 +520,7 @@ fn keep_base_lists(ctx: &Ctx, tree: &Path, fetched: &Path, fetched_at: u64) -> R
         return Ok(());
     }
     remove_stamp(&stamp)?;
-    let entries =
-        std::fs::read_dir(fetched).with_context(|| format!("listing {}", fetched.display()))?;
-    for entry in entries {
-        let entry = entry.with_context(|| format!("listing {}", fetched.display()))?;
-        if entry.file_name() != "lock" && entry.file_type().is_ok_and(|t| t.is_file()) {
-            copy_keeping_time(&entry.path(), &dir.join(entry.file_name()))?;
-        }
-    }
+    copy_lists(fetched, &dir, false)?;
     std::fs::write(&stamp, b"").with_context(|| format!("writing {}", stamp.display()))?;
     set_modified(&stamp, at)
 }
