@@ -427,18 +427,9 @@ struct Layout {
     total: u64,
 }
 
-/// The disk laid out and created, its UKI built (or taken from the cache),
-/// before the root is written into it.
-struct Prepared {
-    layout: Layout,
-    uki: PathBuf,
-    /// Signed already when it is final (not sealed).
-    signed: Option<secure_boot::SignedUki>,
-    uki_inputs: UkiInputs,
-    fresh_uki: bool,
-}
-
-/// The disk with its table and ESP, and the UKI on it.
+/// The disk and its UKI: laid out and created, the UKI built (or taken
+/// from the cache) by [`Disk::prepare`]; with its table and ESP, the UKI on
+/// it (signed, when it is), by [`Disk::finish`].
 struct Started {
     layout: Layout,
     /// The UKI as it is on the ESP (signed, when it was).
@@ -481,7 +472,7 @@ impl Disk<'_> {
     /// of the same kernel and initrd), signed when it is final, then
     /// `staging/disk.raw` laid out around it, empty. A sealed image's hash
     /// partition (`hash_size` bytes) follows the root.
-    fn prepare(&self, hash_size: u64) -> Result<Prepared> {
+    fn prepare(&self, hash_size: u64) -> Result<Started> {
         let staging = self.staging;
         let uki = staging.join("uki.efi");
         let sealed = self.spec.verity;
@@ -506,7 +497,7 @@ impl Disk<'_> {
         std::fs::File::create(raw)
             .and_then(|f| f.set_len(layout.total))
             .with_context(|| format!("creating {}", raw.display()))?;
-        Ok(Prepared {
+        Ok(Started {
             layout,
             uki,
             signed,
@@ -546,8 +537,8 @@ impl Disk<'_> {
     /// With the root written into the disk: a sealed image's root hash
     /// into its UKI (which is then signed), the partition table, and the
     /// ESP with the UKI.
-    fn finish(&self, prepared: Prepared, sealed: Option<&verity::Verity>) -> Result<Started> {
-        let Prepared {
+    fn finish(&self, prepared: Started, sealed: Option<&verity::Verity>) -> Result<Started> {
+        let Started {
             mut layout,
             uki,
             mut signed,
