@@ -17,7 +17,6 @@ static ONE_VM: Mutex<()> = Mutex::new(());
 /// A copy of `recipes/` (locks are written there, not in the checkout) and
 /// db built from it once, with its smoke (a blank volume).
 struct Db {
-    _dir: tempfile::TempDir,
     recipes: PathBuf,
     out: PathBuf,
     build: Output,
@@ -31,13 +30,10 @@ fn db() -> &'static Db {
             ("qemu-system-x86_64", "qemu-system-x86"),
             ("debugfs", "e2fsprogs"),
         ]);
-        let dir = tempfile::Builder::new()
-            .prefix("kiln-volumes-")
-            .tempdir()
-            .unwrap();
-        let recipes = dir.path().join("recipes");
+        let dir = common::once_per_run_dir("volumes-test");
+        let recipes = dir.join("recipes");
         common::copy_recipes(&recipes);
-        let out = dir.path().join("out");
+        let out = dir.join("out");
         let build = common::kiln_output(
             &out,
             &[
@@ -48,7 +44,6 @@ fn db() -> &'static Db {
             ],
         );
         Db {
-            _dir: dir,
             recipes,
             out,
             build,
