@@ -16,7 +16,7 @@ use common::{Kiln, Run};
 static ONE_VM: Mutex<()> = Mutex::new(());
 
 /// Built once per test run (without smoke) in `<shared store>.access-test/`,
-/// emptied by the next run: a copy of `recipes/` and its out dir.
+/// removed when the test binary exits: a copy of `recipes/` and its out dir.
 struct Images {
     recipes: PathBuf,
     out: PathBuf,

@@ -27,8 +27,7 @@ const VIRT_FW_VARS: &str = "/opt/kiln/venv/bin/virt-fw-vars";
 
 /// Built once per run: a copy of `recipes/`, the key pair, golden built
 /// signed (no smoke) into `signed/`, and unsigned into `unsigned/`, all in
-/// one folder beside the shared store. A static is never dropped, so the
-/// folder has a fixed name and the next run removes what this one left.
+/// one folder beside the shared store (see `common::once_per_run_dir`).
 struct Images {
     dir: PathBuf,
     recipes: PathBuf,

@@ -172,7 +172,10 @@ pub fn shared_store() -> PathBuf {
 /// `<shared store>.<name>`, emptied and made anew: the work folder of a
 /// test binary's once-per-run images, kept in a static. A static is never
 /// dropped, so a TempDir there would leave a copy behind every run; this
-/// folder is instead emptied by the next run.
+/// folder is instead removed when the test binary exits (its images take a
+/// GB or more, and `make test` runs many binaries on one disk), and by the
+/// next run if that exit never came. `KILN_KEEP_TEST_DIRS=1` keeps it, to
+/// look at after a failure.
 pub fn once_per_run_dir(name: &str) -> PathBuf {
     let store = shared_store();
     let dir = store.with_file_name(format!(
@@ -183,7 +186,31 @@ pub fn once_per_run_dir(name: &str) -> PathBuf {
         std::fs::remove_dir_all(&dir).unwrap_or_else(|e| panic!("removing {}: {e}", dir.display()));
     }
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+    if std::env::var_os("KILN_KEEP_TEST_DIRS").is_none() {
+        remove_at_exit(&dir);
+    }
     dir
+}
+
+static REMOVE_AT_EXIT: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+fn remove_at_exit(dir: &Path) {
+    extern "C" fn remove_all() {
+        let dirs = std::mem::take(&mut *REMOVE_AT_EXIT.lock().unwrap_or_else(|e| e.into_inner()));
+        for dir in dirs {
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                eprintln!("warning: removing {}: {e}", dir.display());
+            }
+        }
+    }
+    let mut dirs = REMOVE_AT_EXIT.lock().unwrap_or_else(|e| e.into_inner());
+    if dirs.is_empty() {
+        // SAFETY: registers a plain function that takes no arguments; the
+        // C library calls it once when the process exits normally.
+        let registered = unsafe { libc::atexit(remove_all) };
+        assert_eq!(registered, 0, "atexit failed");
+    }
+    dirs.push(dir.to_owned());
 }
 
 /// A temp dir on the same filesystem as the shared store (so copies into
