@@ -351,7 +351,21 @@ fn fresh_lists_are_reused_and_resolve_as_fetched_ones_do() {
     let (d, recipe) = locked_app(&kiln, "lk-lists");
     // `kiln lock` just fetched the archive's lists (or found them fetched
     // minutes ago): one more package resolves against them as they are.
-    std::fs::write(&recipe, app_recipe("lk-lists", "", "\"hello\", \"cowsay\"")).unwrap();
+    // A layer of this run's own below it makes the package step new even
+    // when an earlier run built the same pins (the shared store is warm).
+    d.write("nonce", common::nonce());
+    let text = app_recipe_with(
+        "lk-lists",
+        "",
+        "[[layer]]\nname = \"nonce\"\nfiles = [{ src = \"nonce\", dest = \"/etc/kiln-nonce\" }]\n\n",
+        "\"hello\", \"cowsay\"",
+    );
+    std::fs::write(&recipe, text).unwrap();
+    let mut cleanup = common::ForgetOnDrop::new(&kiln.store);
+    cleanup.add(
+        &kiln.plan(&recipe),
+        &["nonce/files", "app/packages", "app/files"],
+    );
     let reused = kiln.build(&recipe, &[]);
     assert_eq!(reused.row("app/packages").status, "built");
     let log = std::fs::read_to_string(kiln.out.join("lk-lists.build.log")).unwrap();

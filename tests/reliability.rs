@@ -41,9 +41,16 @@ fn nonce() -> String {
 }
 
 /// A scratch folder on /var/tmp (same filesystem as the stores) holding
-/// recipes and an out/ dir; removed when dropped.
+/// recipes and an out/ dir; removed when dropped, with the warm store's
+/// entries of the images built into it (see `common::forget_test_images`).
 struct Scratch {
     dir: tempfile::TempDir,
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        common::forget_test_images(&warm_store(), &self.out(), &[]);
+    }
 }
 
 impl Scratch {
