@@ -546,7 +546,9 @@ impl Disk<'_> {
             fresh_uki,
         } = prepared;
         if let Some(v) = sealed {
-            set_uki_cmdline(&uki, &uki_inputs.cmdline, &self.cmdline(Some(v)))?;
+            crate::cmd::timed("root hash into the UKI (verity)", || {
+                set_uki_cmdline(&uki, &uki_inputs.cmdline, &self.cmdline(Some(v)))
+            })?;
             signed = self.sign(&uki)?;
             // The same size unsigned; a signature can make the ESP a MiB
             // larger and move the root and its hash tree.
