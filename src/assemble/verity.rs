@@ -186,7 +186,8 @@ pub fn format_at(data: Span, hash: &Path, hash_at: u64, key: Key) -> Result<Stri
     let zero_hash = digest(&[0u8; BLOCK as usize]);
 
     // Level 0: the hash of every data block, read only where data is, in
-    // pieces of 1 MiB that one thread per core reads and hashes.
+    // pieces of 1 MiB that one thread per core hashes straight from the
+    // file's pages (mapped, not copied: the raw disk is usually in memory).
     let mut level: Vec<[u8; 32]> = vec![zero_hash; blocks as usize];
     let file = std::fs::File::open(data.file).with_context(|| format!("opening {name}"))?;
     const PIECE: u64 = 256;
@@ -199,6 +200,7 @@ pub fn format_at(data: Span, hash: &Path, hash_at: u64, key: Key) -> Result<Stri
             b += n;
         }
     }
+    let mapped = Mapped::new(&file, data.at, len).with_context(|| format!("mapping {name}"))?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let next = std::sync::atomic::AtomicUsize::new(0);
     // Per thread: the first block of each piece it hashed, and the hashes.
@@ -207,17 +209,14 @@ pub fn format_at(data: Span, hash: &Path, hash_at: u64, key: Key) -> Result<Stri
         let workers: Vec<_> = (0..threads)
             .map(|_| {
                 s.spawn(|| {
-                    use std::os::unix::fs::FileExt;
-                    let mut buf = vec![0u8; (PIECE * BLOCK) as usize];
                     let mut done = Vec::new();
                     loop {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let Some(&(first, n)) = pieces.get(i) else {
                             return Ok(done);
                         };
-                        let piece = &mut buf[..(n * BLOCK) as usize];
-                        file.read_exact_at(piece, data.at + first * BLOCK)
-                            .with_context(|| format!("reading {name}"))?;
+                        let piece = &mapped.bytes()
+                            [(first * BLOCK) as usize..((first + n) * BLOCK) as usize];
                         done.push((first, piece.chunks(BLOCK as usize).map(digest).collect()));
                     }
                 })
@@ -231,6 +230,7 @@ pub fn format_at(data: Span, hash: &Path, hash_at: u64, key: Key) -> Result<Stri
             })
             .collect()
     });
+    drop(mapped);
     for worker in hashed {
         for (first, hashes) in worker? {
             level[first as usize..first as usize + hashes.len()].copy_from_slice(&hashes);
@@ -296,6 +296,54 @@ fn superblock(uuid: &str, salt: &[u8; 32], data_blocks: u64) -> Result<Vec<u8>> 
     sb.extend_from_slice(&salt_field);
     sb.resize(512, 0);
     Ok(sb)
+}
+
+/// `len` bytes of a file from `at` (a multiple of the page size), mapped
+/// read-only for as long as this lives.
+struct Mapped {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and never changes owner; sharing
+// `&[u8]` views of it between threads is what a `&[u8]` allows anyway.
+unsafe impl Sync for Mapped {}
+
+impl Mapped {
+    fn new(file: &std::fs::File, at: u64, len: u64) -> std::io::Result<Mapped> {
+        use std::os::fd::AsRawFd;
+        let len = usize::try_from(len).map_err(std::io::Error::other)?;
+        // SAFETY: a fresh read-only shared mapping of an open file; no
+        // existing memory is touched. The file is kiln's own staging file,
+        // which nothing truncates while it is mapped.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                at as libc::off_t,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Mapped { ptr, len })
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `ptr` maps `len` readable bytes until `drop`.
+        unsafe { std::slice::from_raw_parts(self.ptr.cast::<u8>(), self.len) }
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping `new` made; no view outlives
+        // `self` (they borrow it).
+        unsafe { libc::munmap(self.ptr, self.len) };
+    }
 }
 
 /// The byte ranges of `file` between `from` and `to` that hold data, from
