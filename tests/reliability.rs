@@ -435,6 +435,10 @@ fn kill_9_mid_layer_and_mid_image_then_the_next_run_succeeds() {
         "the dead run's staging dirs were not removed: {still:?}"
     );
 
+    // This first image is the test's own and its manifest in out/ is about
+    // to be replaced: forget it now (Scratch forgets the second).
+    common::forget_test_images(&store, &s.out(), &[]);
+
     // Killed while assembling the image (between sfdisk and qemu-img).
     let recipe2 = s.recipe("kill9", &format!("[[layer]]\nname = \"slow\"\nrun = [\"echo {n} > /etc/kiln-k9; sleep 6\"]\n[[layer]]\nname = \"more\"\nrun = [\"echo more{n} > /etc/more\"]\n"));
     let tmp_before = listing(&store.join("tmp"));
