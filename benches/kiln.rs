@@ -650,6 +650,7 @@ fn sealed_rows(work: &Path, recipes: &Path, warm: &Path) -> Vec<[String; 4]> {
     let assemble = |recipe: &Path| {
         let image_key = plan_keys(warm, recipe).pop().unwrap();
         remove_entry(warm, &image_key);
+        settle();
         let report = kiln_json(
             warm,
             &out,
@@ -1248,7 +1249,17 @@ fn remove_if_there(dir: &Path) {
     }
 }
 
+/// Write back what earlier runs left for the disk (as `hyperfine --prepare
+/// sync` would), so that a timed run is not charged for them: each build
+/// writes its image twice (the store's copy, synced, and out/'s), and runs
+/// back to back otherwise pay for each other's writes.
+fn settle() {
+    // SAFETY: sync(2) takes no arguments and touches no memory of ours.
+    unsafe { libc::sync() };
+}
+
 fn time(f: impl FnOnce()) -> f64 {
+    settle();
     let started = Instant::now();
     f();
     started.elapsed().as_secs_f64()
