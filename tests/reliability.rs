@@ -42,14 +42,16 @@ fn nonce() -> String {
 
 /// A scratch folder on /var/tmp (same filesystem as the stores) holding
 /// recipes and an out/ dir; removed when dropped, with the warm store's
-/// entries of the images built into it (see `common::forget_test_images`).
+/// entries of the images built into it (see `common::TestImages`).
 struct Scratch {
     dir: tempfile::TempDir,
+    images: common::TestImages,
 }
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        common::forget_test_images(&warm_store(), &self.out(), &[]);
+        self.images.note(&self.out());
+        self.images.forget(&warm_store());
     }
 }
 
@@ -60,6 +62,7 @@ impl Scratch {
                 .prefix("kiln-rel-")
                 .tempdir_in("/var/tmp")
                 .unwrap(),
+            images: common::TestImages::default(),
         }
     }
 
@@ -101,11 +104,14 @@ impl Scratch {
     }
 
     fn build(&self, store: &Path, recipe: &Path) -> Output {
-        self.kiln(store)
+        let out = self
+            .kiln(store)
             .args(["build", "--no-smoke"])
             .arg(recipe)
             .output()
-            .unwrap()
+            .unwrap();
+        self.images.note(&self.out());
+        out
     }
 
     fn spawn_build(&self, store: &Path, recipe: &Path) -> Child {
@@ -434,10 +440,6 @@ fn kill_9_mid_layer_and_mid_image_then_the_next_run_succeeds() {
         still.is_empty(),
         "the dead run's staging dirs were not removed: {still:?}"
     );
-
-    // This first image is the test's own and its manifest in out/ is about
-    // to be replaced: forget it now (Scratch forgets the second).
-    common::forget_test_images(&store, &s.out(), &[]);
 
     // Killed while assembling the image (between sfdisk and qemu-img).
     let recipe2 = s.recipe("kill9", &format!("[[layer]]\nname = \"slow\"\nrun = [\"echo {n} > /etc/kiln-k9; sleep 6\"]\n[[layer]]\nname = \"more\"\nrun = [\"echo more{n} > /etc/more\"]\n"));

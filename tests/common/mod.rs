@@ -435,16 +435,12 @@ impl Run {
 ///
 /// A `Kiln` with a temp `--out` ([`Kiln::shared`], [`Kiln::with_store`])
 /// forgets, when dropped, the store's entry of every image it built whose
-/// name no shipped recipe has (`kt-disk`, `lk-sec`, …): those images are the
-/// test's own, each a few hundred MB, and nothing else uses them, while a
-/// full `make test` would otherwise leave some 30 of them (9 GB) in the
-/// shared store. Their layers stay, and the shipped recipes' images, which
-/// other tests reuse warm.
+/// name no shipped recipe has (see [`TestImages`]).
 pub struct Kiln {
     pub store: PathBuf,
     pub out: PathBuf,
     _out_tmp: Option<tempfile::TempDir>,
-    own_images: Option<std::sync::Mutex<Vec<String>>>,
+    images: TestImages,
 }
 
 impl Kiln {
@@ -459,7 +455,7 @@ impl Kiln {
             store: store.to_owned(),
             out: out.to_owned(),
             _out_tmp: None,
-            own_images: None,
+            images: TestImages::default(),
         }
     }
 
@@ -473,17 +469,7 @@ impl Kiln {
             store: store.to_owned(),
             out: out.path().join("out"),
             _out_tmp: Some(out),
-            own_images: Some(Default::default()),
-        }
-    }
-
-    /// Remember a built image's key (its row's first 12 hex digits) to
-    /// forget on drop, unless a shipped recipe has its name.
-    fn built_image(&self, name: &str, key_prefix: &str) {
-        if let (Some(own), false) = (&self.own_images, is_shipped(name)) {
-            own.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(key_prefix.to_owned());
+            images: TestImages::default(),
         }
     }
 
@@ -541,6 +527,9 @@ impl Kiln {
         );
         assert_no_leftovers(&self.store, &self.out)
             .unwrap_or_else(|m| panic!("{m}\nafter:\n{}", run.show()));
+        if self._out_tmp.is_some() {
+            self.images.note(&self.out);
+        }
         run
     }
 
@@ -567,9 +556,6 @@ impl Kiln {
         let run = self.run(&args);
         run.assert_code(0);
         let report: BuildReport = run.json();
-        if let Some(row) = report.rows.iter().find(|r| r.stage == "image") {
-            self.built_image(&report.image_name(), &row.key);
-        }
         // The same summary is kept beside the image.
         let kept = self.out.join(format!("{}.build.json", report.image_name()));
         let kept: BuildReport = serde_json::from_slice(
@@ -594,6 +580,72 @@ impl Kiln {
     }
 }
 
+impl Drop for Kiln {
+    fn drop(&mut self) {
+        if self._out_tmp.is_some() {
+            self.images.forget(&self.store);
+        }
+    }
+}
+
+/// The images a test made up, to forget from the store when the test is
+/// done: each a few hundred MB that nothing else uses, and a full `make
+/// test` would otherwise leave some 30 of them (9 GB) in the shared store.
+/// Their layers stay, and so do the images of the shipped recipes
+/// (`recipes/NAME.toml`), which other tests reuse warm.
+#[derive(Default)]
+pub struct TestImages(std::sync::Mutex<BTreeSet<String>>);
+
+impl TestImages {
+    /// Note the images whose build summaries (`NAME.build.json`) are in
+    /// `out` now; call it after each build, as a later build of the same
+    /// name replaces the summary.
+    pub fn note(&self, out: &Path) {
+        let mut noted = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        for entry in std::fs::read_dir(out).into_iter().flatten().flatten() {
+            let file_name = entry.file_name();
+            let Some(name) = file_name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".build.json"))
+            else {
+                continue;
+            };
+            let shipped = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("recipes")
+                .join(format!("{name}.toml"))
+                .is_file();
+            let report = std::fs::read(entry.path())
+                .ok()
+                .and_then(|b| serde_json::from_slice::<BuildReport>(&b).ok());
+            if let (Some(report), false) = (report, shipped) {
+                noted.extend(
+                    report
+                        .rows
+                        .into_iter()
+                        .filter(|r| r.stage == "image")
+                        .map(|r| r.key),
+                );
+            }
+        }
+    }
+
+    /// Forget the store's entries of the noted images (by the first 12 hex
+    /// digits of their keys, as the summaries give them).
+    pub fn forget(&self, store: &Path) {
+        let noted = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
+        let keys: Vec<String> = std::fs::read_dir(store.join(IMAGES))
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|k| noted.iter().any(|p| k.starts_with(p.as_str())))
+            .collect();
+        // No panic here: this also runs while a failed test unwinds.
+        if let Err(e) = forget(store, &[], &keys) {
+            eprintln!("warning: forgetting the test's images in the store: {e}");
+        }
+    }
+}
+
 /// A program that ran to its end.
 #[derive(Debug)]
 pub struct Finished {
@@ -612,57 +664,6 @@ pub const OUTPUT_GRACE: Duration = Duration::from_secs(30);
 /// pipe, or never closes one, cannot stall the wait); past the deadline the
 /// whole group is killed and reaped, and the error says so, with the output
 /// so far.
-impl Drop for Kiln {
-    fn drop(&mut self) {
-        let Some(own) = &self.own_images else { return };
-        let own = std::mem::take(&mut *own.lock().unwrap_or_else(|e| e.into_inner()));
-        forget_test_images(&self.store, &self.out, &own);
-    }
-}
-
-/// Whether a shipped recipe (`recipes/NAME.toml`) makes images called `name`.
-fn is_shipped(name: &str) -> bool {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("recipes")
-        .join(format!("{name}.toml"))
-        .is_file()
-}
-
-/// Forget the store's entries of the images a test made up: those whose
-/// key starts with one of `key_prefixes`, and those named by a manifest in
-/// `out` (what `kiln build` wrote there, whichever way it was run), unless
-/// a shipped recipe has the image's name (see [`Kiln`]). Their layers stay.
-pub fn forget_test_images(store: &Path, out: &Path, key_prefixes: &[String]) {
-    let mut prefixes = key_prefixes.to_vec();
-    for entry in std::fs::read_dir(out).into_iter().flatten().flatten() {
-        let Some(name) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.strip_suffix(".manifest.json"))
-            .map(str::to_owned)
-        else {
-            continue;
-        };
-        let key = std::fs::read(entry.path())
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .and_then(|m| m["image"]["key"].as_str().map(str::to_owned));
-        if let (Some(key), false) = (key, is_shipped(&name)) {
-            prefixes.push(key);
-        }
-    }
-    let keys: Vec<String> = std::fs::read_dir(store.join(IMAGES))
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|k| prefixes.iter().any(|p| k.starts_with(p.as_str())))
-        .collect();
-    // No panic here: this also runs while a failed test unwinds.
-    if let Err(e) = forget(store, &[], &keys) {
-        eprintln!("warning: forgetting the test's images in the store: {e}");
-    }
-}
-
 pub fn run_with_deadline(mut cmd: Command, timeout: Duration) -> Result<Finished, String> {
     use std::os::unix::process::CommandExt;
     use std::sync::mpsc;
