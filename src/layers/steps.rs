@@ -1035,15 +1035,6 @@ mod tests {
         std::fs::metadata(path).unwrap().modified().unwrap()
     }
 
-    fn set_mtime(path: &Path, secs: u64) {
-        std::fs::File::options()
-            .write(true)
-            .open(path)
-            .unwrap()
-            .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
-            .unwrap();
-    }
-
     #[test]
     fn an_upgrade_steps_lists_are_seeded_with_what_they_lack_keeping_times() {
         let dir = tempfile::tempdir().unwrap();
@@ -1057,7 +1048,11 @@ mod tests {
         ] {
             std::fs::write(from.join(name), text).unwrap();
         }
-        set_mtime(&from.join("a_InRelease"), 1_700_000_000);
+        set_modified(
+            &from.join("a_InRelease"),
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000),
+        )
+        .unwrap();
         std::fs::write(to.join("a_Packages"), "newer").unwrap();
         seed_lists(&from, &to).unwrap();
         assert_eq!(
