@@ -144,10 +144,12 @@ test-files:
 unit:
 	$(CARGO) test --locked --bins
 
-# kiln as it was before issue 15's speed work, for the bench's "before"
+# kiln as it was when issue 15 was filed (the last commit of the first
+# round: the kiln its "kiln now" column measured), for the bench's "before"
 # column (group `speed`): built once from git into the bench's directory.
+# Until 2026-12-01 evening this was 1a16b85, kiln after issue 10's work.
 BENCH_DIR     ?= /var/tmp/kiln-bench
-BEFORE_COMMIT := 1a16b85
+BEFORE_COMMIT := 880baec
 BEFORE_KILN   := $(BENCH_DIR)/before-$(BEFORE_COMMIT)/target/release/kiln
 
 bench: build $(BEFORE_KILN)

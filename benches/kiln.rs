@@ -18,8 +18,9 @@
 //! on loopback), `fleet` golden, web and db built one after the other
 //! beside the three in one run (`kiln build A B C`), `speed` the everyday
 //! jobs of issue 15 (no-op, one more package, assembly of unchanged layers)
-//! with this kiln beside kiln before that work (`KILN_BENCH_BEFORE`: `make
-//! bench` builds it from the commit the Makefile names), in turns.
+//! with this kiln beside kiln as it was when that issue was filed
+//! (`KILN_BENCH_BEFORE`: `make bench` builds it from the commit the
+//! Makefile names), in turns.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -830,7 +831,7 @@ impl Variant {
 
 /// Issue 15: golden's no-op rebuild, web.toml after adding one package, and
 /// golden's layers assembled into a new image (another hostname), with this
-/// kiln and, when `KILN_BENCH_BEFORE` names it, kiln before the speed work,
+/// kiln and, when `KILN_BENCH_BEFORE` names it, kiln when the issue was filed,
 /// each with its own warm store, run in turns so that both see the same load.
 fn speed_rows(work: &Path, breakdowns: &mut Vec<String>) -> Vec<[String; 4]> {
     let mut variants = vec![("now", PathBuf::from(KILN))];
@@ -843,7 +844,19 @@ fn speed_rows(work: &Path, breakdowns: &mut Vec<String>) -> Vec<[String; 4]> {
     let variants: Vec<Variant> = variants
         .into_iter()
         .map(|(name, kiln)| {
-            let dir = work.join(format!("speed-{name}"));
+            // Each kiln its own folder: a store one kiln wrote is not
+            // handed to another (the before kiln changes with the Makefile).
+            let dir = match name {
+                "now" => work.join("speed-now"),
+                _ => work.join(format!(
+                    "speed-{name}-{}",
+                    kiln.parent()
+                        .and_then(|p| p.parent())
+                        .and_then(|p| p.parent())
+                        .and_then(|p| p.file_name())
+                        .map_or("kiln".into(), |n| n.to_string_lossy())
+                )),
+            };
             let recipes = dir.join("recipes");
             remove_if_there(&recipes);
             copy_dir(

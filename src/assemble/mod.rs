@@ -1079,17 +1079,24 @@ fn edit_pe(path: &Path, edit: impl FnOnce(&mut Vec<u8>, usize) -> Result<()>) ->
 /// The PE image checksum: a folded 16-bit sum of the file (its own field
 /// counted as zero) plus the file's length.
 fn pe_checksum(data: &[u8], checksum_at: usize) -> u32 {
-    let mut sum: u64 = 0;
-    for (i, chunk) in data.chunks(2).enumerate() {
-        let at = i * 2;
-        if at >= checksum_at && at < checksum_at + 4 {
-            continue;
-        }
-        let w = u64::from(chunk[0]) | chunk.get(1).map_or(0, |&b| u64::from(b) << 8);
-        sum += w;
+    // Summed whole, then folded: an end-around-carry sum folds to the same
+    // 16 bits whenever it is folded (and this way the loop vectorises: a
+    // UKI is ~20 MB).
+    let words = data.chunks_exact(2);
+    let odd = words.remainder().first().map_or(0, |&b| u64::from(b));
+    let mut sum: u64 = words
+        .map(|w| u64::from(u16::from_le_bytes([w[0], w[1]])))
+        .sum::<u64>()
+        + odd;
+    debug_assert!(checksum_at.is_multiple_of(2), "a PE header is aligned");
+    if let Some(field) = data.get(checksum_at..checksum_at + 4) {
+        // Its own field counts as zero.
+        sum -= u64::from(u16::from_le_bytes([field[0], field[1]]))
+            + u64::from(u16::from_le_bytes([field[2], field[3]]));
+    }
+    while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
-    sum = (sum & 0xffff) + (sum >> 16);
     (sum as u32).wrapping_add(data.len() as u32)
 }
 

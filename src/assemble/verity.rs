@@ -184,87 +184,95 @@ pub fn format_at(data: Span, hash: &Path, hash_at: u64, key: Key) -> Result<Stri
         h.finalize().into()
     };
     let zero_hash = digest(&[0u8; BLOCK as usize]);
+    let per_block = (BLOCK / 32) as usize;
 
-    // Level 0: the hash of every data block, read only where data is, in
-    // pieces of 1 MiB that one thread per core hashes straight from the
-    // file's pages (mapped, not copied: the raw disk is usually in memory).
-    let mut level: Vec<[u8; 32]> = vec![zero_hash; blocks as usize];
+    // Level 0 is built where it is stored: packed 128 hashes to a block,
+    // every data block's hash at first the hash of a block of zeros (what
+    // a hole reads as), then the blocks that hold data hashed in pieces of
+    // 1 MiB, one thread per core, straight from the file's pages (mapped,
+    // not copied: the raw disk is usually in memory), each thread writing
+    // its pieces' hashes into their place.
+    let mut level0 = vec![0u8; (blocks as usize).div_ceil(per_block) * BLOCK as usize];
+    for h in level0[..blocks as usize * 32].chunks_exact_mut(32) {
+        h.copy_from_slice(&zero_hash);
+    }
     let file = std::fs::File::open(data.file).with_context(|| format!("opening {name}"))?;
     const PIECE: u64 = 256;
-    let mut pieces: Vec<(u64, u64)> = Vec::new();
+    // (first block, the piece's hashes in level 0), in block order.
+    let mut pieces: Vec<(u64, &mut [u8])> = Vec::new();
+    let mut rest: &mut [u8] = &mut level0;
+    let mut rest_from = 0u64; // the block whose hash `rest` starts with
     for (from, to) in data_ranges(&file, data.at, data.at + len)? {
         let (mut b, last) = ((from - data.at) / BLOCK, (to - data.at).div_ceil(BLOCK));
         while b < last {
             let n = (last - b).min(PIECE);
-            pieces.push((b, n));
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut(((b - rest_from) * 32) as usize);
+            let (piece, tail) = tail.split_at_mut((n * 32) as usize);
+            pieces.push((b, piece));
+            (rest, rest_from) = (tail, b + n);
             b += n;
         }
     }
     let mapped = Mapped::new(&file, data.at, len).with_context(|| format!("mapping {name}"))?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    // Per thread: the first block of each piece it hashed, and the hashes.
-    type Hashed = Vec<(u64, Vec<[u8; 32]>)>;
-    let hashed: Vec<Result<Hashed>> = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                s.spawn(|| {
-                    let mut done = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(&(first, n)) = pieces.get(i) else {
-                            return Ok(done);
-                        };
-                        let piece = &mapped.bytes()
-                            [(first * BLOCK) as usize..((first + n) * BLOCK) as usize];
-                        done.push((first, piece.chunks(BLOCK as usize).map(digest).collect()));
+    let queue = std::sync::Mutex::new(pieces.into_iter());
+    let next = || queue.lock().unwrap_or_else(|e| e.into_inner()).next();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                while let Some((first, hashes)) = next() {
+                    let blocks = &mapped.bytes()[(first * BLOCK) as usize..];
+                    for (h, block) in hashes
+                        .chunks_exact_mut(32)
+                        .zip(blocks.chunks(BLOCK as usize))
+                    {
+                        h.copy_from_slice(&digest(block));
                     }
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .map(|w| {
-                w.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("hashing {name} panicked")))
-            })
-            .collect()
+                }
+            });
+        }
     });
     drop(mapped);
-    for worker in hashed {
-        for (first, hashes) in worker? {
-            level[first as usize..first as usize + hashes.len()].copy_from_slice(&hashes);
-        }
-    }
+
     // Each level up hashes the blocks of the one below (128 hashes to a
     // block, the last zero-padded), until one block is left: its hash is
-    // the root hash. The levels are stored top first, after the superblock.
-    let per_block = (BLOCK / 32) as usize;
-    let mut stored: Vec<Vec<u8>> = Vec::new();
-    loop {
-        let mut packed = vec![0u8; level.len().div_ceil(per_block) * BLOCK as usize];
-        for (i, h) in level.iter().enumerate() {
-            packed[i * 32..i * 32 + 32].copy_from_slice(h);
+    // the root hash. A block equal to the one before it has its hash: the
+    // hashes of the root's holes repeat for thousands of blocks.
+    let mut stored: Vec<Vec<u8>> = vec![level0];
+    let root = loop {
+        let below = stored.last().expect("level 0 is there");
+        let mut hashes: Vec<u8> = Vec::with_capacity(below.len() / per_block);
+        let mut last: Option<(&[u8], [u8; 32])> = None;
+        for block in below.chunks(BLOCK as usize) {
+            let h = match last {
+                Some((same, h)) if same == block => h,
+                _ => digest(block),
+            };
+            last = Some((block, h));
+            hashes.extend_from_slice(&h);
         }
-        level = packed.chunks(BLOCK as usize).map(digest).collect();
-        stored.push(packed);
-        if level.len() == 1 {
-            break;
+        if hashes.len() == 32 {
+            break hashes;
         }
-    }
-    let mut tree = superblock(&uuid, &salt, blocks)?;
-    tree.resize(BLOCK as usize, 0);
-    for packed in stored.iter().rev() {
-        tree.extend_from_slice(packed);
-    }
-    debug_assert_eq!(tree.len() as u64, tree_size(len));
+        hashes.resize(hashes.len().div_ceil(BLOCK as usize) * BLOCK as usize, 0);
+        stored.push(hashes);
+    };
+    // The superblock's block, then the levels top first.
+    let mut superblock = superblock(&uuid, &salt, blocks)?;
+    superblock.resize(BLOCK as usize, 0);
     use std::os::unix::fs::FileExt;
-    std::fs::OpenOptions::new()
+    let out = std::fs::OpenOptions::new()
         .write(true)
         .open(hash)
-        .and_then(|out| out.write_all_at(&tree, hash_at))
         .with_context(|| format!("writing {}", hash.display()))?;
-    Ok(hex(&level[0]))
+    let mut at = hash_at;
+    for bytes in std::iter::once(&superblock).chain(stored.iter().rev()) {
+        out.write_all_at(bytes, at)
+            .with_context(|| format!("writing {}", hash.display()))?;
+        at += bytes.len() as u64;
+    }
+    debug_assert_eq!(at - hash_at, tree_size(len));
+    Ok(hex(&root))
 }
 
 /// The 512-byte dm-verity superblock (cryptsetup's `struct verity_sb`,
