@@ -964,7 +964,8 @@ fn build_image(
         uki: Some(assembled.uki),
     };
     store::write_json_atomic(&staging.path().join("image.json"), &entry)?;
-    store.publish_with(
+    // Cheap to assemble again: not worth waiting for the disk (see store).
+    store.publish_unsynced(
         staging,
         &store.image_dir(&plan.image.key),
         replace,

@@ -8,7 +8,9 @@
 //! │   └── entry.json              inputs, packages after the step, what changed
 //! ├── images-v1/<key>/
 //! │   ├── disk.qcow2 | disk.raw
-//! │   └── image.json
+//! │   ├── image.json
+//! │   ├── boot-id                 the machine's boot it was published in
+//! │   └── synced                  once it is known to be on the disk
 //! ├── debs-v1/<sha256>.deb       every pinned .deb, by content (see debs.rs)
 //! ├── apt-v1/archives/            .deb files apt downloaded (bind-mounted into steps)
 //! ├── apt-v1/lists/<sources>/     apt's package lists, per set of apt sources
@@ -33,6 +35,16 @@
 //! [`integrity`]) and synced, and only once its stage succeeded. A
 //! half-built entry is therefore never seen; whatever a killed run leaves in
 //! `tmp/` is removed by the next run.
+//!
+//! An assembled image is the exception to "synced": it is published
+//! without waiting for the disk ([`Store::publish_unsynced`]), because it is
+//! cheap to assemble again and writing ~300 MB through to a slow disk was
+//! most of a new image's time. Its `boot-id` says in which boot of the
+//! machine it was published. Within that boot the page cache is what every
+//! reader sees, so the usual check before use holds; a crash ends the
+//! boot, so an entry from an earlier boot without `synced` is checked to
+//! its content (every byte hashed against the seal) before its first use,
+//! then synced and marked `synced` (or, damaged, moved aside and rebuilt).
 //!
 //! A staging dir is claimed by its run with an flock on `.kiln-pid` inside
 //! it, held until the process exits: a dir whose claim nobody holds belongs
@@ -83,7 +95,16 @@ pub use crate::packages::PackageChange;
 
 pub struct Store {
     root: PathBuf,
+    /// This boot of the machine (`/proc/sys/kernel/random/boot_id`), when
+    /// the kernel says; without it every entry is published synced.
+    boot: Option<String>,
 }
+
+/// In an entry published without waiting for the disk: the boot it was
+/// published in (sealed with it).
+pub const BOOT_ID: &str = "boot-id";
+/// Beside such an entry's sealed files, once it is known to be on the disk.
+const SYNCED: &str = "synced";
 
 /// One installed package, as dpkg reports it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -205,6 +226,10 @@ impl Store {
         }
         let store = Store {
             root: root.to_owned(),
+            boot: std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+                .ok()
+                .map(|id| id.trim().to_owned())
+                .filter(|id| !id.is_empty()),
         };
         if !root.join(FORMAT_FILE).is_file() {
             store.migrate_to_sealed()?;
@@ -355,11 +380,44 @@ impl Store {
         replace: bool,
         known: &[(&Path, &str)],
     ) -> Result<()> {
+        self.publish_entry(staged, dest, replace, known, true)
+    }
+
+    /// [`Store::publish_with`] without waiting for the disk: for an entry
+    /// that is cheap to make again (an assembled image). It records the
+    /// boot it was published in, and [`Store::check_before_use`] checks its
+    /// content before its first use in a later boot (see the module doc).
+    pub fn publish_unsynced(
+        &self,
+        staged: tempfile::TempDir,
+        dest: &Path,
+        replace: bool,
+        known: &[(&Path, &str)],
+    ) -> Result<()> {
+        let Some(boot) = &self.boot else {
+            return self.publish_with(staged, dest, replace, known);
+        };
+        let path = staged.path().join(BOOT_ID);
+        std::fs::write(&path, format!("{boot}\n"))
+            .with_context(|| format!("writing {}", path.display()))?;
+        self.publish_entry(staged, dest, replace, known, false)
+    }
+
+    fn publish_entry(
+        &self,
+        staged: tempfile::TempDir,
+        dest: &Path,
+        replace: bool,
+        known: &[(&Path, &str)],
+        synced: bool,
+    ) -> Result<()> {
         crate::cmd::timed("seal (integrity)", || {
             integrity::seal_with(staged.path(), known)
         })
         .with_context(|| format!("sealing {}", staged.path().display()))?;
-        sync_filesystem(staged.path())?;
+        if synced {
+            sync_filesystem(staged.path())?;
+        }
         if replace && dest.exists() {
             let aside = self.staging()?.keep();
             let old = aside.join("old");
@@ -440,10 +498,21 @@ impl Store {
     /// rebuilds it; so is one without a valid seal (the store was migrated
     /// when opened). The caller holds the entry's key lock.
     pub fn check_before_use(&self, dir: &Path, report: impl FnOnce(&str)) -> Result<bool> {
+        let unsynced = self.unsynced_from_an_earlier_boot(dir);
+        let depth = match unsynced {
+            true => integrity::Depth::Content,
+            false => integrity::Depth::Meta,
+        };
         match crate::cmd::timed("check before use (integrity)", || {
-            integrity::check(dir, integrity::Depth::Meta)
+            integrity::check(dir, depth)
         })? {
-            integrity::Verdict::Intact => Ok(true),
+            integrity::Verdict::Intact => {
+                if unsynced {
+                    sync_filesystem(dir)?;
+                    crate::files::write_atomic(&dir.join(SYNCED), b"")?;
+                }
+                Ok(true)
+            }
             integrity::Verdict::Corrupt(why) => {
                 let aside = self.quarantine(dir)?;
                 report(&format!(
@@ -453,6 +522,18 @@ impl Store {
                 ));
                 Ok(false)
             }
+        }
+    }
+
+    /// Whether `dir` was published without waiting for the disk in another
+    /// boot than this one, and not synced since: what a crash may have
+    /// left half-written with its metadata intact.
+    fn unsynced_from_an_earlier_boot(&self, dir: &Path) -> bool {
+        match std::fs::read_to_string(dir.join(BOOT_ID)) {
+            // A synced entry (published synced, or checked since).
+            Err(_) => false,
+            Ok(_) if dir.join(SYNCED).exists() => false,
+            Ok(boot) => self.boot.as_deref() != Some(boot.trim()),
         }
     }
 
@@ -831,5 +912,65 @@ mod tests {
         std::fs::write(entry.join(integrity::FILE), "not json").unwrap();
         let store = Store::open(root.path()).unwrap();
         assert!(!store.check_before_use(&entry, |_| {}).unwrap());
+    }
+
+    #[test]
+    fn an_image_published_unsynced_is_checked_to_its_content_once_in_a_later_boot() {
+        let root = tempfile::tempdir().unwrap();
+        let mut store = Store::open(root.path()).unwrap();
+        store.boot = Some("boot-one".into());
+        let publish = |store: &Store, byte: u8| {
+            let staged = store.staging().unwrap();
+            std::fs::write(staged.path().join("disk.qcow2"), [byte; 4096]).unwrap();
+            std::fs::write(staged.path().join("image.json"), "{}").unwrap();
+            let dest = root
+                .path()
+                .join(IMAGES)
+                .join(format!("{byte:02x}").repeat(32));
+            store.publish_unsynced(staged, &dest, false, &[]).unwrap();
+            dest
+        };
+        let flip = |entry: &Path| {
+            // The same size: only reading the bytes tells.
+            std::fs::write(entry.join("disk.qcow2"), [0xffu8; 4096]).unwrap();
+        };
+
+        // In the boot it was published in, the usual check (metadata).
+        let same_boot = publish(&store, 1);
+        assert_eq!(
+            std::fs::read_to_string(same_boot.join(BOOT_ID)).unwrap(),
+            "boot-one\n"
+        );
+        flip(&same_boot);
+        assert!(store.check_before_use(&same_boot, |_| {}).unwrap());
+        assert!(!same_boot.join(SYNCED).exists());
+
+        let intact = publish(&store, 2);
+        let damaged = publish(&store, 3);
+        flip(&damaged);
+        // A later boot (the machine rebooted, or crashed): each is read
+        // whole once.
+        store.boot = Some("boot-two".into());
+        let mut said = String::new();
+        assert!(!store
+            .check_before_use(&damaged, |m| said = m.to_owned())
+            .unwrap());
+        assert!(said.contains("is corrupt"), "{said}");
+        assert!(!damaged.exists(), "the damaged entry was not moved aside");
+        assert!(store.check_before_use(&intact, |_| {}).unwrap());
+        assert!(intact.join(SYNCED).is_file());
+        // Synced: metadata again, in any boot (a change of its bytes now
+        // is caught by `kiln cache verify`, as for every synced entry).
+        store.boot = Some("boot-three".into());
+        flip(&intact);
+        assert!(store.check_before_use(&intact, |_| {}).unwrap());
+
+        // Without a boot id the entry is published synced, as layers are.
+        store.boot = None;
+        let synced = publish(&store, 4);
+        assert!(!synced.join(BOOT_ID).exists());
+        store.boot = Some("boot-four".into());
+        flip(&synced);
+        assert!(store.check_before_use(&synced, |_| {}).unwrap());
     }
 }
