@@ -1030,7 +1030,8 @@ fn drop_initramfs_keys(recipe: &mut toml::Value) {
 }
 
 /// golden.toml as it was before its boot-time work (issue 10), under another
-/// image name: without its `apparmor` layer (the profiles compiled at build
+/// image name: without zstd in its base (for the boot layer's initramfs),
+/// its `apparmor` layer (the profiles compiled at build
 /// time and loaded as one blob; Debian's kernel still brings apparmor in,
 /// which then compiles every profile at boot) and its `boot` layer (the
 /// module-list initrd, the first boot's update work done at build time,
@@ -1046,6 +1047,15 @@ fn before_boot_work(golden: &Path) -> String {
         "golden.toml's cmdline changed: decide whether the change is boot-time work this bench must undo"
     );
     drop_initramfs_keys(&mut v);
+    // zstd, for the boot layer's initramfs, comes with the base.
+    let base = v["base"]["packages"].as_array_mut().unwrap();
+    let before = base.len();
+    base.retain(|p| p.as_str() != Some("zstd"));
+    assert_eq!(
+        before - 1,
+        base.len(),
+        "golden.toml's base no longer installs zstd as this bench expects"
+    );
     let layers = v["layer"].as_array_mut().unwrap();
     for name in ["apparmor", "boot"] {
         let before = layers.len();
