@@ -1021,20 +1021,31 @@ pub fn claim_is_held(dir: &Path) -> bool {
 /// that used it is over: nothing but the staging dirs of runs still alive,
 /// which a shared store may have.
 pub fn assert_tmp_empty(store: &Path) -> Result<(), String> {
-    let alive = |name: &String| staging_is_claimed(&store.join("tmp").join(name));
-    // Another test binary forgetting its images in the shared store (see
-    // [`forget`]): renamed there, then removed, by the harness, not kiln.
-    let forgetting = |name: &String| name.starts_with(FORGETTING);
-    let left: Vec<String> = entries(&store.join("tmp"))
-        .into_iter()
-        .filter(|n| !alive(n) && !forgetting(n))
-        .collect();
+    let tmp = store.join("tmp");
+    // Unclaimed entries, but for another test binary forgetting its images
+    // in the shared store (see [`forget`]): renamed there, then removed, by
+    // the harness, not kiln.
+    let unclaimed = || -> Vec<String> {
+        entries(&tmp)
+            .into_iter()
+            .filter(|n| !staging_is_claimed(&tmp.join(n)) && !n.starts_with(FORGETTING))
+            .collect()
+    };
+    // In a shared store another test's kiln may release and remove its dir
+    // between the listing and the check (it then looks unclaimed): a
+    // leftover is one that is still there, unclaimed, a moment later.
+    let mut left = unclaimed();
+    if !left.is_empty() {
+        std::thread::sleep(Duration::from_secs(2));
+        let again = unclaimed();
+        left.retain(|n| again.contains(n));
+    }
     if left.is_empty() {
         Ok(())
     } else {
         Err(format!(
             "{} holds what a finished run left: {left:?}",
-            store.join("tmp").display()
+            tmp.display()
         ))
     }
 }
