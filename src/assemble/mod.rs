@@ -265,7 +265,7 @@ pub fn assemble(
         Format::Qcow2 => {
             let qcow = staging.join("disk.qcow2");
             // `-t unsafe`: no flushes; the store publishes an image without
-            // waiting for the disk (see `Store::publish_unsynced`).
+            // waiting for the disk (see `store::Durability::Deferred`).
             Cmd::new("qemu-img")
                 .args(["convert", "-t", "unsafe", "-f", "raw", "-O", "qcow2"])
                 .arg(&raw)

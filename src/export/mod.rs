@@ -375,6 +375,7 @@ fn convert_into_store(
         &export_dir(store, entry, &target.key),
         refresh,
         &[(Path::new(&made.file), &made.sha256)],
+        crate::store::Durability::Synced,
     )?;
     Ok(made)
 }

@@ -965,11 +965,12 @@ fn build_image(
     };
     store::write_json_atomic(&staging.path().join("image.json"), &entry)?;
     // Cheap to assemble again: not worth waiting for the disk (see store).
-    store.publish_unsynced(
+    store.publish_with(
         staging,
         &store.image_dir(&plan.image.key),
         replace,
         &[(Path::new(&entry.file), &entry.sha256)],
+        store::Durability::Deferred,
     )?;
     Ok(entry)
 }

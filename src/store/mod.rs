@@ -37,14 +37,15 @@
 //! `tmp/` is removed by the next run.
 //!
 //! An assembled image is the exception to "synced": it is published
-//! without waiting for the disk ([`Store::publish_unsynced`]), because it is
+//! without waiting for the disk ([`Durability::Deferred`]), because it is
 //! cheap to assemble again and writing ~300 MB through to a slow disk was
 //! most of a new image's time. Its `boot-id` says in which boot of the
 //! machine it was published. Within that boot the page cache is what every
 //! reader sees, so the usual check before use holds; a crash ends the
 //! boot, so an entry from an earlier boot without `synced` is checked to
 //! its content (every byte hashed against the seal) before its first use,
-//! then synced and marked `synced` (or, damaged, moved aside and rebuilt).
+//! then marked `synced`: read back in a later boot, it came from the disk
+//! (or, damaged, it is moved aside and rebuilt).
 //!
 //! A staging dir is claimed by its run with an flock on `.kiln-pid` inside
 //! it, held until the process exits: a dir whose claim nobody holds belongs
@@ -105,6 +106,17 @@ pub struct Store {
 pub const BOOT_ID: &str = "boot-id";
 /// Beside such an entry's sealed files, once it is known to be on the disk.
 const SYNCED: &str = "synced";
+
+/// Whether [`Store::publish_with`] waits for the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Synced before it is visible: every entry but an assembled image.
+    Synced,
+    /// Visible at once, checked to its content before its first use in a
+    /// later boot of the machine (see the module doc): for an entry that
+    /// is cheap to make again.
+    Deferred,
+}
 
 /// One installed package, as dpkg reports it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -368,54 +380,35 @@ impl Store {
     /// content) and ours is dropped, unless `replace` (`--refresh`) moves the
     /// old one aside first.
     pub fn publish(&self, staged: tempfile::TempDir, dest: &Path, replace: bool) -> Result<()> {
-        self.publish_with(staged, dest, replace, &[])
+        self.publish_with(staged, dest, replace, &[], Durability::Synced)
     }
 
     /// [`Store::publish`], with the sha256 of files in the staging dir that
-    /// the caller has just computed (see [`integrity::seal_with`]).
+    /// the caller has just computed (see [`integrity::seal_with`]), and
+    /// whether to wait for the disk.
     pub fn publish_with(
         &self,
         staged: tempfile::TempDir,
         dest: &Path,
         replace: bool,
         known: &[(&Path, &str)],
+        durability: Durability,
     ) -> Result<()> {
-        self.publish_entry(staged, dest, replace, known, true)
-    }
-
-    /// [`Store::publish_with`] without waiting for the disk: for an entry
-    /// that is cheap to make again (an assembled image). It records the
-    /// boot it was published in, and [`Store::check_before_use`] checks its
-    /// content before its first use in a later boot (see the module doc).
-    pub fn publish_unsynced(
-        &self,
-        staged: tempfile::TempDir,
-        dest: &Path,
-        replace: bool,
-        known: &[(&Path, &str)],
-    ) -> Result<()> {
-        let Some(boot) = &self.boot else {
-            return self.publish_with(staged, dest, replace, known);
+        let unsynced_in = match (durability, &self.boot) {
+            (Durability::Deferred, Some(boot)) => Some(boot),
+            // Without a boot id a later boot could not be told: synced.
+            _ => None,
         };
-        let path = staged.path().join(BOOT_ID);
-        std::fs::write(&path, format!("{boot}\n"))
-            .with_context(|| format!("writing {}", path.display()))?;
-        self.publish_entry(staged, dest, replace, known, false)
-    }
-
-    fn publish_entry(
-        &self,
-        staged: tempfile::TempDir,
-        dest: &Path,
-        replace: bool,
-        known: &[(&Path, &str)],
-        synced: bool,
-    ) -> Result<()> {
+        if let Some(boot) = unsynced_in {
+            let path = staged.path().join(BOOT_ID);
+            std::fs::write(&path, format!("{boot}\n"))
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
         crate::cmd::timed("seal (integrity)", || {
             integrity::seal_with(staged.path(), known)
         })
         .with_context(|| format!("sealing {}", staged.path().display()))?;
-        if synced {
+        if unsynced_in.is_none() {
             sync_filesystem(staged.path())?;
         }
         if replace && dest.exists() {
@@ -499,16 +492,18 @@ impl Store {
     /// when opened). The caller holds the entry's key lock.
     pub fn check_before_use(&self, dir: &Path, report: impl FnOnce(&str)) -> Result<bool> {
         let unsynced = self.unsynced_from_an_earlier_boot(dir);
-        let depth = match unsynced {
-            true => integrity::Depth::Content,
-            false => integrity::Depth::Meta,
+        let depth = if unsynced {
+            integrity::Depth::Content
+        } else {
+            integrity::Depth::Meta
         };
         match crate::cmd::timed("check before use (integrity)", || {
             integrity::check(dir, depth)
         })? {
             integrity::Verdict::Intact => {
                 if unsynced {
-                    sync_filesystem(dir)?;
+                    // Read back in a later boot, so from the disk: it is
+                    // there (nothing to sync).
                     crate::files::write_atomic(&dir.join(SYNCED), b"")?;
                 }
                 Ok(true)
@@ -927,7 +922,9 @@ mod tests {
                 .path()
                 .join(IMAGES)
                 .join(format!("{byte:02x}").repeat(32));
-            store.publish_unsynced(staged, &dest, false, &[]).unwrap();
+            store
+                .publish_with(staged, &dest, false, &[], Durability::Deferred)
+                .unwrap();
             dest
         };
         let flip = |entry: &Path| {
