@@ -846,16 +846,13 @@ fn speed_rows(work: &Path, breakdowns: &mut Vec<String>) -> Vec<[String; 4]> {
         .map(|(name, kiln)| {
             // Each kiln its own folder: a store one kiln wrote is not
             // handed to another (the before kiln changes with the Makefile).
-            let dir = match name {
-                "now" => work.join("speed-now"),
-                _ => work.join(format!(
-                    "speed-{name}-{}",
-                    kiln.parent()
-                        .and_then(|p| p.parent())
-                        .and_then(|p| p.parent())
-                        .and_then(|p| p.file_name())
-                        .map_or("kiln".into(), |n| n.to_string_lossy())
-                )),
+            // `make bench`'s before kiln is BENCH_DIR/before-COMMIT/target/
+            // release/kiln: its folder is speed-before-COMMIT.
+            let dir = match kiln.ancestors().nth(3).and_then(|d| d.file_name()) {
+                Some(tree) if name != "now" => {
+                    work.join(format!("speed-{}", tree.to_string_lossy()))
+                }
+                _ => work.join(format!("speed-{name}")),
             };
             let recipes = dir.join("recipes");
             remove_if_there(&recipes);
@@ -1280,8 +1277,8 @@ fn remove_if_there(dir: &Path) {
 
 /// Write back what earlier runs left for the disk (as `hyperfine --prepare
 /// sync` would), so that a timed run is not charged for them: each build
-/// writes its image twice (the store's copy, synced, and out/'s), and runs
-/// back to back otherwise pay for each other's writes.
+/// writes its image twice (the store's copy and out/'s), and runs back to
+/// back otherwise pay for each other's writes.
 fn settle() {
     // SAFETY: sync(2) takes no arguments and touches no memory of ours.
     unsafe { libc::sync() };
