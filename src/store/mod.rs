@@ -717,10 +717,19 @@ pub fn claim(staging: &Path) -> Result<()> {
 }
 
 /// Drop this process's claim on a staging dir that is about to be removed
-/// (a tool's temp dir), so the claims do not pile up over a long run.
+/// (a tool's temp dir), so the claims do not pile up over a long run. The
+/// claim file goes first, while its flock is still held: an unclaimed dir
+/// whose claim file is left reads as a dead run's (see [`is_stale`]), which
+/// another run's clean-up would remove under this one's feet; without it,
+/// the dir is one just touched, inside the grace.
 pub fn release_claim(staging: &Path) {
     let path = staging.join(CLAIM);
     let mut claims = CLAIMS.lock().unwrap_or_else(|e| e.into_inner());
+    if claims.iter().any(|l| l.path() == path) {
+        // Gone already is fine; anything else leaves a claim file the next
+        // clean-up deals with.
+        let _ = std::fs::remove_file(&path);
+    }
     claims.retain(|l| l.path() != path);
 }
 

@@ -1022,24 +1022,15 @@ pub fn claim_is_held(dir: &Path) -> bool {
 /// which a shared store may have.
 pub fn assert_tmp_empty(store: &Path) -> Result<(), String> {
     let tmp = store.join("tmp");
-    // Unclaimed entries, but for another test binary forgetting its images
-    // in the shared store (see [`forget`]): renamed there, then removed, by
-    // the harness, not kiln.
-    let unclaimed = || -> Vec<String> {
-        entries(&tmp)
-            .into_iter()
-            .filter(|n| !staging_is_claimed(&tmp.join(n)) && !n.starts_with(FORGETTING))
-            .collect()
-    };
-    // In a shared store another test's kiln may release and remove its dir
-    // between the listing and the check (it then looks unclaimed): a
-    // leftover is one that is still there, unclaimed, a moment later.
-    let mut left = unclaimed();
-    if !left.is_empty() {
-        std::thread::sleep(Duration::from_secs(2));
-        let again = unclaimed();
-        left.retain(|n| again.contains(n));
-    }
+    // In a shared store another test's kiln may remove its dir between the
+    // listing and the check: only what is still there counts.
+    let left: Vec<String> = entries(&tmp)
+        .into_iter()
+        .filter(|n| {
+            let dir = tmp.join(n);
+            !staging_is_claimed(&dir) && dir.symlink_metadata().is_ok()
+        })
+        .collect();
     if left.is_empty() {
         Ok(())
     } else {
@@ -1171,12 +1162,11 @@ pub fn assert_no_mounts(paths: &[&Path]) -> Result<(), String> {
     }
 }
 
-/// The name an entry being forgotten has in the store's `tmp/`.
-const FORGETTING: &str = "forget-";
-
 /// Remove entries a test made with content unique to its run (see
 /// [`nonce`]), so the shared store does not grow by an image per run.
-/// Each entry is renamed into `tmp/` first, so it disappears at once.
+/// Each entry is first renamed out of the store (into a temp dir beside
+/// it, on the same file system), so it disappears at once and nothing of
+/// it is ever in kiln's own `tmp/`, which other tests check for leftovers.
 pub fn forget(store: &Path, layers: &[String], images: &[String]) -> Result<(), String> {
     for (sub, key) in layers
         .iter()
@@ -1187,11 +1177,16 @@ pub fn forget(store: &Path, layers: &[String], images: &[String]) -> Result<(), 
         if !entry.exists() {
             continue;
         }
-        let aside = store.join("tmp").join(format!("{FORGETTING}{key}"));
-        std::fs::rename(&entry, &aside)
+        let beside = store.parent().unwrap_or(Path::new("/"));
+        let aside = tempfile::Builder::new()
+            .prefix(".kiln-test-forget-")
+            .tempdir_in(beside)
+            .map_err(|e| format!("creating a temp dir in {}: {e}", beside.display()))?;
+        std::fs::rename(&entry, aside.path().join(key))
             .map_err(|e| format!("moving {} aside: {e}", entry.display()))?;
-        std::fs::remove_dir_all(&aside)
-            .map_err(|e| format!("removing {}: {e}", aside.display()))?;
+        aside
+            .close()
+            .map_err(|e| format!("removing {}: {e}", entry.display()))?;
     }
     Ok(())
 }
