@@ -726,9 +726,13 @@ pub fn release_claim(staging: &Path) {
     let path = staging.join(CLAIM);
     let mut claims = CLAIMS.lock().unwrap_or_else(|e| e.into_inner());
     if claims.iter().any(|l| l.path() == path) {
-        // Gone already is fine; anything else leaves a claim file the next
-        // clean-up deals with.
-        let _ = std::fs::remove_file(&path);
+        // Gone already is fine; a file that cannot be removed is left to
+        // the next clean-up, as a killed run's is.
+        if let Err(e) = std::fs::remove_file(&path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                crate::cmd::log_line(&format!("warning: removing {}: {e}", path.display()));
+            }
+        }
     }
     claims.retain(|l| l.path() != path);
 }
