@@ -725,16 +725,19 @@ pub fn claim(staging: &Path) -> Result<()> {
 pub fn release_claim(staging: &Path) {
     let path = staging.join(CLAIM);
     let mut claims = CLAIMS.lock().unwrap_or_else(|e| e.into_inner());
-    if claims.iter().any(|l| l.path() == path) {
-        // Gone already is fine; a file that cannot be removed is left to
-        // the next clean-up, as a killed run's is.
-        if let Err(e) = std::fs::remove_file(&path) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                crate::cmd::log_line(&format!("warning: removing {}: {e}", path.display()));
-            }
+    // At most one: `claim` does not claim twice.
+    let Some(at) = claims.iter().position(|l| l.path() == path) else {
+        return;
+    };
+    // Gone already is fine; a file that cannot be removed is left to the
+    // next clean-up, as a killed run's is.
+    if let Err(e) = std::fs::remove_file(&path) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            crate::cmd::log_line(&format!("warning: removing {}: {e}", path.display()));
         }
     }
-    claims.retain(|l| l.path() != path);
+    // Dropping the lock releases the flock, after the file is gone.
+    claims.swap_remove(at);
 }
 
 pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {

@@ -1168,6 +1168,11 @@ pub fn assert_no_mounts(paths: &[&Path]) -> Result<(), String> {
 /// it, on the same file system), so it disappears at once and nothing of
 /// it is ever in kiln's own `tmp/`, which other tests check for leftovers.
 pub fn forget(store: &Path, layers: &[String], images: &[String]) -> Result<(), String> {
+    let beside = store.parent().unwrap_or(Path::new("/"));
+    let aside = tempfile::Builder::new()
+        .prefix(".kiln-test-forget-")
+        .tempdir_in(beside)
+        .map_err(|e| format!("creating a temp dir in {}: {e}", beside.display()))?;
     for (sub, key) in layers
         .iter()
         .map(|k| (LAYERS, k))
@@ -1177,18 +1182,13 @@ pub fn forget(store: &Path, layers: &[String], images: &[String]) -> Result<(), 
         if !entry.exists() {
             continue;
         }
-        let beside = store.parent().unwrap_or(Path::new("/"));
-        let aside = tempfile::Builder::new()
-            .prefix(".kiln-test-forget-")
-            .tempdir_in(beside)
-            .map_err(|e| format!("creating a temp dir in {}: {e}", beside.display()))?;
-        std::fs::rename(&entry, aside.path().join(key))
+        std::fs::rename(&entry, aside.path().join(format!("{sub}-{key}")))
             .map_err(|e| format!("moving {} aside: {e}", entry.display()))?;
-        aside
-            .close()
-            .map_err(|e| format!("removing {}: {e}", entry.display()))?;
     }
-    Ok(())
+    let removing = aside.path().display().to_string();
+    aside
+        .close()
+        .map_err(|e| format!("removing {removing}: {e}"))
 }
 
 /// [`forget`] when dropped, so a failing test cleans up too. Never give it
