@@ -1045,8 +1045,8 @@ impl Watch<'_> {
             // An old systemd never starts kiln's unit: a login prompt then
             // is as far as the boot can be followed.
             // A systemd that said it imports credentials is waited for until
-            // the timeout: its unit can be late (multi-user.target waits for
-            // a missing volume's device timeout, say).
+            // the timeout: its unit can be late (basic.target waits for a
+            // missing volume's device timeout, say).
             if let (Some(at), false) = (login_at, self.guest.begun) {
                 let old = self
                     .guest
