@@ -572,9 +572,12 @@ fn with_cid(area: &[u8], cid: &str) -> Result<Vec<u8>> {
 }
 
 /// Copy `src` (whose content has the digest `sha256`) to `dest` in `out/`,
-/// unless the copy there is already it: same digest, size and mtime as
-/// when kiln wrote it, which `stamp` remembers. The copy is made beside
-/// `dest` and renamed over it, so `dest` is the old file or the new one.
+/// unless the copy there is already it: same digest, inode, size, mtime and
+/// ctime as when kiln wrote it, which `stamp` remembers. Any write to the
+/// file or its replacement changes the ctime or the inode, which, unlike
+/// the mtime, nobody can set back (`cp -p`, `touch -r`). The copy is made
+/// beside `dest` and renamed over it, so `dest` is the old file or the new
+/// one.
 pub fn publish(src: &Path, sha256: &str, dest: &Path, stamp_path: &Path) -> Result<()> {
     let dir = dest.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -582,10 +585,13 @@ pub fn publish(src: &Path, sha256: &str, dest: &Path, stamp_path: &Path) -> Resu
         let m = std::fs::metadata(p).ok()?;
         use std::os::unix::fs::MetadataExt;
         Some(format!(
-            "{sha256} {} {}.{}",
+            "{sha256} {} {} {}.{} {}.{}",
+            m.ino(),
             m.len(),
             m.mtime(),
-            m.mtime_nsec()
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec()
         ))
     };
     if stamp(dest).is_some_and(|s| std::fs::read_to_string(stamp_path).is_ok_and(|t| t == s)) {
@@ -773,5 +779,26 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         assert_eq!(names.len(), 2, "no temp file left: {names:?}");
+    }
+
+    #[test]
+    fn publish_copies_again_over_a_rewrite_that_kept_size_and_mtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::write(&src, b"disk").unwrap();
+        let out = dir.path().join("out");
+        let (dest, stamp) = (out.join("web.vmdk"), out.join(".web.vmdk.stamp"));
+        publish(&src, "d1", &dest, &stamp).unwrap();
+        // Rewritten in place with as many bytes, its mtime set back.
+        let mtime = std::fs::metadata(&dest).unwrap().modified().unwrap();
+        std::fs::write(&dest, b"half").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&dest)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        publish(&src, "d1", &dest, &stamp).unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), b"disk");
     }
 }
