@@ -34,7 +34,7 @@ const SMOKE_RUNS: usize = 3;
 /// golden beside golden before its boot-time work, booted in turns: the
 /// row that decides a ratio target. On this project's shared 2-core host
 /// single TCG boots of the same image vary by 1-2 s, and the ratio of
-/// medians of 3 pairs moved by 0.05 from one run to the next.
+/// medians of 3 pairs moved by 0.08 between two runs of the same code.
 const BOOT_PAIRS: usize = 5;
 
 /// Whether the row group `name` is wanted (`KILN_BENCH_ONLY`, default all).

@@ -756,14 +756,22 @@ mod tests {
         );
     }
 
+    /// `src` ("disk", digest d1) published once into `dir/out/web.vmdk`:
+    /// (src, dest, stamp).
+    fn published_once(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+        let src = dir.join("src");
+        std::fs::write(&src, b"disk").unwrap();
+        let out = dir.join("out");
+        let (dest, stamp) = (out.join("web.vmdk"), out.join(".web.vmdk.stamp"));
+        publish(&src, "d1", &dest, &stamp).unwrap();
+        (src, dest, stamp)
+    }
+
     #[test]
     fn publish_copies_once_then_leaves_an_unchanged_copy_alone() {
         let dir = tempfile::tempdir().unwrap();
-        let src = dir.path().join("src");
-        std::fs::write(&src, b"disk").unwrap();
-        let out = dir.path().join("out");
-        let (dest, stamp) = (out.join("web.vmdk"), out.join(".web.vmdk.stamp"));
-        publish(&src, "d1", &dest, &stamp).unwrap();
+        let (src, dest, stamp) = published_once(dir.path());
+        let out = dest.parent().unwrap();
         assert_eq!(std::fs::read(&dest).unwrap(), b"disk");
         std::fs::write(&src, b"changed").unwrap();
         publish(&src, "d1", &dest, &stamp).unwrap();
@@ -774,7 +782,7 @@ mod tests {
         );
         publish(&src, "d2", &dest, &stamp).unwrap();
         assert_eq!(std::fs::read(&dest).unwrap(), b"changed");
-        let names: Vec<_> = std::fs::read_dir(&out)
+        let names: Vec<_> = std::fs::read_dir(out)
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
@@ -784,11 +792,7 @@ mod tests {
     #[test]
     fn publish_copies_again_over_a_rewrite_that_kept_size_and_mtime() {
         let dir = tempfile::tempdir().unwrap();
-        let src = dir.path().join("src");
-        std::fs::write(&src, b"disk").unwrap();
-        let out = dir.path().join("out");
-        let (dest, stamp) = (out.join("web.vmdk"), out.join(".web.vmdk.stamp"));
-        publish(&src, "d1", &dest, &stamp).unwrap();
+        let (src, dest, stamp) = published_once(dir.path());
         // Rewritten in place with as many bytes, its mtime set back.
         let mtime = std::fs::metadata(&dest).unwrap().modified().unwrap();
         std::fs::write(&dest, b"half").unwrap();
